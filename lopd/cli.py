@@ -1,0 +1,306 @@
+"""The ``lopd`` command: a thin layer over the stage functions (and over ``flows/`` for Prefect).
+
+Every stage reads one YAML run file (``--config``) and accepts ``--set section.field=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    name="lopd",
+    help="Offline-first on-policy distillation (Lightning OPD): teacher SFT data -> SFT -> rollouts -> "
+    "teacher top-k log-probs (once, into Parquet shards) -> offline OPD training with no live teacher.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+shards_app = typer.Typer(help="Inspect and verify teacher/rollout shard directories.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print one JSON object (speed and size; never run as tests).",
+                        no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+app.add_typer(bench_app, name="bench")
+
+console = Console(stderr=True)
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="run YAML file (see configs/)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. --set train.steps=50 (repeatable)")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="override the run_dir of the config")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+    for noisy in ("httpx", "transformers", "prefect", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.config import ConfigError
+    from pipeline.fingerprint import TeacherMismatchError
+    from pipeline.prompts import PromptFileError
+    from pipeline.stages.teacher_logprobs import TokenizerMismatchError
+    from storage.shardset import ShardSetError
+
+    return (ConfigError, PromptFileError, TeacherMismatchError, TokenizerMismatchError, ShardSetError,
+            FileNotFoundError, ValueError)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a command; turn the errors people can fix into a red message and exit code 2."""
+    _setup_logging()
+    try:
+        return fn()
+    except _user_errors() as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+def _stage(name: str, config: Path, overrides: list[str] | None, run_dir: Path | None, quiet: bool,
+           **extra: Any) -> None:
+    from pipeline.config import load_run_config
+    from pipeline.stages import registry
+
+    def go() -> None:
+        cfg = load_run_config(config, overrides, run_dir)
+        result = registry.run_stage(name, cfg.stage(name), show_progress=not quiet, **extra)
+        print(json.dumps(result.to_dict(), default=str))
+
+    _run(go)
+
+
+@app.command("make-models")
+def make_models(
+    out: Annotated[Path, typer.Option(help="directory for teacher_init/ and student_init/")],
+    config: Annotated[Optional[Path], typer.Option(help="run YAML whose `demo` section sets the sizes")] = None,
+) -> None:
+    """Create the demo world's tokenizer and untrained teacher/student as standard HF model directories."""
+    from pipeline.config import DemoConfig, load_run_config
+    from pipeline.demo_world import make_models as _make
+
+    def go() -> None:
+        demo = load_run_config(config).demo() if config else DemoConfig()
+        paths = _make(out, demo.teacher, demo.student, seed=demo.seed)
+        print(json.dumps({k: str(v) for k, v in paths.items()}))
+
+    _run(go)
+
+
+@app.command("make-prompts")
+def make_prompts(
+    out: Annotated[Path, typer.Option(help="directory for train/opd/test prompt files (JSONL)")],
+    config: Annotated[Optional[Path], typer.Option(help="run YAML whose `demo` section sets the counts")] = None,
+) -> None:
+    """Write the demo task's prompt files: teacher-SFT prompts, OPD prompts and held-out test prompts."""
+    from pipeline.config import DemoConfig, load_run_config
+    from pipeline.demo import write_demo_prompts
+
+    def go() -> None:
+        demo = load_run_config(config).demo() if config else DemoConfig()
+        print(json.dumps({k: str(v) for k, v in write_demo_prompts(out, demo).items()}))
+
+    _run(go)
+
+
+@app.command("bootstrap-teacher")
+def bootstrap_teacher(
+    config: ConfigOpt = REPO_CONFIGS / "demo.yaml",
+    style: Annotated[str, typer.Option(help="solution style: A (main teacher) or B (the inconsistent one)")] = "A",
+    set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False,
+) -> None:
+    """Demo world only: train the demo teacher from scratch on correct solutions (real use brings a teacher)."""
+    from pipeline.config import load_run_config
+    from pipeline.demo import ensure_world
+
+    def go() -> None:
+        cfg = load_run_config(config, set_, run_dir)
+        world = ensure_world(cfg, styles=(style,), show_progress=not quiet)
+        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in world.items()}, default=str))
+
+    _run(go)
+
+
+@app.command("teacher-sft-data")
+def teacher_sft_data(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
+    """Stage 1: the teacher answers the training prompts -> SFT data shards stamped with its fingerprint."""
+    _stage("teacher_sft_data", config, set_, run_dir, quiet)
+
+
+@app.command("sft")
+def sft(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
+    """Stage 1b: fine-tune the student on the teacher's answers (writes an HF model dir)."""
+    _stage("sft", config, set_, run_dir, quiet)
+
+
+@app.command("rollouts")
+def rollouts(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
+    """Stage 2: the SFT student samples n rollouts per prompt, once (with behaviour log-probs)."""
+    _stage("rollouts", config, set_, run_dir, quiet)
+
+
+@app.command("teacher-logprobs")
+def teacher_logprobs(
+    config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False,
+    allow_teacher_mismatch: Annotated[bool, typer.Option(
+        "--allow-teacher-mismatch", help="score even if this teacher did not write the SFT data (ablations)")] = False,
+) -> None:
+    """Stage 3: the teacher scores all rollouts once -> compressed top-k Parquet shards (resumable)."""
+    overrides = list(set_ or []) + (["teacher_logprobs.allow_teacher_mismatch=true"] if allow_teacher_mismatch else [])
+    _stage("teacher_logprobs", config, overrides, run_dir, quiet)
+
+
+@app.command("train")
+def train(
+    config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False,
+    online: Annotated[bool, typer.Option("--online", help="online OPD baseline: live teacher every step")] = False,
+) -> None:
+    """Stage 4: offline OPD from the shards (no teacher loaded). Resumes from the latest checkpoint.
+    Multi-GPU / multi-node: `torchrun --nproc-per-node N --no-python lopd train -c C`."""
+    from pipeline.config import load_run_config
+
+    if online:
+        cfg = load_run_config(config, set_, run_dir)
+        if cfg.stage("train").online is None:
+            console.print("[bold red]error:[/] --online needs a train.online section (teacher, prompts) in the config")
+            raise typer.Exit(2)
+    _stage("train", config, set_, run_dir, quiet, online=online)
+
+
+@app.command("eval")
+def eval_(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
+    """Held-out accuracy: greedy pass@1, and avg@n / pass@n when eval.samples is set; writes JSON + Markdown."""
+    _stage("eval", config, set_, run_dir, quiet)
+
+
+@app.command("run")
+def run_all(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
+    """All stages in order without Prefect (each skips work that is already complete)."""
+    from pipeline.config import STAGES, load_run_config
+    from pipeline.stages import registry
+
+    def go() -> None:
+        cfg = load_run_config(config, set_, run_dir)
+        for name in STAGES:
+            if name in cfg.sections:
+                print(json.dumps(registry.run_stage(name, cfg.stage(name), show_progress=not quiet).to_dict(), default=str))
+
+    _run(go)
+
+
+@app.command("demo")
+def demo(
+    run_dir: Annotated[Path, typer.Option(help="where everything is written; a rerun reuses finished stages")] = Path("runs/demo"),
+    config: ConfigOpt = REPO_CONFIGS / "demo.yaml",
+    set_: SetOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print only the result JSON on stdout")] = False,
+    prefect: Annotated[bool, typer.Option("--prefect/--no-prefect", help="run the stages as a Prefect flow")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The whole method on the built-in CPU world: bootstrap teachers, SFT, rollouts, shards, offline OPD,
+    eval, plus the ablations (inconsistent teacher, online OPD, SFT-continued control)."""
+    from pipeline.config import load_run_config
+
+    def go() -> None:
+        cfg = load_run_config(config, set_, run_dir)
+        if prefect:
+            from flows.demo import demo_flow
+
+            result = demo_flow(config_path=str(config), run_dir=str(run_dir), overrides=list(set_ or []))
+        else:
+            from pipeline.demo import run_demo
+
+            result = run_demo(cfg, show_progress=not (quiet or json_out), print_table=not json_out)
+        if json_out:
+            print(json.dumps(result, default=str))
+
+    _run(go)
+
+
+@app.command("serve")
+def serve(
+    name: Annotated[str, typer.Option(help="deployment name suffix")] = "demo",
+    limit: Annotated[int, typer.Option(help="max concurrent flow runs")] = 1,
+) -> None:
+    """Register and serve the Prefect deployments (lightning-opd/demo and one per stage). Needs a Prefect
+    API (`prefect server start`); then `prefect deployment run 'lightning-opd/demo'`."""
+    _setup_logging()
+    from flows.deployments import serve_all
+
+    serve_all(name=name, limit=limit)
+
+
+@shards_app.command("inspect")
+def shards_inspect(path: Path) -> None:
+    """Schema, counts, k, codec, fingerprints and bytes/token of a shard directory."""
+    from storage.inspect import inspect_shards
+
+    _run(lambda: print(json.dumps(inspect_shards(path), indent=2, default=str)))
+
+
+@shards_app.command("verify")
+def shards_verify(path: Path) -> None:
+    """Checksums and metadata consistency; exit code 1 on any problem."""
+    from storage.inspect import verify_shards
+
+    def go() -> None:
+        problems = verify_shards(path)
+        for p in problems:
+            console.print(f"[red]problem:[/] {p}")
+        if problems:
+            raise typer.Exit(1)
+        console.print(f"[green]ok:[/] {path}")
+
+    _run(go)
+
+
+@bench_app.command("storage")
+def bench_storage(json_out: Annotated[bool, typer.Option("--json")] = True) -> None:
+    """Bytes/token, decode error and read/write speed of the top-k codecs (demo and 151,936-vocab cases)."""
+    from storage.bench import run_storage_bench
+
+    print(json.dumps(_run(run_storage_bench), default=str))
+
+
+@bench_app.command("extract")
+def bench_extract(
+    json_out: Annotated[bool, typer.Option("--json")] = True,
+    engine: Annotated[str, typer.Option(help="hf or vllm")] = "hf",
+    model: Annotated[Optional[Path], typer.Option(help="teacher model dir (default: a demo-size model)")] = None,
+) -> None:
+    """Teacher scoring throughput with the full write path vs the bare forward pass."""
+    from pipeline.bench import bench_extract as _bench
+
+    print(json.dumps(_run(lambda: _bench(engine=engine, model_dir=model)), default=str))
+
+
+@bench_app.command("train")
+def bench_train(json_out: Annotated[bool, typer.Option("--json")] = True) -> None:
+    """Tokens/s of offline OPD vs online OPD on the same model pair and batch shape."""
+    from pipeline.bench import bench_train as _bench
+
+    print(json.dumps(_run(_bench), default=str))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

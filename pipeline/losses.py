@@ -1,0 +1,398 @@
+"""Distillation losses for offline on-policy distillation: pure functions over tensors.
+
+Every loss returns ``(loss, metrics)``: a scalar to back-propagate and a dict of detached tensors
+with namespaced keys. ``loss/<name>`` is the returned loss (with a global ``normalizer`` it is this
+micro-batch's share of the step loss: sum it over micro-batches); every other key is a statistic of
+this call's valid tokens (a mean, or a max for ``*_max``).
+
+Shape key:
+    B: sequences in the micro-batch
+    T: response positions (logits at position t predict token t)
+    V: vocabulary size
+    K: teacher top-k entries stored per position
+    N: buckets of the restricted distribution, K + 1 with the tail bucket, K without
+
+Normalisation: a loss is a sum over valid tokens (or sequences) divided by ``normalizer``, the
+GLOBAL count over all gradient-accumulation micro-batches and ranks of the step (see
+``valid_count``). Left as None it is this call's own count, which is right only when one call
+makes the whole step. Either way it is clamped to at least 1, so a fully masked batch gives 0.
+
+Masks are 0/1 (bool or float). Values at masked positions are never read: they may hold anything,
+padding ids included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Metrics = dict[str, torch.Tensor]
+
+# Log-probability that stands for "no mass": exp() of it is exactly 0 in every float dtype. The
+# student's tail is floored here; it is reached only when the top-k covers the whole vocabulary.
+LOG_ZERO = -1.0e4
+# Reverse KL reads a teacher bucket with no mass (a stored -inf) as this log-prob (about 1e-13):
+# KL(p_S || p_T) is infinite wherever the student puts mass the teacher does not.
+REVERSE_KL_TEACHER_FLOOR = -30.0
+# PPO importance ratios are exp(log-ratio) with the log-ratio clamped here, so they stay finite.
+LOG_RATIO_LIMIT = 20.0
+
+
+def valid_count(mask_B_T: torch.Tensor, normalization: Literal["token", "sequence"] = "token") -> torch.Tensor:
+    """Count of valid tokens, or of sequences with at least one valid token: sum this over the
+    micro-batches (and all-reduce over ranks) of one optimiser step to get the ``normalizer``."""
+    valid_B_T = mask_B_T.bool()
+    if normalization == "token":
+        return valid_B_T.sum()
+    if normalization == "sequence":
+        return valid_B_T.any(-1).sum()
+    raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
+
+
+def gather_logprobs(logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] in float32 (float64 stays float64).
+
+    Computed as logits[ids] - logsumexp(logits), which equals log_softmax + gather without
+    materialising a second B x T x V tensor.
+    """
+    logits_B_T_V = _upcast(logits_B_T_V)
+    picked_B_T = logits_B_T_V.gather(-1, ids_B_T.unsqueeze(-1)).squeeze(-1)
+    return picked_B_T - logits_B_T_V.logsumexp(-1)
+
+
+def student_topk_tail_logprobs(
+    student_logits_B_T_V: torch.Tensor, topk_ids_B_T_K: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's log-probs at the teacher's top-k ids, and its log-mass outside them.
+
+    tail = log(1 - sum_k p_S(k)) = logsumexp(logits with the top-k ids masked out) - logsumexp(logits),
+    exact even when the tail is tiny (1 - sum_k p_S(k) would cancel). Floored at ``LOG_ZERO``.
+
+    Returns ``(topk_logprobs_B_T_K, tail_logprob_B_T)``.
+    """
+    logits_B_T_V = _upcast(student_logits_B_T_V)
+    log_z_B_T = logits_B_T_V.logsumexp(-1)
+    topk_B_T_K = logits_B_T_V.gather(-1, topk_ids_B_T_K) - log_z_B_T.unsqueeze(-1)
+    in_topk_B_T_V = torch.zeros_like(logits_B_T_V, dtype=torch.bool).scatter_(-1, topk_ids_B_T_K, True)
+    # finfo.min rather than -inf: with every id masked (K = V) logsumexp stays finite, forward and backward.
+    rest_B_T = logits_B_T_V.masked_fill(in_topk_B_T_V, torch.finfo(logits_B_T_V.dtype).min).logsumexp(-1)
+    tail_B_T = (rest_B_T - log_z_B_T).clamp_min(LOG_ZERO)
+    return topk_B_T_K, tail_B_T
+
+
+# --- top-k distillation losses ------------------------------------------------------------------
+
+
+def forward_kl_topk(
+    student_logits_B_T_V: torch.Tensor,
+    topk_ids_B_T_K: torch.Tensor,
+    teacher_topk_logprobs_B_T_K: torch.Tensor,
+    teacher_tail_logprob_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    tail_bucket: bool = True,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Forward KL over the teacher's top-k support plus a tail bucket.
+
+        KL(p_T || p_S) = sum_b p_T(b) (log p_T(b) - log p_S(b)),   b in {top-k ids} + {tail}
+
+    Mass-covering distillation (Hinton et al. 2015; GKD, Agarwal et al. 2024, beta = 0), averaged over
+    valid tokens. Buckets the teacher gives no mass (stored -inf) contribute 0 (0 log 0 = 0).
+    ``tail_bucket=False``: both distributions are renormalised over the K ids and the tail is ignored.
+
+    Args: student_logits_B_T_V (grad), topk_ids_B_T_K, teacher_topk_logprobs_B_T_K,
+    teacher_tail_logprob_B_T (log of the teacher's mass outside the top-k; ignored without the tail
+    bucket), mask_B_T, normalizer (global valid-token count).
+    """
+    return _topk_loss(_forward_kl_B_T, "forward_kl", student_logits_B_T_V, topk_ids_B_T_K,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer)
+
+
+def reverse_kl_topk(
+    student_logits_B_T_V: torch.Tensor,
+    topk_ids_B_T_K: torch.Tensor,
+    teacher_topk_logprobs_B_T_K: torch.Tensor,
+    teacher_tail_logprob_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    tail_bucket: bool = True,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Reverse KL over the teacher's top-k support plus a tail bucket.
+
+        KL(p_S || p_T) = sum_b p_S(b) (log p_S(b) - log p_T(b)),   b in {top-k ids} + {tail}
+
+    Mode-seeking; the per-token objective of on-policy distillation (GKD, Agarwal et al. 2024,
+    beta = 1; MiniLLM, Gu et al. 2024), here over the stored top-k instead of the full vocabulary.
+    Teacher log-probs are floored at ``REVERSE_KL_TEACHER_FLOOR`` (a stored -inf would make it infinite).
+
+    Keep the tail bucket: without it the loss cannot see the mass the student moves outside the
+    stored support. ``tail_bucket=False`` renormalises both distributions over the K ids; then any
+    amount of student mass outside the top-k costs nothing (docs/losses.md, and the collapse in
+    FINDINGS.md). Shapes and arguments as ``forward_kl_topk``.
+    """
+    return _topk_loss(_reverse_kl_B_T, "reverse_kl", student_logits_B_T_V, topk_ids_B_T_K,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer)
+
+
+def jsd_topk(
+    student_logits_B_T_V: torch.Tensor,
+    topk_ids_B_T_K: torch.Tensor,
+    teacher_topk_logprobs_B_T_K: torch.Tensor,
+    teacher_tail_logprob_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    tail_bucket: bool = True,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Generalised Jensen-Shannon divergence over the top-k buckets (GKD, Agarwal et al. 2024, Eq. 1;
+    as TRL's ``generalized_jsd_loss``).
+
+        M = beta p_T + (1 - beta) p_S
+        JSD_beta = beta KL(p_T || M) + (1 - beta) KL(p_S || M)
+
+    Endpoints follow TRL: beta = 0 is forward KL(p_T || p_S) and beta = 1 is reverse KL(p_S || p_T)
+    (the formula itself goes to 0 there; these are the limits of JSD_beta / beta and
+    JSD_beta / (1 - beta)). Shapes and arguments as ``forward_kl_topk``.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd_topk: beta must lie in [0, 1], got {beta}")
+    if beta == 0.0:
+        per_token = _forward_kl_B_T
+    elif beta == 1.0:
+        per_token = _reverse_kl_B_T
+    else:
+        def per_token(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
+            return _jsd_B_T(student_B_T_N, teacher_B_T_N, beta)
+    return _topk_loss(per_token, "jsd", student_logits_B_T_V, topk_ids_B_T_K,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer)
+
+
+def tvd_topk(
+    student_logits_B_T_V: torch.Tensor,
+    topk_ids_B_T_K: torch.Tensor,
+    teacher_topk_logprobs_B_T_K: torch.Tensor,
+    teacher_tail_logprob_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    tail_bucket: bool = True,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Total variation distance over the top-k buckets: TVD = 1/2 sum_b |p_T(b) - p_S(b)|.
+
+    Bounded in [0, 1], so no bucket can dominate the gradient (used for distillation by Wen et al.
+    2023, "f-Divergence Minimization for Sequence-Level Knowledge Distillation"). Shapes and arguments
+    as ``forward_kl_topk``.
+    """
+    return _topk_loss(_tvd_B_T, "tvd", student_logits_B_T_V, topk_ids_B_T_K,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer)
+
+
+def _forward_kl_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
+    p_teacher = teacher_B_T_N.exp()
+    neg_entropy = torch.where(p_teacher > 0, p_teacher * teacher_B_T_N, 0.0)  # 0 log 0 = 0
+    return (neg_entropy - p_teacher * student_B_T_N).sum(-1)
+
+
+def _reverse_kl_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
+    teacher_B_T_N = teacher_B_T_N.clamp_min(REVERSE_KL_TEACHER_FLOOR)
+    return (student_B_T_N.exp() * (student_B_T_N - teacher_B_T_N)).sum(-1)
+
+
+def _jsd_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor, beta: float) -> torch.Tensor:
+    mixture_B_T_N = torch.logaddexp(teacher_B_T_N + math.log(beta), student_B_T_N + math.log(1.0 - beta))
+    p_teacher = teacher_B_T_N.exp()
+    kl_teacher = torch.where(p_teacher > 0, p_teacher * (teacher_B_T_N - mixture_B_T_N), 0.0).sum(-1)
+    kl_student = (student_B_T_N.exp() * (student_B_T_N - mixture_B_T_N)).sum(-1)
+    return beta * kl_teacher + (1.0 - beta) * kl_student
+
+
+def _tvd_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (teacher_B_T_N.exp() - student_B_T_N.exp()).abs().sum(-1)
+
+
+def _topk_loss(per_token, name, student_logits_B_T_V, topk_ids_B_T_K, teacher_topk_logprobs_B_T_K,
+               teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer) -> tuple[torch.Tensor, Metrics]:
+    """Build the restricted distributions, apply ``per_token`` and reduce over valid tokens."""
+    valid_B_T = mask_B_T.bool()
+    # Masked positions may hold padding (ids -1, teacher NaN): replace them before anything reads them.
+    ids_B_T_K = topk_ids_B_T_K.masked_fill(~valid_B_T.unsqueeze(-1), 0)
+    student_topk_B_T_K, student_tail_B_T = student_topk_tail_logprobs(student_logits_B_T_V, ids_B_T_K)
+    dtype = student_topk_B_T_K.dtype
+    teacher_topk_B_T_K = torch.where(valid_B_T.unsqueeze(-1), teacher_topk_logprobs_B_T_K.to(dtype), 0.0)
+    teacher_tail_B_T = torch.where(valid_B_T, teacher_tail_logprob_B_T.to(dtype), 0.0)
+
+    if tail_bucket:
+        student_B_T_N = torch.cat([student_topk_B_T_K, student_tail_B_T.unsqueeze(-1)], -1)
+        teacher_B_T_N = torch.cat([teacher_topk_B_T_K, teacher_tail_B_T.unsqueeze(-1)], -1)
+    else:
+        student_B_T_N = student_topk_B_T_K.log_softmax(-1)
+        teacher_B_T_N = teacher_topk_B_T_K.log_softmax(-1)
+
+    loss = _reduce(per_token(student_B_T_N, teacher_B_T_N), valid_B_T, "token", normalizer)
+    metrics = {
+        f"loss/{name}": loss.detach(),
+        "topk/student_tail_mass": _masked_mean(student_tail_B_T.exp(), valid_B_T),
+        "topk/teacher_tail_mass": _masked_mean(teacher_tail_B_T.exp(), valid_B_T),
+    }
+    return loss, metrics
+
+
+# --- Lightning OPD: sampled-token policy gradient -----------------------------------------------
+
+
+def lightning_pg(
+    student_logprobs_B_T: torch.Tensor,
+    teacher_logprobs_B_T: torch.Tensor,
+    behavior_logprobs_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    importance: Literal["none", "truncated", "ppo_clip"] = "none",
+    is_cap: float = 2.0,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    advantage_clip: float | None = None,
+    normalization: Literal["token", "sequence"] = "sequence",
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """The Lightning OPD loss: policy gradient on the sampled tokens with the per-token reverse-KL reward.
+
+        A_t = sg(log p_T(y_t) - log p_theta(y_t))          (optionally clipped to +-advantage_clip)
+        "none"      (reference): l_t = -A_t log p_theta(y_t)
+        "truncated":             l_t = -sg(min(r_t, is_cap)) A_t log p_theta(y_t)
+        "ppo_clip":              l_t = -min(r_t A_t, clip(r_t, 1 - clip_eps_low, 1 + clip_eps_high) A_t)
+        with r_t = p_theta(y_t) / mu(y_t), mu the rollout (behaviour) policy.
+
+    "none" is the public reference implementation of Lightning OPD: a PPO-clip loss whose old policy
+    is the current model (ratio 1, clip never binds), i.e. REINFORCE with no importance correction
+    toward the rollout policy, no baseline and no advantage normalisation. Its gradient is
+    E[(log p_theta - log p_T) grad log p_theta] = grad KL(p_theta || p_T) on the sampled tokens
+    (Gu et al. 2024; Agarwal et al. 2024). The importance variants correct for the rollouts having
+    come from mu; "ppo_clip" with mu = p_theta has the same gradient as "none" (its loss value is
+    -A_t, not -A_t log p_theta). Log-ratios are clamped to +-``LOG_RATIO_LIMIT``.
+
+    normalization: "token" sums l_t over all valid tokens and divides by the valid-token count;
+    "sequence" (the reference's) averages l_t within each sequence, sums over sequences and divides
+    by the count of sequences with a valid token. ``normalizer`` is the GLOBAL count of the chosen unit.
+
+    Shapes: student_logprobs_B_T (current model, grad), teacher_logprobs_B_T and
+    behavior_logprobs_B_T (stored), mask_B_T.
+    """
+    if importance not in ("none", "truncated", "ppo_clip"):
+        raise ValueError(f"lightning_pg: importance must be 'none', 'truncated' or 'ppo_clip', got {importance!r}")
+    valid_B_T = mask_B_T.bool()
+    logprobs_B_T = student_logprobs_B_T
+    detached_B_T = logprobs_B_T.detach()
+    # Masked positions get advantage 0 and log-ratio 0 whatever their padding holds.
+    teacher_B_T = torch.where(valid_B_T, teacher_logprobs_B_T.to(detached_B_T.dtype), detached_B_T)
+    behavior_B_T = torch.where(valid_B_T, behavior_logprobs_B_T.to(detached_B_T.dtype), detached_B_T)
+
+    raw_advantage_B_T = teacher_B_T - detached_B_T
+    advantage_B_T = raw_advantage_B_T
+    if advantage_clip is not None:
+        advantage_B_T = raw_advantage_B_T.clamp(-advantage_clip, advantage_clip)
+    ratio_B_T = (logprobs_B_T - behavior_B_T).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT).exp()
+
+    if importance == "none":
+        per_token_B_T = -advantage_B_T * logprobs_B_T
+        clipped_B_T = torch.zeros_like(valid_B_T)
+    elif importance == "truncated":
+        weight_B_T = ratio_B_T.detach().clamp_max(is_cap)
+        per_token_B_T = -weight_B_T * advantage_B_T * logprobs_B_T
+        clipped_B_T = ratio_B_T.detach() > is_cap
+    else:
+        unclipped_B_T = ratio_B_T * advantage_B_T
+        clipped_term_B_T = ratio_B_T.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantage_B_T
+        per_token_B_T = -torch.minimum(unclipped_B_T, clipped_term_B_T)
+        clipped_B_T = (clipped_term_B_T < unclipped_B_T).detach()  # the clipped branch wins: no gradient
+
+    loss = _reduce(per_token_B_T, valid_B_T, normalization, normalizer)
+    ratio_detached_B_T = ratio_B_T.detach()
+    metrics = {
+        "loss/lightning": loss.detach(),
+        "lightning/advantage_mean": _masked_mean(advantage_B_T, valid_B_T),
+        "lightning/advantage_clip_frac": _masked_mean((advantage_B_T != raw_advantage_B_T).to(detached_B_T.dtype),
+                                                      valid_B_T),
+        "lightning/reverse_kl_estimate": _masked_mean(-raw_advantage_B_T, valid_B_T),
+        "is/ratio_mean": _masked_mean(ratio_detached_B_T, valid_B_T),
+        "is/ratio_max": torch.where(valid_B_T, ratio_detached_B_T, 0.0).max(),
+        "is/clip_frac": _masked_mean(clipped_B_T.to(detached_B_T.dtype), valid_B_T),
+    }
+    return loss, metrics
+
+
+# --- SFT and combination ------------------------------------------------------------------------
+
+
+def sft_cross_entropy(
+    logits_B_T_V: torch.Tensor,
+    target_ids_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Next-token negative log-likelihood: -sum_t log softmax(logits_t)[y_t] / normalizer.
+
+    The SFT stage's loss and the optional SFT term of OPD training. The caller aligns the shapes:
+    ``logits_B_T_V[:, t]`` predicts ``target_ids_B_T[:, t]``.
+    """
+    valid_B_T = mask_B_T.bool()
+    targets_B_T = target_ids_B_T.masked_fill(~valid_B_T, 0)
+    logits_B_T_V = _upcast(logits_B_T_V)
+    loss = _reduce(-gather_logprobs(logits_B_T_V, targets_B_T), valid_B_T, "token", normalizer)
+    correct_B_T = (logits_B_T_V.detach().argmax(-1) == targets_B_T).to(logits_B_T_V.dtype)
+    return loss, {"loss/sft": loss.detach(), "sft/accuracy": _masked_mean(correct_B_T, valid_B_T)}
+
+
+def combined_loss(
+    terms: dict[str, tuple[torch.Tensor, Metrics]], weights: dict[str, float]
+) -> tuple[torch.Tensor, Metrics]:
+    """total = sum_name weights[name] * loss[name]; metrics of all terms merged, plus ``loss/total``.
+
+    ``terms`` maps a loss name to what its function returned; ``weights`` must have the same names.
+    """
+    if not terms or terms.keys() != weights.keys():
+        raise ValueError(f"combined_loss: terms {sorted(terms)} and weights {sorted(weights)} must name "
+                         "the same, non-empty set of losses")
+    total = sum(weights[name] * loss for name, (loss, _) in terms.items())
+    metrics: Metrics = {}
+    for name, (_, term_metrics) in terms.items():
+        repeated = metrics.keys() & term_metrics.keys()
+        if repeated:
+            raise ValueError(f"combined_loss: term {name!r} repeats metric keys {sorted(repeated)}")
+        metrics.update(term_metrics)
+    metrics["loss/total"] = total.detach()
+    return total, metrics
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32; fp32 and fp64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _reduce(per_token_B_T: torch.Tensor, valid_B_T: torch.Tensor, normalization: str,
+            normalizer: torch.Tensor | float | None) -> torch.Tensor:
+    """Sum over valid tokens (or token-mean per sequence, summed over sequences) / normalizer."""
+    if normalizer is None:
+        normalizer = valid_count(valid_B_T, normalization)
+    normalizer = torch.as_tensor(normalizer, dtype=per_token_B_T.dtype, device=per_token_B_T.device).clamp_min(1)
+    per_token_B_T = torch.where(valid_B_T, per_token_B_T, 0.0)
+    if normalization == "token":
+        total = per_token_B_T.sum()
+    elif normalization == "sequence":
+        total = (per_token_B_T.sum(-1) / valid_B_T.sum(-1).clamp_min(1)).sum()
+    else:
+        raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
+    return total / normalizer
+
+
+def _masked_mean(x_B_T: torch.Tensor, valid_B_T: torch.Tensor) -> torch.Tensor:
+    x_B_T = x_B_T.detach()
+    return torch.where(valid_B_T, x_B_T, 0.0).sum() / valid_B_T.sum().clamp_min(1)

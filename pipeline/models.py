@@ -1,0 +1,34 @@
+"""Loading models and tokenizers (always from a directory, exactly like a hub model) and building prompt ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json); run `lopd make-models` or point to an HF model dir")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    return model.to(device)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, use_chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt, rendered by the tokenizer's own chat template when it has one."""
+    if use_chat_template and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]

@@ -1,0 +1,140 @@
+"""Stage 3: the teacher scores every rollout once, in large batches, into compressed top-k shards.
+
+Output shard i holds the scores of rollouts shard i, so shards are the unit of work (resume, retries,
+spreading over workers). Before any work: the teacher-consistency guard and the tokenizer check.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import TeacherLogprobsConfig
+from pipeline.engines.base import Engine, make_engine
+from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, tokenizer_fingerprint
+from pipeline.models import encode_prompt, load_tokenizer
+from pipeline.prompts import load_prompts
+from pipeline.stages.common import StageResult, log, progress_bar, timed
+from storage.codecs import encode_records
+from storage.records import TeacherRecord
+from storage.shardset import ShardSet
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student tokenizers disagree: teacher top-k ids would not be student token ids."""
+
+
+def check_tokenizers(teacher_dir: Path, student_dir: str | Path) -> None:
+    """Same vocabulary and special-token ids, or a clear error before any work (chat templates may differ)."""
+    if tokenizer_fingerprint(teacher_dir) == tokenizer_fingerprint(student_dir):
+        return
+    t, s = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
+    if t.get_vocab() != s.get_vocab():
+        tv, sv = t.get_vocab(), s.get_vocab()
+        diff = sorted(set(tv.items()) ^ set(sv.items()))[:5]
+        raise TokenizerMismatchError(
+            f"teacher {teacher_dir} and student {student_dir} have different vocabularies "
+            f"({len(tv)} vs {len(sv)} tokens; first differences {diff}). Distillation over token ids needs "
+            "one tokenizer: pick a teacher from the student's model family.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(t, name) != getattr(s, name):
+            raise TokenizerMismatchError(
+                f"teacher {teacher_dir} and student {student_dir} disagree on {name}: "
+                f"{getattr(t, name)} vs {getattr(s, name)}")
+    log.warning("teacher and student tokenizers share the vocabulary but differ elsewhere (e.g. chat template); "
+                "scoring reuses the sampled token ids, never re-renders text")
+
+
+def score_table_rows(engine: Engine, rows: list[dict[str, Any]], k: int, teacher_prefix: dict[str, list[int]] | None,
+                     max_seq_len: int | None, overlong: str) -> tuple[list[TeacherRecord], dict[str, int]]:
+    """Score one shard of rollout rows. ``teacher_prefix`` maps prompt id -> the teacher's own prompt ids
+    (privileged context); the stored record keeps the student's token ids."""
+    stats = {"truncated": 0, "skipped": 0}
+    keep, seqs, starts = [], [], []
+    for row in rows:
+        ids, plen = list(row["token_ids"]), row["prompt_len"]
+        prefix = teacher_prefix[row["prompt_id"]] if teacher_prefix else ids[:plen]
+        if max_seq_len and len(prefix) + len(ids) - plen > max_seq_len:
+            if overlong == "skip" or len(prefix) >= max_seq_len:
+                stats["skipped"] += 1
+                continue
+            ids = ids[: plen + max_seq_len - len(prefix)]
+            stats["truncated"] += 1
+        keep.append((row, ids, plen))
+        seqs.append(prefix + ids[plen:])
+        starts.append(len(prefix))
+    scored = engine.score(seqs, starts, k) if seqs else []
+    records = []
+    for (row, ids, plen), sc in zip(keep, scored):
+        n = len(ids) - plen
+        records.append(TeacherRecord(
+            prompt_id=row["prompt_id"], sample_index=row["sample_index"],
+            token_ids=np.asarray(ids, dtype=np.int32), prompt_len=plen,
+            teacher_logprobs=sc.token_logprobs, behavior_logprobs=np.asarray(row["behavior_logprobs"][:n], dtype=np.float32),
+            topk_ids=sc.topk_ids, topk_logprobs=sc.topk_logprobs, tail_logprob=sc.tail_logprob,
+            reward=row["reward"],
+        ))
+    return records, stats
+
+
+def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True) -> StageResult:
+    rollouts = ShardSet.open(cfg.rollouts)
+    meta = rollouts.metadata
+    teacher_fp = model_fingerprint(cfg.teacher)
+    consistent = check_teacher_consistency(teacher_fp, meta.get("sft_teacher_fingerprint"),
+                                           allow_mismatch=cfg.allow_teacher_mismatch,
+                                           rollouts_dir=cfg.rollouts, teacher_dir=cfg.teacher)
+    if not consistent:
+        log.warning("teacher-logprobs: TEACHER MISMATCH allowed by --allow-teacher-mismatch: SFT data teacher %s, "
+                    "scoring teacher %s (recorded in the shards)", meta.get("sft_teacher_fingerprint"), teacher_fp)
+    check_tokenizers(cfg.teacher, meta["model_dir"])
+    tokenizer = load_tokenizer(cfg.teacher)
+    vocab_size = len(tokenizer)
+    metadata = {
+        "role": "teacher_topk", "k": cfg.k, "codec": cfg.codec, "vocab_size": vocab_size,
+        "teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher),
+        "student_fingerprint": meta.get("student_fingerprint"),
+        "sft_teacher_fingerprint": meta.get("sft_teacher_fingerprint"),
+        "teacher_mismatch_allowed": not consistent, "teacher_dir": str(cfg.teacher),
+        "rollouts": str(cfg.rollouts), "rollouts_sampling": meta.get("sampling"),
+        "scoring_temperature": 1.0, "privileged_context": cfg.privileged_context,
+        "max_seq_len": cfg.max_seq_len, "overlong": cfg.overlong, "engine_dtype": cfg.engine.dtype,
+    }
+    out = ShardSet.create(cfg.out, kind="teacher_topk", metadata=metadata)
+    inputs = rollouts.complete_indices()
+    todo = [i for i in inputs if not out.is_complete(i)]
+    if not todo:
+        log.info("teacher-logprobs: all %d shards complete in %s; nothing to do", len(inputs), cfg.out)
+        out.finalize(expected_shards=len(inputs))
+        return StageResult("teacher-logprobs", cfg.out, skipped=True, summary={"shards": len(inputs)})
+    prefixes = None
+    if cfg.privileged_context:
+        if cfg.prompts is None:
+            raise ValueError("teacher_logprobs.privileged_context needs teacher_logprobs.prompts (the prompts file)")
+        use_tpl = meta.get("use_chat_template", True)
+        prefixes = {p.id: encode_prompt(tokenizer, f"{p.privileged_context or ''}{p.prompt}", use_tpl)
+                    for p in load_prompts(cfg.prompts)}
+    engine = make_engine(str(cfg.teacher), cfg.engine, max_logprobs=cfg.k)
+    totals = {"sequences": 0, "tokens": 0, "truncated": 0, "skipped": 0}
+    with timed() as t, progress_bar(not show_progress) as bar:
+        task = bar.add_task("teacher-logprobs", total=len(todo), rate="")
+        for i in todo:
+            rows = rollouts.read_shard(i).to_pylist()
+            records, stats = score_table_rows(engine, rows, cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
+            out.write_shard(i, encode_records(records, cfg.codec, k=cfg.k, vocab_size=vocab_size))
+            totals["sequences"] += len(records)
+            totals["tokens"] += sum(len(r.teacher_logprobs) for r in records)
+            totals["truncated"] += stats["truncated"]
+            totals["skipped"] += stats["skipped"]
+            rate = totals["tokens"] / max(time.perf_counter() - t["start"], 1e-9)
+            bar.update(task, advance=1, rate=f"{rate:,.0f} tok/s")
+    engine.close()
+    out.finalize(expected_shards=len(inputs))
+    log.info("teacher-logprobs: %d sequences, %d response tokens (%d truncated, %d skipped as overlong) in %.1fs",
+             totals["sequences"], totals["tokens"], totals["truncated"], totals["skipped"], t["seconds"])
+    return StageResult("teacher-logprobs", cfg.out, wall_seconds=t["seconds"],
+                       summary={"shards": len(inputs), "shards_written": len(todo), **totals,
+                                "teacher_consistent": consistent})

@@ -1,0 +1,254 @@
+"""Training plumbing shared by SFT and OPD: distributed set-up, optimiser and schedule, batching,
+checkpoints, metrics, plots, and the plain SFT loop. Loss math lives in ``pipeline.losses``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import OptimConfig
+from pipeline.losses import sft_cross_entropy
+
+Example = tuple[np.ndarray, int]  # (token_ids, prompt_len)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment; world size 1 otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def device_for(info: DistInfo) -> torch.device:
+    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def pad_batch(sequences: list[list[int]] | list[np.ndarray], prompt_lens: list[int], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to ``input_ids_B_L`` and ``attention_B_L``; ``response_mask_B_L`` marks the *targets*
+    (position t of the shifted targets is a response token)."""
+    width = max(len(s) for s in sequences)
+    B = len(sequences)
+    input_ids_B_L = torch.full((B, width), pad_id, dtype=torch.long)
+    attention_B_L = torch.zeros((B, width), dtype=torch.long)
+    response_mask_B_L = torch.zeros((B, width - 1), dtype=torch.bool)
+    for b, (seq, plen) in enumerate(zip(sequences, prompt_lens)):
+        n = len(seq)
+        input_ids_B_L[b, :n] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+        attention_B_L[b, :n] = 1
+        response_mask_B_L[b, plen - 1 : n - 1] = True
+    return input_ids_B_L, attention_B_L, response_mask_B_L
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to ``metrics.jsonl`` (main rank only). On resume it truncates
+    lines past the checkpoint step, so the file always tells one consistent history."""
+
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: Path, out_png: Path, keys: list[str] | None = None, title: str = "") -> Path | None:
+    """One PNG with a panel per metric (loss parts, KL estimate, accuracy...) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    keys = keys or [k for k in rows[-1] if k.startswith(("loss/", "lightning/", "is/", "eval/", "kl/"))]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_hf_model(model: torch.nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write an HF model directory atomically (temp dir, then rename); the provenance file goes in too."""
+    from pipeline.fingerprint import write_provenance
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if provenance is not None:
+        write_provenance(tmp, provenance)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:
+    """``ckpt_root/step-000050/state.pt`` written to a temp name then renamed; ``latest`` points at it."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    latest_tmp = ckpt_root / "latest.tmp"
+    latest_tmp.write_text(final.name)
+    latest_tmp.replace(ckpt_root / "latest")
+    return final
+
+
+def load_latest_checkpoint(ckpt_root: Path) -> dict[str, Any] | None:
+    pointer = ckpt_root / "latest"
+    if not pointer.exists():
+        return None
+    return torch.load(ckpt_root / pointer.read_text().strip() / "state.pt", weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int, batch_size: int,
+              optim: OptimConfig, pad_id: int, metrics: MetricsWriter | None = None, log_every: int = 20,
+              description: str = "sft", show_progress: bool = True,
+              on_log: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+    """Plain next-token SFT on response tokens; shared by `lopd sft`, the demo teacher bootstrap and the
+    demo's SFT-continued control."""
+    model.train()
+    opt = make_optimizer(model, optim)
+    sched = make_scheduler(opt, optim, steps)
+    last: dict[str, float] = {}
+    from pipeline.stages.common import progress_bar
+
+    start = time.perf_counter()
+    with progress_bar(not show_progress) as bar:
+        task = bar.add_task(description, total=steps, rate="")
+        tokens = 0
+        for step in range(1, steps + 1):
+            batch = [next(examples) for _ in range(batch_size)]
+            input_ids_B_L, attention_B_L, mask_B_T = pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
+            logits_B_T_V = model(input_ids=input_ids_B_L, attention_mask=attention_B_L).logits[:, :-1].float()
+            loss, parts = sft_cross_entropy(logits_B_T_V, input_ids_B_L[:, 1:], mask_B_T)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            opt.step()
+            sched.step()
+            tokens += int(mask_B_T.sum())
+            if step % log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - start
+                last = {"step": step, "loss/sft": loss.item(), "optim/lr": sched.get_last_lr()[0],
+                        "progress/tokens": tokens, "perf/tokens_per_s": tokens / max(elapsed, 1e-9)}
+                if metrics:
+                    metrics.write(last)
+                if on_log:
+                    on_log(step, last)
+                bar.update(task, rate=f"loss {loss.item():.3f}")
+            bar.update(task, advance=1)
+    model.eval()
+    return last

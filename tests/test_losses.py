@@ -1,0 +1,497 @@
+"""Losses against independent float64 references, known identities, gradchecks and the
+gradient-accumulation invariance the trainer relies on. Tiny tensors only: the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses import (
+    combined_loss,
+    forward_kl_topk,
+    gather_logprobs,
+    jsd_topk,
+    lightning_pg,
+    reverse_kl_topk,
+    sft_cross_entropy,
+    student_topk_tail_logprobs,
+    tvd_topk,
+    valid_count,
+)
+
+TOPK_LOSSES = {
+    "forward_kl": forward_kl_topk,
+    "reverse_kl": reverse_kl_topk,
+    "jsd": lambda *a, **kw: jsd_topk(*a, beta=0.3, **kw),
+    "tvd": tvd_topk,
+}
+
+
+def make_case(B=3, T=5, V=11, K=4, seed=0, dtype=torch.float64):
+    """Random student logits, a teacher's top-k (its real top-k ids) with the tail mass, ragged mask."""
+    g = torch.Generator().manual_seed(seed)
+    student_logits = 2.0 * torch.randn(B, T, V, generator=g, dtype=dtype)
+    teacher_logprobs = (2.0 * torch.randn(B, T, V, generator=g, dtype=dtype)).log_softmax(-1)
+    topk_logprobs, topk_ids = teacher_logprobs.topk(K, dim=-1)
+    outside = torch.ones_like(teacher_logprobs, dtype=torch.bool).scatter_(-1, topk_ids, False)
+    tail = teacher_logprobs.masked_fill(~outside, -math.inf).logsumexp(-1)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return dict(student_logits=student_logits, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+                tail=tail, mask=mask, teacher_logprobs=teacher_logprobs)
+
+
+def topk_args(case, logits=None):
+    return (case["student_logits"] if logits is None else logits, case["topk_ids"], case["topk_logprobs"],
+            case["tail"], case["mask"])
+
+
+# --- brute-force float64 reference, written with explicit loops ---------------------------------
+
+
+def reference_topk(name, case, tail_bucket, beta=0.3):
+    logits = case["student_logits"].double().numpy()
+    ids = case["topk_ids"].numpy()
+    t_topk = case["topk_logprobs"].double().numpy()
+    t_tail = case["tail"].double().numpy()
+    mask = case["mask"].numpy()
+    B, T, V = logits.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            z = logits[b, t] - logits[b, t].max()
+            p = np.exp(z) / np.exp(z).sum()
+            ps = [p[i] for i in ids[b, t]]
+            pt = [math.exp(x) for x in t_topk[b, t]]
+            if tail_bucket:
+                ps.append(sum(p[v] for v in range(V) if v not in set(ids[b, t])))
+                pt.append(math.exp(t_tail[b, t]))
+            else:
+                ps = [x / sum(ps) for x in ps]
+                pt = [x / sum(pt) for x in pt]
+            if name == "forward_kl":
+                value = sum(q * (math.log(q) - math.log(r)) for q, r in zip(pt, ps) if q > 0)
+            elif name == "reverse_kl":
+                value = sum(r * (math.log(r) - math.log(q)) for q, r in zip(pt, ps) if r > 0)
+            elif name == "jsd":
+                m = [beta * q + (1 - beta) * r for q, r in zip(pt, ps)]
+                value = (beta * sum(q * math.log(q / mm) for q, mm in zip(pt, m) if q > 0)
+                         + (1 - beta) * sum(r * math.log(r / mm) for r, mm in zip(ps, m) if r > 0))
+            else:
+                value = 0.5 * sum(abs(q - r) for q, r in zip(pt, ps))
+            total += value
+            count += 1
+    return total / max(count, 1)
+
+
+@pytest.mark.parametrize("tail_bucket", [True, False])
+@pytest.mark.parametrize("name", list(TOPK_LOSSES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_topk_losses_match_bruteforce_reference(name, tail_bucket, dtype, tol):
+    case = make_case(seed=1, dtype=dtype)
+    loss, metrics = TOPK_LOSSES[name](*topk_args(case), tail_bucket=tail_bucket)
+    expected = reference_topk(name, case, tail_bucket)
+    assert expected > 1e-3  # a non-trivial case
+    assert loss.item() == pytest.approx(expected, rel=tol, abs=tol)
+    assert metrics[f"loss/{name}"].item() == pytest.approx(loss.item())
+    assert not metrics[f"loss/{name}"].requires_grad
+
+
+def test_jsd_other_beta_matches_reference():
+    case = make_case(seed=2)
+    loss, _ = jsd_topk(*topk_args(case), beta=0.8)
+    assert loss.item() == pytest.approx(reference_topk("jsd", case, True, beta=0.8), rel=1e-10)
+
+
+def test_tail_mass_metrics():
+    case = make_case(seed=3)
+    _, metrics = forward_kl_topk(*topk_args(case))
+    p = case["student_logits"].softmax(-1)
+    student_tail = 1 - p.gather(-1, case["topk_ids"]).sum(-1)
+    mask = case["mask"]
+    assert metrics["topk/student_tail_mass"].item() == pytest.approx(student_tail[mask].mean().item(), rel=1e-10)
+    assert metrics["topk/teacher_tail_mass"].item() == pytest.approx(case["tail"].exp()[mask].mean().item(), rel=1e-10)
+
+
+# --- identities ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tail_bucket", [True, False])
+@pytest.mark.parametrize("name", list(TOPK_LOSSES))
+def test_identical_teacher_and_student_give_zero(name, tail_bucket):
+    case = make_case(seed=4)
+    # The teacher's stored values are the student's own distribution, computed here in numpy.
+    logits = case["student_logits"].numpy()
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ids = case["topk_ids"].numpy()
+    topk = np.take_along_axis(logp, ids, -1)
+    tail = np.log(1.0 - np.exp(topk).sum(-1))
+    case = {**case, "topk_logprobs": torch.from_numpy(topk), "tail": torch.from_numpy(tail)}
+    loss, _ = TOPK_LOSSES[name](*topk_args(case), tail_bucket=tail_bucket)
+    assert abs(loss.item()) < 1e-9
+    # ...and the case is not trivially zero for another student.
+    other, _ = TOPK_LOSSES[name](*topk_args(case, case["student_logits"].flip(-1)), tail_bucket=tail_bucket)
+    assert other.item() > 1e-3
+
+
+@pytest.mark.parametrize("tail_bucket", [True, False])
+def test_topk_with_k_equal_vocab_is_full_kl(tail_bucket):
+    """K = V: the tail holds no mass (stored -inf) and the loss is the full-vocabulary KL, gradients included."""
+    B, T, V = 3, 4, 7
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64).log_softmax(-1)
+    ids = torch.rand(B, T, V, generator=g).argsort(-1)  # every id, in a scrambled order
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    args = (ids, teacher.gather(-1, ids), torch.full((B, T), -math.inf, dtype=torch.float64), mask)
+    full = {  # F.kl_div(input, target) = KL(target || input)
+        forward_kl_topk: lambda student: F.kl_div(student, teacher, log_target=True, reduction="none"),
+        reverse_kl_topk: lambda student: F.kl_div(teacher, student, log_target=True, reduction="none"),
+    }
+    for fn, kl_div in full.items():
+        expected = kl_div(logits.log_softmax(-1)).sum(-1)[mask].mean()
+        (expected_grad,) = torch.autograd.grad(expected, logits)
+        loss, metrics = fn(logits, *args, tail_bucket=tail_bucket)
+        (grad,) = torch.autograd.grad(loss, logits)
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+        assert metrics["topk/student_tail_mass"].item() == 0.0
+
+
+def test_jsd_endpoints_are_forward_and_reverse_kl():
+    case = make_case(seed=6)
+    for tail_bucket in (True, False):
+        forward, _ = forward_kl_topk(*topk_args(case), tail_bucket=tail_bucket)
+        reverse, _ = reverse_kl_topk(*topk_args(case), tail_bucket=tail_bucket)
+        assert jsd_topk(*topk_args(case), beta=0.0, tail_bucket=tail_bucket)[0].item() == pytest.approx(forward.item())
+        assert jsd_topk(*topk_args(case), beta=1.0, tail_bucket=tail_bucket)[0].item() == pytest.approx(reverse.item())
+        # The endpoint conventions are the limits of the mixture formula: JSD_b / b -> forward KL as b -> 0,
+        # JSD_b / (1 - b) -> reverse KL as b -> 1.
+        eps = 1e-6
+        near_0 = jsd_topk(*topk_args(case), beta=eps, tail_bucket=tail_bucket)[0].item() / eps
+        near_1 = jsd_topk(*topk_args(case), beta=1 - eps, tail_bucket=tail_bucket)[0].item() / eps
+        assert near_0 == pytest.approx(forward.item(), rel=1e-4)
+        assert near_1 == pytest.approx(reverse.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="beta"):
+        jsd_topk(*topk_args(case), beta=1.5)
+
+
+def test_reverse_kl_without_tail_cannot_see_mass_leaving_the_support():
+    """Why the tail bucket: moving student mass outside the top-k leaves the tail-less loss unchanged."""
+    case = make_case(seed=7)
+    outside = torch.ones_like(case["student_logits"], dtype=torch.bool).scatter_(-1, case["topk_ids"], False)
+    leaky = case["student_logits"] + 5.0 * outside  # same ratios inside the top-k, much more mass outside
+    blind_before, m_before = reverse_kl_topk(*topk_args(case), tail_bucket=False)
+    blind_after, m_after = reverse_kl_topk(*topk_args(case, leaky), tail_bucket=False)
+    seen_before, _ = reverse_kl_topk(*topk_args(case), tail_bucket=True)
+    seen_after, _ = reverse_kl_topk(*topk_args(case, leaky), tail_bucket=True)
+    assert blind_after.item() == pytest.approx(blind_before.item(), rel=1e-9)
+    assert seen_after.item() > seen_before.item() + 0.5
+    assert m_after["topk/student_tail_mass"] > m_before["topk/student_tail_mass"] + 0.25
+
+
+def test_student_tail_is_accurate_when_tiny_in_float32():
+    """log(1 - sum p_topk) would be -inf or garbage here in float32; the masked logsumexp is exact."""
+    V, K = 11, 4
+    logits = torch.full((1, 1, V), -40.0)
+    logits[..., :K] = 0.0
+    ids = torch.arange(K).view(1, 1, K)
+    topk, tail = student_topk_tail_logprobs(logits, ids)
+    expected_tail = -40.0 + math.log(V - K) - math.log(K + (V - K) * math.exp(-40.0))
+    assert tail.item() == pytest.approx(expected_tail, abs=1e-4)
+    assert topk[0, 0, 0].item() == pytest.approx(-math.log(K), abs=1e-6)
+
+
+# --- gradcheck -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tail_bucket", [True, False])
+@pytest.mark.parametrize("name", list(TOPK_LOSSES))
+def test_topk_gradcheck(name, tail_bucket):
+    case = make_case(B=2, T=3, V=7, K=3, seed=8)
+    logits = case["student_logits"].clone().requires_grad_(True)
+    fn = TOPK_LOSSES[name]
+    assert torch.autograd.gradcheck(lambda x: fn(*topk_args(case, x), tail_bucket=tail_bucket)[0], (logits,))
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+@pytest.mark.parametrize("importance", ["none", "truncated", "ppo_clip"])
+def test_lightning_gradcheck(importance, normalization):
+    """The advantage is a stop-gradient: finite differences must hold it fixed, so the teacher input
+    moves with the student (teacher = x + A0). The truncated weight is a stop-gradient too, so its
+    behaviour log-probs move with x; the PPO ratio is differentiated, so its behaviour stays fixed."""
+    g = torch.Generator().manual_seed(9)
+    B, T = 3, 4
+    x = (-0.1 - torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_(True)
+    advantage = torch.randn(B, T, generator=g, dtype=torch.float64)
+    log_ratio = 0.6 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    behavior_fixed = x.detach().clone() - log_ratio
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+
+    def f(x):
+        behavior = x.detach() - log_ratio if importance == "truncated" else behavior_fixed
+        return lightning_pg(x, x.detach() + advantage, behavior, mask, importance=importance,
+                            normalization=normalization, advantage_clip=1.5)[0]
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+# --- lightning_pg --------------------------------------------------------------------------------
+
+
+def make_pg_case(B=4, T=6, V=9, seed=10):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64).log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    behavior = gather_logprobs(logits.detach() + 0.5 * torch.randn(B, T, V, generator=g, dtype=torch.float64), ids)
+    lengths = torch.tensor([T, 3, 1, 0])[:B]
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return logits, ids, teacher, behavior, mask
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_lightning_none_is_the_analytic_reinforce_gradient(normalization):
+    logits, ids, teacher, behavior, mask = make_pg_case()
+    loss, _ = lightning_pg(gather_logprobs(logits, ids), teacher, behavior, mask, normalization=normalization)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    p = logits.detach().softmax(-1).numpy()
+    lengths = mask.sum(-1).numpy()
+    expected = np.zeros_like(p)
+    for b in range(p.shape[0]):
+        for t in range(p.shape[1]):
+            if not mask[b, t]:
+                continue
+            weight = 1 / mask.sum().item() if normalization == "token" else 1 / (lengths[b] * (lengths > 0).sum())
+            advantage = teacher[b, t].item() - math.log(p[b, t, ids[b, t]])
+            onehot = np.eye(p.shape[-1])[ids[b, t]]
+            expected[b, t] = -weight * advantage * (onehot - p[b, t])  # d/dlogits of -A log p(y)
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_importance_variants_with_behavior_equal_to_current_policy_are_reinforce(normalization):
+    logits, ids, teacher, _, mask = make_pg_case()
+    grads, losses = {}, {}
+    for importance in ("none", "truncated", "ppo_clip"):
+        logprobs = gather_logprobs(logits, ids)
+        loss, metrics = lightning_pg(logprobs, teacher, logprobs.detach(), mask, importance=importance,
+                                     normalization=normalization)
+        (grads[importance],) = torch.autograd.grad(loss, logits)
+        losses[importance] = loss.item()
+        assert metrics["is/ratio_mean"].item() == pytest.approx(1.0)
+        assert metrics["is/clip_frac"].item() == 0.0
+    torch.testing.assert_close(grads["ppo_clip"], grads["none"], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grads["truncated"], grads["none"], rtol=1e-10, atol=1e-14)
+    assert losses["truncated"] == pytest.approx(losses["none"])
+    assert losses["ppo_clip"] != pytest.approx(losses["none"])  # values differ by design: -A vs -A log p
+
+
+def test_truncated_importance_caps_the_weights():
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    behavior = torch.tensor([[-1.0 - math.log(5.0), -1.0 - math.log(1.5), -1.0 + math.log(2.0), -3.0]],
+                            dtype=torch.float64)  # ratios 5, 1.5, 0.5, e^2
+    teacher = torch.tensor([[-0.5, -2.0, -0.2, -1.7]], dtype=torch.float64)  # A = 0.5, -1, 0.8, -0.7
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    loss, metrics = lightning_pg(logprobs, teacher, behavior, mask, importance="truncated", is_cap=2.0,
+                                 normalization="token")
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    expected = -torch.tensor([[2.0 * 0.5, 1.5 * -1.0, 0.5 * 0.8, 0.0]], dtype=torch.float64) / 3
+    torch.testing.assert_close(grad, expected)
+    # Only the ratio-5 token is capped; the masked ratio e^2 is not counted.
+    assert metrics["is/clip_frac"].item() == pytest.approx(1 / 3)
+    assert metrics["is/ratio_max"].item() == pytest.approx(5.0)
+    assert metrics["is/ratio_mean"].item() == pytest.approx((5.0 + 1.5 + 0.5) / 3)
+
+
+def test_ppo_clip_frac_and_zero_gradient_where_clipped():
+    # ratio:          1.5     1.5    0.5    0.5    1.1    1.5 (masked)
+    # advantage:      +1      -1     -1     +1     +1     +1
+    # clipped branch: yes     no     yes    no     no     (not counted)
+    log_ratio = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1, 1.5]], dtype=torch.float64))
+    advantage = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    logprobs = torch.full((1, 6), -1.0, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    loss, metrics = lightning_pg(logprobs, logprobs.detach() + advantage, logprobs.detach() - log_ratio, mask,
+                                 importance="ppo_clip", clip_eps_low=0.2, clip_eps_high=0.28, normalization="token")
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert metrics["is/clip_frac"].item() == pytest.approx(2 / 5)
+    ratio = log_ratio.exp()
+    expected = torch.where(torch.tensor([[False, True, False, True, True, False]]), -ratio * advantage / 5, 0.0)
+    torch.testing.assert_close(grad, expected)
+    clipped_value = -(1.28 * 1.0 + 1.5 * -1.0 + 0.8 * -1.0 + 0.5 * 1.0 + 1.1 * 1.0) / 5
+    assert loss.item() == pytest.approx(clipped_value)
+
+
+def test_advantage_clip_and_metrics():
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0]], dtype=torch.float64)
+    teacher = torch.tensor([[-9.0, 0.0, -1.5]], dtype=torch.float64)  # A = -8, 1, -0.5
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    _, metrics = lightning_pg(logprobs, teacher, logprobs, mask, advantage_clip=2.0)
+    assert metrics["lightning/advantage_mean"].item() == pytest.approx((-2.0 + 1.0 - 0.5) / 3)
+    assert metrics["lightning/advantage_clip_frac"].item() == pytest.approx(1 / 3)
+    assert metrics["lightning/reverse_kl_estimate"].item() == pytest.approx((8.0 - 1.0 + 0.5) / 3)
+    with pytest.raises(ValueError, match="importance"):
+        lightning_pg(logprobs, teacher, logprobs, mask, importance="ppo")
+
+
+def test_lightning_step_moves_the_student_toward_the_teacher():
+    """The advantage's sign: the sampled-token gradient follows grad KL(p_theta || p_T), and one SGD
+    step on it lowers the exact reverse KL. A flipped sign would raise it."""
+    g = torch.Generator().manual_seed(11)
+    V, N = 6, 20000
+    teacher = torch.randn(V, generator=g, dtype=torch.float64).log_softmax(-1)
+    theta = torch.randn(V, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    def exact_reverse_kl(theta):
+        logp = theta.log_softmax(-1)
+        return (logp.exp() * (logp - teacher)).sum()
+
+    ids = torch.multinomial(theta.detach().softmax(-1), N, replacement=True, generator=g).view(N, 1)
+    logprobs = gather_logprobs(theta.expand(N, 1, V), ids)
+    loss, _ = lightning_pg(logprobs, teacher[ids], logprobs.detach(), torch.ones(N, 1, dtype=torch.bool))
+    (grad,) = torch.autograd.grad(loss, theta)
+    before = exact_reverse_kl(theta)
+    (exact_grad,) = torch.autograd.grad(before, theta)
+    assert F.cosine_similarity(grad, exact_grad, dim=0).item() > 0.95
+    with torch.no_grad():
+        after = exact_reverse_kl(theta - 0.5 * grad)
+    assert after.item() < before.item() - 0.01
+
+
+# --- gradient accumulation and masking -----------------------------------------------------------
+
+
+def _accum_losses():
+    """name -> (normalization, fn(logits_B_T_V, case, normalizer) -> loss)."""
+
+    def topk(fn):
+        return lambda logits, c, n: fn(logits, c["topk_ids"], c["topk_logprobs"], c["tail"], c["mask"], normalizer=n)[0]
+
+    def pg(importance, normalization):
+        return lambda logits, c, n: lightning_pg(gather_logprobs(logits, c["ids"]), c["teacher"], c["behavior"],
+                                                 c["mask"], importance=importance, normalization=normalization,
+                                                 normalizer=n)[0]
+
+    return {
+        "forward_kl": ("token", topk(forward_kl_topk)),
+        "reverse_kl": ("token", topk(reverse_kl_topk)),
+        "jsd": ("token", topk(jsd_topk)),
+        "tvd": ("token", topk(tvd_topk)),
+        "sft": ("token", lambda logits, c, n: sft_cross_entropy(logits, c["ids"], c["mask"], normalizer=n)[0]),
+        "lightning_token": ("token", pg("none", "token")),
+        "lightning_sequence": ("sequence", pg("none", "sequence")),
+        "lightning_ppo_sequence": ("sequence", pg("ppo_clip", "sequence")),
+        "lightning_truncated_token": ("token", pg("truncated", "token")),
+    }
+
+
+@pytest.mark.parametrize("name", list(_accum_losses()))
+def test_gradient_accumulation_invariance(name):
+    """Batch 8 x accum 1 == batch 1 x accum 8 when every micro-batch divides by the global count."""
+    normalization, fn = _accum_losses()[name]
+    B, T, V = 8, 6, 11
+    case = make_case(B=B, T=T, V=V, K=4, seed=12)
+    g = torch.Generator().manual_seed(13)
+    case["mask"] = torch.arange(T)[None, :] < torch.tensor([6, 1, 4, 0, 2, 6, 3, 5])[:, None]  # one empty row
+    case["ids"] = torch.randint(0, V, (B, T), generator=g)
+    case["teacher"] = case["teacher_logprobs"].gather(-1, case["ids"][..., None])[..., 0]
+    perturbed = case["student_logits"] + 0.3 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    case["behavior"] = gather_logprobs(perturbed, case["ids"])
+    logits = case["student_logits"].clone().requires_grad_(True)
+
+    full = fn(logits, case, None)
+    (full_grad,) = torch.autograd.grad(full, logits)
+
+    def accumulate(normalizer):
+        total, grad = 0.0, torch.zeros_like(logits)
+        for i in range(B):
+            micro = {k: v[i:i + 1] for k, v in case.items()}
+            loss = fn(logits[i:i + 1], micro, normalizer)
+            grad += torch.autograd.grad(loss, logits)[0]
+            total += loss.item()
+        return total, grad
+
+    total, grad = accumulate(valid_count(case["mask"], normalization))
+    assert total == pytest.approx(full.item(), rel=1e-10)
+    torch.testing.assert_close(grad, full_grad, rtol=1e-9, atol=1e-13)
+    # Each micro-batch dividing by its own count is not invariant: the check above can fail.
+    _, local_grad = accumulate(None)
+    assert not torch.allclose(local_grad, full_grad)
+
+
+@pytest.mark.parametrize("name", list(_accum_losses()))
+def test_fully_masked_batch_gives_zero_loss_and_finite_grads(name):
+    _, fn = _accum_losses()[name]
+    B, T, V, K = 2, 3, 7, 3
+    logits = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
+    nan = torch.full((B, T), math.nan, dtype=torch.float64)
+    case = {  # padding as a careless collator might write it
+        "topk_ids": torch.full((B, T, K), -1), "topk_logprobs": torch.full((B, T, K), -math.inf, dtype=torch.float64),
+        "tail": nan, "mask": torch.zeros(B, T), "ids": torch.zeros(B, T, dtype=torch.long),
+        "teacher": nan, "behavior": torch.full((B, T), -math.inf, dtype=torch.float64),
+    }
+    loss = fn(logits, case, None)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == 0.0
+    assert torch.isfinite(grad).all() and (grad == 0).all()
+
+
+def test_masked_padding_does_not_change_the_loss():
+    case = make_case(seed=14)
+    padded = dict(case)
+    pad = ~case["mask"]
+    padded["topk_ids"] = case["topk_ids"].masked_fill(pad[..., None], -1)
+    padded["topk_logprobs"] = case["topk_logprobs"].masked_fill(pad[..., None], math.nan)
+    padded["tail"] = case["tail"].masked_fill(pad, -math.inf)
+    for fn in TOPK_LOSSES.values():
+        clean, _ = fn(*topk_args(case))
+        dirty, _ = fn(*topk_args(padded))
+        assert dirty.item() == pytest.approx(clean.item(), rel=1e-12)
+
+
+def test_valid_count():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    assert valid_count(mask, "token").item() == 3
+    assert valid_count(mask, "sequence").item() == 2
+    with pytest.raises(ValueError, match="normalization"):
+        valid_count(mask, "tokens")
+
+
+# --- SFT and combination -------------------------------------------------------------------------
+
+
+def test_sft_cross_entropy_matches_torch():
+    g = torch.Generator().manual_seed(15)
+    logits = torch.randn(3, 5, 11, generator=g)
+    targets = torch.randint(0, 11, (3, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    loss, metrics = sft_cross_entropy(logits.to(torch.bfloat16), targets, mask)
+    expected = F.cross_entropy(logits.to(torch.bfloat16).float().view(-1, 11),
+                               targets.masked_fill(~mask, -100).view(-1), ignore_index=-100)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    accuracy = (logits.argmax(-1) == targets)[mask].float().mean()
+    assert metrics["sft/accuracy"].item() == pytest.approx(accuracy.item())
+
+
+def test_combined_loss():
+    a = (torch.tensor(2.0, requires_grad=True), {"loss/a": torch.tensor(2.0)})
+    b = (torch.tensor(3.0, requires_grad=True), {"loss/b": torch.tensor(3.0)})
+    total, metrics = combined_loss({"a": a, "b": b}, {"a": 0.5, "b": 2.0})
+    assert total.item() == pytest.approx(7.0)
+    assert set(metrics) == {"loss/a", "loss/b", "loss/total"}
+    assert metrics["loss/total"].item() == pytest.approx(7.0) and not metrics["loss/total"].requires_grad
+    total.backward()
+    assert a[0].grad.item() == 0.5 and b[0].grad.item() == 2.0
+    with pytest.raises(ValueError, match="same"):
+        combined_loss({"a": a, "b": b}, {"a": 1.0})
+    with pytest.raises(ValueError, match="repeats"):
+        combined_loss({"a": a, "c": (b[0], {"loss/a": b[1]["loss/b"]})}, {"a": 1.0, "c": 1.0})
