@@ -28,3 +28,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         student=ModelShape(hidden_size=32, num_layers=1, num_heads=1, intermediate_size=64),
         seed=0,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory, tiny_models) -> dict[str, Path]:
+    """The tiny teacher after a short bootstrap on correct 2-digit solutions: a peaked, non-uniform teacher
+    (a random-init teacher is near uniform, so distillation losses against it are ~0)."""
+    from pipeline.config import DemoConfig, OptimConfig
+    from pipeline.demo import ground_truth_examples
+    from pipeline.models import load_model, load_tokenizer
+    from pipeline.training import save_hf_model, seed_everything, sft_train
+
+    seed_everything(0)
+    tok = load_tokenizer(tiny_models["teacher"])
+    model = load_model(tiny_models["teacher"])
+    sft_train(model, ground_truth_examples(tok, DemoConfig(digits=2), "A", set(), seed=0), steps=60,
+              batch_size=32, optim=OptimConfig(lr=3e-3), pad_id=tok.pad_token_id, show_progress=False)
+    out = tmp_path_factory.mktemp("trained") / "teacher"
+    save_hf_model(model, tok, out)
+    return {"teacher": out, "student": tiny_models["student"]}

@@ -67,11 +67,11 @@ def collate(records: list[TeacherRecord], pad_id: int) -> Batch:
     tail_B_T = torch.full((B, T), -1e4)
     for b, r in enumerate(records):
         s, e = r.prompt_len - 1, len(r.token_ids) - 1
-        teacher_B_T[b, s:e] = torch.from_numpy(np.asarray(r.teacher_logprobs, dtype=np.float32))
-        behavior_B_T[b, s:e] = torch.from_numpy(np.asarray(r.behavior_logprobs, dtype=np.float32))
-        topk_ids_B_T_K[b, s:e] = torch.from_numpy(np.asarray(r.topk_ids, dtype=np.int64))
-        topk_lp_B_T_K[b, s:e] = torch.from_numpy(np.asarray(r.topk_logprobs, dtype=np.float32))
-        tail_B_T[b, s:e] = torch.from_numpy(np.asarray(r.tail_logprob, dtype=np.float32))
+        teacher_B_T[b, s:e] = torch.tensor(r.teacher_logprobs, dtype=torch.float32)
+        behavior_B_T[b, s:e] = torch.tensor(r.behavior_logprobs, dtype=torch.float32)
+        topk_ids_B_T_K[b, s:e] = torch.tensor(r.topk_ids, dtype=torch.long)
+        topk_lp_B_T_K[b, s:e] = torch.tensor(r.topk_logprobs, dtype=torch.float32)
+        tail_B_T[b, s:e] = torch.tensor(r.tail_logprob, dtype=torch.float32)
     return Batch(input_ids_B_L, attention_B_L, mask_B_T, teacher_B_T, behavior_B_T, topk_ids_B_T_K,
                  topk_lp_B_T_K, tail_B_T)
 

@@ -1,0 +1,153 @@
+"""The offline OPD trainer on real tiny models and real shards: learning, kill-and-resume, torchrun DDP,
+the online baseline, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_run_config
+from pipeline.models import load_model
+from pipeline.stages.registry import run_stage
+from pipeline.stages.train import collate, compute_losses
+from storage.codecs import decode_table
+from storage.shardset import ShardSet
+from tests.test_stages import lopd, write_run
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+TRAIN = """
+train:
+  losses: {{reverse_kl_topk: 1.0, lightning: 0.1}}
+  steps: {steps}
+  batch_size: 8
+  optim: {{lr: 3.0e-3}}
+  checkpoint_every: 4
+  log_every: 1
+  shuffle_buffer: 16
+eval:
+  prompts: {prompts}
+  max_new_tokens: 12
+"""
+
+
+@pytest.fixture(scope="module")
+def shards_run(tmp_path_factory, trained_models):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = write_run(tmp, trained_models, TRAIN.format(steps=12, prompts=tmp / "prompts.jsonl"))
+    for stage in ("teacher-sft-data", "sft", "rollouts", "teacher-logprobs"):
+        lopd(stage, "-c", str(cfg), "-q")
+    return tmp, cfg
+
+
+def _all_records(shards: Path):
+    s = ShardSet.open(shards)
+    return [r for i in s.complete_indices() for r in decode_table(s.read_shard(i))]
+
+
+def _loss_on(model_dir: Path, records, cfg) -> float:
+    model = load_model(model_dir)
+    batch = collate(records, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1].float()
+        loss, _ = compute_losses(cfg, logits, batch, batch.mask_B_T.sum().float(), batch.mask_B_T.any(-1).sum().float())
+    return float(loss)
+
+
+def test_offline_training_lowers_the_distillation_loss(shards_run):
+    tmp, cfg = shards_run
+    rc = load_run_config(cfg, [f"train.out={tmp / 'plain'}"])
+    tcfg = rc.stage("train")
+    res = run_stage("train", tcfg, show_progress=False)
+    records = _all_records(tmp / "run" / "teacher_topk")
+    before = _loss_on(tmp / "run" / "sft_student", records, tcfg)
+    after = _loss_on(Path(res.summary["final_model"]), records, tcfg)
+    assert after < before - 0.05, (before, after)
+    rows = [json.loads(x) for x in (tmp / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("loss/reverse_kl", "loss/lightning", "lightning/reverse_kl_estimate", "is/clip_frac",
+                "perf/tokens_per_s", "optim/lr"):
+        assert key in rows[-1], key
+    assert (tmp / "plain" / "curves.png").stat().st_size > 1000
+    # a finished run is not redone
+    assert run_stage("train", tcfg, show_progress=False).skipped
+
+
+def test_killed_training_resumes_with_identical_loss_curve(shards_run):
+    tmp, cfg = shards_run
+    ref_out, out = tmp / "ref", tmp / "killed"
+    lopd("train", "-c", str(cfg), "-q", "--set", f"train.out={ref_out}")
+    proc = subprocess.Popen([sys.executable, "-m", "lopd.cli", "train", "-c", str(cfg), "-q", "--set", f"train.out={out}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "ckpt" / "step-000004").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "the kill should land before the end"
+    res = lopd("train", "-c", str(cfg), "--set", f"train.out={out}")
+    assert "resuming from" in res.stderr
+    ref = [json.loads(x) for x in (ref_out / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(ref, got):
+        assert a["loss/total"] == b["loss/total"], (a["step"], a["loss/total"], b["loss/total"])
+    a_sd, b_sd = load_model(ref_out / "final").state_dict(), load_model(out / "final").state_dict()
+    assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
+
+
+def test_resume_refuses_a_changed_config(shards_run):
+    tmp, cfg = shards_run
+    out = tmp / "changed"
+    lopd("train", "-c", str(cfg), "-q", "--set", f"train.out={out}", "--set", "train.steps=4")
+    shutil.rmtree(out / "final")
+    res = lopd("train", "-c", str(cfg), "-q", "--set", f"train.out={out}", "--set", "train.optim.lr=0.1", check=False)
+    assert res.returncode == 2 and "different training config" in res.stderr
+
+
+def test_torchrun_ddp_two_processes_gloo(shards_run):
+    tmp, cfg = shards_run
+    out = tmp / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "lopd.cli",
+                          "train", "-c", str(cfg), "-q", "--set", f"train.out={out}", "--set", "train.steps=6"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # only rank 0 writes metrics
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
+    assert (out / "final" / "config.json").exists()
+    ckpt = torch.load(out / "ckpt" / "step-000006" / "state.pt", weights_only=False)
+    assert len(ckpt["reader"]) == 2  # each rank's reader position is saved for resume
+
+
+def test_online_opd_baseline_runs_with_a_live_teacher(shards_run, trained_models):
+    tmp, cfg = shards_run
+    rc = load_run_config(cfg, [f"train.out={tmp / 'online'}", "train.steps=3",
+                               f"train.online={{teacher: {trained_models['teacher']}, prompts: {tmp / 'prompts.jsonl'}, k: 4, sampling: {{n: 2, max_new_tokens: 8}}}}"])
+    res = run_stage("train", rc.stage("train"), show_progress=False, online=True)
+    rows = [json.loads(x) for x in (tmp / "online_online" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["perf/sample_seconds"] > 0 and rows[-1]["perf/score_seconds"] > 0
+    assert Path(res.summary["final_model"]).exists()
+
+
+def test_eval_writes_json_and_markdown(shards_run):
+    tmp, cfg = shards_run
+    res = lopd("eval", "-c", str(cfg), "-q", "--set", f"eval.model={tmp / 'run' / 'sft_student'}",
+               "--set", "eval.samples={n: 3, temperature: 1.0, max_new_tokens: 12}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    data = json.loads((Path(out["out"]) / "eval.json").read_text())
+    assert data["greedy"]["samples"] == 48 and data["sampled"]["samples"] == 144
+    assert 0 <= data["pass@1"] <= 1 and data["pass@3"] >= data["avg@3"]
+    assert "| model |" in (Path(out["out"]) / "eval.md").read_text()
