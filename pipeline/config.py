@@ -44,7 +44,25 @@ class SamplingConfig(Strict):
     seed: int = 0
 
 
-class TeacherSftDataConfig(Strict):
+class ShardParts(Strict):
+    """Split a stage's shards over independent workers: shard i belongs to part ``i % num_parts``. Each
+    worker (a Prefect task on a Dask/Ray runner, a Slurm array job...) runs the stage with its own ``part``;
+    shards are written atomically, so parts never collide and any of them can be rerun."""
+
+    num_parts: int = Field(1, ge=1, description="number of workers sharing the stage's shards")
+    part: int = Field(0, ge=0, description="this worker's part, 0 .. num_parts-1")
+
+    @model_validator(mode="after")
+    def _part_in_range(self) -> "ShardParts":
+        if self.part >= self.num_parts:
+            raise ValueError(f"part={self.part} must be < num_parts={self.num_parts}")
+        return self
+
+    def mine(self, shard_index: int) -> bool:
+        return shard_index % self.num_parts == self.part
+
+
+class TeacherSftDataConfig(ShardParts):
     prompts: Path
     teacher: Path
     out: Path
@@ -77,7 +95,7 @@ class SftConfig(Strict):
     log_every: int = Field(20, ge=1)
 
 
-class RolloutsConfig(Strict):
+class RolloutsConfig(ShardParts):
     prompts: Path
     student: Path
     out: Path
@@ -89,7 +107,7 @@ class RolloutsConfig(Strict):
     limit: int | None = Field(None, ge=1)
 
 
-class TeacherLogprobsConfig(Strict):
+class TeacherLogprobsConfig(ShardParts):
     rollouts: Path
     teacher: Path
     out: Path

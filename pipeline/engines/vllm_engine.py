@@ -42,6 +42,7 @@ from pipeline.engines.base import Generation, ScoredSequence, tail_logprob
 log = logging.getLogger(__name__)
 
 LOGPROBS_MODE = "processed_logprobs"
+SHUTDOWN_GRACE_S = 30.0
 
 
 def request_seeds(prompts: list[list[int]], seed: int) -> list[int]:
@@ -286,7 +287,9 @@ class VLLMEngine:
             core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
             with contextlib.suppress(Exception):
                 if core is not None:
-                    core.shutdown()
+                    # vLLM's default grace is 5 s before it SIGKILLs the engine core; on a loaded machine its
+                    # teardown takes longer, and a killed core leaks its shared-memory queue.
+                    core.shutdown(timeout=SHUTDOWN_GRACE_S)
             self.llm = None
             gc.collect()
 

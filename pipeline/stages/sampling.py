@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EngineConfig, RolloutsConfig, SamplingConfig, TeacherSftDataConfig
+from pipeline.config import EngineConfig, RolloutsConfig, SamplingConfig, ShardParts, TeacherSftDataConfig
 from pipeline.engines.base import make_engine
 from pipeline.fingerprint import model_fingerprint, read_provenance, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
@@ -25,11 +25,11 @@ from storage.shardset import ShardSet
 def _sample_to_shards(
     *, stage: str, model_dir: Path, prompts: list[PromptRecord], out: Path, metadata: dict[str, Any],
     sampling: SamplingConfig, engine_cfg: EngineConfig, prompts_per_shard: int, checker_name: str | None,
-    keep_only_correct: bool, use_chat_template: bool, show_progress: bool = True,
+    keep_only_correct: bool, use_chat_template: bool, parts: ShardParts, show_progress: bool = True,
 ) -> StageResult:
     shardset = ShardSet.create(out, kind="samples", metadata=metadata)
     pieces = chunks(len(prompts), prompts_per_shard)
-    todo = [i for i in range(len(pieces)) if not shardset.is_complete(i)]
+    todo = [i for i in range(len(pieces)) if parts.mine(i) and not shardset.is_complete(i)]
     if not todo:
         log.info("%s: all %d shards complete in %s; nothing to do", stage, len(pieces), out)
         shardset.finalize(expected_shards=len(pieces))
@@ -103,7 +103,7 @@ def run_teacher_sft_data(cfg: TeacherSftDataConfig, show_progress: bool = True) 
         stage="teacher-sft-data", model_dir=cfg.teacher, prompts=prompts, out=cfg.out, metadata=metadata,
         sampling=cfg.sampling, engine_cfg=cfg.engine, prompts_per_shard=cfg.prompts_per_shard,
         checker_name=cfg.checker, keep_only_correct=cfg.keep_only_correct,
-        use_chat_template=cfg.use_chat_template, show_progress=show_progress,
+        use_chat_template=cfg.use_chat_template, parts=cfg, show_progress=show_progress,
     )
 
 
@@ -111,9 +111,9 @@ def run_rollouts(cfg: RolloutsConfig, show_progress: bool = True) -> StageResult
     """Stage 2: the SFT student samples n rollouts per prompt, once (behaviour log-probs kept)."""
     prompts = load_prompts(cfg.prompts, cfg.limit)
     provenance = read_provenance(cfg.student)
+    student_fp = model_fingerprint(cfg.student)
     metadata = {
-        "role": "rollouts", "student_fingerprint": model_fingerprint(cfg.student),
-        "model_fingerprint": model_fingerprint(cfg.student),
+        "role": "rollouts", "student_fingerprint": student_fp, "model_fingerprint": student_fp,
         "sft_teacher_fingerprint": provenance.get("sft_teacher_fingerprint"),
         "tokenizer_fingerprint": tokenizer_fingerprint(cfg.student), "model_dir": str(cfg.student),
         "sampling": cfg.sampling.model_dump(), "engine": cfg.engine.name, "checker": cfg.checker,
@@ -126,5 +126,5 @@ def run_rollouts(cfg: RolloutsConfig, show_progress: bool = True) -> StageResult
         stage="rollouts", model_dir=cfg.student, prompts=prompts, out=cfg.out, metadata=metadata,
         sampling=cfg.sampling, engine_cfg=cfg.engine, prompts_per_shard=cfg.prompts_per_shard,
         checker_name=cfg.checker, keep_only_correct=False, use_chat_template=cfg.use_chat_template,
-        show_progress=show_progress,
+        parts=cfg, show_progress=show_progress,
     )

@@ -105,7 +105,7 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
     }
     out = ShardSet.create(cfg.out, kind="teacher_topk", metadata=metadata)
     inputs = rollouts.complete_indices()
-    todo = [i for i in inputs if not out.is_complete(i)]
+    todo = [i for i in inputs if cfg.mine(i) and not out.is_complete(i)]
     if not todo:
         log.info("teacher-logprobs: all %d shards complete in %s; nothing to do", len(inputs), cfg.out)
         out.finalize(expected_shards=len(inputs))

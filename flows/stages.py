@@ -1,0 +1,75 @@
+"""One flow per stage, and ``lightning-opd``: every stage of a run config in order (or the demo).
+
+Every flow takes the same parameters as the CLI: a run YAML (``config_path``), ``section.field=value``
+overrides and an optional ``run_dir``. Relative paths resolve against the working directory of the process
+that runs the flow (for a deployment: where ``lopd serve`` was started).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.tasks import publish_plots, publish_report, run_stage_task, task_runner
+from pipeline.config import STAGES, load_run_config
+
+
+@flow(name="teacher-sft-data")
+def teacher_sft_data_flow(config_path: str, overrides: list[str] | None = None,
+                          run_dir: str | None = None) -> dict[str, Any]:
+    """Stage 1: the teacher answers the training prompts into SFT-data shards."""
+    return run_stage_task(load_run_config(config_path, overrides, run_dir), "teacher_sft_data")
+
+
+@flow(name="sft")
+def sft_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """Stage 1b: fine-tune the student on the teacher's answers."""
+    return run_stage_task(load_run_config(config_path, overrides, run_dir), "sft")
+
+
+@flow(name="rollouts")
+def rollouts_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """Stage 2: the SFT student samples its rollouts once, into shards."""
+    return run_stage_task(load_run_config(config_path, overrides, run_dir), "rollouts")
+
+
+@flow(name="teacher-logprobs")
+def teacher_logprobs_flow(config_path: str, overrides: list[str] | None = None,
+                          run_dir: str | None = None) -> dict[str, Any]:
+    """Stage 3: the teacher scores every rollout once, into top-k shards."""
+    return run_stage_task(load_run_config(config_path, overrides, run_dir), "teacher_logprobs")
+
+
+@flow(name="train")
+def train_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """Stage 4: offline OPD from the top-k shards."""
+    return run_stage_task(load_run_config(config_path, overrides, run_dir), "train")
+
+
+@flow(name="eval")
+def eval_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """Held-out accuracy of the configured model dir."""
+    return run_stage_task(load_run_config(config_path, overrides, run_dir), "eval")
+
+
+@flow(name="lightning-opd")
+def lightning_opd(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None,
+                  demo: bool = False) -> dict[str, Any]:
+    """Every stage of the run config in order; with demo=True the whole demo (world, ablations, report)."""
+    cfg = load_run_config(config_path, overrides, run_dir)
+    if demo:
+        from pipeline.demo import run_demo
+
+        result = run_demo(cfg, runner=task_runner, show_progress=False, print_table=False)
+        publish_report(Path(result["run_dir"]) / "demo.md")
+        publish_plots(result["plots"])
+        return result
+    return {name: run_stage_task(cfg, name) for name in STAGES if name in cfg.sections}
+
+
+STAGE_FLOWS = {
+    "teacher_sft_data": teacher_sft_data_flow, "sft": sft_flow, "rollouts": rollouts_flow,
+    "teacher_logprobs": teacher_logprobs_flow, "train": train_flow, "eval": eval_flow,
+}

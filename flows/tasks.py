@@ -1,0 +1,178 @@
+"""Prefect tasks over the stage functions: one per stage, each a call to ``registry.run_stage`` and nothing more.
+
+Caching: a stage task's cache key hashes the stage name, its validated config (JSON) and the fingerprint of
+every input path in it (model dirs: ``model_fingerprint``; shard dirs: their ``manifest.json``; files: sha256).
+A cache hit returns the stage's stored result without loading a model. Results are stored as JSON in
+``<run_dir>/.prefect/results``. The cache is a shortcut, never the resume mechanism: ``run_stage_task``
+recomputes whenever the stage's output directory is missing or empty, and the stage function itself skips
+the shards, checkpoints and model dirs that are already complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from prefect import Task, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from pydantic import BaseModel
+
+from pipeline.config import (EvalConfig, RolloutsConfig, RunConfig, SftConfig, TeacherLogprobsConfig,
+                             TeacherSftDataConfig, TrainConfig)
+from pipeline.fingerprint import model_fingerprint
+from pipeline.stages.registry import run_stage
+
+T = TypeVar("T")
+
+RESULTS_DIR = ".prefect/results"  # inside run_dir
+DATA_STEPS = {"teacher_sft_data", "rollouts", "teacher_logprobs", "teacher_logprobs_B"}  # retried once in the demo
+
+
+# --- cache keys -------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def input_fingerprint(path: Path) -> str | None:
+    """Fingerprint of one stage input (model dir, shard dir or file); None when it does not exist yet."""
+    if path.is_file():
+        return "file-" + _sha256_file(path)
+    if (path / "config.json").is_file():
+        return model_fingerprint(path)
+    if (path / "manifest.json").is_file():
+        return "shards-" + _sha256_file(path / "manifest.json")
+    return None
+
+
+def stage_inputs(cfg: BaseModel, prefix: str = "") -> dict[str, Path]:
+    """Every path a stage config reads: its path fields except ``out``, nested sections included."""
+    paths: dict[str, Path] = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, Path) and name != "out":
+            paths[prefix + name] = value
+        elif isinstance(value, BaseModel):
+            paths.update(stage_inputs(value, prefix=f"{prefix}{name}."))
+    return paths
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Hash of task name, stage config and input fingerprints; None (no caching) while an input is missing."""
+    cfg: BaseModel = parameters["cfg"]
+    fingerprints = {}
+    for field, path in stage_inputs(cfg).items():
+        fingerprint = input_fingerprint(path)
+        if fingerprint is None:
+            return None
+        fingerprints[field] = fingerprint
+    payload = json.dumps({"task": context.task.name, "config": cfg.model_dump(mode="json"), "inputs": fingerprints},
+                         sort_keys=True)
+    return f"lopd-{context.task.name}-{hashlib.sha256(payload.encode()).hexdigest()[:32]}"
+
+
+# --- one task per stage -----------------------------------------------------------------------------------
+
+_CACHED: dict[str, Any] = {"cache_key_fn": stage_cache_key, "persist_result": True, "result_serializer": "json"}
+
+
+@task(name="teacher-sft-data", retries=1, retry_delay_seconds=10, **_CACHED)
+def teacher_sft_data(cfg: TeacherSftDataConfig) -> dict[str, Any]:
+    """Stage 1: the teacher answers the training prompts into SFT-data shards."""
+    return run_stage("teacher_sft_data", cfg, show_progress=False).to_dict()
+
+
+@task(name="sft", **_CACHED)
+def sft(cfg: SftConfig) -> dict[str, Any]:
+    """Stage 1b: fine-tune the student on the teacher's answers."""
+    return run_stage("sft", cfg, show_progress=False).to_dict()
+
+
+@task(name="rollouts", retries=1, retry_delay_seconds=10, **_CACHED)
+def rollouts(cfg: RolloutsConfig) -> dict[str, Any]:
+    """Stage 2: the SFT student samples its rollouts once, into shards."""
+    return run_stage("rollouts", cfg, show_progress=False).to_dict()
+
+
+@task(name="teacher-logprobs", retries=1, retry_delay_seconds=10, **_CACHED)
+def teacher_logprobs(cfg: TeacherLogprobsConfig) -> dict[str, Any]:
+    """Stage 3: the teacher scores every rollout once, into top-k shards."""
+    return run_stage("teacher_logprobs", cfg, show_progress=False).to_dict()
+
+
+@task(name="train", **_CACHED)
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Stage 4: offline OPD from the top-k shards (resumes from its latest checkpoint)."""
+    return run_stage("train", cfg, show_progress=False).to_dict()
+
+
+@task(name="eval", **_CACHED)
+def eval_(cfg: EvalConfig) -> dict[str, Any]:
+    """Held-out accuracy of a model dir (eval.json, eval.md)."""
+    return run_stage("eval", cfg, show_progress=False).to_dict()
+
+
+STAGE_TASKS: dict[str, Task[..., dict[str, Any]]] = {
+    "teacher_sft_data": teacher_sft_data, "sft": sft, "rollouts": rollouts,
+    "teacher_logprobs": teacher_logprobs, "train": train, "eval": eval_,
+}
+
+
+def _has_output(out: Path) -> bool:
+    return out.is_dir() and any(out.iterdir())
+
+
+def run_stage_task(cfg: RunConfig, name: str) -> dict[str, Any]:
+    """Run one stage's task; results live in the run dir, and a missing output always means recompute."""
+    stage_cfg = cfg.stage(name)
+    stage_task = STAGE_TASKS[name].with_options(result_storage=Path(cfg.run_dir).resolve() / RESULTS_DIR,
+                                                refresh_cache=not _has_output(stage_cfg.out))
+    result = stage_task(stage_cfg)
+    if name == "eval":
+        publish_eval_table(Path(result["out"]))
+    if name == "train" and (Path(result["out"]) / "curves.png").exists():
+        publish_plots({"training curves": str(Path(result["out"]) / "curves.png")})
+    return result
+
+
+# --- the demo's steps as tasks ----------------------------------------------------------------------------
+
+
+def task_runner(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Runner for ``pipeline.demo.run_demo``: each demo step runs as a Prefect task named after the step."""
+    step = Task(fn, name=name, cache_policy=NO_CACHE, retries=1 if name in DATA_STEPS else 0, retry_delay_seconds=10)
+    return step(*args, **kwargs)
+
+
+# --- artifacts --------------------------------------------------------------------------------------------
+
+
+@task(cache_policy=NO_CACHE)
+def publish_eval_table(eval_dir: Path) -> None:
+    """Publish an eval's Markdown table (eval.md) as the ``eval-table`` artifact."""
+    create_markdown_artifact(markdown=(eval_dir / "eval.md").read_text(), key="eval-table",
+                             description=f"greedy accuracy on held-out prompts ({eval_dir})")
+
+
+@task(cache_policy=NO_CACHE)
+def publish_report(markdown_file: Path) -> None:
+    """Publish a run report (e.g. demo.md: accuracy table, time to accuracy) as the ``lopd-report`` artifact."""
+    create_markdown_artifact(markdown=markdown_file.read_text(), key="lopd-report", description=str(markdown_file))
+
+
+@task(cache_policy=NO_CACHE)
+def publish_plots(plots: dict[str, str]) -> None:
+    """Publish the paths of a run's plots (PNG files on the machine that ran the flow) as the ``plots`` artifact."""
+    rows = [f"| {name} | [{Path(p).name}]({Path(p).resolve().as_uri()}) | `{Path(p).resolve()}` |"
+            for name, p in plots.items()]
+    create_markdown_artifact(markdown="\n".join(["| plot | link | path |", "|---|---|---|", *rows]) + "\n",
+                             key="plots", description="plots written by this flow run")

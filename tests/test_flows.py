@@ -1,0 +1,227 @@
+"""Prefect layer: cache keys and task logic (.fn), stage flows in-process (prefect_test_harness), and a real
+deployment run against a local Prefect server (integration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pyarrow as pa
+import pytest
+import yaml
+
+from flows import stages, tasks
+from pipeline.config import load_run_config
+from pipeline.fingerprint import model_fingerprint
+from pipeline.tasks import arithmetic
+from storage.shardset import ShardSet
+
+
+def write_prompts(path: Path, n: int = 6) -> Path:
+    with path.open("w") as f:
+        for p in arithmetic.make_problems(n, 2, seed=0):
+            f.write(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n")
+    return path
+
+
+def write_run_config(tmp_path: Path, sections: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), **sections}))
+    return path
+
+
+@pytest.fixture()
+def eval_config(tmp_path, tiny_models) -> Path:
+    prompts = write_prompts(tmp_path / "test.jsonl")
+    return write_run_config(tmp_path, {"eval": {"model": str(tiny_models["student"]), "prompts": str(prompts),
+                                                "max_new_tokens": 8}})
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def task_context(name: str) -> SimpleNamespace:
+    return SimpleNamespace(task=SimpleNamespace(name=name))
+
+
+# --- cache keys and task logic, no Prefect engine ---------------------------------------------------------
+
+
+def test_stage_inputs_are_every_path_but_out(tmp_path):
+    cfg = load_run_config(write_run_config(tmp_path, {"train": {
+        "online": {"teacher": "/t", "prompts": "/p.jsonl"}}})).stage("train")
+    assert tasks.stage_inputs(cfg) == {"student": tmp_path / "run/sft_student", "shards": tmp_path / "run/teacher_topk",
+                                       "online.teacher": Path("/t"), "online.prompts": Path("/p.jsonl")}
+
+
+def test_input_fingerprints(tmp_path, tiny_models):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    assert tasks.input_fingerprint(tiny_models["teacher"]) == model_fingerprint(tiny_models["teacher"])
+    assert tasks.input_fingerprint(prompts).startswith("file-")
+    assert tasks.input_fingerprint(tmp_path / "missing") is None
+
+    shards = ShardSet.create(tmp_path / "shards", kind="samples", metadata={"role": "test"})
+    shards.write_shard(0, pa.table({"x": [1, 2]}))
+    shards.finalize(expected_shards=1)
+    before = tasks.input_fingerprint(tmp_path / "shards")
+    assert before.startswith("shards-")
+    shards.write_shard(1, pa.table({"x": [3]}))
+    shards.finalize(expected_shards=2)
+    assert tasks.input_fingerprint(tmp_path / "shards") != before
+
+
+def test_cache_key_follows_config_and_input_contents(tmp_path, eval_config):
+    cfg = load_run_config(eval_config).stage("eval")
+    key = tasks.stage_cache_key(task_context("eval"), {"cfg": cfg})
+    assert key == tasks.stage_cache_key(task_context("eval"), {"cfg": cfg.model_copy()})
+    assert key != tasks.stage_cache_key(task_context("eval"), {"cfg": cfg.model_copy(update={"max_new_tokens": 9})})
+    assert key != tasks.stage_cache_key(task_context("sft"), {"cfg": cfg})
+    with cfg.prompts.open("a") as f:  # same path, new contents
+        f.write(json.dumps({"id": "extra", "prompt": "1+1=", "answer": "2"}) + "\n")
+    assert key != tasks.stage_cache_key(task_context("eval"), {"cfg": cfg})
+    missing = cfg.model_copy(update={"model": tmp_path / "not-trained-yet"})
+    assert tasks.stage_cache_key(task_context("eval"), {"cfg": missing}) is None
+
+
+def test_eval_task_logic(eval_config):
+    cfg = load_run_config(eval_config).stage("eval")
+    result = tasks.eval_.fn(cfg)
+    written = json.loads((cfg.out / "eval.json").read_text())
+    assert result["stage"] == "eval" and result["out"] == str(cfg.out)
+    assert result["pass@1"] == written["pass@1"] and written["greedy"]["samples"] == 6
+
+
+# --- flows in-process against a temporary Prefect API -----------------------------------------------------
+
+
+def test_eval_flow_caches_and_recomputes_a_missing_output(prefect_api, eval_config):
+    run_dir = load_run_config(eval_config).run_dir
+    eval_json = run_dir / "eval" / "eval.json"
+    first = stages.eval_flow(config_path=str(eval_config))
+    assert first["pass@1"] == json.loads(eval_json.read_text())["pass@1"]
+    assert len(list((run_dir / tasks.RESULTS_DIR).iterdir())) == 1  # the JSON result, kept in the run dir
+    written_at = eval_json.stat().st_mtime_ns
+
+    assert stages.eval_flow(config_path=str(eval_config)) == first  # cache hit: the stage did not run
+    assert eval_json.stat().st_mtime_ns == written_at
+
+    shutil.rmtree(run_dir / "eval")  # output gone: the cache must not hide it
+    assert stages.eval_flow(config_path=str(eval_config))["pass@1"] == first["pass@1"]
+    assert eval_json.exists()
+
+    changed = stages.eval_flow(config_path=str(eval_config), overrides=["eval.limit=3"])  # new key: runs again
+    assert json.loads(eval_json.read_text())["greedy"]["samples"] == 3 and changed["pass@1"] is not None
+
+
+def test_lightning_opd_flow_runs_every_stage_in_order(prefect_api, tmp_path, tiny_models):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
+    engine = {"batch_size": 64}
+    sampling = {"n": 1, "max_new_tokens": 8, "temperature": 1.0}
+    config = write_run_config(tmp_path, {
+        "teacher_sft_data": {"prompts": str(prompts), "teacher": str(tiny_models["teacher"]), "sampling": sampling,
+                             "engine": engine, "prompts_per_shard": 4},
+        "sft": {"student": str(tiny_models["student"]), "steps": 2, "batch_size": 4, "log_every": 1},
+        "rollouts": {"prompts": str(prompts), "sampling": {**sampling, "n": 2}, "engine": engine,
+                     "prompts_per_shard": 4},
+        "teacher_logprobs": {"teacher": str(tiny_models["teacher"]), "k": 4, "engine": engine},
+        "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 1, "log_every": 1, "shuffle_buffer": 8},
+        "eval": {"prompts": str(prompts), "max_new_tokens": 8},
+    })
+    result = stages.lightning_opd(config_path=str(config))
+    assert list(result) == ["teacher_sft_data", "sft", "rollouts", "teacher_logprobs", "train", "eval"]
+    run_dir = tmp_path / "run"
+    assert ShardSet.open(run_dir / "teacher_topk").manifest["complete"]
+    assert (run_dir / "train" / "final" / "config.json").exists()
+    assert json.loads((run_dir / "eval" / "eval.json").read_text())["model"] == str(run_dir / "train" / "final")
+    assert not any(r["skipped"] for r in result.values())
+
+    # a rerun is served from the cache: the stored results come back (a stage that ran would say skipped=True)
+    assert stages.lightning_opd(config_path=str(config)) == result
+
+
+# --- a real deployment run: local Prefect server, `lopd serve`, `prefect deployment run` ------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"process exited with {proc.returncode} while waiting for {url}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the process group we started; SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_served_deployment_runs_the_eval_stage(tmp_path, eval_config):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "HF_HUB_OFFLINE": "1"}
+    logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("server", "serve")}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=logs["server"], stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    serve = None
+    try:
+        _wait_for(f"{api}/health", 90, server)
+        serve = subprocess.Popen([sys.executable, "-m", "lopd.cli", "serve", "--name", "ci"], env=env, cwd=tmp_path,
+                                 stdout=logs["serve"], stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for(f"{api}/deployments/name/eval/ci", 90, serve)
+
+        run_dir = tmp_path / "served_run"
+        res = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "eval/ci",
+                              "--param", f"config_path={eval_config}", "--param", f"run_dir={run_dir}", "--watch"],
+                             env=env, capture_output=True, text=True, timeout=150)
+        assert res.returncode == 0, res.stdout + res.stderr + (tmp_path / "serve.log").read_text()
+
+        runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+        assert [r["state_type"] for r in runs] == ["COMPLETED"]
+        assert json.loads((run_dir / "eval" / "eval.json").read_text())["greedy"]["samples"] == 6
+        artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["eval-table"]}}},
+                               timeout=10).json()
+        assert artifacts and "| model |" in artifacts[0]["data"]
+    finally:
+        if serve is not None:
+            _stop(serve)  # the serving process first, or the server hangs on shutdown
+        _stop(server)
+        for f in logs.values():
+            f.close()
+    assert serve.returncode is not None and server.returncode is not None
