@@ -223,6 +223,10 @@ def demo(
             from flows.demo import demo_flow
 
             result = demo_flow(config_path=str(config), run_dir=str(run_dir), overrides=list(set_ or []))
+            if not json_out:
+                from pipeline.demo import print_demo_table
+
+                print_demo_table(result)
         else:
             from pipeline.demo import run_demo
 

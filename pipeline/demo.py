@@ -292,7 +292,7 @@ def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool
     (run_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     (run_dir / "demo.md").write_text(_markdown(result, evals))
     if print_table:
-        _print_table(result)
+        print_demo_table(result)
     return result
 
 
@@ -310,7 +310,7 @@ def _markdown(result: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _print_table(result: dict[str, Any]) -> None:
+def print_demo_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -1,0 +1,243 @@
+"""`lopd bench storage --json`: bytes/token, fidelity and throughput of the top-k codecs, and the
+reader's memory, on synthetic teacher distributions (storage/synthetic.py; see docs/benchmarks.md).
+
+Bytes per token are whole-shard bytes (every column, Parquet overhead included) divided by the
+response tokens; `topk_bytes_per_token` counts only the top-k columns (ids, log-probs, tail).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+
+from storage.codecs import TOPK_COLUMNS, codec_info, decode_table, encode_records
+from storage.reader import iter_batches
+from storage.records import TeacherRecord, compute_tail_logprob
+from storage.shardset import ShardSet
+from storage.synthetic import SyntheticConfig, generate
+
+# DistillKit README (arcee-ai/distillkit): recommended k=128 capture "~300 bytes/token", budget k=50 "~114".
+DISTILLKIT_BYTES_PER_TOKEN = {128: 300.0, 50: 114.0}
+TARGET_RATIO = 0.6
+DEFAULT_CASES: tuple[dict, ...] = (
+    {"name": "demo", "vocab_size": 20, "k": 8},
+    {"name": "large-k50", "vocab_size": 151_936, "k": 50},
+    {"name": "large-k128", "vocab_size": 151_936, "k": 128},
+)
+CODEC_NAMES = ("plain", "compact")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def truncate_k(records: Sequence[TeacherRecord], k: int) -> list[TeacherRecord]:
+    """The top-k of records holding a larger top-k (descending order), with the tail recomputed."""
+    return [
+        dataclasses.replace(r, topk_ids=r.topk_ids[:, :k].copy(), topk_logprobs=r.topk_logprobs[:, :k].copy(),
+                            tail_logprob=compute_tail_logprob(r.topk_logprobs[:, :k]))
+        for r in records
+    ]
+
+
+def _generator_config(vocab_size: int, k: int, positions: int, id_noise: float, seed: int) -> SyntheticConfig:
+    small = vocab_size < 1000
+    return SyntheticConfig(
+        vocab_size=vocab_size, k=k, num_rollouts=max(1, positions // 128), response_len=128,
+        prompt_len=16, id_noise=id_noise, seed=seed,
+        topic_size=max(1, min(200, vocab_size // 4)), max_head_tokens=min(6, vocab_size),
+        chunk=512 if small else 64,
+    )
+
+
+def _fidelity(exact: Sequence[TeacherRecord], decoded: Sequence[TeacherRecord]) -> dict:
+    """Errors of the decoded top-k against the exact one, matched by id (the compact order may differ in ties)."""
+    lp_x = np.concatenate([r.topk_logprobs for r in exact]).astype(np.float64)
+    ids_x = np.concatenate([r.topk_ids for r in exact])
+    lp_d = np.concatenate([r.topk_logprobs for r in decoded]).astype(np.float64)
+    ids_d = np.concatenate([r.topk_ids for r in decoded])
+    ox, od = np.argsort(ids_x, axis=1), np.argsort(ids_d, axis=1)
+    ids_exact = bool(np.array_equal(np.take_along_axis(ids_x, ox, 1), np.take_along_axis(ids_d, od, 1)))
+    lp_x, lp_d = np.take_along_axis(lp_x, ox, 1), np.take_along_axis(lp_d, od, 1)
+    err = np.abs(lp_x - lp_d)
+    visible = lp_x >= np.log(1e-3)
+    p, q = np.exp(lp_x), np.exp(lp_d)
+    kl = (p / p.sum(1, keepdims=True) * (np.log(p / p.sum(1, keepdims=True)) - np.log(q / q.sum(1, keepdims=True)))).sum(1)
+    tail_x = np.concatenate([r.tail_logprob for r in exact]).astype(np.float64)
+    tail_d = np.concatenate([r.tail_logprob for r in decoded]).astype(np.float64)
+    # KL over the k+1 buckets a tail-aware loss sees (the decoded side renormalised)
+    px = np.concatenate([p, np.exp(tail_x)[:, None]], axis=1)
+    qx = np.concatenate([q, np.exp(tail_d)[:, None]], axis=1)
+    px, qx = px / px.sum(1, keepdims=True), qx / qx.sum(1, keepdims=True)
+    kl_tail = (px * (np.log(np.maximum(px, 1e-300)) - np.log(np.maximum(qx, 1e-300)))).sum(1)
+    tail_visible = tail_x >= np.log(1e-3)
+    exact_fields = all(
+        a.token_ids.tobytes() == b.token_ids.tobytes() and a.teacher_logprobs.tobytes() == b.teacher_logprobs.tobytes()
+        and a.behavior_logprobs.tobytes() == b.behavior_logprobs.tobytes() for a, b in zip(exact, decoded)
+    )
+    return {
+        "ids_exact": ids_exact,
+        "sampled_and_behavior_logprobs_exact": exact_fields,
+        "max_abs_logprob_error": float(err[visible].max()),
+        "max_abs_logprob_error_all_entries": float(err.max()),
+        "mean_kl_exact_to_decoded": float(kl.mean()),
+        "p99_kl_exact_to_decoded": float(np.quantile(kl, 0.99)),
+        "mean_kl_with_tail_bucket": float(kl_tail.mean()),
+        "max_abs_tail_error": float(np.abs(tail_x - tail_d)[tail_visible].max()) if tail_visible.any() else 0.0,
+    }
+
+
+def _column_bytes(path: Path) -> dict[str, int]:
+    meta = pq.ParquetFile(path).metadata
+    sizes: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(g).column(c)
+            name = col.path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    return sizes
+
+
+def _tile(records: Sequence[TeacherRecord], copies: int) -> list[TeacherRecord]:
+    return [dataclasses.replace(r, prompt_id=f"{r.prompt_id}-{c}") for c in range(copies) for r in records]
+
+
+def _run_case(case: dict, codec: str, records: list[TeacherRecord], tmp: Path, throughput_tokens: int) -> dict:
+    k, vocab = case["k"], case["vocab_size"]
+    info = codec_info(codec, k, vocab)
+    tokens = sum(r.num_response_tokens for r in records)
+    size_set = ShardSet.create(tmp / f"{case['name']}-{codec}-size", "teacher_topk", info)
+    shard = size_set.write_shard(0, encode_records(records, codec, k, vocab))
+    columns = _column_bytes(size_set.shard_path(0))
+    decoded = decode_table(size_set.read_shard(0))
+
+    copies = max(1, -(-throughput_tokens // tokens))
+    tiled = _tile(records, copies)
+    per_shard = max(1, len(tiled) // 4)
+    speed_set = ShardSet.create(tmp / f"{case['name']}-{codec}-speed", "teacher_topk", info)
+    t0 = time.perf_counter()
+    for i in range(0, len(tiled), per_shard):
+        speed_set.write_shard(i // per_shard, encode_records(tiled[i : i + per_shard], codec, k, vocab))
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    read_tokens = sum(r.num_response_tokens for batch, _ in iter_batches(speed_set.root, 16, num_epochs=1) for r in batch)
+    read_s = time.perf_counter() - t0
+    topk_bytes = sum(columns.get(c, 0) for c in TOPK_COLUMNS[codec])
+    result = {
+        "case": case["name"], "codec": codec, "k": k, "vocab_size": vocab, "response_tokens": tokens,
+        "bytes_per_token": shard["bytes"] / tokens,
+        "topk_bytes_per_token": topk_bytes / tokens,
+        "bytes_per_token_by_column": {name: round(b / tokens, 3) for name, b in columns.items()},
+        **_fidelity(records, decoded),
+        "write_tokens_per_s": tokens * copies / write_s,
+        "read_tokens_per_s": read_tokens / read_s,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    if k in DISTILLKIT_BYTES_PER_TOKEN:
+        anchor = DISTILLKIT_BYTES_PER_TOKEN[k]
+        result["distillkit_bytes_per_token"] = anchor
+        result["ratio_vs_distillkit"] = result["bytes_per_token"] / anchor
+        result["topk_ratio_vs_distillkit"] = result["topk_bytes_per_token"] / anchor
+        result["meets_0.6x_target"] = result["ratio_vs_distillkit"] <= TARGET_RATIO
+    return result
+
+
+def _stream_rss(root: str, shuffle_buffer: int, load_all: bool) -> dict:
+    """In a fresh interpreter: RSS growth while streaming the shard set (or decoding it all at once)."""
+    process = psutil.Process()
+    baseline = peak = process.memory_info().rss
+    if load_all:
+        shard_set = ShardSet.open(Path(root))
+        held = [decode_table(shard_set.read_shard(i)) for i in shard_set.complete_indices()]
+        peak = max(peak, process.memory_info().rss)
+        rows = sum(len(h) for h in held)
+        return {"rows": rows, "rss_growth_mb": (peak - baseline) / 2**20}
+    total = ShardSet.open(Path(root)).manifest["totals"]["rows"]
+    rows, quarter = 0, None
+    for batch, _ in iter_batches(root, 4, shuffle_buffer=shuffle_buffer, num_epochs=1):
+        rows += len(batch)
+        peak = max(peak, process.memory_info().rss)
+        if quarter is None and rows >= total // 4:
+            quarter = peak
+    return {"rows": rows, "rss_growth_mb": (peak - baseline) / 2**20, "rss_growth_first_quarter_mb": ((quarter or peak) - baseline) / 2**20}
+
+
+def _in_fresh_process(root: Path, shuffle_buffer: int, load_all: bool) -> dict:
+    code = (
+        "import json, sys; from storage.bench import _stream_rss; "
+        f"print(json.dumps(_stream_rss({str(root)!r}, {shuffle_buffer}, {load_all})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def reader_memory_check(records: list[TeacherRecord], tmp: Path, *, codec: str, k: int, vocab_size: int,
+                        copies: int = 24, shuffle_buffer: int = 8, rows_per_group: int = 8) -> dict:
+    """Stream a shard set whose decoded size is far larger than the shuffle buffer and report the RSS
+    growth of a fresh process, beside the growth when the same shards are decoded all at once."""
+    tiled = _tile(records, copies)
+    shard_set = ShardSet.create(tmp / "reader-memory", "teacher_topk", codec_info(codec, k, vocab_size))
+    per_shard = max(1, len(tiled) // 3)
+    for i in range(0, len(tiled), per_shard):
+        shard_set.write_shard(i // per_shard, encode_records(tiled[i : i + per_shard], codec, k, vocab_size), row_group_size=rows_per_group)
+    per_row_mb = sum(r.token_ids.nbytes + r.topk_ids.nbytes + r.topk_logprobs.nbytes + 3 * r.teacher_logprobs.nbytes
+                     for r in records) / len(records) / 2**20
+    streamed = _in_fresh_process(shard_set.root, shuffle_buffer, load_all=False)
+    loaded = _in_fresh_process(shard_set.root, shuffle_buffer, load_all=True)
+    return {
+        "codec": codec, "k": k, "rows": streamed["rows"], "shard_set_mb": shard_set.manifest["totals"]["bytes"] / 2**20,
+        "decoded_dataset_mb": per_row_mb * len(tiled), "shuffle_buffer_rows": shuffle_buffer, "row_group_rows": rows_per_group,
+        "decoded_buffer_plus_row_group_mb": per_row_mb * (shuffle_buffer + rows_per_group),
+        "rss_growth_streaming_mb": streamed["rss_growth_mb"],
+        "rss_growth_streaming_first_quarter_mb": streamed["rss_growth_first_quarter_mb"],
+        "rss_growth_decode_all_mb": loaded["rss_growth_mb"],
+    }
+
+
+def run_storage_bench(cases: Sequence[dict] = DEFAULT_CASES, *, codecs: Sequence[str] = CODEC_NAMES, positions: int = 2048,
+                      throughput_tokens: int = 16384, id_noise: float = 2.5, seed: int = 0, reader_memory: bool = True) -> dict:
+    """One JSON-able object: per (case, codec) size, fidelity and throughput; generator summary; reader memory."""
+    started = time.perf_counter()
+    results, generators = [], {}
+    biggest: dict[int, tuple[list[TeacherRecord], int]] = {}
+    for case in sorted(cases, key=lambda c: -c["k"]):  # generate once per vocabulary at the largest k
+        vocab = case["vocab_size"]
+        if vocab not in biggest:
+            cfg = _generator_config(vocab, case["k"], positions, id_noise, seed)
+            t0 = time.perf_counter()
+            records, summary = generate(cfg)
+            generators[str(vocab)] = {"config": cfg.to_dict(), "summary": summary, "seconds": time.perf_counter() - t0}
+            biggest[vocab] = (records, case["k"])
+    with tempfile.TemporaryDirectory(prefix="lopd-bench-storage-") as tmp_s:
+        tmp = Path(tmp_s)
+        for case in cases:
+            source, source_k = biggest[case["vocab_size"]]
+            records = source if case["k"] == source_k else truncate_k(source, case["k"])
+            for codec in codecs:
+                results.append(_run_case(case, codec, records, tmp, throughput_tokens))
+        memory = None
+        if reader_memory:
+            vocab, (records, k) = max(biggest.items())
+            memory = reader_memory_check(records, tmp, codec="compact", k=k, vocab_size=vocab)
+    return {
+        "bench": "storage",
+        "synthetic": True,
+        "generators": generators,
+        "cases": results,
+        "reader_memory": memory,
+        "distillkit_anchor_bytes_per_token": DISTILLKIT_BYTES_PER_TOKEN,
+        "target_ratio": TARGET_RATIO,
+        "cpu_count": psutil.cpu_count(),
+        "seconds": time.perf_counter() - started,
+    }

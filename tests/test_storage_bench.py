@@ -1,0 +1,39 @@
+"""The storage benchmark's measurements and the synthetic generator's calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from storage.bench import run_storage_bench, truncate_k
+from storage.records import compute_tail_logprob
+from storage.synthetic import SyntheticConfig, generate
+
+
+def test_bench_measures_fidelity_and_size():
+    out = run_storage_bench(cases=({"name": "demo", "vocab_size": 20, "k": 8},), positions=512, throughput_tokens=1024, reader_memory=False)
+    by_codec = {c["codec"]: c for c in out["cases"]}
+    for case in by_codec.values():
+        assert case["ids_exact"] and case["sampled_and_behavior_logprobs_exact"]
+        assert case["write_tokens_per_s"] > 0 and case["read_tokens_per_s"] > 0
+        assert case["bytes_per_token"] > case["topk_bytes_per_token"] > 0
+    assert by_codec["plain"]["max_abs_logprob_error"] <= 2**-8  # float16 on log-probs >= log(1e-3)
+    assert by_codec["compact"]["max_abs_logprob_error"] <= 0.06 + 0.05  # half the head step, plus the knee region
+    assert 0 < by_codec["compact"]["mean_kl_exact_to_decoded"] <= 1e-3
+    assert by_codec["compact"]["bytes_per_token"] < by_codec["plain"]["bytes_per_token"]
+    assert out["synthetic"] and "summary" in out["generators"]["20"]
+
+
+def test_generator_matches_its_entropy_calibration():
+    """Defaults reproduce the reported profile: about half the tokens below 0.01 nats, about 20% above 0.672."""
+    _, summary = generate(SyntheticConfig(vocab_size=20_000, k=16, num_rollouts=8, response_len=96, seed=3))
+    assert 0.38 <= summary["frac_entropy_below_0.01"] <= 0.62
+    assert 0.12 <= summary["frac_entropy_above_0.672"] <= 0.28
+    assert summary["frac_sampled_in_topk"] > 0.95
+
+
+def test_truncate_k_keeps_the_head_and_recomputes_the_tail():
+    records, _ = generate(SyntheticConfig(vocab_size=500, k=16, num_rollouts=2, response_len=10, topic_size=50))
+    small = truncate_k(records, 4)
+    assert np.array_equal(small[0].topk_ids, records[0].topk_ids[:, :4])
+    assert np.array_equal(small[0].tail_logprob, compute_tail_logprob(records[0].topk_logprobs[:, :4]))
+    assert np.all(small[0].tail_logprob >= records[0].tail_logprob)  # less of the mass kept, more outside
