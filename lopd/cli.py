@@ -211,11 +211,16 @@ def demo(
     set_: SetOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="print only the result JSON on stdout")] = False,
     prefect: Annotated[bool, typer.Option("--prefect/--no-prefect", help="run the stages as a Prefect flow")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="reseed the whole world: prompts, teachers, sampling, SFT, OPD")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """The whole method on the built-in CPU world: bootstrap teachers, SFT, rollouts, shards, offline OPD,
     eval, plus the ablations (inconsistent teacher, online OPD, SFT-continued control)."""
     from pipeline.config import load_run_config
+
+    if seed is not None:
+        set_ = [f"demo.seed={seed}", f"sft.seed={seed}", f"train.seed={seed}",
+                f"teacher_sft_data.sampling.seed={seed}", f"rollouts.sampling.seed={seed + 1}", *(set_ or [])]
 
     def go() -> None:
         cfg = load_run_config(config, set_, run_dir)

@@ -199,6 +199,8 @@ class DemoConfig(Strict):
     max_new_tokens: int = Field(48, ge=1, description="answer budget for eval and probes")
     probe_prompts: int = Field(200, ge=1, description="test prompts in the accuracy probe during training")
     probe_every: int = Field(25, ge=1, description="steps between accuracy probes during training")
+    online_steps_factor: float = Field(2.0, ge=1.0, description="online OPD gets this many times the offline steps, "
+                                       "so that its time to Lightning OPD's accuracy can be measured")
     seed: int = 0
 
 

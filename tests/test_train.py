@@ -151,3 +151,26 @@ def test_eval_writes_json_and_markdown(shards_run):
     assert data["greedy"]["samples"] == 48 and data["sampled"]["samples"] == 144
     assert 0 <= data["pass@1"] <= 1 and data["pass@3"] >= data["avg@3"]
     assert "| model |" in (Path(out["out"]) / "eval.md").read_text()
+
+
+def test_torchrun_fsdp2_two_processes_trains_and_resumes(shards_run):
+    """FSDP2 (fully_shard) on 2 CPU processes: full-state checkpoints let a longer run resume from them."""
+    tmp, cfg = shards_run
+    out = tmp / "fsdp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+
+    def run(steps: int, port: int) -> subprocess.CompletedProcess:
+        return subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "lopd.cli",
+                               "train", "-c", str(cfg), "--set", f"train.out={out}", "--set", f"train.steps={steps}",
+                               "--set", "train.fsdp=true", "--set", "train.checkpoint_every=2"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"})
+
+    first = run(4, 29541)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(6, 29542)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr and "step-000004" in second.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert load_model(out / "final").config.num_hidden_layers == 1

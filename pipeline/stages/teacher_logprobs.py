@@ -18,7 +18,7 @@ from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, t
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import load_prompts
 from pipeline.stages.common import StageResult, log, progress_bar, timed
-from storage.codecs import encode_records
+from storage.codecs import codec_info, encode_records
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet
 
@@ -94,7 +94,7 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
     tokenizer = load_tokenizer(cfg.teacher)
     vocab_size = len(tokenizer)
     metadata = {
-        "role": "teacher_topk", "k": cfg.k, "codec": cfg.codec, "vocab_size": vocab_size,
+        "role": "teacher_topk", **codec_info(cfg.codec, cfg.k, vocab_size),
         "teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher),
         "student_fingerprint": meta.get("student_fingerprint"),
         "sft_teacher_fingerprint": meta.get("sft_teacher_fingerprint"),

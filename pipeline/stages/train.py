@@ -239,7 +239,7 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
             raise ValueError(f"{ckpt_root}: checkpoint was written with a different training config "
                              f"({state['config_hash']} vs {chash}); use a new train.out or delete {ckpt_root}")
         unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _load_fsdp(model, state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, opt, state["optimizer"], cfg.fsdp)
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
@@ -319,8 +319,8 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
                   "opd_teacher_fingerprint": shard_meta.get("teacher_fingerprint"),
                   "teacher_mismatch_allowed": shard_meta.get("teacher_mismatch_allowed"),
                   "online": cfg.online is not None}
+    sd = full_state_dict(model, cfg.fsdp)  # a collective under FSDP: every rank takes part
     if info.is_main:
-        sd = full_state_dict(model, cfg.fsdp)
         base = load_model(cfg.student)
         base.load_state_dict(sd)
         save_hf_model(base, tokenizer, final_dir, provenance)
@@ -345,6 +345,24 @@ def _load_fsdp(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
 
 
+def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
+    """The optimiser state as one full (unsharded) dict, so any world size can resume from it."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
 def _checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
                 reader_state: Any, info: DistInfo, cfg: TrainConfig, chash: str, train_seconds: float,
                 tokens: int) -> None:
@@ -356,9 +374,10 @@ def _checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.
         dist.all_gather_object(gathered, readers[0])
         readers = gathered
     sd = full_state_dict(model, cfg.fsdp)
+    opt_sd = optimizer_state(model, opt, cfg.fsdp)
     if info.is_main:
         save_checkpoint(root, step, {
-            "step": step, "model": sd, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "step": step, "model": sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
             "rng": rng_state(), "reader": readers if readers[0] is not None else None,
             "config_hash": chash, "train_seconds": train_seconds, "tokens": tokens,
         })
