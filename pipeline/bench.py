@@ -90,14 +90,14 @@ def bench_train(steps: int = 20, batch_size: int = 64) -> dict[str, Any]:
                              show_progress=False)
         t2 = time.perf_counter()
         common = dict(student=models["student"], shards=tmp / "shards", steps=steps, batch_size=batch_size,
-                      checkpoint_every=10**6, log_every=steps)
+                      checkpoint_every=10**6, log_every=steps, losses={"reverse_kl_topk": 1.0})
         off = run_train(TrainConfig(out=tmp / "off", **common), show_progress=False)
         online = OnlineConfig(teacher=models["teacher"], prompts=prompts, sampling=sampling, k=8)
         on = run_train(TrainConfig(out=tmp / "on", online=online, **common), show_progress=False)
         rows = {name: json.loads((tmp / name / "metrics.jsonl").read_text().splitlines()[-1]) for name in ("off", "on")}
     off_tps = rows["off"]["progress/tokens"] / rows["off"]["perf/train_seconds"]
     on_tps = rows["on"]["progress/tokens"] / rows["on"]["perf/train_seconds"]
-    return {"bench": "train", "steps": steps, "batch_size": batch_size,
+    return {"bench": "train", "steps": steps, "batch_size": batch_size, "loss": "reverse_kl_topk",
             "tokens_per_s_offline": round(off_tps, 1), "tokens_per_s_online": round(on_tps, 1),
             "speedup": round(off_tps / on_tps, 2),
             "online_seconds_sampling": rows["on"].get("perf/sample_seconds"),

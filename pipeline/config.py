@@ -145,7 +145,7 @@ class TrainConfig(Strict):
     student: Path = Field(description="model dir training starts from (the SFT student)")
     shards: Path = Field(description="teacher top-k shards (ShardSet dir)")
     out: Path
-    losses: dict[str, float] = Field(default_factory=lambda: {"reverse_kl_topk": 1.0})
+    losses: dict[str, float] = Field(default_factory=lambda: {"lightning": 1.0})
     lightning: LightningLossConfig = LightningLossConfig()
     jsd_beta: float = Field(0.5, ge=0, le=1)
     tail_bucket: bool = True

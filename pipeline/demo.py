@@ -170,7 +170,7 @@ def plot_demo(curves: dict[str, tuple[list[tuple[int, float, float]], float]], o
         ax1.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=name)
         ax2.plot([offset + p[1] for p in pts], [p[2] for p in pts], marker=".", label=name)
     ax1.set_xlabel("optimizer step")
-    ax2.set_xlabel("seconds (offline: rollouts + teacher scoring + training; online: sampling + scoring + training)")
+    ax2.set_xlabel("compute seconds (offline includes its one-time rollouts + scoring)")
     for ax in (ax1, ax2):
         ax.set_ylabel("greedy accuracy (probe set)")
         ax.grid(alpha=0.3)
