@@ -23,11 +23,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.config import (DemoConfig, EngineConfig, EvalConfig, OnlineConfig, RunConfig, SamplingConfig,
-                             SftConfig, TrainConfig)
-from pipeline.demo_world import build_tokenizer, make_models
+from pipeline.config import (DemoConfig, EngineConfig, EvalConfig, OnlineConfig, RunConfig, SftConfig, TrainConfig)
+from pipeline.demo_world import make_models
 from pipeline.engines.hf import HFEngine
-from pipeline.fingerprint import read_provenance, write_provenance
+from pipeline.fingerprint import read_provenance
 from pipeline.models import encode_prompt, load_model, load_tokenizer
 from pipeline.prompts import PromptRecord, load_prompts, write_prompts_jsonl
 from pipeline.stages import registry

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_run_config
-from pipeline.fingerprint import TeacherMismatchError, model_fingerprint, read_provenance
+from pipeline.fingerprint import model_fingerprint, read_provenance
 from pipeline.prompts import PromptRecord, write_prompts_jsonl
 from pipeline.stages.registry import run_stage
 from pipeline.tasks.arithmetic import make_problems

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EngineConfig, EvalConfig, SamplingConfig
+from pipeline.config import EvalConfig, SamplingConfig
 from pipeline.engines.base import Engine, make_engine
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import PromptRecord, load_prompts

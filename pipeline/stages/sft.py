@@ -7,7 +7,6 @@ wrote the SFT data: the teacher-consistency check of stage 3 reads it.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np

@@ -130,8 +130,6 @@ class OnlineBatches:
         self.score_seconds = 0.0
 
     def next(self, n_sequences: int) -> list[TeacherRecord]:
-        from pipeline.engines.base import tail_logprob  # noqa: F401  (documented: scores carry the tail)
-
         n_prompts = max(1, n_sequences // self.cfg.sampling.n)
         chosen = [self.rng.randrange(len(self.prompts)) for _ in range(n_prompts)]
         was_training = self.student_engine.model.training
@@ -219,7 +217,7 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
         shards = ShardSet.open(cfg.shards)
         shard_meta = shards.metadata
         needed_topk = set(cfg.losses) & TOPK_LOSSES
-        if shard_meta.get("kind", shards.kind) != "teacher_topk" and shards.kind != "teacher_topk":
+        if shards.kind != "teacher_topk":
             raise ValueError(f"{cfg.shards}: not teacher top-k shards (kind {shards.kind}); run `lopd teacher-logprobs`")
         student_fp = model_fingerprint(cfg.student)
         if shard_meta.get("student_fingerprint") not in (None, student_fp):
@@ -238,7 +236,10 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
         if state["config_hash"] != chash:
             raise ValueError(f"{ckpt_root}: checkpoint was written with a different training config "
                              f"({state['config_hash']} vs {chash}); use a new train.out or delete {ckpt_root}")
-        unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _load_fsdp(model, state["model"])
+        if cfg.fsdp:
+            _load_fsdp(model, state["model"])
+        else:
+            unwrap(model).load_state_dict(state["model"])
         load_optimizer_state(model, opt, state["optimizer"], cfg.fsdp)
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
