@@ -12,15 +12,15 @@ from typing import Any
 
 from prefect import flow
 
-from flows.tasks import publish_plots, publish_report, run_stage_task, task_runner
+from flows.tasks import publish_plots, publish_report, run_stage_parts, run_stage_task, task_runner
 from pipeline.config import STAGES, load_run_config
 
 
 @flow(name="teacher-sft-data")
 def teacher_sft_data_flow(config_path: str, overrides: list[str] | None = None,
-                          run_dir: str | None = None) -> dict[str, Any]:
+                          run_dir: str | None = None, num_parts: int = 1) -> dict[str, Any]:
     """Stage 1: the teacher answers the training prompts into SFT-data shards."""
-    return run_stage_task(load_run_config(config_path, overrides, run_dir), "teacher_sft_data")
+    return run_stage_parts(load_run_config(config_path, overrides, run_dir), "teacher_sft_data", num_parts)
 
 
 @flow(name="sft")
@@ -30,16 +30,17 @@ def sft_flow(config_path: str, overrides: list[str] | None = None, run_dir: str 
 
 
 @flow(name="rollouts")
-def rollouts_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None) -> dict[str, Any]:
+def rollouts_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None,
+                  num_parts: int = 1) -> dict[str, Any]:
     """Stage 2: the SFT student samples its rollouts once, into shards."""
-    return run_stage_task(load_run_config(config_path, overrides, run_dir), "rollouts")
+    return run_stage_parts(load_run_config(config_path, overrides, run_dir), "rollouts", num_parts)
 
 
 @flow(name="teacher-logprobs")
 def teacher_logprobs_flow(config_path: str, overrides: list[str] | None = None,
-                          run_dir: str | None = None) -> dict[str, Any]:
+                          run_dir: str | None = None, num_parts: int = 1) -> dict[str, Any]:
     """Stage 3: the teacher scores every rollout once, into top-k shards."""
-    return run_stage_task(load_run_config(config_path, overrides, run_dir), "teacher_logprobs")
+    return run_stage_parts(load_run_config(config_path, overrides, run_dir), "teacher_logprobs", num_parts)
 
 
 @flow(name="train")

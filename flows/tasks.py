@@ -144,6 +144,21 @@ def run_stage_task(cfg: RunConfig, name: str) -> dict[str, Any]:
     return result
 
 
+def run_stage_parts(cfg: RunConfig, name: str, num_parts: int) -> dict[str, Any]:
+    """Spread a shard-writing stage over ``num_parts`` concurrent tasks (shard i goes to part i % num_parts) on
+    the flow's task runner: threads by default, workers with a Dask or Ray task runner. A last pass with one
+    part then finds every shard complete and writes the final manifest."""
+    if num_parts == 1:
+        return run_stage_task(cfg, name)
+    stage_cfg = cfg.stage(name)
+    stage_task = STAGE_TASKS[name].with_options(result_storage=Path(cfg.run_dir).resolve() / RESULTS_DIR)
+    futures = [stage_task.submit(stage_cfg.model_copy(update={"num_parts": num_parts, "part": part}))
+               for part in range(num_parts)]
+    parts = [f.result() for f in futures]
+    final = STAGE_TASKS[name].with_options(cache_policy=NO_CACHE)(stage_cfg)
+    return {**final, "parts": parts}
+
+
 # --- the demo's steps as tasks ----------------------------------------------------------------------------
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+# from_pretrained switches process-wide init contexts (meta device); two threads loading at once (e.g. stage
+# parts on Prefect's thread-pool task runner) break each other, so loads are serialised.
+_LOAD_LOCK = threading.Lock()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,7 +25,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json); run `lopd make-models` or point to an HF model dir")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
     return model.to(device)
 
 

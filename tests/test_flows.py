@@ -153,6 +153,25 @@ def test_lightning_opd_flow_runs_every_stage_in_order(prefect_api, tmp_path, tin
     assert stages.lightning_opd(config_path=str(config)) == result
 
 
+def test_rollouts_flow_spreads_shards_over_parallel_tasks(prefect_api, tmp_path, tiny_models):
+    """num_parts tasks on the flow's task runner write disjoint shards; together they equal a one-process run."""
+    from pipeline.stages.registry import run_stage
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
+    config = write_run_config(tmp_path, {"rollouts": {
+        "prompts": str(prompts), "student": str(tiny_models["student"]), "prompts_per_shard": 2,
+        "sampling": {"n": 2, "max_new_tokens": 6}}})
+    result = stages.rollouts_flow(config_path=str(config), num_parts=2)
+    assert sorted(p["shards_written"] for p in result["parts"]) == [2, 2]
+    assert result["skipped"] is True  # the final pass only finds complete shards and writes the manifest
+    spread = ShardSet.open(tmp_path / "run" / "rollouts")
+    assert spread.manifest["complete"] and spread.complete_indices() == [0, 1, 2, 3]
+    single = load_run_config(config, [f"rollouts.out={tmp_path / 'single'}"]).stage("rollouts")
+    run_stage("rollouts", single, show_progress=False)
+    for i in range(4):
+        assert spread.read_shard(i).equals(ShardSet.open(tmp_path / "single").read_shard(i))
+
+
 # --- a real deployment run: local Prefect server, `lopd serve`, `prefect deployment run` ------------------
 
 
