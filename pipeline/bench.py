@@ -3,7 +3,6 @@ measured side by side in one process; absolute times on shared machines mean lit
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -15,6 +14,7 @@ import numpy as np
 from pipeline.config import (DemoConfig, EngineConfig, OnlineConfig, RolloutsConfig, SamplingConfig,
                              TeacherLogprobsConfig, TrainConfig)
 from pipeline.demo_world import make_models
+from pipeline.training import read_metrics
 
 
 def _demo_models(tmp: Path) -> dict[str, Path]:
@@ -94,7 +94,7 @@ def bench_train(steps: int = 20, batch_size: int = 64) -> dict[str, Any]:
         off = run_train(TrainConfig(out=tmp / "off", **common), show_progress=False)
         online = OnlineConfig(teacher=models["teacher"], prompts=prompts, sampling=sampling, k=8)
         on = run_train(TrainConfig(out=tmp / "on", online=online, **common), show_progress=False)
-        rows = {name: json.loads((tmp / name / "metrics.jsonl").read_text().splitlines()[-1]) for name in ("off", "on")}
+        rows = {name: read_metrics(tmp / name / "metrics.jsonl")[-1] for name in ("off", "on")}
     off_tps = rows["off"]["progress/tokens"] / rows["off"]["perf/train_seconds"]
     on_tps = rows["on"]["progress/tokens"] / rows["on"]["perf/train_seconds"]
     return {"bench": "train", "steps": steps, "batch_size": batch_size, "loss": "reverse_kl_topk",

@@ -33,7 +33,7 @@ from pipeline.stages import registry
 from pipeline.stages.common import StageResult, log
 from pipeline.stages.evaluate import evaluate, markdown_table
 from pipeline.tasks import arithmetic
-from pipeline.training import save_hf_model, seed_everything, sft_train
+from pipeline.training import read_metrics, save_hf_model, seed_everything, sft_train
 
 Runner = Callable[..., Any]
 
@@ -138,26 +138,26 @@ def accuracy_probe(model_dir: Path, prompts: list[PromptRecord], max_new_tokens:
     return probe
 
 
-def time_to_accuracy(metrics_path: Path, target: float, offset_seconds: float = 0.0) -> float | None:
+Curve = list[tuple[int, float, float]]  # (step, training seconds, probe accuracy)
+
+
+def accuracy_curve(metrics_path: Path) -> Curve:
+    """The accuracy probes recorded in a training run's metrics.jsonl."""
+    return [(r["step"], r["perf/train_seconds"], r["eval/accuracy"]) for r in read_metrics(metrics_path)
+            if "eval/accuracy" in r]
+
+
+def time_to_accuracy(curve: Curve, target: float, offset_seconds: float = 0.0) -> float | None:
     """Training seconds (+ a fixed offset, e.g. offline precompute) at the first probe reaching ``target``."""
-    for line in Path(metrics_path).read_text().splitlines():
-        row = json.loads(line)
-        if row.get("eval/accuracy") is not None and row["eval/accuracy"] >= target:
-            return offset_seconds + row["perf/train_seconds"]
-    return None
+    return next((offset_seconds + secs for _, secs, acc in curve if acc >= target), None)
 
 
-def _at_step(metrics_path: Path, step: int) -> float | None:
+def _at_step(curve: Curve, step: int) -> float | None:
     """The probe accuracy recorded at ``step`` (None if no probe ran there)."""
-    return next((acc for s, _, acc in _curve(metrics_path) if s == step), None)
+    return next((acc for s, _, acc in curve if s == step), None)
 
 
-def _curve(metrics_path: Path) -> list[tuple[int, float, float]]:
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    return [(r["step"], r["perf/train_seconds"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
-
-
-def plot_demo(curves: dict[str, tuple[list[tuple[int, float, float]], float]], out: Path) -> Path:
+def plot_demo(curves: dict[str, tuple[Curve, float]], out: Path) -> Path:
     """Accuracy against training step and against compute seconds (offline includes its precompute)."""
     import matplotlib
 
@@ -261,17 +261,19 @@ def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool
         evals[name] = json.loads((ecfg.out / "eval.json").read_text())
 
     # time to Lightning OPD's final accuracy (on the probe set), offline including its one-time precompute
-    offline_curve = _curve(train_cfg.out / "metrics.jsonl")
+    offline_curve = accuracy_curve(train_cfg.out / "metrics.jsonl")
+    online_curve = accuracy_curve(train_online.out / "metrics.jsonl")
+    inconsistent_curve = accuracy_curve(train_b.out / "metrics.jsonl")
     target = offline_curve[-1][2] if offline_curve else None
     precompute = timings.get("rollouts", 0.0) + timings.get("teacher_logprobs", 0.0)
-    t_off = time_to_accuracy(train_cfg.out / "metrics.jsonl", target, precompute) if target is not None else None
-    t_on = time_to_accuracy(train_online.out / "metrics.jsonl", target) if target is not None else None
-    online_total = _curve(train_online.out / "metrics.jsonl")[-1][1]
+    t_off = time_to_accuracy(offline_curve, target, precompute) if target is not None else None
+    t_on = time_to_accuracy(online_curve, target) if target is not None else None
+    online_total = online_curve[-1][1]
     plots = {
         "accuracy_vs_time": str(plot_demo({
             "Lightning OPD (offline)": (offline_curve, precompute),
-            "online OPD": (_curve(train_online.out / "metrics.jsonl"), 0.0),
-            "inconsistent teacher (offline)": (_curve(train_b.out / "metrics.jsonl"), precompute),
+            "online OPD": (online_curve, 0.0),
+            "inconsistent teacher (offline)": (inconsistent_curve, precompute),
         }, run_dir / "demo_accuracy.png")),
         "lightning_training_curves": str(train_cfg.out / "curves.png"),
         "online_training_curves": str(train_online.out / "curves.png"),
@@ -285,13 +287,13 @@ def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool
             "target_probe_accuracy": target, "offline_seconds": t_off, "online_seconds": t_on,
             "offline_precompute_seconds": round(precompute, 2),
             "online_budget_seconds": online_total,
-            "speedup": (t_on / t_off) if (t_on and t_off) else None,
+            "speedup": (t_on / t_off) if (t_on is not None and t_off) else None,
             "speedup_lower_bound": (online_total / t_off) if (t_on is None and t_off) else None,
         },
         "probe_accuracy_at_equal_steps": {
-            name: _at_step(path, train_cfg.steps) for name, path in (
-                ("lightning_opd", train_cfg.out / "metrics.jsonl"), ("online_opd", train_online.out / "metrics.jsonl"),
-                ("inconsistent_teacher", train_b.out / "metrics.jsonl"))},
+            name: _at_step(curve, train_cfg.steps) for name, curve in (
+                ("lightning_opd", offline_curve), ("online_opd", online_curve),
+                ("inconsistent_teacher", inconsistent_curve))},
         "budgets": {"offline_steps": train_cfg.steps, "online_steps": train_online.steps,
                     "sft_continued_steps": control.steps, "batch_size": train_cfg.batch_size},
         "wall_seconds": {**wall, "total": round(time.perf_counter() - t_start, 2)},

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines.base import Generation, ScoredSequence, make_engine, tail_logprob
+from pipeline.engines.base import Generation, ScoredSequence, make_engine
+from storage.records import compute_tail_logprob
 from pipeline.engines.hf import HFEngine
 
 BOS, EOS = 1, 2
@@ -75,7 +76,7 @@ def check_scored(s: ScoredSequence, R: int, K: int) -> None:
     assert s.tail_logprob.shape == (R,) and s.tail_logprob.dtype == np.float32
     assert (np.diff(s.topk_logprobs, axis=-1) <= 0).all(), "top-k must be sorted descending"
     assert (s.token_logprobs <= s.topk_logprobs[:, 0] + 1e-6).all()
-    np.testing.assert_allclose(s.tail_logprob, tail_logprob(s.topk_logprobs), atol=1e-6)
+    np.testing.assert_allclose(s.tail_logprob, compute_tail_logprob(s.topk_logprobs), atol=1e-6)
 
 
 def full_logprobs(hf: HFEngine, seqs: list[list[int]], starts: list[int]) -> list[np.ndarray]:

@@ -44,12 +44,6 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def tail_logprob(topk_logprobs: np.ndarray) -> np.ndarray:
-    """log(1 - sum_k p_k), clamped so that a top-k holding (numerically) all the mass gives log(1e-30), not NaN."""
-    mass = np.exp(topk_logprobs.astype(np.float64)).sum(-1)
-    return np.log(np.clip(1.0 - mass, 1e-30, 1.0)).astype(np.float32)
-
-
 def make_engine(model_dir: str, cfg: EngineConfig, seed: int = 0, max_logprobs: int = 20) -> Engine:
     """Build the configured engine for a model directory."""
     if cfg.name == "hf":

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines.base import Generation, ScoredSequence, tail_logprob
+from pipeline.engines.base import Generation, ScoredSequence
 from pipeline.models import load_model, load_tokenizer
+from storage.records import compute_tail_logprob
 
 
 class HFEngine:
@@ -88,7 +89,7 @@ class HFEngine:
                     token_logprobs=logp_R_V.gather(-1, target_R.unsqueeze(-1)).squeeze(-1).numpy().astype(np.float32),
                     topk_ids=top_ids_R_K.numpy().astype(np.int32),
                     topk_logprobs=top_lp,
-                    tail_logprob=tail_logprob(top_lp),
+                    tail_logprob=compute_tail_logprob(top_lp),
                 )
             )
         return out

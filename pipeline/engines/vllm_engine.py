@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines.base import Generation, ScoredSequence, tail_logprob
+from pipeline.engines.base import Generation, ScoredSequence
+from storage.records import compute_tail_logprob
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class VLLMEngine:
                     token_logprobs=np.ascontiguousarray(lps[:, 0]),
                     topk_ids=np.ascontiguousarray(ids[:, 1:].astype(np.int32)),
                     topk_logprobs=top_lp,
-                    tail_logprob=tail_logprob(top_lp),
+                    tail_logprob=compute_tail_logprob(top_lp),
                 )
             )
         return result
