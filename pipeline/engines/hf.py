@@ -3,6 +3,8 @@ tiny models on CPU, and the reference the vLLM engine is checked against."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -10,6 +12,10 @@ from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.engines.base import Generation, ScoredSequence
 from pipeline.models import load_model, load_tokenizer
 from storage.records import compute_tail_logprob
+
+# transformers samples from torch's process-wide RNG. Two threads sampling at once (a thread-pool task runner
+# spreading shards) would interleave their draws, and a shard would no longer be a function of its seed.
+_SAMPLING_LOCK = threading.Lock()
 
 
 class HFEngine:
@@ -23,11 +29,12 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
-        torch.manual_seed(sampling.seed)
         out: list[list[Generation]] = []
         per_batch = max(1, self.cfg.batch_size // sampling.n)
-        for i in range(0, len(prompts), per_batch):
-            out.extend(self._generate_batch(prompts[i : i + per_batch], sampling))
+        with _SAMPLING_LOCK:
+            torch.manual_seed(sampling.seed)
+            for i in range(0, len(prompts), per_batch):
+                out.extend(self._generate_batch(prompts[i : i + per_batch], sampling))
         return out
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
