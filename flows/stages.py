@@ -2,25 +2,31 @@
 
 Every flow takes the same parameters as the CLI: a run YAML (``config_path``), ``section.field=value``
 overrides and an optional ``run_dir``. Relative paths resolve against the working directory of the process
-that runs the flow (for a deployment: where ``lopd serve`` was started).
+that runs the flow (for a deployment: where ``lopd serve`` was started). The shard-writing stages also take
+``num_parts`` (concurrent tasks, one per part of the shards), ``runner`` (``threads``, ``dask`` or ``ray``) and
+``address`` (an existing Dask/Ray cluster; without it a local one is started).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 
 from flows.tasks import publish_plots, publish_report, run_stage_parts, run_stage_task, task_runner
 from pipeline.config import STAGES, load_run_config
 
+Runner = Literal["threads", "dask", "ray"]  # see flows.tasks.make_task_runner
+
 
 @flow(name="teacher-sft-data")
 def teacher_sft_data_flow(config_path: str, overrides: list[str] | None = None,
-                          run_dir: str | None = None, num_parts: int = 1) -> dict[str, Any]:
+                          run_dir: str | None = None, num_parts: int = 1, runner: Runner = "threads",
+                          address: str | None = None) -> dict[str, Any]:
     """Stage 1: the teacher answers the training prompts into SFT-data shards."""
-    return run_stage_parts(load_run_config(config_path, overrides, run_dir), "teacher_sft_data", num_parts)
+    cfg = load_run_config(config_path, overrides, run_dir)
+    return run_stage_parts(cfg, "teacher_sft_data", num_parts, runner, address)
 
 
 @flow(name="sft")
@@ -31,16 +37,18 @@ def sft_flow(config_path: str, overrides: list[str] | None = None, run_dir: str 
 
 @flow(name="rollouts")
 def rollouts_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None,
-                  num_parts: int = 1) -> dict[str, Any]:
+                  num_parts: int = 1, runner: Runner = "threads", address: str | None = None) -> dict[str, Any]:
     """Stage 2: the SFT student samples its rollouts once, into shards."""
-    return run_stage_parts(load_run_config(config_path, overrides, run_dir), "rollouts", num_parts)
+    return run_stage_parts(load_run_config(config_path, overrides, run_dir), "rollouts", num_parts, runner, address)
 
 
 @flow(name="teacher-logprobs")
 def teacher_logprobs_flow(config_path: str, overrides: list[str] | None = None,
-                          run_dir: str | None = None, num_parts: int = 1) -> dict[str, Any]:
+                          run_dir: str | None = None, num_parts: int = 1, runner: Runner = "threads",
+                          address: str | None = None) -> dict[str, Any]:
     """Stage 3: the teacher scores every rollout once, into top-k shards."""
-    return run_stage_parts(load_run_config(config_path, overrides, run_dir), "teacher_logprobs", num_parts)
+    cfg = load_run_config(config_path, overrides, run_dir)
+    return run_stage_parts(cfg, "teacher_logprobs", num_parts, runner, address)
 
 
 @flow(name="train")

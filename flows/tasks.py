@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from prefect import Task, task
+from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from pipeline.config import (EvalConfig, RolloutsConfig, RunConfig, SftConfig, TeacherLogprobsConfig,
@@ -144,18 +145,54 @@ def run_stage_task(cfg: RunConfig, name: str) -> dict[str, Any]:
     return result
 
 
-def run_stage_parts(cfg: RunConfig, name: str, num_parts: int) -> dict[str, Any]:
-    """Spread a shard-writing stage over ``num_parts`` concurrent tasks (shard i goes to part i % num_parts) on
-    the flow's task runner: threads by default, workers with a Dask or Ray task runner. A last pass with one
-    part then finds every shard complete and writes the final manifest."""
-    if num_parts == 1:
-        return run_stage_task(cfg, name)
-    stage_cfg = cfg.stage(name)
-    stage_task = STAGE_TASKS[name].with_options(result_storage=Path(cfg.run_dir).resolve() / RESULTS_DIR)
+TASK_RUNNERS = ("threads", "dask", "ray")
+
+
+def make_task_runner(kind: str, num_parts: int, address: str | None = None) -> TaskRunner:
+    """The task runner that spreads a stage's parts: Prefect's thread pool, or a Dask / Ray cluster.
+
+    ``address`` joins an existing cluster (``tcp://scheduler:8786``, ``ray://head:10001``); without it Dask starts
+    a local cluster of ``num_parts`` single-threaded worker processes and Ray a local instance.
+    """
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=num_parts)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as err:
+            raise RuntimeError("task runner 'dask' needs prefect-dask: pip install 'lopd[dask]'") from err
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": num_parts, "threads_per_worker": 1, "processes": True})
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as err:
+            raise RuntimeError("task runner 'ray' needs prefect-ray: pip install prefect-ray") from err
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    raise ValueError(f"unknown task runner {kind!r}: choose one of {', '.join(TASK_RUNNERS)}")
+
+
+@flow(name="shard-parts")
+def shard_parts_flow(stage_cfg: BaseModel, name: str, num_parts: int, results_dir: str) -> list[dict[str, Any]]:
+    """One stage task per part on this flow's task runner (set by ``run_stage_parts``)."""
+    stage_task = STAGE_TASKS[name].with_options(result_storage=Path(results_dir))
     futures = [stage_task.submit(stage_cfg.model_copy(update={"num_parts": num_parts, "part": part}))
                for part in range(num_parts)]
-    parts = [f.result() for f in futures]
-    final = STAGE_TASKS[name].with_options(cache_policy=NO_CACHE)(stage_cfg)
+    return [f.result() for f in futures]
+
+
+def run_stage_parts(cfg: RunConfig, name: str, num_parts: int, runner: str = "threads",
+                    address: str | None = None) -> dict[str, Any]:
+    """Spread a shard-writing stage over ``num_parts`` concurrent tasks (shard i goes to part i % num_parts) on
+    ``runner`` (see ``make_task_runner``). A last pass with one part then finds every shard complete and writes
+    the final manifest."""
+    if num_parts == 1:
+        return run_stage_task(cfg, name)
+    spread = shard_parts_flow.with_options(task_runner=make_task_runner(runner, num_parts, address),
+                                           flow_run_name=f"{name}-x{num_parts}-{runner}")
+    parts = spread(cfg.stage(name), name, num_parts, str(Path(cfg.run_dir).resolve() / RESULTS_DIR))
+    final = STAGE_TASKS[name].with_options(cache_policy=NO_CACHE)(cfg.stage(name))
     return {**final, "parts": parts}
 
 

@@ -153,15 +153,17 @@ def test_lightning_opd_flow_runs_every_stage_in_order(prefect_api, tmp_path, tin
     assert stages.lightning_opd(config_path=str(config)) == result
 
 
-def test_rollouts_flow_spreads_shards_over_parallel_tasks(prefect_api, tmp_path, tiny_models):
-    """num_parts tasks on the flow's task runner write disjoint shards; together they equal a one-process run."""
+@pytest.mark.parametrize("runner", ["threads", pytest.param("dask", marks=pytest.mark.integration)])
+def test_rollouts_flow_spreads_shards_over_parallel_tasks(prefect_api, tmp_path, tiny_models, runner):
+    """num_parts tasks on the chosen task runner (threads; a local Dask cluster of worker processes) write
+    disjoint shards; together they equal a one-process run."""
     from pipeline.stages.registry import run_stage
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
     config = write_run_config(tmp_path, {"rollouts": {
         "prompts": str(prompts), "student": str(tiny_models["student"]), "prompts_per_shard": 2,
         "sampling": {"n": 2, "max_new_tokens": 6}}})
-    result = stages.rollouts_flow(config_path=str(config), num_parts=2)
+    result = stages.rollouts_flow(config_path=str(config), num_parts=2, runner=runner)
     assert sorted(p["shards_written"] for p in result["parts"]) == [2, 2]
     assert result["skipped"] is True  # the final pass only finds complete shards and writes the manifest
     spread = ShardSet.open(tmp_path / "run" / "rollouts")
@@ -170,6 +172,21 @@ def test_rollouts_flow_spreads_shards_over_parallel_tasks(prefect_api, tmp_path,
     run_stage("rollouts", single, show_progress=False)
     for i in range(4):
         assert spread.read_shard(i).equals(ShardSet.open(tmp_path / "single").read_shard(i))
+
+
+def test_task_runner_choice_and_errors():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    assert isinstance(tasks.make_task_runner("threads", 3), ThreadPoolTaskRunner)
+    assert isinstance(tasks.make_task_runner("dask", 2, "tcp://127.0.0.1:8786"), DaskTaskRunner)
+    with pytest.raises(ValueError, match="unknown task runner 'slurm'.*threads, dask, ray"):
+        tasks.make_task_runner("slurm", 2)
+    try:
+        import prefect_ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install prefect-ray"):
+            tasks.make_task_runner("ray", 2)
 
 
 # --- a real deployment run: local Prefect server, `lopd serve`, `prefect deployment run` ------------------
