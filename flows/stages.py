@@ -52,9 +52,10 @@ def teacher_logprobs_flow(config_path: str, overrides: list[str] | None = None,
 
 
 @flow(name="train")
-def train_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None) -> dict[str, Any]:
-    """Stage 4: offline OPD from the top-k shards."""
-    return run_stage_task(load_run_config(config_path, overrides, run_dir), "train")
+def train_flow(config_path: str, overrides: list[str] | None = None, run_dir: str | None = None,
+               online: bool = False) -> dict[str, Any]:
+    """Stage 4: offline OPD from the top-k shards; ``online=True``: the online OPD baseline (live teacher)."""
+    return run_stage_task(load_run_config(config_path, overrides, run_dir), "train", online=online)
 
 
 @flow(name="eval")

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from pipeline.config import (EvalConfig, RolloutsConfig, RunConfig, SftConfig, TeacherLogprobsConfig,
                              TeacherSftDataConfig, TrainConfig)
 from pipeline.fingerprint import model_fingerprint
-from pipeline.stages.registry import run_stage
+from pipeline.stages.registry import online_train_config, run_stage
 
 T = TypeVar("T")
 
@@ -116,6 +116,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return run_stage("train", cfg, show_progress=False).to_dict()
 
 
+@task(name="train-online", **_CACHED)
+def train_online(cfg: TrainConfig) -> dict[str, Any]:
+    """The online OPD baseline: the student samples and the teacher scores live every step (``<out>_online``)."""
+    return run_stage("train", cfg, show_progress=False, online=True).to_dict()
+
+
 @task(name="eval", **_CACHED)
 def eval_(cfg: EvalConfig) -> dict[str, Any]:
     """Held-out accuracy of a model dir (eval.json, eval.md)."""
@@ -132,11 +138,13 @@ def _has_output(out: Path) -> bool:
     return out.is_dir() and any(out.iterdir())
 
 
-def run_stage_task(cfg: RunConfig, name: str) -> dict[str, Any]:
-    """Run one stage's task; results live in the run dir, and a missing output always means recompute."""
+def run_stage_task(cfg: RunConfig, name: str, online: bool = False) -> dict[str, Any]:
+    """Run one stage's task (``online``: the train stage's online OPD baseline); results live in the run dir,
+    and a missing output always means recompute."""
     stage_cfg = cfg.stage(name)
-    stage_task = STAGE_TASKS[name].with_options(result_storage=Path(cfg.run_dir).resolve() / RESULTS_DIR,
-                                                refresh_cache=not _has_output(stage_cfg.out))
+    out = online_train_config(stage_cfg).out if online else stage_cfg.out
+    stage_task = (train_online if online else STAGE_TASKS[name]).with_options(
+        result_storage=Path(cfg.run_dir).resolve() / RESULTS_DIR, refresh_cache=not _has_output(out))
     result = stage_task(stage_cfg)
     if name == "eval":
         publish_eval_table(Path(result["out"]))

@@ -152,6 +152,17 @@ def test_lightning_opd_flow_runs_every_stage_in_order(prefect_api, tmp_path, tin
     # a rerun is served from the cache: the stored results come back (a stage that ran would say skipped=True)
     assert stages.lightning_opd(config_path=str(config)) == result
 
+    # the train flow's online baseline: a live teacher, its own output dir, the offline run untouched
+    offline_metrics = (run_dir / "train" / "metrics.jsonl").read_text()
+    online = [f"train.online={{teacher: {tiny_models['teacher']}, prompts: {prompts}, k: 4, sampling: {{n: 2, max_new_tokens: 8}}}}"]
+    res = stages.train_flow(config_path=str(config), overrides=online, online=True)
+    assert res["out"] == str(run_dir / "train_online") and not res["skipped"]
+    rows = [json.loads(x) for x in (run_dir / "train_online" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["perf/score_seconds"] > 0
+    assert (run_dir / "train" / "metrics.jsonl").read_text() == offline_metrics
+    with pytest.raises(ValueError, match="needs a train.online section"):
+        stages.train_flow(config_path=str(config), online=True)
+
 
 @pytest.mark.parametrize("runner", ["threads", pytest.param("dask", marks=pytest.mark.integration)])
 def test_rollouts_flow_spreads_shards_over_parallel_tasks(prefect_api, tmp_path, tiny_models, runner):

@@ -23,10 +23,18 @@ def stage_function(name: str) -> Callable[..., StageResult]:
     return getattr(importlib.import_module(module), func)
 
 
+def online_train_config(cfg: Any) -> Any:
+    """The online OPD baseline's train config: needs a ``train.online`` section, and writes to ``<out>_online``
+    so that it never shares checkpoints with the offline run."""
+    if cfg.online is None:
+        raise ValueError("online OPD needs a train.online section (teacher, prompts) in the run config")
+    return cfg.model_copy(update={"out": cfg.out.with_name(cfg.out.name + "_online")})
+
+
 def run_stage(name: str, cfg: Any, show_progress: bool = True, online: bool = False) -> StageResult:
-    if name == "train" and not online and cfg.online is not None:
+    """Run stage ``name``; ``online=True`` (train only) runs the online OPD baseline instead of offline OPD."""
+    if name == "train" and online:
+        cfg = online_train_config(cfg)
+    elif name == "train" and cfg.online is not None:
         cfg = cfg.model_copy(update={"online": None})
-    elif name == "train" and online:
-        # the online baseline never shares checkpoints with the offline run
-        cfg = cfg.model_copy(update={"out": cfg.out.with_name(cfg.out.name + "_online")})
     return stage_function(name)(cfg, show_progress=show_progress)
