@@ -93,6 +93,8 @@ class SftConfig(Strict):
     optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=30, schedule="cosine")
     seed: int = 0
     log_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N steps (in <out>_logs/ckpt)")
+    keep_checkpoints: int = Field(1, ge=1, description="how many of the newest checkpoints to keep")
 
 
 class RolloutsConfig(ShardParts):

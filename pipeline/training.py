@@ -179,8 +179,9 @@ def save_hf_model(model: torch.nn.Module, tokenizer: Any, out: Path, provenance:
     return out
 
 
-def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:
-    """``ckpt_root/step-000050/state.pt`` written to a temp name then renamed; ``latest`` points at it."""
+def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int | None = None) -> Path:
+    """``ckpt_root/step-000050/state.pt`` written to a temp name then renamed; ``latest`` points at it.
+    ``keep_last``: then delete all but the newest ``keep_last`` checkpoints (None keeps every one)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp"
@@ -192,7 +193,16 @@ def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:
     latest_tmp = ckpt_root / "latest.tmp"
     latest_tmp.write_text(final.name)
     latest_tmp.replace(ckpt_root / "latest")
+    if keep_last is not None:
+        for old in sorted(ckpt_root.glob("step-*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def latest_checkpoint_step(ckpt_root: Path) -> int:
+    """Step of the latest checkpoint under ``ckpt_root`` (0 if none), without loading it."""
+    pointer = Path(ckpt_root) / "latest"
+    return int(pointer.read_text().strip().removeprefix("step-")) if pointer.exists() else 0
 
 
 def load_latest_checkpoint(ckpt_root: Path) -> dict[str, Any] | None:
@@ -215,20 +225,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int, batch_size: int,
               optim: OptimConfig, pad_id: int, metrics: MetricsWriter | None = None, log_every: int = 20,
               description: str = "sft", show_progress: bool = True,
-              on_log: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+              on_log: Callable[[int, dict], None] | None = None, ckpt_root: Path | None = None,
+              checkpoint_every: int = 0, keep_checkpoints: int = 1, run_key: str = "") -> dict[str, float]:
     """Plain next-token SFT on response tokens; shared by `lopd sft`, the demo teacher bootstrap and the
-    demo's SFT-continued control."""
+    demo's SFT-continued control.
+
+    With ``ckpt_root`` it saves model, optimiser, scheduler and RNG every ``checkpoint_every`` steps and resumes
+    from the latest checkpoint, skipping the examples already consumed (``examples`` must be the same
+    deterministic stream). ``run_key`` identifies the run; a checkpoint with another key is refused.
+    """
+    from pipeline.stages.common import log, progress_bar
+
     model.train()
     opt = make_optimizer(model, optim)
     sched = make_scheduler(opt, optim, steps)
     last: dict[str, float] = {}
-    from pipeline.stages.common import progress_bar
+    start_step, tokens, seconds = 0, 0, 0.0
+    state = load_latest_checkpoint(ckpt_root) if ckpt_root is not None else None
+    if state is not None:
+        if state["run_key"] != run_key:
+            raise ValueError(f"{ckpt_root}: checkpoint was written by a different SFT run (other data, model or "
+                             f"config: {state['run_key']} vs {run_key}); delete {ckpt_root} to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
+        for _ in range(start_step * batch_size):  # the stream is deterministic: skip what was consumed
+            next(examples)
+        log.info("%s: resuming from %s at step %d", description, ckpt_root / f"step-{start_step:06d}", start_step)
 
-    start = time.perf_counter()
+    start = time.perf_counter() - seconds
     with progress_bar(not show_progress) as bar:
-        task = bar.add_task(description, total=steps, rate="")
-        tokens = 0
-        for step in range(1, steps + 1):
+        task = bar.add_task(description, total=steps, completed=start_step, rate="")
+        for step in range(start_step + 1, steps + 1):
             batch = [next(examples) for _ in range(batch_size)]
             input_ids_B_L, attention_B_L, mask_B_T = pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
             logits_B_T_V = model(input_ids=input_ids_B_L, attention_mask=attention_B_L).logits[:, :-1].float()
@@ -249,6 +279,11 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
                 if on_log:
                     on_log(step, last)
                 bar.update(task, rate=f"loss {loss.item():.3f}")
+            if ckpt_root is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                save_checkpoint(ckpt_root, step, {
+                    "run_key": run_key, "step": step, "tokens": tokens, "seconds": time.perf_counter() - start,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": rng_state()}, keep_last=keep_checkpoints)
             bar.update(task, advance=1)
     model.eval()
     return last

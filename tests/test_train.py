@@ -174,3 +174,43 @@ def test_torchrun_fsdp2_two_processes_trains_and_resumes(shards_run):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert load_model(out / "final").config.num_hidden_layers == 1
+
+
+def test_interrupted_sft_resumes_from_its_checkpoint_with_identical_results(shards_run, monkeypatch):
+    """A crash at step 7 (after the step-4 checkpoint); the rerun resumes at step 4, skips the examples already
+    seen, and ends with the uninterrupted run's loss curve and weights. A changed config refuses the checkpoint."""
+    import pipeline.training as training
+
+    tmp, cfg = shards_run
+    overrides = ["sft.steps=10", "sft.checkpoint_every=4", "sft.log_every=1", "sft.batch_size=4"]
+    ref_cfg = load_run_config(cfg, overrides + [f"sft.out={tmp / 'sft_ref'}"]).stage("sft")
+    cut_cfg = load_run_config(cfg, overrides + [f"sft.out={tmp / 'sft_cut'}"]).stage("sft")
+    run_stage("sft", ref_cfg, show_progress=False)
+
+    real_loss, calls = training.sft_cross_entropy, {"n": 0}
+
+    def crash_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("simulated crash")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "sft_cross_entropy", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("sft", cut_cfg, show_progress=False)
+    monkeypatch.setattr(training, "sft_cross_entropy", real_loss)
+    ckpt = tmp / "sft_cut_logs" / "ckpt"
+    assert (ckpt / "latest").read_text() == "step-000004" and not (tmp / "sft_cut").exists()
+
+    changed = cut_cfg.model_copy(update={"optim": cut_cfg.optim.model_copy(update={"lr": 0.5})})
+    with pytest.raises(ValueError, match="different SFT run"):
+        run_stage("sft", changed, show_progress=False)
+
+    run_stage("sft", cut_cfg, show_progress=False)
+    ref = [json.loads(x) for x in (tmp / "sft_ref_logs" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (tmp / "sft_cut_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == list(range(1, 11))
+    assert [r["loss/sft"] for r in got] == [r["loss/sft"] for r in ref]
+    a_sd, b_sd = load_model(tmp / "sft_ref").state_dict(), load_model(tmp / "sft_cut").state_dict()
+    assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
+    assert not ckpt.exists()  # removed once the final model is written

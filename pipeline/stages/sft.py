@@ -6,7 +6,10 @@ wrote the SFT data: the teacher-consistency check of stage 3 reads it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import shutil
 from typing import Iterator
 
 import numpy as np
@@ -15,7 +18,8 @@ from pipeline.config import SftConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance
 from pipeline.models import load_model, load_tokenizer
 from pipeline.stages.common import StageResult, log, timed
-from pipeline.training import Example, MetricsWriter, plot_metrics, save_hf_model, seed_everything, sft_train
+from pipeline.training import (Example, MetricsWriter, latest_checkpoint_step, plot_metrics, save_hf_model,
+                               seed_everything, sft_train)
 from storage.shardset import ShardSet
 
 
@@ -39,6 +43,15 @@ def iter_shard_examples(shardset: ShardSet, seed: int) -> Iterator[Example]:
                 yield np.asarray(ids[r], dtype=np.int64), plens[r]
 
 
+def sft_run_key(provenance: dict, data_manifest: dict) -> str:
+    """What a resumable checkpoint must match: data (its manifest), base model and the config that shapes the
+    optimisation (not ``out``, logging or checkpoint cadence)."""
+    config = {k: v for k, v in provenance["config"].items()
+              if k not in ("out", "log_every", "checkpoint_every", "keep_checkpoints")}
+    payload = {**provenance, "config": config, "data_manifest": data_manifest}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
     """Fine-tune ``cfg.student`` on the SFT samples in ``cfg.data``; write an HF dir at ``cfg.out``."""
     data = ShardSet.open(cfg.data)
@@ -54,12 +67,17 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.student)
     model = load_model(cfg.student)
-    metrics = MetricsWriter(cfg.out.with_name(cfg.out.name + "_logs") / "metrics.jsonl")
+    logs = cfg.out.with_name(cfg.out.name + "_logs")
+    ckpt_root = logs / "ckpt"
+    metrics = MetricsWriter(logs / "metrics.jsonl", resume_step=latest_checkpoint_step(ckpt_root))
     with timed() as t:
         last = sft_train(model, iter_shard_examples(data, cfg.seed), steps=cfg.steps, batch_size=cfg.batch_size,
                          optim=cfg.optim, pad_id=tokenizer.pad_token_id, metrics=metrics,
-                         log_every=cfg.log_every, show_progress=show_progress)
+                         log_every=cfg.log_every, show_progress=show_progress, ckpt_root=ckpt_root,
+                         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                         run_key=sft_run_key(provenance, data.manifest))
     save_hf_model(model, tokenizer, cfg.out, provenance)
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the final model dir is the durable result
     plot_metrics(metrics.path, metrics.path.with_name("sft_curves.png"), ["loss/sft", "optim/lr"], "SFT")
     log.info("sft: %d steps in %.1fs, final loss %.4f -> %s", cfg.steps, t["seconds"], last.get("loss/sft", float("nan")), cfg.out)
     return StageResult("sft", cfg.out, wall_seconds=t["seconds"],
