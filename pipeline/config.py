@@ -159,6 +159,7 @@ class TrainConfig(Strict):
     seed: int = 0
     deterministic: bool = True
     checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int | None = Field(3, ge=1, description="keep the newest N checkpoints (null: all)")
     log_every: int = Field(10, ge=1)
     online: OnlineConfig | None = None
     fsdp: bool = Field(False, description="wrap with FSDP2 instead of DDP when run under torchrun")

@@ -214,3 +214,13 @@ def test_interrupted_sft_resumes_from_its_checkpoint_with_identical_results(shar
     a_sd, b_sd = load_model(tmp / "sft_ref").state_dict(), load_model(tmp / "sft_cut").state_dict()
     assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
     assert not ckpt.exists()  # removed once the final model is written
+
+
+def test_checkpoints_beyond_keep_last_are_pruned(tmp_path):
+    from pipeline.training import latest_checkpoint_step, load_latest_checkpoint, save_checkpoint
+
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000006", "step-000008"]
+    assert latest_checkpoint_step(tmp_path) == 8 and load_latest_checkpoint(tmp_path) == {"step": 8}
+    assert latest_checkpoint_step(tmp_path / "none") == 0

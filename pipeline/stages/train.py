@@ -104,7 +104,7 @@ def compute_losses(cfg: TrainConfig, logits_B_T_V: torch.Tensor, batch: Batch, t
 
 def config_hash(cfg: TrainConfig) -> str:
     """What must not change across a resume (paths to outputs and step counts may)."""
-    keep = cfg.model_dump(mode="json", exclude={"out", "steps", "checkpoint_every", "log_every"})
+    keep = cfg.model_dump(mode="json", exclude={"out", "steps", "checkpoint_every", "keep_checkpoints", "log_every"})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -381,6 +381,6 @@ def _checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.
             "step": step, "model": sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
             "rng": rng_state(), "reader": readers if readers[0] is not None else None,
             "config_hash": chash, "train_seconds": train_seconds, "tokens": tokens,
-        })
+        }, keep_last=cfg.keep_checkpoints)
     if info.world_size > 1:
         dist.barrier()
