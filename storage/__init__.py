@@ -9,6 +9,7 @@ from storage.shardset import (
     ShardSetError,
     ShardSetMismatchError,
     ShardSetNotFoundError,
+    WriteBehind,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ShardSetMismatchError",
     "ShardSetNotFoundError",
     "TeacherRecord",
+    "WriteBehind",
     "codec_info",
     "compute_tail_logprob",
     "decode_table",

@@ -20,7 +20,9 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +345,46 @@ def _default_row_group_size(table: pa.Table) -> int:
         return 1
     bytes_per_row = max(1, table.nbytes // table.num_rows)
     return max(1, min(table.num_rows, TARGET_ROW_GROUP_BYTES // bytes_per_row))
+
+
+class WriteBehind:
+    """Encodes and writes shards on one background thread while the caller computes the next one.
+
+    ``submit(index, make_table)`` queues ``shard_set.write_shard(index, make_table())``; at most
+    ``max_pending`` shards wait (bounded memory), and a writer error is raised by the next ``submit`` or on
+    leaving the ``with`` block. Leaving the block, even on an error, first waits for the queued shards, so
+    every shard handed over before a failure is durable; each write is atomic as in ``write_shard``.
+    """
+
+    def __init__(self, shard_set: ShardSet, max_pending: int = 1):
+        if max_pending < 1:
+            raise ValueError(f"max_pending={max_pending} must be >= 1")
+        self.shard_set = shard_set
+        self.max_pending = max_pending
+        self.written: list[dict] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lopd-shard-writer")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, index: int, make_table: Callable[[], pa.Table]) -> None:
+        while len(self._pending) >= self.max_pending:
+            self.written.append(self._pending.popleft().result())
+        self._pending.append(self._pool.submit(lambda: self.shard_set.write_shard(index, make_table())))
+
+    def drain(self) -> list[dict]:
+        """Wait for every queued shard; the sidecar info of all shards written so far."""
+        while self._pending:
+            self.written.append(self._pending.popleft().result())
+        return self.written
+
+    def __enter__(self) -> "WriteBehind":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+            else:  # keep what was handed over; the body's error is the one to report
+                for future in self._pending:
+                    future.exception()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -22,6 +22,7 @@ from storage.shardset import (
     ShardSet,
     ShardSetMismatchError,
     ShardSetNotFoundError,
+    WriteBehind,
 )
 from storage.synthetic import make_records
 
@@ -207,3 +208,40 @@ def test_inspect_summarises_the_shard_set(tmp_path):
     assert set(summary["column_bytes_per_token"]) >= {"token_ids", "ck_bits", "ck_abs"}
     json.dumps(summary)  # JSON-able
     assert np.isfinite(sum(summary["column_bytes_per_token"].values()))
+
+
+def _encoded(seed: int):
+    return encode_records(make_records(20, 8, num_rollouts=6, response_len=5, seed=seed), "compact", 8, 20)
+
+
+def test_write_behind_writes_the_same_shards_and_surfaces_writer_errors(tmp_path):
+    direct = _write(tmp_path / "direct")
+    behind = ShardSet.create(tmp_path / "behind", "teacher_topk", META)
+    with WriteBehind(behind) as writer:
+        for i in range(3):
+            writer.submit(i, lambda i=i: _encoded(i))
+    assert [w["index"] for w in writer.written] == [0, 1, 2]
+    for i in range(3):
+        assert behind.read_shard(i).equals(direct.read_shard(i))
+
+    # a failing encode is raised to the caller; the shard queued before it is durable, none after it is written
+    failing = ShardSet.create(tmp_path / "failing", "teacher_topk", META)
+
+    def bad_table():
+        raise ValueError("codec failed on shard 1")
+
+    with pytest.raises(ValueError, match="codec failed on shard 1"):
+        with WriteBehind(failing) as writer:
+            writer.submit(0, lambda: _encoded(0))
+            writer.submit(1, bad_table)
+            writer.submit(2, lambda: _encoded(2))  # waits for shard 1 first, which raises
+    assert failing.complete_indices() == [0]
+
+    # an error in the caller's loop still leaves every handed-over shard written
+    body = ShardSet.create(tmp_path / "body", "teacher_topk", META)
+    with pytest.raises(RuntimeError, match="engine died"):
+        with WriteBehind(body, max_pending=2) as writer:
+            writer.submit(0, lambda: _encoded(0))
+            writer.submit(1, lambda: _encoded(1))
+            raise RuntimeError("engine died")
+    assert body.complete_indices() == [0, 1]

@@ -7,6 +7,7 @@ spreading over workers). Before any work: the teacher-consistency guard and the 
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pipeline.prompts import load_prompts
 from pipeline.stages.common import StageResult, log, progress_bar, timed
 from storage.codecs import codec_info, encode_records
 from storage.records import TeacherRecord
-from storage.shardset import ShardSet
+from storage.shardset import ShardSet, WriteBehind
 
 
 class TokenizerMismatchError(ValueError):
@@ -119,12 +120,13 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
                     for p in load_prompts(cfg.prompts)}
     engine = make_engine(str(cfg.teacher), cfg.engine, max_logprobs=cfg.k)
     totals = {"sequences": 0, "tokens": 0, "truncated": 0, "skipped": 0}
-    with timed() as t, progress_bar(not show_progress) as bar:
+    # the codec and the Parquet write of shard i run on a background thread while the engine scores shard i+1
+    with timed() as t, progress_bar(not show_progress) as bar, WriteBehind(out) as writer:
         task = bar.add_task("teacher-logprobs", total=len(todo), rate="")
         for i in todo:
             rows = rollouts.read_shard(i).to_pylist()
             records, stats = score_table_rows(engine, rows, cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
-            out.write_shard(i, encode_records(records, cfg.codec, k=cfg.k, vocab_size=vocab_size))
+            writer.submit(i, partial(encode_records, records, cfg.codec, k=cfg.k, vocab_size=vocab_size))
             totals["sequences"] += len(records)
             totals["tokens"] += sum(len(r.teacher_logprobs) for r in records)
             totals["truncated"] += stats["truncated"]
