@@ -224,3 +224,22 @@ def test_checkpoints_beyond_keep_last_are_pruned(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000006", "step-000008"]
     assert latest_checkpoint_step(tmp_path) == 8 and load_latest_checkpoint(tmp_path) == {"step": 8}
     assert latest_checkpoint_step(tmp_path / "none") == 0
+
+
+def test_online_baseline_resumes_with_the_samples_of_an_uninterrupted_run(shards_run, trained_models):
+    """The online sampler's position (prompt RNG, sample seeds) is checkpointed: stop after step 2, rerun, and
+    the loss curve equals a run that never stopped."""
+    from pipeline.stages.train import run_train
+
+    tmp, cfg = shards_run
+    online = (f"train.online={{teacher: {trained_models['teacher']}, prompts: {tmp / 'prompts.jsonl'}, k: 4, "
+              "sampling: {n: 2, max_new_tokens: 8, temperature: 1.0}}")
+    curves = {}
+    for name, stops in (("online_ref", [None]), ("online_cut", [2, None])):
+        rc = load_run_config(cfg, [f"train.out={tmp / name}", "train.steps=4", "train.checkpoint_every=2", online])
+        tcfg = rc.stage("train")
+        for stop in stops:
+            run_train(tcfg, show_progress=False, stop_after=stop)
+        curves[name] = [r["loss/total"] for r in map(json.loads, (tmp / name / "metrics.jsonl").read_text().splitlines())]
+    assert len(curves["online_ref"]) == 4
+    assert curves["online_cut"] == curves["online_ref"]

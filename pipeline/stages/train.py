@@ -112,7 +112,8 @@ class OnlineBatches:
     """The online OPD baseline's data: each call samples fresh rollouts from the current student and has a
     live teacher score them (same record type as the shards, so the same losses apply)."""
 
-    def __init__(self, online: OnlineConfig, student: torch.nn.Module, student_dir: Path, k: int, seed: int):
+    def __init__(self, online: OnlineConfig, student: torch.nn.Module, student_dir: Path, k: int, seed: int,
+                 rank: int = 0):
         from pipeline.config import EngineConfig
         from pipeline.engines.hf import HFEngine
         from pipeline.prompts import load_prompts
@@ -124,10 +125,21 @@ class OnlineBatches:
         self.prompts = load_prompts(online.prompts)
         self.prompt_ids = [encode_prompt(self.tokenizer, p.prompt, online.use_chat_template) for p in self.prompts]
         self.k = k
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed + 1_000_003 * rank)  # each data-parallel rank draws its own prompts
+        self.sample_seed = online.sampling.seed + 1_000_003 * rank
         self.calls = 0
         self.sample_seconds = 0.0
         self.score_seconds = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sampler is: a resumed run draws the prompts and samples the uninterrupted run would."""
+        return {"rng": self.rng.getstate(), "calls": self.calls,
+                "sample_seconds": self.sample_seconds, "score_seconds": self.score_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.calls = state["calls"]
+        self.sample_seconds, self.score_seconds = state["sample_seconds"], state["score_seconds"]
 
     def next(self, n_sequences: int) -> list[TeacherRecord]:
         n_prompts = max(1, n_sequences // self.cfg.sampling.n)
@@ -136,7 +148,7 @@ class OnlineBatches:
         self.student_engine.model.eval()
         t0 = time.perf_counter()
         gens = self.student_engine.generate([self.prompt_ids[i] for i in chosen],
-                                            self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + self.calls}))
+                                            self.cfg.sampling.model_copy(update={"seed": self.sample_seed + self.calls}))
         t1 = time.perf_counter()
         self.student_engine.model.train(was_training)
         seqs, starts, meta = [], [], []
@@ -253,7 +265,9 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
             world_size=info.world_size, start=reader_state)
         online = None
     else:
-        online = OnlineBatches(cfg.online, unwrap(model), cfg.student, cfg.online.k, cfg.seed + start_step)
+        online = OnlineBatches(cfg.online, unwrap(model), cfg.student, cfg.online.k, cfg.seed, rank=info.rank)
+        if state is not None and state.get("online"):
+            online.load_state_dict(state["online"][info.rank])
         stream = None  # type: ignore[assignment]
 
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step)
@@ -312,7 +326,7 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
             bar.update(task, advance=1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _checkpoint(ckpt_root, step, model, opt, sched, reader_state, info, cfg, chash, train_seconds,
-                            tokens_total)
+                            tokens_total, online.state_dict() if online is not None else None)
             if stop_after is not None and step >= stop_after:
                 return StageResult("train", out, summary={"stopped_at": step})
 
@@ -366,14 +380,15 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sta
 
 def _checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
                 reader_state: Any, info: DistInfo, cfg: TrainConfig, chash: str, train_seconds: float,
-                tokens: int) -> None:
+                tokens: int, online_state: dict[str, Any] | None = None) -> None:
     import torch.distributed as dist
 
     readers = [reader_state.to_dict() if reader_state is not None else None]
-    if info.world_size > 1:
+    onlines = [online_state]
+    if info.world_size > 1:  # every rank's stream position, so each resumes its own
         gathered: list[Any] = [None] * info.world_size
-        dist.all_gather_object(gathered, readers[0])
-        readers = gathered
+        dist.all_gather_object(gathered, (readers[0], online_state))
+        readers, onlines = [g[0] for g in gathered], [g[1] for g in gathered]
     sd = full_state_dict(model, cfg.fsdp)
     opt_sd = optimizer_state(model, opt, cfg.fsdp)
     if info.is_main:
@@ -381,6 +396,7 @@ def _checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.
             "step": step, "model": sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
             "rng": rng_state(), "reader": readers if readers[0] is not None else None,
             "config_hash": chash, "train_seconds": train_seconds, "tokens": tokens,
+            "online": onlines if online_state is not None else None,
         }, keep_last=cfg.keep_checkpoints)
     if info.world_size > 1:
         dist.barrier()
