@@ -318,3 +318,30 @@ def test_vllm_gpu_matches_hf(tiny_models):
     s2, st2 = sampled_sequences(PROMPTS, gens)
     for g, s in zip(flat(gens), hf.score(s2, st2, 1)):
         np.testing.assert_allclose(g.logprobs, s.token_logprobs, atol=1e-3, rtol=0)
+
+
+def test_hf_stops_on_generation_config_end_tokens_and_the_position_limit(tiny_models, tmp_path):
+    """Like vLLM: every eos_token_id of generation_config.json ends a response, and prompt + response never
+    exceed max_position_embeddings (finish reason "length")."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    base = HFEngine(str(tiny_models["teacher"]), EngineConfig(dtype="float32"))
+    greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=12)
+    first = base.generate(PROMPTS[:1], greedy)[0][0].response_ids
+    assert len(first) > 3 and EOS not in first[:4], first
+    stop_token = first[3]  # a token greedy decoding emits; the response must now end at its first occurrence
+    model_dir = tmp_path / "two_eos"
+    shutil.copytree(tiny_models["teacher"], model_dir)
+    GenerationConfig(eos_token_id=[EOS, stop_token], bos_token_id=BOS, pad_token_id=0).save_pretrained(model_dir)
+    two_eos = HFEngine(str(model_dir), EngineConfig(dtype="float32"))
+    assert two_eos.eos_ids == sorted({EOS, stop_token})
+    got = two_eos.generate(PROMPTS[:1], greedy)[0][0]
+    assert got.response_ids == first[: first.index(stop_token) + 1] and got.finish_reason == "stop"
+
+    limit = base.model.config.max_position_embeddings
+    for prompt, row in zip(PROMPTS, base.generate(PROMPTS, SamplingConfig(n=2, max_new_tokens=limit + 50, seed=1))):
+        for g in row:
+            assert len(prompt) + len(g.response_ids) <= limit
+            assert g.finish_reason == "stop" or len(prompt) + len(g.response_ids) == limit

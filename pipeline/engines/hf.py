@@ -25,6 +25,12 @@ class HFEngine:
         self.model = model if model is not None else load_model(model_dir, cfg.dtype)
         self.model.eval()
         self.eos_id = self.tokenizer.eos_token_id
+        # Stop where vLLM stops: the tokenizer's EOS and every end token of generation_config.json (chat models
+        # have several), and at the model's position limit counting the prompt.
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.eos_ids = sorted({self.eos_id, *gen_eos} - {None})
+        self.max_len = getattr(self.model.config, "max_position_embeddings", None)
         self.pad_id = self.tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -42,6 +48,13 @@ class HFEngine:
         # Left padding keeps every prompt's last token at the same position for batched decoding.
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        # a prompt's room before the position limit; rows with less are cut below, as vLLM does
+        room = [sampling.max_new_tokens if self.max_len is None else min(sampling.max_new_tokens, self.max_len - len(p))
+                for p in prompts]
+        if min(room) < 1:
+            longest = max(len(p) for p in prompts)
+            raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's {self.max_len} positions; "
+                             "shorten the prompts or use a model with a longer context")
         greedy = sampling.temperature == 0
         res = self.model.generate(
             input_ids=input_ids,
@@ -50,25 +63,27 @@ class HFEngine:
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
             top_k=None,
-            max_new_tokens=sampling.max_new_tokens,
+            max_new_tokens=max(room),
             num_return_sequences=sampling.n,
             output_scores=True,
             return_dict_in_generate=True,
             pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
+            eos_token_id=self.eos_ids,
         )
         new_B_T = res.sequences[:, width:]
         # scores are the processed logits the tokens were drawn from (temperature/top-p applied).
         logprobs_B_T = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1)
         chosen_B_T = logprobs_B_T.gather(-1, new_B_T.unsqueeze(-1)).squeeze(-1)
+        eos = set(self.eos_ids)
         gens: list[list[Generation]] = []
         for b in range(len(prompts)):
             row = []
             for j in range(sampling.n):
                 r = b * sampling.n + j
-                ids = new_B_T[r].tolist()
-                end = ids.index(self.eos_id) + 1 if self.eos_id in ids else len(ids)
-                row.append(Generation(ids[:end], chosen_B_T[r, :end].tolist(), "stop" if self.eos_id in ids else "length"))
+                ids = new_B_T[r].tolist()[: room[b]]
+                stop = next((t for t, tok in enumerate(ids) if tok in eos), None)
+                end = len(ids) if stop is None else stop + 1
+                row.append(Generation(ids[:end], chosen_B_T[r, :end].tolist(), "length" if stop is None else "stop"))
             gens.append(row)
         return gens
 
