@@ -20,10 +20,12 @@ from storage import compact as ck
 from storage.records import TAIL_LOGPROB_FLOOR, TeacherRecord
 
 CODECS = ("plain", "compact")
-CODEC_VERSION = 1
+# Byte layout version per codec, recorded in `lopd.codec`. compact 2: codes coded run by run
+# (ck_runs, ck_runx replace ck_first, ck_runs, ck_steps of version 1), tail code relative to the last entry's.
+CODEC_VERSIONS = {"plain": 1, "compact": 2}
 KV_CODEC = b"lopd.codec"
 GAP_COLUMNS = tuple(f"ck_gap{c}" for c in range(ck.GAP_CONTEXTS))
-COMPACT_COLUMNS = ("ck_first", "ck_runs", "ck_steps", "ck_sampled", "ck_tail", "ck_abs", *GAP_COLUMNS, "ck_bits")
+COMPACT_COLUMNS = ("ck_runs", "ck_runx", "ck_sampled", "ck_tail", "ck_abs", *GAP_COLUMNS, "ck_bits")
 PLAIN_COLUMNS = ("tail_logprob", "topk_ids", "topk_logprobs")
 TOPK_COLUMNS = {"plain": PLAIN_COLUMNS, "compact": COMPACT_COLUMNS}
 DECODE_CHUNK_ENTRIES = 1 << 18
@@ -42,7 +44,7 @@ def codec_info(codec: str, k: int, vocab_size: int, **params: float) -> dict:
             params = ck.CompactParams(**params).to_dict()
         except TypeError as err:
             raise ValueError(f"codec compact: {err}; parameters are {list(ck.CompactParams().to_dict())}") from err
-    return {"codec": codec, "codec_version": CODEC_VERSION, "k": k, "vocab_size": vocab_size, "params": params}
+    return {"codec": codec, "codec_version": CODEC_VERSIONS[codec], "k": k, "vocab_size": vocab_size, "params": params}
 
 
 def table_codec_info(table_or_schema: pa.Table | pa.Schema) -> dict:
@@ -155,24 +157,24 @@ def _compact_columns(records: Sequence[TeacherRecord], k: int, params: ck.Compac
     order = ck.canonical_order(flat["ids"], codes)
     ids = np.take_along_axis(flat["ids"], order, axis=1)
     codes = np.take_along_axis(codes, order, axis=1)
-    step = np.diff(codes.astype(np.int16), axis=1)
-    new_run = step != 0
+    run_byte, run_first, extra, extra_run = ck.encode_runs(codes)
+    run_row = row_of_pos[run_first // k]
+    extra_sym, extra_width, extra_raw = ck.int_to_symbols(extra)
+    tail = ck.quantize_logprobs(flat["tail"], params)
     columns = {
-        "ck_first": _binary_array(codes[:, 0], pos_off),
-        "ck_runs": _pack_row_flags(new_run, pos_off),
-        "ck_steps": _binary_array((step[new_run] - 1).astype(np.uint8), _row_offsets(_per_row(row_of_pos, new_run.sum(axis=1), n_rows))),
-        "ck_tail": _binary_array(ck.quantize_logprobs(flat["tail"], params), pos_off),
+        "ck_runs": _binary_array(run_byte, _row_offsets(np.bincount(run_row, minlength=n_rows))),
+        "ck_runx": _binary_array(extra_sym, _row_offsets(np.bincount(run_row[extra_run], minlength=n_rows))),
+        # the tail code relative to the last (smallest) top-k entry's code, mod 256
+        "ck_tail": _binary_array(((tail.astype(np.int64) - codes[:, -1]) & 255).astype(np.uint8), pos_off),
     }
-    return columns | _id_columns(records, ids, codes, flat["sampled"], pos_off, row_of_pos)
-
-
-def _per_row(row: np.ndarray, counts: np.ndarray, n_rows: int) -> np.ndarray:
-    return np.bincount(row, weights=counts, minlength=n_rows).astype(np.int64)
+    return columns | _id_columns(records, ids, codes, flat["sampled"], pos_off, row_of_pos,
+                                 (extra_raw, extra_width, run_row[extra_run]))
 
 
 def _id_columns(records: Sequence[TeacherRecord], ids: np.ndarray, codes: np.ndarray, sampled: np.ndarray,
-                pos_off: np.ndarray, row_of_pos: np.ndarray) -> dict[str, pa.Array]:
-    """ck_sampled, ck_abs, ck_gap*, ck_bits from canonically ordered ids [T, K] (see SCHEMA.md)."""
+                pos_off: np.ndarray, row_of_pos: np.ndarray, run_bits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, pa.Array]:
+    """ck_sampled, ck_abs, ck_gap*, ck_bits from canonically ordered ids [T, K] (see SCHEMA.md).
+    run_bits = (raw, width, row) of the ck_runx symbols, whose raw bits open each row of ck_bits."""
     k, n_rows = ids.shape[1], len(records)
     start, ctx = ck.run_structure(codes)
     is_sampled = ids == sampled[:, None]
@@ -191,7 +193,8 @@ def _id_columns(records: Sequence[TeacherRecord], ids: np.ndarray, codes: np.nda
     for name, mask in _symbol_streams(start, ctx, coded).items():
         mask = mask[coded]
         columns[name] = _binary_array(sym[mask], _row_offsets(np.bincount(entry_row[mask], minlength=n_rows)))
-    columns["ck_bits"] = _pack_row_bits(raw, width, entry_row, n_rows)
+    # each row of ck_bits: the raw bits of its ck_runx symbols, then those of its id symbols
+    columns["ck_bits"] = _pack_row_bits([run_bits, (raw, width, entry_row)], n_rows)
     return columns
 
 
@@ -204,52 +207,33 @@ def _sampled_dtype(k: int) -> str:
     return "u1" if k < 255 else "<u2"
 
 
-def _pack_row_bits(raw: np.ndarray, width: np.ndarray, entry_row: np.ndarray, n_rows: int) -> pa.Array:
-    row_bits = np.bincount(entry_row, weights=width, minlength=n_rows).astype(np.int64)
-    byte_off = _row_offsets((row_bits + 7) // 8)
-    within = np.cumsum(width) - width
-    within -= _row_offsets(row_bits)[entry_row]
-    packed = ck.pack_bits(raw, width, byte_off[entry_row] * 8 + within, int(byte_off[-1]))
+def _pack_row_bits(groups: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], n_rows: int) -> pa.Array:
+    """Bit fields (raw, width, row; rows non-decreasing within a group), each row holding its fields of
+    the first group, then those of the next, ..., padded to a whole byte."""
+    row_bits = [np.bincount(row, weights=width, minlength=n_rows).astype(np.int64) for _, width, row in groups]
+    byte_off = _row_offsets((sum(row_bits) + 7) // 8)
+    start_bit = byte_off[:-1] * 8
+    packed = np.zeros(int(byte_off[-1]), dtype=np.uint8)
+    for (raw, width, row), bits in zip(groups, row_bits):
+        offsets, _ = _row_fields(width, row, n_rows, start_bit)
+        packed |= ck.pack_bits(raw, width, offsets, packed.size)  # the groups' bits do not overlap
+        start_bit = start_bit + bits
     return _binary_array(packed, byte_off)
 
 
-def _pack_row_flags(flags_T_J: np.ndarray, pos_off: np.ndarray) -> pa.Array:
-    """One bit per entry (LSB first), each row padded to whole bytes."""
-    row_bits = np.diff(pos_off) * flags_T_J.shape[1]
-    byte_off = _row_offsets((row_bits + 7) // 8)
-    padded = np.zeros(int(byte_off[-1]) * 8, dtype=bool)
-    row_of_bit = np.repeat(np.arange(len(row_bits)), row_bits)
-    padded[np.arange(flags_T_J.size) - _row_offsets(row_bits)[row_of_bit] + byte_off[row_of_bit] * 8] = flags_T_J.ravel()
-    return _binary_array(np.packbits(padded, bitorder="little"), byte_off)
-
-
-def _unpack_row_flags(column: pa.ChunkedArray, pos_off: np.ndarray, per_position: int) -> np.ndarray:
-    byte_off, data = _binary_parts(column)
-    row_bits = np.diff(pos_off) * per_position
-    if ((row_bits + 7) // 8 != np.diff(byte_off)).any():
-        raise ValueError("compact codec: column ck_runs has the wrong length for its rows (corrupt data)")
-    bits = np.unpackbits(data, bitorder="little").astype(bool)
-    row_of_bit = np.repeat(np.arange(len(row_bits)), row_bits)
-    return bits[np.arange(int(row_bits.sum())) - _row_offsets(row_bits)[row_of_bit] + byte_off[row_of_bit] * 8]
-
-
-def _unpack_row_bits(column: pa.ChunkedArray, width: np.ndarray, entry_row: np.ndarray) -> np.ndarray:
-    """Inverse of _pack_row_bits: each row's fields start on a byte boundary."""
-    byte_off, data = _binary_parts(column)
-    n_rows = len(byte_off) - 1
+def _row_fields(width: np.ndarray, entry_row: np.ndarray, n_rows: int, row_start_bit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bit offsets of consecutive fields per row (entry_row non-decreasing), each row's first field at
+    row_start_bit[row]; and the bits per row."""
     row_bits = np.bincount(entry_row, weights=width, minlength=n_rows).astype(np.int64)
-    if ((row_bits + 7) // 8 != np.diff(byte_off)).any():
-        raise ValueError("compact codec: a packed-bit column has the wrong length for its row (corrupt data)")
     within = np.cumsum(width) - width - _row_offsets(row_bits)[entry_row]
-    return ck.unpack_bits(data, width, byte_off[entry_row] * 8 + within)
+    return row_start_bit[entry_row] + within, row_bits
 
 
 # ------------------------------------------------------------------ decode
 def decode_table(table: pa.Table) -> list[TeacherRecord]:
     """Rows of a table written by encode_records (or a row group of a shard) -> TeacherRecords."""
     info = table_codec_info(table)
-    if info["codec"] not in CODECS or info.get("codec_version") != CODEC_VERSION:
-        raise ValueError(f"unsupported codec {info['codec']!r} version {info.get('codec_version')}: upgrade lopd")
+    _check_codec_version(info)
     # Slices of about DECODE_CHUNK_ENTRIES top-k entries bound the decoder's temporaries.
     entries = table["num_response_tokens"].to_numpy().astype(np.int64) * int(info["k"])
     records: list[TeacherRecord] = []
@@ -259,6 +243,18 @@ def decode_table(table: pa.Table) -> list[TeacherRecord]:
         records += _decode_rows(table.slice(start, stop - start), info)
         start = stop
     return records
+
+
+def _check_codec_version(info: dict) -> None:
+    codec, version = info.get("codec"), info.get("codec_version")
+    if codec not in CODECS:
+        raise ValueError(f"unsupported codec {codec!r}: this lopd reads {', '.join(CODECS)}")
+    if version != CODEC_VERSIONS[codec]:
+        older = isinstance(version, int) and version < CODEC_VERSIONS[codec]
+        raise ValueError(
+            f"codec {codec!r} version {version}: this lopd reads version {CODEC_VERSIONS[codec]} only; "
+            + ("the shard was written by an older lopd (re-encode it, or read it with that lopd)" if older else "upgrade lopd")
+        )
 
 
 def _decode_rows(table: pa.Table, info: dict) -> list[TeacherRecord]:
@@ -313,32 +309,42 @@ def _decode_plain(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray, np.n
 def _decode_compact(
     table: pa.Table, k: int, params: ck.CompactParams, pos_off: np.ndarray, sampled: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    codes = _decode_codes(table, k, params, pos_off)
-    ids = _decode_ids(table, codes, pos_off, sampled)
+    bits_off, bits = _binary_parts(table["ck_bits"])
+    codes, run_bits = _decode_codes(table, k, params, pos_off, bits_off, bits)
+    ids = _decode_ids(table, codes, pos_off, sampled, bits_off, bits, run_bits)
     lp = ck.dequantize_logprobs(codes, params)
-    tail = ck.dequantize_logprobs(_binary_parts(table["ck_tail"])[1], params)
+    tail_code = (_binary_parts(table["ck_tail"])[1].astype(np.int64) + codes[:, -1]) & 255
+    if tail_code.size and tail_code.max() > params.max_code:
+        raise ValueError("compact codec: tail codes out of range (corrupt data)")
+    tail = ck.dequantize_logprobs(tail_code, params)
     return ids, lp, np.maximum(tail, np.float32(TAIL_LOGPROB_FLOOR))
 
 
-def _decode_codes(table: pa.Table, k: int, params: ck.CompactParams, pos_off: np.ndarray) -> np.ndarray:
-    """Log-prob codes [T, K] in canonical order from ck_first, ck_runs, ck_steps."""
-    t = int(pos_off[-1])
-    new_run = _unpack_row_flags(table["ck_runs"], pos_off, k - 1)
-    steps = _binary_parts(table["ck_steps"])[1]
-    if steps.size != int(new_run.sum()):
-        raise ValueError(f"compact codec: column ck_steps holds {steps.size} values, ck_runs flags {int(new_run.sum())} (corrupt data)")
-    step = np.zeros(t * (k - 1), dtype=np.int64)
-    step[new_run] = steps.astype(np.int64) + 1
-    codes = np.empty((t, k), dtype=np.int64)
-    codes[:, 0] = _binary_parts(table["ck_first"])[1]
-    codes[:, 1:] = step.reshape(t, k - 1)
-    codes = np.cumsum(codes, axis=1)
-    if t and codes.max() > params.max_code:
-        raise ValueError("compact codec: log-prob codes out of range (corrupt data)")
-    return codes
+def _decode_codes(table: pa.Table, k: int, params: ck.CompactParams, pos_off: np.ndarray, bits_off: np.ndarray,
+                  bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-prob codes [T, K] in canonical order from ck_runs, ck_runx (and the start of each ck_bits row);
+    also the bits per row those ck_runx symbols take in ck_bits."""
+    n_rows = len(pos_off) - 1
+    run_off, run_byte = _binary_parts(table["ck_runs"])
+    extra_off, extra_sym = _binary_parts(table["ck_runx"])
+    run_row = np.repeat(np.arange(n_rows), np.diff(run_off))
+    counts = ck.run_extra_counts(run_byte)
+    if not np.array_equal(np.bincount(run_row, weights=counts, minlength=n_rows).astype(np.int64), np.diff(extra_off)):
+        raise ValueError("compact codec: column ck_runx does not hold the values ck_runs announces (corrupt data)")
+    extra_row = np.repeat(run_row, counts)
+    width = ck.symbol_widths(extra_sym)
+    offsets, run_bits = _row_fields(width, extra_row, n_rows, bits_off[:-1] * 8)
+    if (run_bits > np.diff(bits_off) * 8).any():
+        raise ValueError("compact codec: column ck_bits is too short for its rows (corrupt data)")
+    extra = ck.symbols_to_int(extra_sym, ck.unpack_bits(bits, width, offsets))
+    codes, length = ck.decode_runs(run_byte, extra, int(pos_off[-1]), k, params.max_code)
+    if not np.array_equal(np.bincount(run_row, weights=length, minlength=n_rows).astype(np.int64), np.diff(pos_off) * k):
+        raise ValueError("compact codec: the runs of a ck_runs row do not cover its positions (corrupt data)")
+    return codes, run_bits
 
 
-def _decode_ids(table: pa.Table, codes: np.ndarray, pos_off: np.ndarray, sampled: np.ndarray) -> np.ndarray:
+def _decode_ids(table: pa.Table, codes: np.ndarray, pos_off: np.ndarray, sampled: np.ndarray, bits_off: np.ndarray,
+                bits: np.ndarray, run_bits: np.ndarray) -> np.ndarray:
     t, k = codes.shape
     start, ctx = ck.run_structure(codes)
     sampled_index = np.frombuffer(_binary_parts(table["ck_sampled"])[1].tobytes(), dtype=_sampled_dtype(k)).astype(np.int64)
@@ -353,7 +359,12 @@ def _decode_ids(table: pa.Table, codes: np.ndarray, pos_off: np.ndarray, sampled
     coded_sym = sym[coded]
     row_of_pos = np.repeat(np.arange(len(pos_off) - 1), np.diff(pos_off))
     entry_row = np.broadcast_to(row_of_pos[:, None], (t, k))[coded]
-    value = ck.symbols_to_int(coded_sym, _unpack_row_bits(table["ck_bits"], ck.symbol_widths(coded_sym), entry_row))
+    width = ck.symbol_widths(coded_sym)
+    n_rows = len(pos_off) - 1
+    offsets, id_bits = _row_fields(width, entry_row, n_rows, bits_off[:-1] * 8 + run_bits)
+    if not np.array_equal((run_bits + id_bits + 7) // 8, np.diff(bits_off)):
+        raise ValueError("compact codec: column ck_bits has the wrong length for its rows (corrupt data)")
+    value = ck.symbols_to_int(coded_sym, ck.unpack_bits(bits, width, offsets))
     # Run starts are whole ids, other entries gaps (+1) from the previous id, and the sampled entry
     # restarts the running sum from the sampled token: a cumulative sum restarted at each segment.
     base = np.zeros((t, k), dtype=np.int64)

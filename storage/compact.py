@@ -7,9 +7,12 @@ Per position, the K (id, log-prob) pairs are coded as
 2. a canonical order: entries sorted by (code ascending = log-prob descending, id ascending). The
    order among entries with equal codes carries no information the decoded values can show, so it
    is not stored: that is what lets ids inside a run of equal codes be coded as a sorted set (gaps).
+   The codes are coded run by run: one byte holds the run's code step and its length (0 for the
+   position's last run, whose length follows from K), each nibble capped at 15 with larger values
+   continuing as integer symbols. The tail code is stored relative to the last entry's code.
 3. ids: the sampled token (stored anyway in token_ids) is coded by its index in the canonical order;
    the first id of each run is coded whole; later ids of a run as gaps from the previous id. Each
-   integer x >= 0 becomes a byte symbol (bit length + top 2 mantissa bits, left to zstd's entropy
+   integer x >= 0 becomes a byte symbol (bit length + top 3 mantissa bits, left to zstd's entropy
    coder) plus raw low bits packed LSB-first. Gap symbols go to 4 streams by relative position in
    their run, because gaps grow along a run (ids are roughly frequency-ordered).
 
@@ -26,6 +29,10 @@ import numpy as np
 from storage.records import TAIL_LOGPROB_FLOOR
 
 GAP_CONTEXTS = 4
+MANTISSA_BITS = 3  # bits after the leading 1 that an integer symbol holds (the rest are raw)
+RUN_LEN_BITS = 4  # run byte = min(step, STEP_CAP) << RUN_LEN_BITS | min(length field, LEN_CAP) (see encode_runs)
+LEN_CAP = (1 << RUN_LEN_BITS) - 1  # a field at its cap continues as an extra value in ck_runx
+STEP_CAP = (1 << (8 - RUN_LEN_BITS)) - 1
 
 
 @dataclass(frozen=True)
@@ -103,28 +110,31 @@ def dequantize_logprobs(codes: np.ndarray, p: CompactParams) -> np.ndarray:
 
 # ------------------------------------------------------------------ integer symbols
 def int_to_symbols(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x >= 0 -> (uint8 symbol, raw bit width, raw bits). With v = x + 1 and b = floor(log2 v):
-    v < 8 -> symbol v, no raw bits; else symbol 8 + 4 (b - 3) + (next two bits after the leading 1),
-    and the b - 2 low bits of v raw."""
+    """x >= 0 -> (uint8 symbol, raw bit width, raw bits). With m = MANTISSA_BITS, v = x + 1 and
+    b = floor(log2 v): v < 2^(m+1) -> symbol v, no raw bits; else symbol 2^(m+1) + 2^m (b - m - 1) +
+    (the m bits after the leading 1), and the b - m low bits of v raw."""
+    m = MANTISSA_BITS
     v = np.asarray(x, dtype=np.int64) + 1
     b = np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1  # exact for v < 2^53
-    small = v < 8
-    width = np.where(small, 0, b - 2)
-    top2 = (v >> np.maximum(width, 0)) & 3
-    sym = np.where(small, v, 8 + 4 * (b - 3) + top2)
+    small = v < (2 << m)
+    width = np.where(small, 0, b - m)
+    top = (v >> np.maximum(width, 0)) & ((1 << m) - 1)
+    sym = np.where(small, v, (2 << m) + ((b - m - 1) << m) + top)
     raw = v & ((np.int64(1) << width) - 1)
     return sym.astype(np.uint8), width, raw
 
 
 def symbol_widths(sym: np.ndarray) -> np.ndarray:
+    m = MANTISSA_BITS
     s = sym.astype(np.int64)
-    return np.where(s < 8, 0, ((s - 8) >> 2) + 1)
+    return np.where(s < (2 << m), 0, ((s - (2 << m)) >> m) + 1)
 
 
 def symbols_to_int(sym: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    m = MANTISSA_BITS
     s = sym.astype(np.int64)
     width = symbol_widths(sym)
-    v = np.where(s < 8, s, ((4 | ((s - 8) & 3)) << width) | raw)
+    v = np.where(s < (2 << m), s, (((1 << m) | (s & ((1 << m) - 1))) << width) | raw)
     return v - 1
 
 
@@ -181,3 +191,62 @@ def canonical_order(ids_T_K: np.ndarray, codes_T_K: np.ndarray) -> np.ndarray:
     """Permutation [T, K] sorting each position by (code ascending, id ascending)."""
     key = codes_T_K.astype(np.int64) << np.int64(32) | ids_T_K.astype(np.int64)
     return np.argsort(key, axis=1, kind="stable")
+
+
+# ------------------------------------------------------------------ runs of equal codes
+def encode_runs(codes_T_K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Canonically ordered codes [T, K] -> (run byte uint8 [R], flat index t * K + j of each run's
+    first entry [R], extra values [X], run index of each extra value [X]), runs in (t, j) order.
+
+    A run's step is its code for the first run of a position, else its code minus the previous
+    run's code minus 1. Its length field is 0 for the last run of a position (it reaches entry K - 1),
+    else its length L >= 1. Run byte = min(step, STEP_CAP) << RUN_LEN_BITS | min(length field, LEN_CAP);
+    a field equal to its cap continues as an extra value (field - cap: the step's first), in run order.
+    """
+    t, k = codes_T_K.shape
+    flat = codes_T_K.astype(np.int64).ravel()
+    start = np.ones((t, k), dtype=bool)
+    start[:, 1:] = codes_T_K[:, 1:] != codes_T_K[:, :-1]
+    first = np.flatnonzero(start.ravel())
+    length = np.diff(np.append(first, flat.size))
+    step = np.where(first % k == 0, flat[first], flat[first] - flat[np.maximum(first - 1, 0)] - 1)
+    fields = np.stack([step, np.where((first % k) + length == k, 0, length)], axis=1)
+    caps = np.array([STEP_CAP, LEN_CAP])
+    run_byte = (np.minimum(fields[:, 0], STEP_CAP) << RUN_LEN_BITS) | np.minimum(fields[:, 1], LEN_CAP)
+    has_extra = fields >= caps
+    extra = (fields - caps)[has_extra]  # row-major: run order, the step's extra first
+    extra_run = np.repeat(np.arange(first.size), has_extra.sum(axis=1))
+    return run_byte.astype(np.uint8), first, extra, extra_run
+
+
+def run_extra_counts(run_byte: np.ndarray) -> np.ndarray:
+    """Number of extra values (0-2) each run byte announces."""
+    b = run_byte.astype(np.int64)
+    return ((b >> RUN_LEN_BITS) == STEP_CAP).astype(np.int64) + ((b & LEN_CAP) == LEN_CAP)
+
+
+def decode_runs(run_byte: np.ndarray, extra: np.ndarray, t: int, k: int, max_code: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of encode_runs: (codes [T, K], run lengths [R]). Raises ValueError when the runs do not tile T x K."""
+    b = run_byte.astype(np.int64)
+    fields = np.stack([b >> RUN_LEN_BITS, b & LEN_CAP], axis=1)
+    has_extra = fields == np.array([STEP_CAP, LEN_CAP])
+    if extra.size != int(has_extra.sum()):
+        raise ValueError(f"compact codec: ck_runx holds {extra.size} values, ck_runs announces {int(has_extra.sum())} (corrupt data)")
+    fields[has_extra] += extra
+    step, length = fields[:, 0], fields[:, 1]
+    last = length == 0
+    if int(last.sum()) != t or (last.size and not last[-1]):
+        raise ValueError(f"compact codec: ck_runs ends {int(last.sum())} positions, the rows hold {t} (corrupt data)")
+    new_position = np.r_[True, last[:-1]] if last.size else last
+    before = np.cumsum(length) - length
+    j = before - before[np.maximum.accumulate(np.where(new_position, np.arange(last.size), 0))]
+    length = np.where(last, k - j, length)
+    if (length < 1).any() or (~last & (j + length >= k)).any():
+        raise ValueError("compact codec: the runs of ck_runs do not tile the positions (corrupt data)")
+    inc = step + ~new_position
+    csum = np.cumsum(inc)
+    seg = np.maximum.accumulate(np.where(new_position, np.arange(inc.size), 0))
+    code = csum - csum[seg] + inc[seg]
+    if code.size and code.max() > max_code:
+        raise ValueError("compact codec: log-prob codes out of range (corrupt data)")
+    return np.repeat(code, length).reshape(t, k), length

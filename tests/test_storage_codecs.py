@@ -113,6 +113,87 @@ def test_compact_schema_decodes_with_numpy_only_reference(records_large_vocab):
         assert np.allclose(lp, rec.topk_logprobs, atol=1e-5) and np.allclose(tail, rec.tail_logprob, atol=1e-5)
 
 
+def _record(ids: np.ndarray, lp: np.ndarray, sampled: np.ndarray, prompt_id: str = "edge") -> TeacherRecord:
+    r = ids.shape[0]
+    teacher = np.full(r, -0.5, np.float32)
+    return TeacherRecord(
+        prompt_id=prompt_id, sample_index=0, token_ids=np.concatenate([[1, 2], sampled]).astype(np.int32), prompt_len=2,
+        teacher_logprobs=teacher, behavior_logprobs=teacher - 0.25, topk_ids=ids.astype(np.int32),
+        topk_logprobs=lp.astype(np.float32), tail_logprob=compute_tail_logprob(lp.astype(np.float32)), reward=1.0,
+    )
+
+
+def _edge_records(rng: np.random.Generator, k: int, vocab: int, positions: int, lp_rows: np.ndarray) -> list[TeacherRecord]:
+    ids = np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(positions)])
+    if vocab > 2**20:  # the largest ids the format holds
+        ids[:, -1] = vocab - 1 - np.arange(positions)
+    lp = np.sort(lp_rows, axis=1)[:, ::-1]
+    sampled = np.where(rng.random(positions) < 0.7, ids[np.arange(positions), rng.integers(0, k, positions)], vocab - 1)
+    return [_record(ids[:8], lp[:8], sampled[:8], "a"), _record(ids[8:], lp[8:], sampled[8:], "b")]
+
+
+@pytest.mark.parametrize("case", ["k1", "all_equal", "long_runs", "max_ids", "k300"])
+def test_compact_run_coding_edge_cases_round_trip(case):
+    """Runs of every shape (one entry, one run spanning the position, runs longer than a nibble, codes
+    and steps past the nibble cap, ids up to 2^31 - 2) decode exactly, and match the reference decoder."""
+    rng = np.random.default_rng(7)
+    positions = 20
+    k, vocab = {"k1": (1, 50), "all_equal": (40, 5000), "long_runs": (64, 5000), "max_ids": (16, 2**31 - 1), "k300": (300, 400)}[case]
+    if case == "k1":
+        lp = -rng.uniform(0, 60, (positions, 1))
+    elif case == "all_equal":
+        lp = np.full((positions, k), -9.0)
+    elif case == "long_runs":  # a few long plateaus, the first far from the top (big steps), lengths 1..40
+        lp = np.concatenate([np.full((positions, 40), -12.0), np.full((positions, 17), -25.0), -rng.uniform(0, 69, (positions, 7))], 1)
+    else:
+        lp = -rng.exponential(8.0, (positions, k))
+    recs = _edge_records(rng, k, vocab, positions, lp)
+    params = ck.CompactParams()
+    table = encode_records(recs, "compact", k, vocab)
+    out = decode_table(table)
+    meta = codec_info("compact", k, vocab)
+    for i, (a, b) in enumerate(zip(recs, out, strict=True)):
+        _assert_common_exact(a, b)
+        assert np.array_equal(np.sort(a.topk_ids, 1), np.sort(b.topk_ids, 1))
+        order_a, order_b = np.argsort(a.topk_ids, 1), np.argsort(b.topk_ids, 1)
+        assert np.array_equal(ck.quantize_logprobs(np.take_along_axis(a.topk_logprobs, order_a, 1), params),
+                              ck.quantize_logprobs(np.take_along_axis(b.topk_logprobs, order_b, 1), params))
+        assert np.array_equal(ck.quantize_logprobs(a.tail_logprob, params), ck.quantize_logprobs(b.tail_logprob, params))
+        ids, lp_ref, tail = decode_row_numpy_only({name: table[name][i].as_py() for name in table.column_names}, meta)
+        assert np.array_equal(ids, b.topk_ids)
+        assert np.allclose(lp_ref, b.topk_logprobs, atol=1e-5) and np.allclose(tail, b.tail_logprob, atol=1e-5)
+
+
+def test_run_kernel_round_trip_and_caps():
+    rng = np.random.default_rng(3)
+    for k in (1, 2, 15, 16, 17, 50):
+        for _ in range(20):
+            codes = np.sort(rng.choice([0, 1, 14, 15, 16, 30, 31, 84, 200, 255], size=(6, k)), axis=1).astype(np.uint8)
+            run_byte, first, extra, extra_run = ck.encode_runs(codes)
+            assert np.array_equal(ck.run_extra_counts(run_byte), np.bincount(extra_run, minlength=run_byte.size))
+            decoded, length = ck.decode_runs(run_byte, extra, 6, k, 255)
+            assert np.array_equal(decoded, codes) and np.array_equal(np.diff(np.append(first, codes.size)), length)
+    # one run per position: length field 0; K = 1: the byte holds the code
+    run_byte, _, extra, _ = ck.encode_runs(np.array([[3, 3, 3], [40, 40, 40]], np.uint8))
+    assert run_byte.tolist() == [0x30, 0xF0] and extra.tolist() == [25]
+    with pytest.raises(ValueError, match="corrupt"):
+        ck.decode_runs(np.array([0x32], np.uint8), np.zeros(0, np.int64), 1, 3, 255)  # a run of 2 and no last run
+    with pytest.raises(ValueError, match="corrupt"):
+        ck.decode_runs(np.array([0x33, 0x10], np.uint8), np.zeros(0, np.int64), 1, 3, 255)  # a non-last run reaching K
+
+
+def test_old_compact_version_is_refused_clearly(records_large_vocab):
+    import json
+
+    table = encode_records(records_large_vocab[:2], "compact", 32, 5000)
+    info = json.loads(table.schema.metadata[b"lopd.codec"])
+    old = table.replace_schema_metadata({b"lopd.codec": json.dumps({**info, "codec_version": 1}).encode()})
+    with pytest.raises(ValueError, match="version 1.*older lopd"):
+        decode_table(old)
+    plain = encode_records(records_large_vocab[:2], "plain", 32, 5000)
+    assert json.loads(plain.schema.metadata[b"lopd.codec"])["codec_version"] == 1  # plain's layout did not change
+
+
 def test_compact_is_much_smaller_than_plain_at_large_vocab(records_large_vocab):
     import io
 
@@ -226,3 +307,12 @@ def test_decoding_in_slices_equals_decoding_at_once(records_large_vocab, codec, 
     for a, b in zip(whole[1:], sliced, strict=True):
         assert np.array_equal(a.topk_ids, b.topk_ids) and np.array_equal(a.topk_logprobs, b.topk_logprobs)
         assert np.array_equal(a.tail_logprob, b.tail_logprob) and np.array_equal(a.token_ids, b.token_ids)
+
+
+def test_compact_corrupt_columns_are_refused(records_large_vocab):
+    table = encode_records(records_large_vocab[:3], "compact", 32, 5000)
+    for name in ("ck_runs", "ck_runx", "ck_bits", "ck_gap1"):
+        values = table[name].to_pylist()
+        values[1] = values[1][:-1]  # drop the last byte of one row
+        with pytest.raises(ValueError, match="corrupt"):
+            decode_table(table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.binary())))
