@@ -115,12 +115,20 @@ class TeacherLogprobsConfig(ShardParts):
     out: Path
     k: int = Field(8, ge=1, description="top-k teacher log-probs stored per position")
     codec: Literal["plain", "compact"] = "compact"
+    codec_grid: Literal["fine", "lean"] = Field(
+        "fine", description="compact codec's log-prob grid: fine (default) or lean (fewer bytes, ~2.5x the mean KL)")
     engine: EngineConfig = EngineConfig()
     allow_teacher_mismatch: bool = Field(False, description="score even if the teacher differs from the SFT data's teacher (ablations only)")
     privileged_context: bool = Field(False, description="score the teacher with the prompt's privileged_context prepended (OPSD-style)")
     prompts: Path | None = Field(None, description="prompts file; needed only for privileged_context")
     max_seq_len: int | None = Field(None, ge=2)
     overlong: Literal["truncate", "skip"] = "truncate"
+
+    @model_validator(mode="after")
+    def _grid_needs_compact(self) -> "TeacherLogprobsConfig":
+        if self.codec != "compact" and self.codec_grid != "fine":
+            raise ValueError(f"codec_grid={self.codec_grid!r} applies to the compact codec only (codec is {self.codec!r})")
+        return self
 
 
 class LightningLossConfig(Strict):

@@ -31,6 +31,19 @@ TOPK_COLUMNS = {"plain": PLAIN_COLUMNS, "compact": COMPACT_COLUMNS}
 DECODE_CHUNK_ENTRIES = 1 << 18
 
 
+def codec_params(codec: str, grid: str | None = None) -> dict[str, float]:
+    """Parameters of a named quantisation grid of ``codec`` (compact: ``fine``, the default, or ``lean``)."""
+    if codec != "compact":
+        if grid not in (None, "fine"):
+            raise ValueError(f"codec {codec} has no quantisation grid (got grid={grid!r})")
+        return {}
+    if grid is None:
+        return {}
+    if grid not in ck.GRIDS:
+        raise ValueError(f"compact codec: unknown grid {grid!r}; choose one of {', '.join(ck.GRIDS)}")
+    return ck.GRIDS[grid].to_dict()
+
+
 def codec_info(codec: str, k: int, vocab_size: int, **params: float) -> dict:
     """The JSON description of a codec setting; put it in the ShardSet metadata so resume checks it."""
     if codec not in CODECS:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.config import load_run_config
@@ -249,6 +250,23 @@ def test_two_workers_split_the_shards_and_together_equal_one_run(pipeline_run, t
         assert ShardSet.open(out).read_shard(i).equals(ref.read_shard(i))
     with pytest.raises(Exception, match="part=2 must be < num_parts=2"):
         load_run_config(cfg, ["teacher_logprobs.num_parts=2", "teacher_logprobs.part=2"])
+
+
+def test_lean_grid_is_recorded_and_keeps_ids_and_exact_logprobs(pipeline_run, tmp_path):
+    from storage.codecs import decode_table
+    from storage.compact import GRIDS
+
+    tmp, cfg, _ = pipeline_run
+    rc = load_run_config(cfg, [f"teacher_logprobs.out={tmp_path / 'lean'}", "teacher_logprobs.codec_grid=lean"])
+    run_stage("teacher_logprobs", rc.stage("teacher_logprobs"), show_progress=False)
+    lean = ShardSet.open(tmp_path / "lean")
+    assert lean.metadata["params"] == GRIDS["lean"].to_dict() != GRIDS["fine"].to_dict()
+    fine = ShardSet.open(tmp / "run" / "teacher_topk")
+    for a, b in zip(decode_table(fine.read_shard(0)), decode_table(lean.read_shard(0))):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.teacher_logprobs, b.teacher_logprobs)
+        assert np.array_equal(np.sort(a.topk_ids, -1), np.sort(b.topk_ids, -1))
+    with pytest.raises(Exception, match="applies to the compact codec only"):
+        load_run_config(cfg, ["teacher_logprobs.codec=plain", "teacher_logprobs.codec_grid=lean"])
 
 
 @pytest.mark.vllm

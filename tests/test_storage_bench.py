@@ -11,15 +11,17 @@ from storage.synthetic import SyntheticConfig, generate
 
 def test_bench_measures_fidelity_and_size():
     out = run_storage_bench(cases=({"name": "demo", "vocab_size": 20, "k": 8},), positions=512, throughput_tokens=1024, reader_memory=False)
-    by_codec = {c["codec"]: c for c in out["cases"]}
+    by_codec = {f"{c['codec']}-{c['grid']}" if c["grid"] else c["codec"]: c for c in out["cases"]}
+    assert sorted(by_codec) == ["compact-fine", "compact-lean", "plain"]
     for case in by_codec.values():
         assert case["ids_exact"] and case["sampled_and_behavior_logprobs_exact"]
         assert case["write_tokens_per_s"] > 0 and case["read_tokens_per_s"] > 0
         assert case["bytes_per_token"] > case["topk_bytes_per_token"] > 0
     assert by_codec["plain"]["max_abs_logprob_error"] <= 2**-8  # float16 on log-probs >= log(1e-3)
-    assert by_codec["compact"]["max_abs_logprob_error"] <= 0.06 + 0.05  # half the head step, plus the knee region
-    assert 0 < by_codec["compact"]["mean_kl_exact_to_decoded"] <= 1e-3
-    assert by_codec["compact"]["bytes_per_token"] < by_codec["plain"]["bytes_per_token"]
+    fine, lean = by_codec["compact-fine"], by_codec["compact-lean"]
+    assert fine["max_abs_logprob_error"] <= 0.06 + 0.05  # half the head step, plus the knee region
+    assert 0 < fine["mean_kl_exact_to_decoded"] < lean["mean_kl_exact_to_decoded"] <= 1e-3
+    assert lean["bytes_per_token"] <= fine["bytes_per_token"] < by_codec["plain"]["bytes_per_token"]
     assert out["synthetic"] and "summary" in out["generators"]["20"]
 
 

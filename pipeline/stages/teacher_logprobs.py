@@ -19,7 +19,7 @@ from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, t
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import load_prompts
 from pipeline.stages.common import StageResult, log, progress_bar, timed
-from storage.codecs import codec_info, encode_records
+from storage.codecs import codec_info, codec_params, encode_records
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet, WriteBehind
 
@@ -94,8 +94,9 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
     check_tokenizers(cfg.teacher, meta["model_dir"])
     tokenizer = load_tokenizer(cfg.teacher)
     vocab_size = len(tokenizer)
+    params = codec_params(cfg.codec, cfg.codec_grid)
     metadata = {
-        "role": "teacher_topk", **codec_info(cfg.codec, cfg.k, vocab_size),
+        "role": "teacher_topk", **codec_info(cfg.codec, cfg.k, vocab_size, **params),
         "teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher),
         "student_fingerprint": meta.get("student_fingerprint"),
         "sft_teacher_fingerprint": meta.get("sft_teacher_fingerprint"),
@@ -126,7 +127,7 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
         for i in todo:
             rows = rollouts.read_shard(i).to_pylist()
             records, stats = score_table_rows(engine, rows, cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
-            writer.submit(i, partial(encode_records, records, cfg.codec, k=cfg.k, vocab_size=vocab_size))
+            writer.submit(i, partial(encode_records, records, cfg.codec, k=cfg.k, vocab_size=vocab_size, **params))
             totals["sequences"] += len(records)
             totals["tokens"] += sum(len(r.teacher_logprobs) for r in records)
             totals["truncated"] += stats["truncated"]
