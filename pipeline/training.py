@@ -88,17 +88,17 @@ def pad_batch(sequences: list[list[int]] | list[np.ndarray], prompt_lens: list[i
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad to ``input_ids_B_L`` and ``attention_B_L``; ``response_mask_B_L`` marks the *targets*
     (position t of the shifted targets is a response token)."""
-    width = max(len(s) for s in sequences)
-    B = len(sequences)
-    input_ids_B_L = torch.full((B, width), pad_id, dtype=torch.long)
-    attention_B_L = torch.zeros((B, width), dtype=torch.long)
-    response_mask_B_L = torch.zeros((B, width - 1), dtype=torch.bool)
-    for b, (seq, plen) in enumerate(zip(sequences, prompt_lens)):
-        n = len(seq)
-        input_ids_B_L[b, :n] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-        attention_B_L[b, :n] = 1
-        response_mask_B_L[b, plen - 1 : n - 1] = True
-    return input_ids_B_L, attention_B_L, response_mask_B_L
+    lengths_B = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    plens_B = np.asarray(prompt_lens, dtype=np.int64)
+    width = int(lengths_B.max())
+    cols_L = np.arange(width)
+    attention_B_L = cols_L[None, :] < lengths_B[:, None]
+    input_ids_B_L = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    input_ids_B_L[attention_B_L] = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
+    # target t (predicting token t+1) is a response token for plen-1 <= t < n-1
+    response_mask_B_L = (cols_L[None, :-1] >= plens_B[:, None] - 1) & (cols_L[None, :-1] < lengths_B[:, None] - 1)
+    return (torch.from_numpy(input_ids_B_L), torch.from_numpy(attention_B_L.astype(np.int64)),
+            torch.from_numpy(response_mask_B_L))
 
 
 class MetricsWriter:

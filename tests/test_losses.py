@@ -495,3 +495,37 @@ def test_combined_loss():
         combined_loss({"a": a, "b": b}, {"a": 1.0})
     with pytest.raises(ValueError, match="repeats"):
         combined_loss({"a": a, "c": (b[0], {"loss/a": b[1]["loss/b"]})}, {"a": 1.0, "c": 1.0})
+
+
+def test_collate_places_every_record_array_at_its_target_positions():
+    """Ragged rollouts (including an empty response): each per-response array lands at targets
+    prompt_len-1 .. len-2 of its row, padding elsewhere; checked element by element."""
+    import dataclasses
+
+    from pipeline.stages.train import collate
+    from storage.synthetic import make_records
+
+    records = make_records(20, 4, num_rollouts=5, response_len=7, prompt_len=3, seed=2)
+    records = [dataclasses.replace(r, token_ids=r.token_ids[: r.prompt_len + n], teacher_logprobs=r.teacher_logprobs[:n],
+                                   behavior_logprobs=r.behavior_logprobs[:n], topk_ids=r.topk_ids[:n],
+                                   topk_logprobs=r.topk_logprobs[:n], tail_logprob=r.tail_logprob[:n])
+               for r, n in zip(records, [7, 0, 3, 5, 1])]
+    batch = collate(records, pad_id=0)
+    B, L = batch.input_ids_B_L.shape
+    assert (B, L) == (5, 10) and batch.mask_B_T.shape == (5, 9)
+    for b, r in enumerate(records):
+        n = len(r.token_ids)
+        assert batch.input_ids_B_L[b, :n].tolist() == r.token_ids.tolist()
+        assert batch.input_ids_B_L[b, n:].eq(0).all() and batch.attention_B_L[b].sum() == n
+        for t in range(L - 1):
+            j = t - (r.prompt_len - 1)  # response position predicted at target t
+            inside = 0 <= j < n - r.prompt_len
+            assert bool(batch.mask_B_T[b, t]) == inside
+            if inside:
+                assert batch.teacher_logprobs_B_T[b, t] == r.teacher_logprobs[j]
+                assert batch.behavior_logprobs_B_T[b, t] == r.behavior_logprobs[j]
+                assert batch.topk_ids_B_T_K[b, t].tolist() == r.topk_ids[j].tolist()
+                assert torch.equal(batch.topk_logprobs_B_T_K[b, t], torch.from_numpy(r.topk_logprobs[j]))
+                assert batch.tail_logprob_B_T[b, t] == r.tail_logprob[j]
+            else:
+                assert batch.topk_logprobs_B_T_K[b, t].eq(-1e4).all() and batch.tail_logprob_B_T[b, t] == -1e4

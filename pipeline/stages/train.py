@@ -55,25 +55,26 @@ class Batch:
 
 def collate(records: list[TeacherRecord], pad_id: int) -> Batch:
     """Right-pad token ids; scatter each record's per-response-position arrays to target positions
-    ``prompt_len-1 .. len-2`` of the shifted sequence."""
+    ``prompt_len-1 .. len-2`` of the shifted sequence (exactly where ``mask_B_T`` is true, row by row)."""
     input_ids_B_L, attention_B_L, mask_B_T = pad_batch([r.token_ids for r in records],
                                                        [r.prompt_len for r in records], pad_id)
     B, T = mask_B_T.shape
     K = records[0].topk_ids.shape[1]
-    teacher_B_T = torch.zeros(B, T)
-    behavior_B_T = torch.zeros(B, T)
-    topk_ids_B_T_K = torch.zeros(B, T, K, dtype=torch.long)
-    topk_lp_B_T_K = torch.full((B, T, K), -1e4)
-    tail_B_T = torch.full((B, T), -1e4)
-    for b, r in enumerate(records):
-        s, e = r.prompt_len - 1, len(r.token_ids) - 1
-        teacher_B_T[b, s:e] = torch.tensor(r.teacher_logprobs, dtype=torch.float32)
-        behavior_B_T[b, s:e] = torch.tensor(r.behavior_logprobs, dtype=torch.float32)
-        topk_ids_B_T_K[b, s:e] = torch.tensor(r.topk_ids, dtype=torch.long)
-        topk_lp_B_T_K[b, s:e] = torch.tensor(r.topk_logprobs, dtype=torch.float32)
-        tail_B_T[b, s:e] = torch.tensor(r.tail_logprob, dtype=torch.float32)
-    return Batch(input_ids_B_L, attention_B_L, mask_B_T, teacher_B_T, behavior_B_T, topk_ids_B_T_K,
-                 topk_lp_B_T_K, tail_B_T)
+    where = mask_B_T.numpy()
+
+    def scatter(parts: list[np.ndarray], fill: float, dtype: type, tail: tuple[int, ...] = ()) -> torch.Tensor:
+        out = np.full((B, T, *tail), fill, dtype=dtype)
+        out[where] = np.concatenate(parts).astype(dtype, copy=False)
+        return torch.from_numpy(out)
+
+    return Batch(
+        input_ids_B_L, attention_B_L, mask_B_T,
+        scatter([r.teacher_logprobs for r in records], 0.0, np.float32),
+        scatter([r.behavior_logprobs for r in records], 0.0, np.float32),
+        scatter([r.topk_ids for r in records], 0, np.int64, (K,)),
+        scatter([r.topk_logprobs for r in records], -1e4, np.float32, (K,)),
+        scatter([r.tail_logprob for r in records], -1e4, np.float32),
+    )
 
 
 def compute_losses(cfg: TrainConfig, logits_B_T_V: torch.Tensor, batch: Batch, token_normalizer: torch.Tensor,
