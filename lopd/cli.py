@@ -144,7 +144,9 @@ def teacher_sft_data(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt 
 
 @app.command("sft")
 def sft(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
-    """Stage 1b: fine-tune the student on the teacher's answers (writes an HF model dir)."""
+    """Stage 1b: fine-tune the student on the teacher's answers (writes an HF model dir). Resumes from its latest
+    checkpoint. Multi-GPU / multi-node: `torchrun --nproc-per-node N --no-python lopd sft -c C` (sft.fsdp: true
+    for FSDP2)."""
     _stage("sft", config, set_, run_dir, quiet)
 
 

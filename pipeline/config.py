@@ -95,6 +95,7 @@ class SftConfig(Strict):
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N steps (in <out>_logs/ckpt)")
     keep_checkpoints: int = Field(1, ge=1, description="how many of the newest checkpoints to keep")
+    fsdp: bool = Field(False, description="wrap with FSDP2 instead of DDP when run under torchrun")
 
 
 class RolloutsConfig(ShardParts):

@@ -163,6 +163,58 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool) -> torch.nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` per decoder layer, then the root) under torchrun; as is for one process."""
+    if info.world_size == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(getattr(model, "model", model), "layers", []):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The whole model's state on CPU (a collective under FSDP: every rank must call it)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict()
+
+
+def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        unwrap(model).load_state_dict(sd)
+
+
+def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
+    """The optimiser state as one full (unsharded) dict, so any world size can resume from it."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
 def save_hf_model(model: torch.nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any] | None = None) -> Path:
     """Write an HF model directory atomically (temp dir, then rename); the provenance file goes in too."""
     from pipeline.fingerprint import write_provenance
@@ -226,9 +278,14 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
               optim: OptimConfig, pad_id: int, metrics: MetricsWriter | None = None, log_every: int = 20,
               description: str = "sft", show_progress: bool = True,
               on_log: Callable[[int, dict], None] | None = None, ckpt_root: Path | None = None,
-              checkpoint_every: int = 0, keep_checkpoints: int = 1, run_key: str = "") -> dict[str, float]:
+              checkpoint_every: int = 0, keep_checkpoints: int = 1, run_key: str = "",
+              info: DistInfo | None = None, fsdp: bool = False) -> dict[str, float]:
     """Plain next-token SFT on response tokens; shared by `lopd sft`, the demo teacher bootstrap and the
     demo's SFT-continued control.
+
+    Data parallel under torchrun (``info``; ``model`` already wrapped by ``wrap_model``): every rank reads the
+    same example stream, takes every world_size-th example of each global batch of ``batch_size``, and the loss
+    is normalised by the global response-token count, so any world size takes the same optimiser steps.
 
     With ``ckpt_root`` it saves model, optimiser, scheduler and RNG every ``checkpoint_every`` steps and resumes
     from the latest checkpoint, skipping the examples already consumed (``examples`` must be the same
@@ -236,6 +293,8 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
     """
     from pipeline.stages.common import log, progress_bar
 
+    info = info or DistInfo()
+    device = next(model.parameters()).device
     model.train()
     opt = make_optimizer(model, optim)
     sched = make_scheduler(opt, optim, steps)
@@ -246,8 +305,8 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
         if state["run_key"] != run_key:
             raise ValueError(f"{ckpt_root}: checkpoint was written by a different SFT run (other data, model or "
                              f"config: {state['run_key']} vs {run_key}); delete {ckpt_root} to start over")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_model_state(model, state["model"], fsdp)
+        load_optimizer_state(model, opt, state["optimizer"], fsdp)
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
@@ -256,34 +315,43 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
         log.info("%s: resuming from %s at step %d", description, ckpt_root / f"step-{start_step:06d}", start_step)
 
     start = time.perf_counter() - seconds
-    with progress_bar(not show_progress) as bar:
+    with progress_bar(not (show_progress and info.is_main)) as bar:
         task = bar.add_task(description, total=steps, completed=start_step, rate="")
         for step in range(start_step + 1, steps + 1):
-            batch = [next(examples) for _ in range(batch_size)]
+            batch = [next(examples) for _ in range(batch_size)][info.rank :: info.world_size]
             input_ids_B_L, attention_B_L, mask_B_T = pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
+            input_ids_B_L, attention_B_L, mask_B_T = input_ids_B_L.to(device), attention_B_L.to(device), mask_B_T.to(device)
+            step_tokens = all_reduce_sum(mask_B_T.sum().to(torch.float64), info)
             logits_B_T_V = model(input_ids=input_ids_B_L, attention_mask=attention_B_L).logits[:, :-1].float()
-            loss, parts = sft_cross_entropy(logits_B_T_V, input_ids_B_L[:, 1:], mask_B_T)
+            loss, parts = sft_cross_entropy(logits_B_T_V, input_ids_B_L[:, 1:], mask_B_T,
+                                            normalizer=step_tokens.clamp_min(1).float())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP/FSDP average gradients over ranks; the loss is already divided by the global token count.
+            (loss * info.world_size).backward()
             if optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             opt.step()
             sched.step()
-            tokens += int(mask_B_T.sum())
+            tokens += int(step_tokens)
             if step % log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - start
-                last = {"step": step, "loss/sft": loss.item(), "optim/lr": sched.get_last_lr()[0],
+                loss_value = float(all_reduce_sum(loss.detach().to(torch.float64), info))
+                last = {"step": step, "loss/sft": loss_value, "optim/lr": sched.get_last_lr()[0],
                         "progress/tokens": tokens, "perf/tokens_per_s": tokens / max(elapsed, 1e-9)}
-                if metrics:
+                if metrics and info.is_main:
                     metrics.write(last)
                 if on_log:
                     on_log(step, last)
-                bar.update(task, rate=f"loss {loss.item():.3f}")
+                bar.update(task, rate=f"loss {loss_value:.3f}")
             if ckpt_root is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                save_checkpoint(ckpt_root, step, {
-                    "run_key": run_key, "step": step, "tokens": tokens, "seconds": time.perf_counter() - start,
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": rng_state()}, keep_last=keep_checkpoints)
+                model_sd, opt_sd = full_state_dict(model, fsdp), optimizer_state(model, opt, fsdp)
+                if info.is_main:
+                    save_checkpoint(ckpt_root, step, {
+                        "run_key": run_key, "step": step, "tokens": tokens, "seconds": time.perf_counter() - start,
+                        "model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
+                        "rng": rng_state()}, keep_last=keep_checkpoints)
+                if info.world_size > 1:
+                    dist.barrier()
             bar.update(task, advance=1)
     model.eval()
     return last

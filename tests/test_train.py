@@ -243,3 +243,30 @@ def test_online_baseline_resumes_with_the_samples_of_an_uninterrupted_run(shards
         curves[name] = [r["loss/total"] for r in map(json.loads, (tmp / name / "metrics.jsonl").read_text().splitlines())]
     assert len(curves["online_ref"]) == 4
     assert curves["online_cut"] == curves["online_ref"]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_sft_two_processes_match_one_process(shards_run, fsdp):
+    """SFT under torchrun (2 CPU processes, gloo): each rank takes half of every global batch and the loss is
+    normalised by the global token count, so the loss curve and the weights equal a one-process run's."""
+    tmp, cfg = shards_run
+    name = "fsdp2" if fsdp else "ddp"
+    common = ["--set", "sft.steps=6", "--set", "sft.batch_size=8", "--set", "sft.log_every=1",
+              "--set", "sft.checkpoint_every=3", "--set", f"sft.fsdp={str(fsdp).lower()}"]
+    single = tmp / f"sft_single_{name}"
+    lopd("sft", "-c", str(cfg), "-q", "--set", f"sft.out={single}", *common)
+    multi = tmp / f"sft_multi_{name}"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29541" if fsdp else "29539",
+                          "-m", "lopd.cli", "sft", "-c", str(cfg), "-q", "--set", f"sft.out={multi}", *common],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = [json.loads(x) for x in (tmp / f"{single.name}_logs" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (tmp / f"{multi.name}_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert [r["progress/tokens"] for r in got] == [r["progress/tokens"] for r in ref]
+    assert got[0]["loss/sft"] == pytest.approx(ref[0]["loss/sft"], rel=1e-5)
+    assert [r["loss/sft"] for r in got] == pytest.approx([r["loss/sft"] for r in ref], rel=1e-3)
+    a_sd, b_sd = load_model(single).state_dict(), load_model(multi).state_dict()
+    assert all(torch.allclose(a_sd[k], b_sd[k], atol=1e-4) for k in a_sd)
+    assert (multi / "lopd_provenance.json").exists() and not (tmp / f"{multi.name}_logs" / "ckpt").exists()

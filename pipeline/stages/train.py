@@ -26,9 +26,10 @@ from pipeline.config import OnlineConfig, TrainConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance
 from pipeline.models import encode_prompt, load_model, load_tokenizer
 from pipeline.stages.common import StageResult, log, progress_bar
-from pipeline.training import (DistInfo, MetricsWriter, all_reduce_sum, device_for, load_latest_checkpoint,
-                               make_optimizer, make_scheduler, pad_batch, plot_metrics, rng_state, save_checkpoint,
-                               save_hf_model, seed_everything, set_rng_state, setup_distributed, unwrap)
+from pipeline.training import (DistInfo, MetricsWriter, all_reduce_sum, device_for, full_state_dict,
+                               load_latest_checkpoint, load_model_state, load_optimizer_state, make_optimizer,
+                               make_scheduler, optimizer_state, pad_batch, plot_metrics, rng_state, save_checkpoint,
+                               save_hf_model, seed_everything, set_rng_state, setup_distributed, unwrap, wrap_model)
 from storage.reader import ReaderState, iter_batches
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet
@@ -171,29 +172,6 @@ class OnlineBatches:
                 for (i, j, g), seq, start, sc in zip(meta, seqs, starts, scored)][:n_sequences]
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool) -> torch.nn.Module:
-    if info.world_size == 1:
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in getattr(getattr(model, "model", model), "layers", []):
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model)
-
-
-def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(model).state_dict()
-
-
 EvalHook = Callable[[torch.nn.Module], dict[str, float]]
 
 
@@ -249,10 +227,7 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
         if state["config_hash"] != chash:
             raise ValueError(f"{ckpt_root}: checkpoint was written with a different training config "
                              f"({state['config_hash']} vs {chash}); use a new train.out or delete {ckpt_root}")
-        if cfg.fsdp:
-            _load_fsdp(model, state["model"])
-        else:
-            unwrap(model).load_state_dict(state["model"])
+        load_model_state(model, state["model"], cfg.fsdp)
         load_optimizer_state(model, opt, state["optimizer"], cfg.fsdp)
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -353,30 +328,6 @@ def _finalise(sums: dict[str, float], micro_batches: list[Batch]) -> dict[str, f
     """Loss terms are already globally normalised (sum over micro-batches); ratio/mean metrics are averaged."""
     n = len(micro_batches)
     return {k: (v if k.startswith("loss/") else v / n) for k, v in sums.items()}
-
-
-def _load_fsdp(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
-
-
-def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
-    """The optimiser state as one full (unsharded) dict, so any world size can resume from it."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return opt.state_dict()
-
-
-def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(state)
 
 
 def _checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
