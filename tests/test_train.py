@@ -130,6 +130,10 @@ def test_torchrun_ddp_two_processes_gloo(shards_run):
     assert (out / "final" / "config.json").exists()
     ckpt = torch.load(out / "ckpt" / "step-000006" / "state.pt", weights_only=False)
     assert len(ckpt["reader"]) == 2  # each rank's reader position is saved for resume
+    # one process cannot continue two ranks' streams: a clear error, nothing overwritten
+    res = lopd("train", "-c", str(cfg), "-q", "--set", f"train.out={out}", "--set", "train.steps=8", check=False)
+    assert res.returncode == 2 and "written by 2 process(es), this run has 1" in " ".join(res.stderr.split())
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
 
 
 def test_online_opd_baseline_runs_with_a_live_teacher(shards_run, trained_models):

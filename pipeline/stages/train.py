@@ -232,6 +232,11 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
+        saved_world = len(state.get("reader") or state.get("online") or [None])
+        if saved_world != info.world_size:
+            # each rank's stream position is saved; another world size would see other sequences
+            raise ValueError(f"{ckpt_root}: checkpoint was written by {saved_world} process(es), this run has "
+                             f"{info.world_size}; resume with --nproc-per-node {saved_world} or use a new train.out")
         reader_state = ReaderState.from_dict(state["reader"][info.rank]) if state.get("reader") else None
         log.info("train: resuming from %s at step %d", ckpt_root / f"step-{start_step:06d}", start_step)
 
