@@ -231,6 +231,19 @@ def save_hf_model(model: torch.nn.Module, tokenizer: Any, out: Path, provenance:
     return out
 
 
+def save_trained_model(model: torch.nn.Module, fsdp: bool, info: DistInfo, base_dir: Path, tokenizer: Any,
+                       out: Path, provenance: dict[str, Any]) -> None:
+    """Every rank calls it (gathering the full state is a collective under FSDP); the main rank writes the
+    trained weights as an HF model dir with ``base_dir``'s config, atomically, with ``provenance``."""
+    from pipeline.models import load_model
+
+    sd = full_state_dict(model, fsdp)
+    if info.is_main:
+        final = load_model(base_dir)
+        final.load_state_dict(sd)
+        save_hf_model(final, tokenizer, out, provenance)
+
+
 def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int | None = None) -> Path:
     """``ckpt_root/step-000050/state.pt`` written to a temp name then renamed; ``latest`` points at it.
     ``keep_last``: then delete all but the newest ``keep_last`` checkpoints (None keeps every one)."""

@@ -19,8 +19,8 @@ from pipeline.config import SftConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance
 from pipeline.models import load_model, load_tokenizer
 from pipeline.stages.common import StageResult, log, timed
-from pipeline.training import (Example, MetricsWriter, device_for, full_state_dict, latest_checkpoint_step,
-                               plot_metrics, save_hf_model, seed_everything, setup_distributed, sft_train, wrap_model)
+from pipeline.training import (Example, MetricsWriter, device_for, latest_checkpoint_step, plot_metrics,
+                               save_trained_model, seed_everything, setup_distributed, sft_train, wrap_model)
 from storage.shardset import ShardSet
 
 
@@ -80,11 +80,8 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
                          log_every=cfg.log_every, show_progress=show_progress, ckpt_root=ckpt_root,
                          checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                          run_key=sft_run_key(provenance, data.manifest), info=info, fsdp=cfg.fsdp)
-    state = full_state_dict(model, cfg.fsdp)  # a collective under FSDP: every rank takes part
+    save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, cfg.out, provenance)
     if info.is_main:
-        final = load_model(cfg.student)
-        final.load_state_dict(state)
-        save_hf_model(final, tokenizer, cfg.out, provenance)
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the final model dir is the durable result
         plot_metrics(metrics.path, metrics.path.with_name("sft_curves.png"), ["loss/sft", "optim/lr"], "SFT")
     if info.world_size > 1:

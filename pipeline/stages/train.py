@@ -29,7 +29,7 @@ from pipeline.stages.common import StageResult, log, progress_bar
 from pipeline.training import (DistInfo, MetricsWriter, all_reduce_sum, device_for, full_state_dict,
                                load_latest_checkpoint, load_model_state, load_optimizer_state, make_optimizer,
                                make_scheduler, optimizer_state, pad_batch, plot_metrics, rng_state, save_checkpoint,
-                               save_hf_model, seed_everything, set_rng_state, setup_distributed, unwrap, wrap_model)
+                               save_trained_model, seed_everything, set_rng_state, setup_distributed, unwrap, wrap_model)
 from storage.reader import ReaderState, iter_batches
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet
@@ -315,11 +315,8 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
                   "opd_teacher_fingerprint": shard_meta.get("teacher_fingerprint"),
                   "teacher_mismatch_allowed": shard_meta.get("teacher_mismatch_allowed"),
                   "online": cfg.online is not None}
-    sd = full_state_dict(model, cfg.fsdp)  # a collective under FSDP: every rank takes part
+    save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, final_dir, provenance)
     if info.is_main:
-        base = load_model(cfg.student)
-        base.load_state_dict(sd)
-        save_hf_model(base, tokenizer, final_dir, provenance)
         plot_metrics(out / "metrics.jsonl", out / "curves.png",
                      title="online OPD" if cfg.online else "offline OPD (Lightning)")
     if info.world_size > 1:
