@@ -316,3 +316,27 @@ def test_compact_corrupt_columns_are_refused(records_large_vocab):
         values[1] = values[1][:-1]  # drop the last byte of one row
         with pytest.raises(ValueError, match="corrupt"):
             decode_table(table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.binary())))
+
+
+@pytest.mark.parametrize("codec,grid", [("plain", None), ("compact", "fine"), ("compact", "lean")])
+def test_topk_ids_in_padded_output_rows_round_trip(codec, grid):
+    """The vocabulary is the model's output size, which can exceed the tokenizer (Qwen3: 151,936 rows for
+    151,669 tokens); top-k ids in the padded rows, the last row included, are ordinary ids to every codec."""
+    from storage.codecs import codec_params
+
+    tokenizer_size, vocab, k = 300, 320, 8
+    recs = make_records(tokenizer_size, k, num_rollouts=3, response_len=20, seed=5)
+    for r in recs:
+        t = np.arange(r.topk_ids.shape[0])
+        r.topk_ids[:, 1] = vocab - 1  # distinct from the others (all < tokenizer_size)
+        r.topk_ids[:, 3] = tokenizer_size + t % 19
+    params = codec_params(codec, grid)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        encode_records(recs, codec, k, tokenizer_size, **params)
+    out = decode_table(encode_records(recs, codec, k, vocab, **params))
+    for a, b in zip(recs, out, strict=True):
+        _assert_common_exact(a, b)
+        assert np.array_equal(np.sort(a.topk_ids, 1), np.sort(b.topk_ids, 1))
+        assert (b.topk_ids >= tokenizer_size).sum() == 2 * len(b.topk_ids)
+        if codec == "plain":
+            assert np.array_equal(a.topk_ids, b.topk_ids)

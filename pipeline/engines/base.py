@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.config import EngineConfig, SamplingConfig
@@ -42,6 +44,21 @@ class Engine(Protocol):
         """Untempered (temperature 1) log-probs of each sequence's tokens from ``start`` on, with the top-k."""
 
     def close(self) -> None: ...
+
+
+def model_vocab_size(model_dir: str | Path, tokenizer_size: int) -> int:
+    """The vocabulary a teacher's top-k ids live in: the model's output size (``vocab_size`` of its config,
+    the rows of its lm head), not ``len(tokenizer)``. Checkpoints pad the output layer (Qwen3: 151,936 rows
+    for 151,669 tokens) and a padded row can reach the top-k. A tokenizer larger than the model is an error:
+    some of its ids would have no logit."""
+    from transformers import AutoConfig
+
+    vocab = int(AutoConfig.from_pretrained(str(model_dir)).get_text_config().vocab_size)
+    if tokenizer_size > vocab:
+        raise ValueError(f"{model_dir}: the tokenizer has {tokenizer_size} tokens but the model's output layer only "
+                         f"{vocab} rows (config vocab_size); ids >= {vocab} would have no logit. The model and "
+                         "tokenizer do not belong together.")
+    return vocab
 
 
 def make_engine(model_dir: str, cfg: EngineConfig, seed: int = 0, max_logprobs: int = 20) -> Engine:

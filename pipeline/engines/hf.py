@@ -24,6 +24,8 @@ class HFEngine:
         self.tokenizer = load_tokenizer(model_dir)
         self.model = model if model is not None else load_model(model_dir, cfg.dtype)
         self.model.eval()
+        # the output size (lm-head rows) can exceed len(tokenizer): padded rows are ids too
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.eos_id = self.tokenizer.eos_token_id
         # Stop where vLLM stops: the tokenizer's EOS and every end token of generation_config.json (chat models
         # have several), and at the model's position limit counting the prompt.

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import TeacherLogprobsConfig
-from pipeline.engines.base import Engine, make_engine
+from pipeline.engines.base import Engine, make_engine, model_vocab_size
 from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import load_prompts
@@ -93,7 +93,8 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
                     "scoring teacher %s (recorded in the shards)", meta.get("sft_teacher_fingerprint"), teacher_fp)
     check_tokenizers(cfg.teacher, meta["model_dir"])
     tokenizer = load_tokenizer(cfg.teacher)
-    vocab_size = len(tokenizer)
+    # top-k ids index the model's output rows, which may be more than the tokenizer's tokens (padding)
+    vocab_size = model_vocab_size(cfg.teacher, len(tokenizer))
     params = codec_params(cfg.codec, cfg.codec_grid)
     metadata = {
         "role": "teacher_topk", **codec_info(cfg.codec, cfg.k, vocab_size, **params),
