@@ -5,6 +5,7 @@ from storage.reader import ReaderState, iter_batches
 from storage.records import TAIL_LOGPROB_FLOOR, TeacherRecord, compute_tail_logprob
 from storage.shardset import (
     CorruptShardError,
+    IncompleteShardSetError,
     ShardSet,
     ShardSetError,
     ShardSetMismatchError,
@@ -16,6 +17,7 @@ __all__ = [
     "CODECS",
     "TAIL_LOGPROB_FLOOR",
     "CorruptShardError",
+    "IncompleteShardSetError",
     "ReaderState",
     "ShardSet",
     "ShardSetError",

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from storage.codecs import KV_CODEC
-from storage.shardset import KV_FORMAT, KV_KIND, KV_METADATA, MANIFEST, ShardSet, file_sha256
-
-_PARQUET_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+from storage.shardset import ShardSet, find_problems
 
 
 def inspect_shards(path: Path | str) -> dict:
     """A JSON-able summary: kind, metadata, fingerprints, codec, rows, tokens, bytes/token, schema, per-column bytes."""
     shard_set = ShardSet.open(Path(path))
+    shard_set.require_intact(finished=False)  # an unfinished set can be inspected, a damaged one cannot
     manifest = shard_set.manifest
     sidecars = [shard_set.sidecar(i) for i in shard_set.complete_indices()]
     first = pq.ParquetFile(shard_set.shard_path(shard_set.complete_indices()[0]))
@@ -64,70 +62,7 @@ def _column_bytes(shard_set: ShardSet, per_token: int) -> dict[str, float]:
 
 
 def verify_shards(path: Path | str) -> list[str]:
-    """Problems found (empty list = OK): checksums, truncation, missing sidecars, metadata consistency."""
-    root = Path(path)
-    if not (root / MANIFEST).exists():
-        return [f"{root}: no {MANIFEST}; not a lopd shard set"]
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except json.JSONDecodeError as err:
-        return [f"{root / MANIFEST}: unreadable JSON ({err})"]
-    shard_set = ShardSet(root, manifest["kind"], manifest["metadata"])
-    complete = shard_set.complete_indices()
-    problems = _orphan_problems(root, set(complete))
-    for index in complete:
-        problems += _shard_problems(shard_set, index, manifest)
-    problems += _manifest_problems(root, manifest, shard_set, complete)
-    return problems
-
-
-def _orphan_problems(root: Path, complete: set[int]) -> list[str]:
-    problems = []
-    for p in sorted(root.iterdir()):
-        m = _PARQUET_RE.match(p.name)
-        if m and int(m.group(1)) not in complete:
-            problems.append(f"{p}: no sidecar {p.with_suffix('.json').name}, so the shard is incomplete; rerun the stage to redo it")
-    return problems
-
-
-def _shard_problems(shard_set: ShardSet, index: int, manifest: dict) -> list[str]:
-    path, info = shard_set.shard_path(index), shard_set.sidecar(index)
-    fix = f"delete {path.name} and {path.with_suffix('.json').name} and rerun the stage"
-    if not path.exists():
-        return [f"{path}: missing although its sidecar exists; {fix}"]
-    size = path.stat().st_size
-    if size != info["bytes"]:
-        return [f"{path}: {size} bytes on disk, {info['bytes']} in the sidecar (truncated or overwritten); {fix}"]
-    if file_sha256(path) != info["sha256"]:
-        return [f"{path}: sha256 differs from the sidecar (bytes modified); {fix}"]
-    try:
-        kv = pq.ParquetFile(path).schema_arrow.metadata or {}
-    except Exception as err:  # pyarrow raises several types for a bad footer
-        return [f"{path}: unreadable Parquet ({err}); {fix}"]
-    problems = []
-    if kv.get(KV_KIND, b"").decode() != manifest["kind"]:
-        problems.append(f"{path}: Parquet metadata kind {kv.get(KV_KIND, b'').decode()!r} differs from the manifest's {manifest['kind']!r}")
-    shard_meta = json.loads(kv[KV_METADATA]) if KV_METADATA in kv else None
-    if shard_meta != manifest["metadata"]:
-        keys = sorted(k for k in set(shard_meta or {}) | set(manifest["metadata"]) if (shard_meta or {}).get(k) != manifest["metadata"].get(k))
-        problems.append(f"{path}: Parquet metadata differs from the manifest in {', '.join(keys) or 'lopd.metadata (missing)'} (fingerprints must match across shards)")
-    if KV_FORMAT not in kv:
-        problems.append(f"{path}: no lopd.format_version in the Parquet metadata")
-    return problems
-
-
-def _manifest_problems(root: Path, manifest: dict, shard_set: ShardSet, complete: list[int]) -> list[str]:
-    problems = []
-    if not complete:
-        problems.append(f"{root}: no complete shard")
-    listed = sorted(s["index"] for s in manifest.get("shards", []))
-    if listed != complete:
-        problems.append(f"{root / MANIFEST}: lists shards {listed}, the sidecars say {complete}; it is rebuilt by ShardSet.finalize() (rerun the stage)")
-    expected = manifest.get("expected_shards")
-    if expected is not None:
-        missing = sorted(set(range(expected)) - set(complete))
-        if missing:
-            problems.append(f"{root}: {len(missing)} of {expected} expected shards missing (first: {missing[:5]}); rerun the stage to finish it")
-    if not manifest.get("complete"):
-        problems.append(f"{root}: the manifest is not marked complete (the writing stage did not finish); rerun it")
-    return problems
+    """Problems found, one line each naming the file and the fix (empty list = intact): checksums, truncation,
+    missing or damaged sidecars, a damaged manifest, metadata consistency, completeness. Never raises on a
+    damaged set; see ShardSet.problems."""
+    return find_problems(Path(path), checksums=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from lopd.errors import LopdUserError
 from storage.codecs import decode_table
 from storage.records import TeacherRecord
 from storage.shardset import CorruptShardError, ShardSet, corrupt_shard_message
@@ -116,9 +117,7 @@ class _Units:
         self.units: list[tuple[int, int]] = []
         self.rows: list[int] = []
         for index in shard_set.complete_indices():
-            path, info = shard_set.shard_path(index), shard_set.sidecar(index)
-            if not path.exists() or path.stat().st_size != info["bytes"]:
-                raise CorruptShardError(corrupt_shard_message(path, "missing or truncated: its size differs from the sidecar"))
+            path = shard_set.shard_path(index)
             try:
                 sizes = shard_set.row_group_sizes(index)
             except Exception as err:  # an unreadable footer is a corrupt shard, whatever pyarrow raises
@@ -157,13 +156,19 @@ def iter_batches(
     drop_last: bool = False,
 ) -> Iterator[tuple[list[TeacherRecord], ReaderState]]:
     """Yield (batch of TeacherRecords, state to resume after it). Batches never span epochs; the
-    last one of an epoch is short unless drop_last. num_epochs=None streams forever."""
+    last one of an epoch is short unless drop_last. num_epochs=None streams forever.
+
+    Checks run when called, before the first batch: a shard set that is unfinished (manifest not complete,
+    a listed or expected shard missing) or damaged (a file that does not parse or contradicts the others)
+    raises IncompleteShardSetError / CorruptShardError naming the file and the fix. A shard's checksum is
+    verified when it is first read (once per process; verify=False skips it)."""
     _check_args(batch_size, shuffle_buffer, rank, world_size, worker, num_workers)
     shard_set = shardset_or_root if isinstance(shardset_or_root, ShardSet) else ShardSet.open(Path(shardset_or_root))
+    shard_set.require_intact()
     units = _Units(shard_set, verify)
     readers = world_size * num_workers
     if len(units.units) < readers:
-        raise ValueError(
+        raise LopdUserError(
             f"{shard_set.root} has {len(units.units)} row groups for {readers} readers (world_size x num_workers): "
             "every reader needs at least one; write smaller row groups (ShardSet.write_shard row_group_size) or more shards"
         )
@@ -171,6 +176,11 @@ def iter_batches(
     if start is not None:
         _check_resume(start, state)
         state.epoch, state.position = start.epoch, start.position
+    return _stream(units, state, batch_size, drop_last, num_epochs)
+
+
+def _stream(units: _Units, state: ReaderState, batch_size: int, drop_last: bool,
+            num_epochs: int | None) -> Iterator[tuple[list[TeacherRecord], ReaderState]]:
     while num_epochs is None or state.epoch < num_epochs:
         yield from _epoch_batches(units, state, batch_size, drop_last)
         state.epoch, state.position = state.epoch + 1, 0
@@ -179,7 +189,7 @@ def iter_batches(
 def _check_resume(start: ReaderState, current: ReaderState) -> None:
     for field in ("seed", "rank", "world_size", "worker", "num_workers", "shuffle_buffer", "num_units"):
         if getattr(start, field) != getattr(current, field):
-            raise ValueError(
+            raise LopdUserError(
                 f"cannot resume exactly: the saved reader state has {field}={getattr(start, field)}, this reader has "
                 f"{getattr(current, field)} (the shard set or the reader settings changed since the state was saved)"
             )

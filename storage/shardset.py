@@ -11,6 +11,15 @@ moment leaves at worst a shard without a sidecar (redone on resume) and `*.tmp-<
 (removed by the next `create()`). manifest.json is rebuilt from all sidecars after each shard and by
 `finalize()`, so writers of different shards of one directory (e.g. parallel Prefect workers) do not
 lose each other's shards.
+
+Reading refuses a damaged or unfinished set up front (``require_complete``): every file is parsed and
+checked against the others (sidecars against the manifest and the Parquet footers, the manifest's shard
+list, totals and completeness), and each problem names the file and the fix. ``problems()`` is that
+check plus the checksums; ``lopd shards verify`` prints it.
+
+Resume identity is the metadata minus its ``provenance`` sub-dict: fingerprints and settings say what the
+content is; ``provenance`` (input paths) only says where it came from, so a run directory that moved, or a
+rerun from another working directory, resumes.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lopd.errors import LopdUserError, MissingInputError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 KV_KIND = b"lopd.kind"
@@ -40,14 +51,25 @@ DEFAULT_ZSTD_LEVEL = 3
 # across ranks and bound reader memory, large enough to keep Parquet overhead negligible.
 TARGET_ROW_GROUP_BYTES = 4 << 20
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.json$")
+_PARQUET_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 _TMP_RE = re.compile(r"\.tmp-(\d+)$")
+PROVENANCE = "provenance"  # metadata key whose value is provenance only (paths): not part of resume identity
+_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "format_version": (int,), "kind": (str,), "metadata": (dict,), "shards": (list,), "totals": (dict,),
+    "expected_shards": (int, type(None)), "complete": (bool,),
+}
+_SIDECAR_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "index": (int,), "rows": (int,), "row_groups": (int,), "bytes": (int,), "sha256": (str,),
+    "created": (str,),
+}
+_SIDECAR_OPTIONAL = {"tokens": (int,), "response_tokens": (int,)}
 
 
-class ShardSetError(Exception):
-    """Base class of shard set errors."""
+class ShardSetError(LopdUserError):
+    """Base class of shard set errors; the message names the file and the fix."""
 
 
-class ShardSetNotFoundError(ShardSetError, FileNotFoundError):
+class ShardSetNotFoundError(ShardSetError, MissingInputError):
     """The directory holds no shard set (no manifest.json / no complete shard)."""
 
 
@@ -56,7 +78,13 @@ class ShardSetMismatchError(ShardSetError):
 
 
 class CorruptShardError(ShardSetError):
-    """A shard's bytes do not match its sidecar (truncated, modified or unreadable)."""
+    """A file of the shard set is damaged: a shard's bytes differ from its sidecar (truncated, modified,
+    unreadable), or a sidecar, the manifest or a Parquet footer cannot be parsed or contradicts the others."""
+
+
+class IncompleteShardSetError(ShardSetError):
+    """The shard set is unfinished: the manifest is not marked complete, or a shard it lists or expects has
+    no sidecar (the writing stage did not finish it)."""
 
 
 def shard_name(index: int) -> str:
@@ -114,6 +142,63 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def identity(metadata: dict) -> dict:
+    """The part of the metadata that says what the content is (everything but ``provenance``)."""
+    return {k: v for k, v in metadata.items() if k != PROVENANCE}
+
+
+def _has_types(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:  # a bool is an int to isinstance
+        return False
+    return isinstance(value, types)
+
+
+def _read_json_object(path: Path, what: str, fields: dict[str, tuple[type, ...]], optional: dict[str, tuple[type, ...]],
+                      fix: str) -> dict:
+    """Parse one of the set's JSON files; any damage (bytes, syntax, fields, types) is a CorruptShardError."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptShardError(f"{path}: unreadable {what} ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise CorruptShardError(f"{path}: {what} is not a JSON object; {fix}")
+    missing = sorted(set(fields) - set(data))
+    unknown = sorted(set(data) - set(fields) - set(optional))
+    wrong = sorted(k for k, v in data.items() if k in fields or k in optional
+                   if not _has_types(v, {**fields, **optional}[k]))
+    if missing or unknown or wrong:
+        detail = "; ".join(f"{label} {keys}" for label, keys in
+                           (("missing", missing), ("unknown", unknown), ("wrong type of", wrong)) if keys)
+        raise CorruptShardError(f"{path}: damaged {what} ({detail}); {fix}")
+    return data
+
+
+def read_manifest(root: Path) -> dict:
+    """manifest.json, parsed and checked field by field (ShardSetNotFoundError / CorruptShardError)."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.exists():
+        if not root.is_dir():
+            what = "is not a directory" if root.exists() else "does not exist"
+            raise ShardSetNotFoundError(f"{root} {what}: not a lopd shard set. Check the path, or run the stage that writes it.")
+        if any(_SHARD_RE.match(p.name) for p in root.iterdir()):
+            raise ShardSetNotFoundError(f"{path} is missing: rerun the stage that wrote {root}; it rebuilds the "
+                                        "manifest from the sidecars and redoes nothing else")
+        raise ShardSetNotFoundError(f"{root} has no {MANIFEST}: not a lopd shard set. Check the path, or run the stage that writes it.")
+    fix = f"delete {MANIFEST} and rerun the stage that wrote {root}: it rebuilds the manifest from the sidecars"
+    return _read_json_object(path, "manifest", _MANIFEST_FIELDS, {}, fix)
+
+
+def read_sidecar(root: Path, index: int) -> dict:
+    """shard-NNNNN.json, parsed and checked field by field (CorruptShardError)."""
+    path = Path(root) / sidecar_name(index)
+    fix = f"delete {shard_name(index)} and {path.name} and rerun the stage that wrote {path.parent}: it redoes only that shard"
+    info = _read_json_object(path, "sidecar", _SIDECAR_FIELDS, _SIDECAR_OPTIONAL, fix)
+    if info["index"] != index or info["name"] != shard_name(index):
+        raise CorruptShardError(f"{path}: damaged sidecar (it names shard {info['index']} / {info['name']!r}); {fix}")
+    return info
+
+
 def _mismatch_message(root: Path, old: dict, new: dict) -> str:
     lines = [f"{root} already holds a shard set with different settings:"]
     for key in sorted(set(old) | set(new)):
@@ -150,16 +235,21 @@ class ShardSet:
     # ---------------------------------------------------------------- opening
     @classmethod
     def create(cls, root: Path, kind: str, metadata: dict, *, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> "ShardSet":
-        """Open-or-create for writing; same kind and metadata resume, different ones are refused."""
+        """Open-or-create for writing; same kind and metadata resume, different ones are refused.
+
+        Metadata compare without ``metadata["provenance"]`` (see ``identity``); a resumed set keeps the
+        metadata it was created with, so every shard carries the same."""
         root = Path(root)
         metadata = normalise(metadata)
         manifest_path = root / MANIFEST
-        if manifest_path.exists():
-            old = json.loads(manifest_path.read_text())
-            old_view = {"kind": old.get("kind"), **{f"metadata.{k}": v for k, v in old.get("metadata", {}).items()}}
-            new_view = {"kind": kind, **{f"metadata.{k}": v for k, v in metadata.items()}}
+        existing = _existing_kind_and_metadata(root)
+        if existing is not None:
+            old_kind, old_metadata = existing
+            old_view = {"kind": old_kind, **{f"metadata.{k}": v for k, v in identity(old_metadata).items()}}
+            new_view = {"kind": kind, **{f"metadata.{k}": v for k, v in identity(metadata).items()}}
             if old_view != new_view:
                 raise ShardSetMismatchError(_mismatch_message(root, old_view, new_view))
+            metadata = old_metadata
         root.mkdir(parents=True, exist_ok=True)
         shard_set = cls(root, kind, metadata, zstd_level)
         shard_set._remove_stale_tmp_files()
@@ -171,11 +261,7 @@ class ShardSet:
     def open(cls, root: Path) -> "ShardSet":
         """Open for reading; ShardSetNotFoundError when root holds no manifest or no complete shard."""
         root = Path(root)
-        manifest_path = root / MANIFEST
-        if not manifest_path.exists():
-            what = "does not exist" if not root.exists() else f"has no {MANIFEST}"
-            raise ShardSetNotFoundError(f"{root} {what}: not a lopd shard set. Check the path, or run the stage that writes it.")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(root)
         shard_set = cls(root, manifest["kind"], manifest["metadata"])
         if not shard_set.complete_indices():
             raise ShardSetNotFoundError(f"{root} holds no complete shard (no shard-*.json sidecar): run the stage that writes it.")
@@ -203,11 +289,26 @@ class ShardSet:
         return sorted(int(m.group(1)) for m in found if m)
 
     def sidecar(self, index: int) -> dict:
-        return json.loads(self.sidecar_path(index).read_text())
+        return read_sidecar(self.root, index)
 
     @property
     def manifest(self) -> dict:
-        return json.loads((self.root / MANIFEST).read_text())
+        return read_manifest(self.root)
+
+    def problems(self, checksums: bool = True) -> list[str]:
+        """Everything wrong with the set on disk, one line each naming the file and the fix (empty = intact)."""
+        return find_problems(self.root, checksums)
+
+    def require_intact(self, finished: bool = True) -> None:
+        """Raise unless every file parses and agrees with the others and, with ``finished``, the manifest is
+        complete with every expected shard present: CorruptShardError / IncompleteShardSetError naming the
+        first problem and its fix. Checksums are left to the reads, which verify a shard before decoding it."""
+        found = [(error, message) for error, message in _problems(self.root, checksums=False)
+                 if finished or error is CorruptShardError]
+        if found:
+            error, message = found[0]
+            more = f" ({len(found) - 1} more problem(s): `lopd shards verify {self.root}` lists them)" if len(found) > 1 else ""
+            raise error(f"{self.root} cannot be read: {message}{more}")
 
     # ---------------------------------------------------------------- writing
     def _kv_metadata(self) -> dict[bytes, bytes]:
@@ -264,15 +365,11 @@ class ShardSet:
         return info
 
     def _stored_expected(self) -> int | None:
-        path = self.root / MANIFEST
-        return json.loads(path.read_text()).get("expected_shards") if path.exists() else None
+        return read_manifest(self.root)["expected_shards"] if (self.root / MANIFEST).exists() else None
 
     def _write_manifest(self, complete: bool, expected_shards: int | None) -> dict:
         shards = [self.sidecar(i) for i in self.complete_indices()]
-        totals = {"shards": len(shards)}
-        for key in ("rows", "bytes", "tokens", "response_tokens"):
-            if shards and all(key in s for s in shards):
-                totals[key] = sum(s[key] for s in shards)
+        totals = _totals(shards)
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -330,6 +427,149 @@ class ShardSet:
         """Rows per row group, from the Parquet footer (no data read)."""
         meta = pq.ParquetFile(self.shard_path(index)).metadata
         return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+
+def _existing_kind_and_metadata(root: Path) -> tuple[str, dict] | None:
+    """What an existing set at root was created with: from the manifest, or, when the manifest was deleted,
+    from the Parquet footer of a complete shard. None for a new set."""
+    if (root / MANIFEST).exists():
+        manifest = read_manifest(root)
+        return manifest["kind"], manifest["metadata"]
+    indices = sorted(int(m.group(1)) for m in (_SHARD_RE.match(p.name) for p in root.iterdir()) if m) if root.is_dir() else []
+    if not indices:
+        return None
+    kv = _footer_kv(root / shard_name(indices[0]))
+    return kv[KV_KIND].decode(), json.loads(kv[KV_METADATA])
+
+
+def _footer_kv(path: Path) -> dict[bytes, bytes]:
+    """The lopd key-value metadata of a Parquet shard; CorruptShardError when unreadable or incomplete."""
+    try:
+        kv = pq.read_schema(path).metadata or {}
+        if any(key not in kv for key in (KV_KIND, KV_METADATA, KV_FORMAT)):
+            raise ValueError("no lopd.kind / lopd.metadata / lopd.format_version key-value metadata")
+        kv[KV_KIND].decode()
+        if not isinstance(json.loads(kv[KV_METADATA]), dict):
+            raise ValueError("lopd.metadata is not a JSON object")
+        return kv
+    except Exception as err:  # pyarrow raises several types for a bad footer
+        raise CorruptShardError(corrupt_shard_message(path, f"unreadable Parquet footer ({err})")) from None
+
+
+def find_problems(root: Path | str, checksums: bool = True) -> list[str]:
+    """Everything wrong with the shard set at root, one line each naming the file and the fix (empty =
+    intact); never raises on a damaged set. ``lopd shards verify`` prints it."""
+    return [message for _, message in _problems(Path(root), checksums)]
+
+
+def _problems(root: Path, checksums: bool) -> list[tuple[type[ShardSetError], str]]:
+    """(error type, message) for every problem of the set at root; see ShardSet.problems."""
+    try:
+        manifest = read_manifest(root)
+    except ShardSetError as err:
+        return [(type(err), str(err))]
+    found: list[tuple[type[ShardSetError], str]] = []
+    sidecars: dict[int, dict] = {}
+    names = sorted(p.name for p in root.iterdir())
+    for name in names:
+        if m := _SHARD_RE.match(name):
+            try:
+                sidecars[int(m.group(1))] = read_sidecar(root, int(m.group(1)))
+            except ShardSetError as err:
+                found.append((CorruptShardError, str(err)))
+    damaged = {int(m.group(1)) for m in map(_SHARD_RE.match, names) if m} - set(sidecars)
+    for name in names:
+        m = _PARQUET_RE.match(name)
+        if m and int(m.group(1)) not in sidecars and int(m.group(1)) not in damaged:
+            found.append((IncompleteShardSetError, f"{root / name}: no sidecar {sidecar_name(int(m.group(1)))}, so the "
+                          "shard is incomplete; rerun the stage that wrote it to redo it"))
+    for index, info in sorted(sidecars.items()):
+        found += [(CorruptShardError, p) for p in _shard_problems(root, index, info, manifest, checksums)]
+    return _manifest_problems(root, manifest, sidecars, damaged) + found
+
+
+def _shard_problems(root: Path, index: int, info: dict, manifest: dict, checksums: bool) -> list[str]:
+    path = root / shard_name(index)
+    fix = f"delete {path.name} and {sidecar_name(index)} and rerun the stage that wrote {root}"
+    if not path.exists():
+        return [f"{path}: missing although its sidecar exists; {fix}"]
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        return [f"{path}: {size} bytes on disk, {info['bytes']} in the sidecar (truncated or overwritten); {fix}"]
+    if checksums and file_sha256(path) != info["sha256"]:
+        return [f"{path}: sha256 differs from the sidecar (bytes modified); {fix}"]
+    try:
+        kv = _footer_kv(path)
+        meta = pq.read_metadata(path)
+    except CorruptShardError as err:
+        return [str(err)]
+    except Exception as err:  # pyarrow raises several types for a bad footer
+        return [corrupt_shard_message(path, f"unreadable Parquet footer ({err})")]
+    problems = []
+    if (meta.num_rows, meta.num_row_groups) != (info["rows"], info["row_groups"]):
+        problems.append(f"{path}: {meta.num_rows} rows in {meta.num_row_groups} row groups, the sidecar says "
+                        f"{info['rows']} in {info['row_groups']}; {fix}")
+    if kv[KV_KIND].decode(errors="replace") != manifest["kind"]:
+        problems.append(f"{path}: Parquet metadata kind {kv[KV_KIND].decode(errors='replace')!r} differs from the manifest's {manifest['kind']!r}; {fix}")
+    shard_meta = json.loads(kv[KV_METADATA])
+    if shard_meta != manifest["metadata"]:
+        keys = sorted(k for k in set(shard_meta) | set(manifest["metadata"]) if shard_meta.get(k) != manifest["metadata"].get(k))
+        problems.append(f"{path}: Parquet metadata differs from the manifest in {', '.join(keys)} (fingerprints must "
+                        f"match across shards); {fix}")
+    if kv[KV_FORMAT] != str(FORMAT_VERSION).encode():
+        problems.append(f"{path}: lopd.format_version {kv[KV_FORMAT]!r} in the Parquet metadata, this lopd reads {FORMAT_VERSION}; {fix}")
+    return problems
+
+
+def _manifest_problems(root: Path, manifest: dict, sidecars: dict[int, dict],
+                       damaged: set[int]) -> list[tuple[type[ShardSetError], str]]:
+    path = root / MANIFEST
+    rebuild = f"rerun the stage that wrote {root} (it rebuilds the manifest from the sidecars)"
+    found: list[tuple[type[ShardSetError], str]] = []
+    present = set(sidecars) | damaged
+    expected = manifest["expected_shards"]
+    missing: list[int] = []
+    if not manifest["complete"]:
+        found.append((IncompleteShardSetError, f"{root}: the manifest is not marked complete (the writing stage did not "
+                      "finish); rerun the stage that wrote it to finish it"))
+    elif expected is None or expected < 1:
+        found.append((CorruptShardError, f"{path}: marked complete with expected_shards {expected}; {rebuild}"))
+    else:
+        missing = sorted(set(range(expected)) - present)
+        extra = sorted(present - set(range(expected)))
+        if missing:
+            found.append((IncompleteShardSetError, f"{root}: {len(missing)} of {expected} expected shards missing (first: "
+                          f"{shard_name(missing[0])}, no sidecar {sidecar_name(missing[0])}); rerun the stage that "
+                          "wrote it to finish it"))
+        if extra:
+            found.append((CorruptShardError, f"{root}: shards {extra} lie beyond the {expected} the manifest expects; {rebuild}"))
+    if manifest["format_version"] != FORMAT_VERSION:
+        found.append((CorruptShardError, f"{path}: format_version {manifest['format_version']}, this lopd reads {FORMAT_VERSION}; {rebuild}"))
+    if not present:
+        found.append((ShardSetNotFoundError, f"{root} holds no complete shard (no shard-*.json sidecar): run the stage that writes it"))
+    listed = {s.get("index"): s for s in manifest["shards"] if isinstance(s, dict)}
+    unexplained = set(listed) - present - set(missing)
+    if len(listed) != len(manifest["shards"]) or unexplained or present - set(listed):
+        found.append((IncompleteShardSetError if unexplained else CorruptShardError,
+                      f"{path}: lists shards {sorted(listed, key=str)}, the sidecars say {sorted(present)}; a listed shard "
+                      f"without its sidecar is incomplete: {rebuild}; it redoes the missing shards"))
+    elif not set(listed) - present:
+        differ = sorted(i for i in sidecars if listed[i] != sidecars[i])
+        if differ:
+            found.append((CorruptShardError, f"{path}: its entry for shard {differ[0]} differs from {sidecar_name(differ[0])} "
+                          f"(one of the two was modified); {rebuild}"))
+        if not damaged and manifest["totals"] != _totals(list(sidecars.values())):
+            found.append((CorruptShardError, f"{path}: totals {manifest['totals']} differ from the sidecars' "
+                          f"{_totals(list(sidecars.values()))}; {rebuild}"))
+    return found
+
+
+def _totals(shards: list[dict]) -> dict[str, int]:
+    totals = {"shards": len(shards)}
+    for key in ("rows", "bytes", "tokens", "response_tokens"):
+        if shards and all(key in s for s in shards):
+            totals[key] = sum(s[key] for s in shards)
+    return totals
 
 
 def corrupt_shard_message(path: Path, what: str) -> str:

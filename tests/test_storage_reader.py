@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 import storage.reader as reader_mod
 from storage.codecs import encode_records
+from storage.inspect import verify_shards
 from storage.reader import ReaderState, iter_batches
-from storage.shardset import ShardSet
+from storage.shardset import CorruptShardError, IncompleteShardSetError, ShardSet
 from storage.synthetic import make_records
 
 ROWS_PER_SHARD, SHARDS, ROW_GROUP = 20, 3, 4  # 15 row groups, 60 records
@@ -104,3 +108,34 @@ def test_fails_early_with_too_few_row_groups(shards):
         next(iter_batches(shards.root, 4, world_size=8, num_workers=2))
     with pytest.raises(ValueError, match="rank=2"):
         next(iter_batches(shards.root, 4, rank=2, world_size=2))
+
+
+def _records(root) -> list[str]:
+    return _flat(iter_batches(root, 60, seed=0, shuffle_buffer=1, num_epochs=1))
+
+
+@pytest.mark.parametrize("damage, error, names", [
+    ("sidecar", IncompleteShardSetError, "1 of 3 expected shards missing (first: shard-00001.parquet, no sidecar shard-00001.json)"),
+    ("both", IncompleteShardSetError, "1 of 3 expected shards missing (first: shard-00001.parquet"),
+    ("parquet", CorruptShardError, "shard-00001.parquet: missing although its sidecar exists"),
+    ("unfinished", IncompleteShardSetError, "not marked complete"),
+])
+def test_a_shard_set_with_a_missing_shard_is_refused_before_the_first_batch(shards, tmp_path, damage, error, names):
+    """The manifest says complete with 3 shards; a deleted sidecar used to make the reader skip that shard
+    silently (40 of 60 records). Now the call itself refuses, naming the shard and the fix."""
+    root = tmp_path / "s"
+    shutil.copytree(shards.root, root)
+    assert len(_records(root)) == SHARDS * ROWS_PER_SHARD
+    if damage in ("sidecar", "both"):
+        (root / "shard-00001.json").unlink()
+    if damage in ("parquet", "both"):
+        (root / "shard-00001.parquet").unlink()
+    if damage == "unfinished":  # a writer that stopped before finalize(): the manifest is not complete
+        manifest = json.loads((root / "manifest.json").read_text())
+        (root / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(error) as refused:
+        iter_batches(root, 4)
+    assert names in str(refused.value) and "rerun the stage" in str(refused.value)
+    assert any(names in p for p in verify_shards(root))
+    with pytest.raises(error):
+        iter_batches(ShardSet(root, "teacher_topk", {}), 4)  # an open ShardSet object is checked the same way
