@@ -11,6 +11,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from lopd.errors import LopdUserError, MissingInputError
+from storage.shardset import identity
+
 PROVENANCE_FILE = "lopd_provenance.json"
 _CHUNK = 1 << 20
 _FULL_HASH_LIMIT = 256 << 20  # hash weight files up to 256 MiB whole; sample larger ones
@@ -45,7 +48,8 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
             h.update(name.encode())
             h.update(p.read_bytes())
     if not found:
-        raise FileNotFoundError(f"{d}: no tokenizer files found (tokenizer.json / tokenizer_config.json)")
+        raise MissingInputError(f"{d}: no tokenizer files (tokenizer.json / tokenizer_config.json); point to a model "
+                                "directory saved with its tokenizer")
     return "tok-" + h.hexdigest()[:16]
 
 
@@ -53,18 +57,25 @@ def model_fingerprint(model_dir: str | Path) -> str:
     """Hash of config.json, every weight file and the tokenizer of a model directory."""
     d = Path(model_dir)
     if not (d / "config.json").exists():
-        raise FileNotFoundError(f"{d}: not a model directory (no config.json)")
+        raise MissingInputError(f"{d}: not a model directory (no config.json); point to a Hugging Face model directory")
     h = hashlib.sha256()
     cfg = json.loads((d / "config.json").read_text())
     cfg.pop("transformers_version", None)
     h.update(json.dumps(cfg, sort_keys=True).encode())
     weights = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     if not weights:
-        raise FileNotFoundError(f"{d}: no weight files (*.safetensors / *.bin)")
+        raise MissingInputError(f"{d}: no weight files (*.safetensors / *.bin); point to a saved model directory")
     for p in weights:
         _hash_file(h, p)
     h.update(tokenizer_fingerprint(d).encode())
     return "model-" + h.hexdigest()[:16]
+
+
+def shard_set_fingerprint(metadata: dict) -> str:
+    """What a shard set written by lopd holds, from its metadata without provenance: the fingerprints and
+    settings that made it (a stage's output is a function of them), never the paths it was read from."""
+    payload = json.dumps(identity(metadata), sort_keys=True).encode()
+    return "shards-" + hashlib.sha256(payload).hexdigest()[:16]
 
 
 def read_provenance(model_dir: str | Path) -> dict:
@@ -76,7 +87,7 @@ def write_provenance(model_dir: str | Path, provenance: dict) -> None:
     (Path(model_dir) / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
 
 
-class TeacherMismatchError(RuntimeError):
+class TeacherMismatchError(LopdUserError):
     """The scoring teacher differs from the teacher whose SFT data trained the student."""
 
 

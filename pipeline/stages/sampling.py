@@ -77,15 +77,19 @@ def _elapsed(t: dict[str, float]) -> float:
 
 
 def _counts(shardset: ShardSet) -> dict[str, Any]:
-    m = shardset.manifest
-    return {"rows": m.get("total_rows"), "tokens": m.get("total_tokens")}
+    totals = shardset.manifest["totals"]
+    return {"rows": totals.get("rows"), "tokens": totals.get("tokens")}
 
 
-def _prompts_meta(path: Path, limit: int | None) -> dict[str, Any]:
+def _prompts_sha256(path: Path) -> str:
     import hashlib
 
-    return {"prompts_file": str(path), "prompts_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16],
-            "limit": limit}
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _provenance(model_dir: Path, prompts: Path) -> dict[str, str]:
+    """Where the inputs were read from: recorded, never compared on resume (the fingerprints are)."""
+    return {"model_dir": str(Path(model_dir).resolve()), "prompts_file": str(Path(prompts).resolve())}
 
 
 def run_teacher_sft_data(cfg: TeacherSftDataConfig, show_progress: bool = True) -> StageResult:
@@ -94,10 +98,11 @@ def run_teacher_sft_data(cfg: TeacherSftDataConfig, show_progress: bool = True) 
     teacher_fp = model_fingerprint(cfg.teacher)
     metadata = {
         "role": "teacher_sft_data", "teacher_fingerprint": teacher_fp, "model_fingerprint": teacher_fp,
-        "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher), "model_dir": str(cfg.teacher),
+        "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher),
         "sampling": cfg.sampling.model_dump(), "engine": cfg.engine.name, "checker": cfg.checker,
         "keep_only_correct": cfg.keep_only_correct, "use_chat_template": cfg.use_chat_template,
-        "prompts_per_shard": cfg.prompts_per_shard, **_prompts_meta(cfg.prompts, cfg.limit),
+        "prompts_per_shard": cfg.prompts_per_shard, "prompts_sha256": _prompts_sha256(cfg.prompts), "limit": cfg.limit,
+        "provenance": _provenance(cfg.teacher, cfg.prompts),
     }
     return _sample_to_shards(
         stage="teacher-sft-data", model_dir=cfg.teacher, prompts=prompts, out=cfg.out, metadata=metadata,
@@ -115,10 +120,11 @@ def run_rollouts(cfg: RolloutsConfig, show_progress: bool = True) -> StageResult
     metadata = {
         "role": "rollouts", "student_fingerprint": student_fp, "model_fingerprint": student_fp,
         "sft_teacher_fingerprint": provenance.get("sft_teacher_fingerprint"),
-        "tokenizer_fingerprint": tokenizer_fingerprint(cfg.student), "model_dir": str(cfg.student),
+        "tokenizer_fingerprint": tokenizer_fingerprint(cfg.student),
         "sampling": cfg.sampling.model_dump(), "engine": cfg.engine.name, "checker": cfg.checker,
         "use_chat_template": cfg.use_chat_template, "prompts_per_shard": cfg.prompts_per_shard,
-        **_prompts_meta(cfg.prompts, cfg.limit),
+        "prompts_sha256": _prompts_sha256(cfg.prompts), "limit": cfg.limit,
+        "provenance": _provenance(cfg.student, cfg.prompts),
     }
     if metadata["sft_teacher_fingerprint"] is None:
         log.warning("rollouts: %s has no lopd provenance; teacher consistency cannot be checked later", cfg.student)

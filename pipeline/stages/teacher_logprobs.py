@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.config import TeacherLogprobsConfig
 from pipeline.engines.base import Engine, make_engine, model_vocab_size
-from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, tokenizer_fingerprint
+from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, shard_set_fingerprint, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import load_prompts
 from pipeline.stages.common import StageResult, log, progress_bar, timed
@@ -91,7 +91,8 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
     if not consistent:
         log.warning("teacher-logprobs: TEACHER MISMATCH allowed by --allow-teacher-mismatch: SFT data teacher %s, "
                     "scoring teacher %s (recorded in the shards)", meta.get("sft_teacher_fingerprint"), teacher_fp)
-    check_tokenizers(cfg.teacher, meta["model_dir"])
+    if tokenizer_fingerprint(cfg.teacher) != meta["tokenizer_fingerprint"]:  # the student's, recorded by rollouts
+        check_tokenizers(cfg.teacher, meta["provenance"]["model_dir"])
     tokenizer = load_tokenizer(cfg.teacher)
     # top-k ids index the model's output rows, which may be more than the tokenizer's tokens (padding)
     vocab_size = model_vocab_size(cfg.teacher, len(tokenizer))
@@ -101,10 +102,11 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
         "teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher),
         "student_fingerprint": meta.get("student_fingerprint"),
         "sft_teacher_fingerprint": meta.get("sft_teacher_fingerprint"),
-        "teacher_mismatch_allowed": not consistent, "teacher_dir": str(cfg.teacher),
-        "rollouts": str(cfg.rollouts), "rollouts_sampling": meta.get("sampling"),
+        "teacher_mismatch_allowed": not consistent, "rollouts_fingerprint": shard_set_fingerprint(meta),
+        "rollouts_sampling": meta.get("sampling"),
         "scoring_temperature": 1.0, "privileged_context": cfg.privileged_context,
         "max_seq_len": cfg.max_seq_len, "overlong": cfg.overlong, "engine_dtype": cfg.engine.dtype,
+        "provenance": {"teacher_dir": str(cfg.teacher.resolve()), "rollouts": str(cfg.rollouts.resolve())},
     }
     out = ShardSet.create(cfg.out, kind="teacher_topk", metadata=metadata)
     inputs = rollouts.complete_indices()
