@@ -78,7 +78,7 @@ def bench_train(steps: int = 20, batch_size: int = 64) -> dict[str, Any]:
     from pipeline.prompts import PromptRecord, write_prompts_jsonl
     from pipeline.stages.sampling import run_rollouts
     from pipeline.stages.teacher_logprobs import run_teacher_logprobs
-    from pipeline.stages.train import run_train
+    from pipeline.stages.train import run_online_train, run_train
     from pipeline.tasks.arithmetic import make_problems
 
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -100,7 +100,7 @@ def bench_train(steps: int = 20, batch_size: int = 64) -> dict[str, Any]:
                       checkpoint_every=10**6, log_every=steps, losses={"reverse_kl_topk": 1.0})
         off = run_train(TrainConfig(out=tmp / "off", **common), show_progress=False)
         online = OnlineConfig(teacher=models["teacher"], prompts=prompts, sampling=sampling, k=8)
-        on = run_train(TrainConfig(out=tmp / "on", online=online, **common), show_progress=False)
+        on = run_online_train(TrainConfig(out=tmp / "on", online=online, **common), show_progress=False)
         rows = {name: read_metrics(tmp / name / "metrics.jsonl")[-1] for name in ("off", "on")}
     off_tps = rows["off"]["progress/tokens"] / rows["off"]["perf/train_seconds"]
     on_tps = rows["on"]["progress/tokens"] / rows["on"]["perf/train_seconds"]

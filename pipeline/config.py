@@ -98,7 +98,28 @@ class OptimConfig(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
-class SftConfig(Strict):
+class ScaleConfig(Strict):
+    """How a trainer runs at scale; shared by ``sft`` and ``train``. The defaults are exact fp32 on CPU; the
+    GPU recipe sets precision bf16, activation checkpointing and a token budget (configs/qwen3-8b-lightning.yaml)."""
+
+    fsdp: bool = Field(False, description="wrap with FSDP2 instead of DDP when run under torchrun")
+    fsdp_shard_size: int | None = Field(
+        None, ge=1, description="FSDP2 shards within groups of this many ranks and replicates across groups "
+        "(HSDP over a replicate x shard mesh; e.g. the GPUs of one node); null shards over all ranks")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: bf16 compute with fp32 master weights, optimiser state and gradient reduction")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer in backward (non-reentrant)")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="form micro-batches by padded tokens (longest x count) instead of by count; "
+        "a sequence longer than the budget runs alone")
+    logits_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the LM head: the largest logit "
+                                     "block that exists at once is this x vocab")
+    peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one device for the MFU "
+                                      "estimate (detected for known GPUs)")
+    dist_timeout_minutes: float = Field(30.0, gt=0, description="timeout of collectives under torchrun")
+
+
+class SftConfig(ScaleConfig):
     student: Path = Field(description="initial student model dir")
     data: Path = Field(description="teacher SFT samples (a ShardSet dir)")
     out: Path
@@ -109,7 +130,9 @@ class SftConfig(Strict):
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N steps (in <out>_logs/ckpt)")
     keep_checkpoints: int = Field(1, ge=1, description="how many of the newest checkpoints to keep")
-    fsdp: bool = Field(False, description="wrap with FSDP2 instead of DDP when run under torchrun")
+    max_seq_len: int | None = Field(None, ge=2, description="longest SFT example (prompt + answer) in tokens")
+    overlong: Literal["error", "truncate"] = Field(
+        "error", description="an example longer than max_seq_len: stop with an error naming it, or cut its answer")
 
 
 class RolloutsConfig(ShardParts):
@@ -128,7 +151,8 @@ class TeacherLogprobsConfig(ShardParts):
     rollouts: Path
     teacher: Path
     out: Path
-    k: int = Field(8, ge=1, description="top-k teacher log-probs stored per position")
+    k: int = Field(8, ge=0, description="top-k teacher log-probs stored per position; 0 stores only the sampled "
+                   "token's teacher log-prob (Lightning-only shards: smaller, cheaper to extract, no top-k losses)")
     codec: Literal["plain", "compact"] = "compact"
     codec_grid: Literal["fine", "lean"] = Field(
         "fine", description="compact codec's log-prob grid: fine (default) or lean (fewer bytes, ~2.5x the mean KL)")
@@ -166,7 +190,7 @@ class OnlineConfig(Strict):
     use_chat_template: bool = True
 
 
-class TrainConfig(Strict):
+class TrainConfig(ScaleConfig):
     student: Path = Field(description="model dir training starts from (the SFT student)")
     shards: Path = Field(description="teacher top-k shards (ShardSet dir)")
     out: Path
@@ -185,7 +209,12 @@ class TrainConfig(Strict):
     keep_checkpoints: int | None = Field(3, ge=1, description="keep the newest N checkpoints (null: all)")
     log_every: int = Field(10, ge=1)
     online: OnlineConfig | None = None
-    fsdp: bool = Field(False, description="wrap with FSDP2 instead of DDP when run under torchrun")
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> "TrainConfig":
+        if self.grad_accum > 1 and self.max_tokens_per_micro_batch is not None:
+            raise ValueError("set grad_accum (micro-batches by count) or max_tokens_per_micro_batch (by tokens), not both")
+        return self
 
     @field_validator("losses")
     @classmethod

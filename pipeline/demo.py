@@ -311,9 +311,10 @@ def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool
 
 
 def _train(cfg: TrainConfig, show_progress: bool, probe: Callable, every: int) -> StageResult:
-    from pipeline.stages.train import run_train
+    from pipeline.stages.train import run_online_train, run_train
 
-    return run_train(cfg, show_progress=show_progress, eval_hook=probe, eval_every=every)
+    train = run_train if cfg.online is None else run_online_train
+    return train(cfg, show_progress=show_progress, eval_hook=probe, eval_every=every)
 
 
 def _markdown(result: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:

@@ -1,5 +1,10 @@
 """Distillation losses for offline on-policy distillation: pure functions over tensors.
 
+Losses read the student through gathered per-token quantities (``pipeline.head.TokenStats``: log-prob of
+the sampled token, log-probs at the teacher's top-k ids, log-mass outside them), never through B x T x V
+logits: the trainer computes them chunk by chunk (``pipeline.head.fused_head_loss``). ``gather_logprobs`` and
+``student_topk_tail_logprobs`` compute them from full logits, the reference path of the tests and benchmarks.
+
 Every loss returns ``(loss, metrics)``: a scalar to back-propagate and a dict of detached tensors
 with namespaced keys. ``loss/<name>`` is the returned loss (with a global ``normalizer`` it is this
 micro-batch's share of the step loss: sum it over micro-batches); every other key is a statistic of
@@ -16,6 +21,9 @@ Normalisation: a loss is a sum over valid tokens (or sequences) divided by ``nor
 GLOBAL count over all gradient-accumulation micro-batches and ranks of the step (see
 ``valid_count``). Left as None it is this call's own count, which is right only when one call
 makes the whole step. Either way it is clamped to at least 1, so a fully masked batch gives 0.
+``weights_B_T`` (optional) are per-token weights of that sum: sum_t w_t l_t / normalizer. The
+"sequence" normalisation is the weight 1 / (valid tokens of the row) (``reduction_weights``);
+a caller that sees only part of each row (a chunk) passes the whole rows' weights.
 
 Masks are 0/1 (bool or float). Values at masked positions are never read: they may hold anything,
 padding ids included.
@@ -28,11 +36,11 @@ from typing import Literal
 
 import torch
 
+from pipeline.head import LOG_ZERO, token_stats
+
 Metrics = dict[str, torch.Tensor]
 
-# Log-probability that stands for "no mass": exp() of it is exactly 0 in every float dtype. The
-# student's tail is floored here; it is reached only when the top-k covers the whole vocabulary.
-LOG_ZERO = -1.0e4
+__all__ = ["LOG_ZERO"]  # re-exported: the floor of the student's tail log-mass (pipeline.head)
 # Reverse KL reads a teacher bucket with no mass (a stored -inf) as this log-prob (about 1e-13):
 # KL(p_S || p_T) is infinite wherever the student puts mass the teacher does not.
 REVERSE_KL_TEACHER_FLOOR = -30.0
@@ -51,49 +59,46 @@ def valid_count(mask_B_T: torch.Tensor, normalization: Literal["token", "sequenc
     raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
 
 
-def gather_logprobs(logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[ids] in float32 (float64 stays float64).
+def reduction_weights(mask_B_T: torch.Tensor, normalization: Literal["token", "sequence"] = "token",
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token weights of the loss sum: 1 for "token", 1 / (valid tokens in the row) for "sequence"
+    (a token-mean within each sequence, summed over sequences); 0 at masked positions."""
+    valid_B_T = mask_B_T.bool()
+    if normalization == "token":
+        return valid_B_T.to(dtype)
+    if normalization == "sequence":
+        return valid_B_T.to(dtype) / valid_B_T.sum(-1, keepdim=True).clamp_min(1).to(dtype)
+    raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
 
-    Computed as logits[ids] - logsumexp(logits), which equals log_softmax + gather without
-    materialising a second B x T x V tensor.
-    """
-    logits_B_T_V = _upcast(logits_B_T_V)
-    picked_B_T = logits_B_T_V.gather(-1, ids_B_T.unsqueeze(-1)).squeeze(-1)
-    return picked_B_T - logits_B_T_V.logsumexp(-1)
+
+def gather_logprobs(logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] in float32 (float64 stays float64), from full logits (reference path)."""
+    return token_stats(logits_B_T_V, ids_B_T).target_logprobs
 
 
 def student_topk_tail_logprobs(
     student_logits_B_T_V: torch.Tensor, topk_ids_B_T_K: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's log-probs at the teacher's top-k ids, and its log-mass outside them.
-
-    tail = log(1 - sum_k p_S(k)) = logsumexp(logits with the top-k ids masked out) - logsumexp(logits),
-    exact even when the tail is tiny (1 - sum_k p_S(k) would cancel). Floored at ``LOG_ZERO``.
-
-    Returns ``(topk_logprobs_B_T_K, tail_logprob_B_T)``.
-    """
-    logits_B_T_V = _upcast(student_logits_B_T_V)
-    log_z_B_T = logits_B_T_V.logsumexp(-1)
-    topk_B_T_K = logits_B_T_V.gather(-1, topk_ids_B_T_K) - log_z_B_T.unsqueeze(-1)
-    in_topk_B_T_V = torch.zeros_like(logits_B_T_V, dtype=torch.bool).scatter_(-1, topk_ids_B_T_K, True)
-    # finfo.min rather than -inf: with every id masked (K = V) logsumexp stays finite, forward and backward.
-    rest_B_T = logits_B_T_V.masked_fill(in_topk_B_T_V, torch.finfo(logits_B_T_V.dtype).min).logsumexp(-1)
-    tail_B_T = (rest_B_T - log_z_B_T).clamp_min(LOG_ZERO)
-    return topk_B_T_K, tail_B_T
+    """The student's log-probs at the teacher's top-k ids and its log-mass outside them, from full logits
+    (reference path; see ``pipeline.head.token_stats`` for the formulas). Returns
+    ``(topk_logprobs_B_T_K, tail_logprob_B_T)``."""
+    stats = token_stats(student_logits_B_T_V, topk_ids_B_T_K[..., 0], topk_ids_B_T_K)
+    return stats.topk_logprobs, stats.tail_logprob
 
 
 # --- top-k distillation losses ------------------------------------------------------------------
 
 
 def forward_kl_topk(
-    student_logits_B_T_V: torch.Tensor,
-    topk_ids_B_T_K: torch.Tensor,
+    student_topk_logprobs_B_T_K: torch.Tensor,
+    student_tail_logprob_B_T: torch.Tensor,
     teacher_topk_logprobs_B_T_K: torch.Tensor,
     teacher_tail_logprob_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     *,
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Forward KL over the teacher's top-k support plus a tail bucket.
 
@@ -103,23 +108,27 @@ def forward_kl_topk(
     valid tokens. Buckets the teacher gives no mass (stored -inf) contribute 0 (0 log 0 = 0).
     ``tail_bucket=False``: both distributions are renormalised over the K ids and the tail is ignored.
 
-    Args: student_logits_B_T_V (grad), topk_ids_B_T_K, teacher_topk_logprobs_B_T_K,
-    teacher_tail_logprob_B_T (log of the teacher's mass outside the top-k; ignored without the tail
-    bucket), mask_B_T, normalizer (global valid-token count).
+    Args: student_topk_logprobs_B_T_K and student_tail_logprob_B_T (the student's log-probs at the
+    teacher's top-k ids and its log-mass outside them, with grad: ``pipeline.head.TokenStats``),
+    teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T (log of the teacher's mass outside the top-k;
+    ignored without the tail bucket), mask_B_T, normalizer (global valid-token count), weights_B_T
+    (optional per-token weights of the sum).
     """
-    return _topk_loss(_forward_kl_B_T, "forward_kl", student_logits_B_T_V, topk_ids_B_T_K,
-                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer)
+    return _topk_loss(_forward_kl_B_T, "forward_kl", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
+                      weights_B_T)
 
 
 def reverse_kl_topk(
-    student_logits_B_T_V: torch.Tensor,
-    topk_ids_B_T_K: torch.Tensor,
+    student_topk_logprobs_B_T_K: torch.Tensor,
+    student_tail_logprob_B_T: torch.Tensor,
     teacher_topk_logprobs_B_T_K: torch.Tensor,
     teacher_tail_logprob_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     *,
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Reverse KL over the teacher's top-k support plus a tail bucket.
 
@@ -131,16 +140,17 @@ def reverse_kl_topk(
 
     Keep the tail bucket: without it the loss cannot see the mass the student moves outside the
     stored support. ``tail_bucket=False`` renormalises both distributions over the K ids; then any
-    amount of student mass outside the top-k costs nothing (docs/losses.md, and the collapse in
-    FINDINGS.md). Shapes and arguments as ``forward_kl_topk``.
+    amount of student mass outside the top-k costs nothing: on the demo world a student trained that
+    way collapsed to 0% accuracy (docs/losses.md). Shapes and arguments as ``forward_kl_topk``.
     """
-    return _topk_loss(_reverse_kl_B_T, "reverse_kl", student_logits_B_T_V, topk_ids_B_T_K,
-                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer)
+    return _topk_loss(_reverse_kl_B_T, "reverse_kl", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
+                      weights_B_T)
 
 
 def jsd_topk(
-    student_logits_B_T_V: torch.Tensor,
-    topk_ids_B_T_K: torch.Tensor,
+    student_topk_logprobs_B_T_K: torch.Tensor,
+    student_tail_logprob_B_T: torch.Tensor,
     teacher_topk_logprobs_B_T_K: torch.Tensor,
     teacher_tail_logprob_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
@@ -148,6 +158,7 @@ def jsd_topk(
     beta: float = 0.5,
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Generalised Jensen-Shannon divergence over the top-k buckets (GKD, Agarwal et al. 2024, Eq. 1;
     as TRL's ``generalized_jsd_loss``).
@@ -168,19 +179,21 @@ def jsd_topk(
     else:
         def per_token(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
             return _jsd_B_T(student_B_T_N, teacher_B_T_N, beta)
-    return _topk_loss(per_token, "jsd", student_logits_B_T_V, topk_ids_B_T_K,
-                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer)
+    return _topk_loss(per_token, "jsd", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
+                      weights_B_T)
 
 
 def tvd_topk(
-    student_logits_B_T_V: torch.Tensor,
-    topk_ids_B_T_K: torch.Tensor,
+    student_topk_logprobs_B_T_K: torch.Tensor,
+    student_tail_logprob_B_T: torch.Tensor,
     teacher_topk_logprobs_B_T_K: torch.Tensor,
     teacher_tail_logprob_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     *,
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Total variation distance over the top-k buckets: TVD = 1/2 sum_b |p_T(b) - p_S(b)|.
 
@@ -188,8 +201,9 @@ def tvd_topk(
     2023, "f-Divergence Minimization for Sequence-Level Knowledge Distillation"). Shapes and arguments
     as ``forward_kl_topk``.
     """
-    return _topk_loss(_tvd_B_T, "tvd", student_logits_B_T_V, topk_ids_B_T_K,
-                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer)
+    return _topk_loss(_tvd_B_T, "tvd", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
+                      weights_B_T)
 
 
 def _forward_kl_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
@@ -215,14 +229,15 @@ def _tvd_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.
     return 0.5 * (teacher_B_T_N.exp() - student_B_T_N.exp()).abs().sum(-1)
 
 
-def _topk_loss(per_token, name, student_logits_B_T_V, topk_ids_B_T_K, teacher_topk_logprobs_B_T_K,
-               teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer) -> tuple[torch.Tensor, Metrics]:
+def _topk_loss(per_token, name, student_topk_B_T_K, student_tail_B_T, teacher_topk_logprobs_B_T_K,
+               teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer, weights_B_T
+               ) -> tuple[torch.Tensor, Metrics]:
     """Build the restricted distributions, apply ``per_token`` and reduce over valid tokens."""
     valid_B_T = mask_B_T.bool()
-    # Masked positions may hold padding (ids -1, teacher NaN): replace them before anything reads them.
-    ids_B_T_K = topk_ids_B_T_K.masked_fill(~valid_B_T.unsqueeze(-1), 0)
-    student_topk_B_T_K, student_tail_B_T = student_topk_tail_logprobs(student_logits_B_T_V, ids_B_T_K)
+    # Masked positions may hold padding (teacher NaN, student garbage): replace them before anything reads them.
+    student_topk_B_T_K = torch.where(valid_B_T.unsqueeze(-1), _upcast(student_topk_B_T_K), 0.0)
     dtype = student_topk_B_T_K.dtype
+    student_tail_B_T = torch.where(valid_B_T, student_tail_B_T.to(dtype), 0.0)
     teacher_topk_B_T_K = torch.where(valid_B_T.unsqueeze(-1), teacher_topk_logprobs_B_T_K.to(dtype), 0.0)
     teacher_tail_B_T = torch.where(valid_B_T, teacher_tail_logprob_B_T.to(dtype), 0.0)
 
@@ -233,7 +248,7 @@ def _topk_loss(per_token, name, student_logits_B_T_V, topk_ids_B_T_K, teacher_to
         student_B_T_N = student_topk_B_T_K.log_softmax(-1)
         teacher_B_T_N = teacher_topk_B_T_K.log_softmax(-1)
 
-    loss = _reduce(per_token(student_B_T_N, teacher_B_T_N), valid_B_T, "token", normalizer)
+    loss = _reduce(per_token(student_B_T_N, teacher_B_T_N), valid_B_T, "token", normalizer, weights_B_T)
     metrics = {
         f"loss/{name}": loss.detach(),
         "topk/student_tail_mass": _masked_mean(student_tail_B_T.exp(), valid_B_T),
@@ -258,6 +273,7 @@ def lightning_pg(
     advantage_clip: float | None = None,
     normalization: Literal["token", "sequence"] = "sequence",
     normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """The Lightning OPD loss: policy gradient on the sampled tokens with the per-token reverse-KL reward.
 
@@ -278,6 +294,8 @@ def lightning_pg(
     normalization: "token" sums l_t over all valid tokens and divides by the valid-token count;
     "sequence" (the reference's) averages l_t within each sequence, sums over sequences and divides
     by the count of sequences with a valid token. ``normalizer`` is the GLOBAL count of the chosen unit.
+    ``weights_B_T``: the reduction weights, by default ``reduction_weights(mask_B_T, normalization)``;
+    a chunked caller passes those of the whole rows.
 
     Shapes: student_logprobs_B_T (current model, grad), teacher_logprobs_B_T and
     behavior_logprobs_B_T (stored), mask_B_T.
@@ -285,7 +303,7 @@ def lightning_pg(
     if importance not in ("none", "truncated", "ppo_clip"):
         raise ValueError(f"lightning_pg: importance must be 'none', 'truncated' or 'ppo_clip', got {importance!r}")
     valid_B_T = mask_B_T.bool()
-    logprobs_B_T = student_logprobs_B_T
+    logprobs_B_T = torch.where(valid_B_T, _upcast(student_logprobs_B_T), 0.0)
     detached_B_T = logprobs_B_T.detach()
     # Masked positions get advantage 0 and log-ratio 0 whatever their padding holds.
     teacher_B_T = torch.where(valid_B_T, teacher_logprobs_B_T.to(detached_B_T.dtype), detached_B_T)
@@ -310,7 +328,7 @@ def lightning_pg(
         per_token_B_T = -torch.minimum(unclipped_B_T, clipped_term_B_T)
         clipped_B_T = (clipped_term_B_T < unclipped_B_T).detach()  # the clipped branch wins: no gradient
 
-    loss = _reduce(per_token_B_T, valid_B_T, normalization, normalizer)
+    loss = _reduce(per_token_B_T, valid_B_T, normalization, normalizer, weights_B_T)
     ratio_detached_B_T = ratio_B_T.detach()
     metrics = {
         "loss/lightning": loss.detach(),
@@ -329,23 +347,26 @@ def lightning_pg(
 
 
 def sft_cross_entropy(
-    logits_B_T_V: torch.Tensor,
-    target_ids_B_T: torch.Tensor,
+    student_logprobs_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     *,
     normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
+    correct_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Next-token negative log-likelihood: -sum_t log softmax(logits_t)[y_t] / normalizer.
+    """Next-token negative log-likelihood: -sum_t log p_theta(y_t) / normalizer.
 
-    The SFT stage's loss and the optional SFT term of OPD training. The caller aligns the shapes:
-    ``logits_B_T_V[:, t]`` predicts ``target_ids_B_T[:, t]``.
+    The SFT stage's loss and the optional SFT term of OPD training. ``student_logprobs_B_T`` is
+    ``TokenStats.target_logprobs`` (log-prob of each target token, with grad); ``correct_B_T`` (optional,
+    the student's argmax equals the target) adds the ``sft/accuracy`` metric.
     """
     valid_B_T = mask_B_T.bool()
-    targets_B_T = target_ids_B_T.masked_fill(~valid_B_T, 0)
-    logits_B_T_V = _upcast(logits_B_T_V)
-    loss = _reduce(-gather_logprobs(logits_B_T_V, targets_B_T), valid_B_T, "token", normalizer)
-    correct_B_T = (logits_B_T_V.detach().argmax(-1) == targets_B_T).to(logits_B_T_V.dtype)
-    return loss, {"loss/sft": loss.detach(), "sft/accuracy": _masked_mean(correct_B_T, valid_B_T)}
+    logprobs_B_T = torch.where(valid_B_T, _upcast(student_logprobs_B_T), 0.0)
+    loss = _reduce(-logprobs_B_T, valid_B_T, "token", normalizer, weights_B_T)
+    metrics = {"loss/sft": loss.detach()}
+    if correct_B_T is not None:
+        metrics["sft/accuracy"] = _masked_mean(correct_B_T.to(logprobs_B_T.dtype), valid_B_T)
+    return loss, metrics
 
 
 def combined_loss(
@@ -378,19 +399,16 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce(per_token_B_T: torch.Tensor, valid_B_T: torch.Tensor, normalization: str,
-            normalizer: torch.Tensor | float | None) -> torch.Tensor:
-    """Sum over valid tokens (or token-mean per sequence, summed over sequences) / normalizer."""
+            normalizer: torch.Tensor | float | None, weights_B_T: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t w_t l_t over valid tokens / normalizer, with w = ``reduction_weights(valid, normalization)``
+    unless given (token: a plain sum; sequence: a token-mean per row, summed over rows)."""
     if normalizer is None:
         normalizer = valid_count(valid_B_T, normalization)
     normalizer = torch.as_tensor(normalizer, dtype=per_token_B_T.dtype, device=per_token_B_T.device).clamp_min(1)
-    per_token_B_T = torch.where(valid_B_T, per_token_B_T, 0.0)
-    if normalization == "token":
-        total = per_token_B_T.sum()
-    elif normalization == "sequence":
-        total = (per_token_B_T.sum(-1) / valid_B_T.sum(-1).clamp_min(1)).sum()
-    else:
-        raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
-    return total / normalizer
+    if weights_B_T is None:
+        weights_B_T = reduction_weights(valid_B_T, normalization, per_token_B_T.dtype)
+    per_token_B_T = torch.where(valid_B_T, per_token_B_T * weights_B_T.to(per_token_B_T.dtype), 0.0)
+    return per_token_B_T.sum() / normalizer
 
 
 def _masked_mean(x_B_T: torch.Tensor, valid_B_T: torch.Tensor) -> torch.Tensor:

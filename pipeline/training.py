@@ -1,13 +1,19 @@
-"""Training plumbing shared by SFT and OPD: distributed set-up, optimiser and schedule, batching,
-checkpoints, metrics, plots, and the plain SFT loop. Loss math lives in ``pipeline.losses``."""
+"""Training plumbing shared by SFT and OPD: distributed set-up, the student model prepared for scale (chunked
+LM head, bf16 mixed precision, activation checkpointing, DDP / FSDP2 / HSDP), token-budget micro-batches,
+throughput and memory metrics, plots, and the plain SFT loop. Loss math lives in ``pipeline.losses``; the
+checkpoint format in ``pipeline.checkpoint``."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
 import os
 import random
+import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import checkpoint
 from pipeline.config import OptimConfig
+from pipeline.head import Metrics, TokenStats, fused_head_loss
 from pipeline.losses import sft_cross_entropy
 
 Example = tuple[np.ndarray, int]  # (token_ids, prompt_len)
@@ -34,14 +42,18 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed() -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment; world size 1 otherwise."""
+def setup_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment; world size 1 otherwise.
+    ``timeout_minutes`` bounds every collective (raise it when a checkpoint save or the first step is slow)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():  # TF32 for the fp32 matmuls that remain (master weights, optimiser)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if world == 1:
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -159,60 +171,175 @@ def plot_metrics(metrics_path: Path, out_png: Path, keys: list[str] | None = Non
     return out_png
 
 
+class StudentLM(torch.nn.Module):
+    """A causal LM whose forward returns a loss through the chunked LM head: the decoder's final hidden states
+    at the selected target positions go to ``fused_head_loss``, so no B x T x V logits exist.
+
+    DDP and FSDP2 wrap this module (its forward is the one their hooks see, so the head weight is gathered
+    and its gradient reduced like any other). ``self.lm`` is the Hugging Face model, saved as is.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids_B_L: torch.Tensor, attention_B_L: torch.Tensor, select_B_T: torch.Tensor,
+                loss_fn: Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]], *,
+                topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int = 1024, entropy: bool = False,
+                argmax: bool = False) -> tuple[torch.Tensor, Metrics]:
+        """``select_B_T`` marks the targets (shifted positions) the loss reads; ``loss_fn`` sees them flattened
+        in row-major order, chunk by chunk (see ``pipeline.head.fused_head_loss``)."""
+        hidden_B_L_H = self.lm.get_decoder()(input_ids=input_ids_B_L, attention_mask=attention_B_L,
+                                             use_cache=False).last_hidden_state
+        hidden_N_H = hidden_B_L_H[:, :-1][select_B_T]
+        targets_N = input_ids_B_L[:, 1:][select_B_T]
+        head = self.lm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise NotImplementedError("an LM head with a bias is not supported by the chunked head")
+        return fused_head_loss(hidden_N_H, head.weight, targets_N, loss_fn, topk_ids_N_K=topk_ids_N_K,
+                               chunk_tokens=chunk_tokens, entropy=entropy, argmax=argmax)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The Hugging Face model inside a DDP wrapper and/or a ``StudentLM``."""
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return model.lm if isinstance(model, StudentLM) else model
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool) -> torch.nn.Module:
-    """DDP, or FSDP2 (``fully_shard`` per decoder layer, then the root) under torchrun; as is for one process."""
+def count_flop_params(lm: torch.nn.Module) -> int:
+    """Parameters that cost 6 FLOPs per token in training (the input embedding lookup costs none)."""
+    total = sum(p.numel() for p in lm.parameters())
+    embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    tied = head is not None and embed.weight.data_ptr() == head.weight.data_ptr()
+    return total if tied else total - embed.weight.numel()
+
+
+def prepare_student(lm: torch.nn.Module, info: DistInfo, *, fsdp: bool, precision: str = "fp32",
+                    activation_checkpointing: bool = False, fsdp_shard_size: int | None = None) -> torch.nn.Module:
+    """The trainable student: ``StudentLM(lm)`` on this rank's device, with activation checkpointing per decoder
+    layer (non-reentrant) when asked, wrapped for data parallelism under torchrun:
+
+    - FSDP2: ``fully_shard`` per decoder layer, then the root; with ``precision="bf16"`` a
+      ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: fp32 master weights and optimiser state,
+      bf16 compute, fp32 gradient reduction. ``fsdp_shard_size`` < world size shards within groups of that
+      many ranks and replicates across groups (HSDP, a 2-D device mesh).
+    - DDP otherwise; bf16 then runs under ``autocast`` (see ``autocast_context``), weights stay fp32.
+    """
+    lm.config.use_cache = False
+    if activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student = StudentLM(lm).to(device_for(info))
     if info.world_size == 1:
-        return model
+        return student
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        for layer in getattr(getattr(model, "model", model), "layers", []):
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        kwargs: dict[str, Any] = {}
+        if precision == "bf16":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if fsdp_shard_size and fsdp_shard_size < info.world_size:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            if info.world_size % fsdp_shard_size:
+                raise ValueError(f"train.fsdp_shard_size={fsdp_shard_size} must divide the world size {info.world_size}")
+            kwargs["mesh"] = init_device_mesh(device_for(info).type,
+                                              (info.world_size // fsdp_shard_size, fsdp_shard_size),
+                                              mesh_dim_names=("replicate", "shard"))
+        for layer in getattr(getattr(lm, "model", lm), "layers", []):
+            fully_shard(layer, **kwargs)
+        fully_shard(student, **kwargs)
+        return student
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model)
+    return DistributedDataParallel(student)
 
 
-def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
-    """The whole model's state on CPU (a collective under FSDP: every rank must call it)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(model).state_dict()
+def autocast_context(precision: str, device: torch.device, fsdp_sharded: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a single process or DDP; FSDP2 casts through its mixed-precision policy instead."""
+    if precision == "bf16" and not fsdp_sharded:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], fsdp: bool) -> None:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def split_by_token_budget(lengths: list[int], budget: int | None, parts: int = 1) -> list[list[int]]:
+    """Indices of the sequences grouped into micro-batches.
 
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
-    else:
-        unwrap(model).load_state_dict(sd)
+    Without a ``budget``: ``parts`` equal consecutive groups (gradient accumulation by count). With one:
+    sequences sorted longest first, packed greedily so that a micro-batch's padded size (its longest sequence
+    x its count) stays within ``budget`` tokens; a sequence longer than the budget goes alone. The step's loss
+    does not depend on the grouping: every micro-batch divides by the step's global counts.
+    """
+    n = len(lengths)
+    if budget is None:
+        size = n // parts
+        return [list(range(i * size, (i + 1) * size)) for i in range(parts)]
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(i)  # sorted longest first: the group's first member is its longest
+        else:
+            groups.append([i])
+    return groups
 
 
-def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
-    """The optimiser state as one full (unsharded) dict, so any world size can resume from it."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return opt.state_dict()
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (fp32 runs use TF32 peaks at half of these).
+_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                     "B200": 2250.0, "GB200": 2500.0}
 
 
-def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def detect_peak_tflops(device: torch.device, precision: str) -> float | None:
+    """Peak dense TFLOP/s of this rank's GPU (None on CPU or an unknown GPU: give ``peak_tflops``)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops if precision == "bf16" else tflops / 2
+    return None
 
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(state)
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+@dataclass
+class StepMeter:
+    """Throughput counters of a run: model tokens (attended, for FLOPs), padded positions, time computing and
+    time waiting for data. ``metrics`` turns them into the perf/* keys people watch at scale."""
+
+    flop_params: int
+    world_size: int
+    peak_tflops: float | None = None
+    tokens: int = 0  # global response tokens trained on (the loss's tokens)
+    model_tokens: int = 0  # global attended tokens through the model (prompt + response)
+    padded: int = 0  # this rank's padded positions
+    slots: int = 0  # this rank's B x L positions
+    seconds: float = 0.0  # wall time of steps, data wait included
+    data_seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("tokens", "model_tokens", "padded", "slots", "seconds", "data_seconds")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def metrics(self, device: torch.device) -> dict[str, float]:
+        seconds = max(self.seconds, 1e-9)
+        out = {"perf/tokens_per_s": round(self.tokens / seconds, 1),
+               "perf/model_tokens_per_s": round(self.model_tokens / seconds, 1),
+               "perf/padding_frac": round(self.padded / max(self.slots, 1), 4),
+               "perf/data_wait_frac": round(self.data_seconds / seconds, 4),
+               "perf/peak_mem_gb": round(peak_memory_gb(device), 3)}
+        if self.peak_tflops:
+            flops = 6.0 * self.flop_params * self.model_tokens
+            out["perf/mfu"] = round(flops / seconds / (self.peak_tflops * 1e12 * self.world_size), 4)
+        return out
 
 
 def save_hf_model(model: torch.nn.Module, tokenizer: Any, out: Path, provenance: dict[str, Any] | None = None) -> Path:
@@ -233,58 +360,21 @@ def save_hf_model(model: torch.nn.Module, tokenizer: Any, out: Path, provenance:
 
 def save_trained_model(model: torch.nn.Module, fsdp: bool, info: DistInfo, base_dir: Path, tokenizer: Any,
                        out: Path, provenance: dict[str, Any]) -> None:
-    """Every rank calls it (gathering the full state is a collective under FSDP); the main rank writes the
-    trained weights as an HF model dir with ``base_dir``'s config, atomically, with ``provenance``."""
+    """Every rank calls it (gathering the full state is a collective under FSDP: the one full gather of a run);
+    the main rank writes the trained weights as an HF model dir with ``base_dir``'s config, atomically."""
     from pipeline.models import load_model
 
-    sd = full_state_dict(model, fsdp)
+    if fsdp and info.world_size > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = {k.removeprefix("lm."): v for k, v in sd.items()}
+    else:
+        sd = unwrap(model).state_dict()
     if info.is_main:
         final = load_model(base_dir)
-        final.load_state_dict(sd)
+        final.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()})
         save_hf_model(final, tokenizer, out, provenance)
-
-
-def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep_last: int | None = None) -> Path:
-    """``ckpt_root/step-000050/state.pt`` written to a temp name then renamed; ``latest`` points at it.
-    ``keep_last``: then delete all but the newest ``keep_last`` checkpoints (None keeps every one)."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    latest_tmp = ckpt_root / "latest.tmp"
-    latest_tmp.write_text(final.name)
-    latest_tmp.replace(ckpt_root / "latest")
-    if keep_last is not None:
-        for old in sorted(ckpt_root.glob("step-*"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint_step(ckpt_root: Path) -> int:
-    """Step of the latest checkpoint under ``ckpt_root`` (0 if none), without loading it."""
-    pointer = Path(ckpt_root) / "latest"
-    return int(pointer.read_text().strip().removeprefix("step-")) if pointer.exists() else 0
-
-
-def load_latest_checkpoint(ckpt_root: Path) -> dict[str, Any] | None:
-    pointer = ckpt_root / "latest"
-    if not pointer.exists():
-        return None
-    return torch.load(ckpt_root / pointer.read_text().strip() / "state.pt", weights_only=False)
-
-
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int, batch_size: int,
@@ -292,79 +382,97 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
               description: str = "sft", show_progress: bool = True,
               on_log: Callable[[int, dict], None] | None = None, ckpt_root: Path | None = None,
               checkpoint_every: int = 0, keep_checkpoints: int = 1, run_key: str = "",
-              info: DistInfo | None = None, fsdp: bool = False) -> dict[str, float]:
+              info: DistInfo | None = None, fsdp: bool = False, precision: str = "fp32",
+              max_tokens_per_micro_batch: int | None = None, logits_chunk_tokens: int = 1024,
+              peak_tflops: float | None = None) -> dict[str, float]:
     """Plain next-token SFT on response tokens; shared by `lopd sft`, the demo teacher bootstrap and the
-    demo's SFT-continued control.
+    demo's SFT-continued control. ``model`` is a Hugging Face model (trained in place, one process) or the
+    result of ``prepare_student`` (under torchrun).
 
-    Data parallel under torchrun (``info``; ``model`` already wrapped by ``wrap_model``): every rank reads the
-    same example stream, takes every world_size-th example of each global batch of ``batch_size``, and the loss
-    is normalised by the global response-token count, so any world size takes the same optimiser steps.
+    Data parallel under torchrun (``info``): every rank reads the same example stream, takes every
+    world_size-th example of each global batch of ``batch_size``, splits its share into micro-batches of at
+    most ``max_tokens_per_micro_batch`` padded tokens (one micro-batch without a budget), and every micro-batch
+    divides by the global response-token count, so any world size and any budget take the same optimiser steps.
 
-    With ``ckpt_root`` it saves model, optimiser, scheduler and RNG every ``checkpoint_every`` steps and resumes
-    from the latest checkpoint, skipping the examples already consumed (``examples`` must be the same
-    deterministic stream). ``run_key`` identifies the run; a checkpoint with another key is refused.
+    With ``ckpt_root`` it saves a sharded checkpoint (``pipeline.checkpoint``) every ``checkpoint_every`` steps
+    and resumes from the latest, skipping the examples already consumed (``examples`` must be the same
+    deterministic stream; the position is global, so another world size resumes too). ``run_key`` identifies
+    the run; a checkpoint with another key is refused.
     """
     from pipeline.stages.common import log, progress_bar
 
     info = info or DistInfo()
+    if not isinstance(model, (StudentLM, torch.nn.parallel.DistributedDataParallel)):
+        model = StudentLM(model)
     device = next(model.parameters()).device
     model.train()
     opt = make_optimizer(model, optim)
     sched = make_scheduler(opt, optim, steps)
+    fsdp_sharded = fsdp and info.world_size > 1
+    meter = StepMeter(count_flop_params(unwrap(model)), info.world_size,
+                      peak_tflops or detect_peak_tflops(device, precision))
     last: dict[str, float] = {}
-    start_step, tokens, seconds = 0, 0, 0.0
-    state = load_latest_checkpoint(ckpt_root) if ckpt_root is not None else None
-    if state is not None:
-        if state["run_key"] != run_key:
-            raise ValueError(f"{ckpt_root}: checkpoint was written by a different SFT run (other data, model or "
-                             f"config: {state['run_key']} vs {run_key}); delete {ckpt_root} to start over")
-        load_model_state(model, state["model"], fsdp)
-        load_optimizer_state(model, opt, state["optimizer"], fsdp)
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
+    start_step = 0
+    resumed = (checkpoint.load_latest(ckpt_root, model=model, optimizer=opt, scheduler=sched, run_key=run_key,
+                                      rank=info.rank, what="SFT") if ckpt_root is not None else None)
+    if resumed is not None:
+        start_step = resumed.step
+        meter.load_state_dict(resumed.trainer["meter"])
+        if resumed.rank_state is not None:
+            checkpoint.set_rng_state(resumed.rank_state["rng"])
         for _ in range(start_step * batch_size):  # the stream is deterministic: skip what was consumed
             next(examples)
         log.info("%s: resuming from %s at step %d", description, ckpt_root / f"step-{start_step:06d}", start_step)
 
-    start = time.perf_counter() - seconds
+    def loss_fn(normalizer: torch.Tensor) -> Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]]:
+        def chunk(stats: TokenStats, start: int, end: int) -> tuple[torch.Tensor, Metrics]:
+            valid_1_n = torch.ones(1, end - start, dtype=torch.bool, device=stats.target_logprobs.device)
+            return sft_cross_entropy(stats.target_logprobs[None], valid_1_n, normalizer=normalizer)
+        return chunk
+
     with progress_bar(not (show_progress and info.is_main)) as bar:
         task = bar.add_task(description, total=steps, completed=start_step, rate="")
         for step in range(start_step + 1, steps + 1):
+            t0 = time.perf_counter()
             batch = [next(examples) for _ in range(batch_size)][info.rank :: info.world_size]
-            input_ids_B_L, attention_B_L, mask_B_T = pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
-            input_ids_B_L, attention_B_L, mask_B_T = input_ids_B_L.to(device), attention_B_L.to(device), mask_B_T.to(device)
-            step_tokens = all_reduce_sum(mask_B_T.sum().to(torch.float64), info)
-            logits_B_T_V = model(input_ids=input_ids_B_L, attention_mask=attention_B_L).logits[:, :-1].float()
-            loss, parts = sft_cross_entropy(logits_B_T_V, input_ids_B_L[:, 1:], mask_B_T,
-                                            normalizer=step_tokens.clamp_min(1).float())
+            groups = split_by_token_budget([len(b[0]) for b in batch], max_tokens_per_micro_batch)
+            micro = [pad_batch([batch[i][0] for i in g], [batch[i][1] for i in g], pad_id) for g in groups]
+            meter.data_seconds += time.perf_counter() - t0
+            counts = all_reduce_sum(torch.tensor([float(sum(int(m[2].sum()) for m in micro)),
+                                                  float(sum(int(m[1].sum()) for m in micro))], dtype=torch.float64), info)
+            normalizer = counts[0].clamp_min(1).float().to(device)
             opt.zero_grad(set_to_none=True)
-            # DDP/FSDP average gradients over ranks; the loss is already divided by the global token count.
-            (loss * info.world_size).backward()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for input_ids_B_L, attention_B_L, mask_B_T in micro:
+                input_ids_B_L, attention_B_L, mask_B_T = input_ids_B_L.to(device), attention_B_L.to(device), mask_B_T.to(device)
+                meter.padded += int((attention_B_L == 0).sum())
+                meter.slots += attention_B_L.numel()
+                with autocast_context(precision, device, fsdp_sharded):
+                    loss, _ = model(input_ids_B_L, attention_B_L, mask_B_T.bool(), loss_fn(normalizer),
+                                    chunk_tokens=logits_chunk_tokens)
+                # DDP/FSDP average gradients over ranks; the loss is already divided by the global token count.
+                (loss * info.world_size).backward()
+                loss_sum += loss.detach().double().cpu()
             if optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             opt.step()
             sched.step()
-            tokens += int(step_tokens)
+            meter.tokens += int(counts[0])
+            meter.model_tokens += int(counts[1])
+            meter.seconds += time.perf_counter() - t0
             if step % log_every == 0 or step == steps:
-                elapsed = time.perf_counter() - start
-                loss_value = float(all_reduce_sum(loss.detach().to(torch.float64), info))
+                loss_value = float(all_reduce_sum(loss_sum, info))
                 last = {"step": step, "loss/sft": loss_value, "optim/lr": sched.get_last_lr()[0],
-                        "progress/tokens": tokens, "perf/tokens_per_s": tokens / max(elapsed, 1e-9)}
+                        "progress/tokens": meter.tokens, **meter.metrics(device)}
                 if metrics and info.is_main:
                     metrics.write(last)
                 if on_log:
                     on_log(step, last)
                 bar.update(task, rate=f"loss {loss_value:.3f}")
             if ckpt_root is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                model_sd, opt_sd = full_state_dict(model, fsdp), optimizer_state(model, opt, fsdp)
-                if info.is_main:
-                    save_checkpoint(ckpt_root, step, {
-                        "run_key": run_key, "step": step, "tokens": tokens, "seconds": time.perf_counter() - start,
-                        "model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
-                        "rng": rng_state()}, keep_last=keep_checkpoints)
-                if info.world_size > 1:
-                    dist.barrier()
+                checkpoint.save(ckpt_root, step, model=model, optimizer=opt, scheduler=sched, run_key=run_key,
+                                trainer={"meter": meter.state_dict()}, rank_state={"rng": checkpoint.rng_state()},
+                                rank=info.rank, world_size=info.world_size, keep_last=keep_checkpoints)
             bar.update(task, advance=1)
     model.eval()
     return last

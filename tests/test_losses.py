@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.head import token_stats
 from pipeline.losses import (
     combined_loss,
     forward_kl_topk,
@@ -45,9 +46,14 @@ def make_case(B=3, T=5, V=11, K=4, seed=0, dtype=torch.float64):
                 tail=tail, mask=mask, teacher_logprobs=teacher_logprobs)
 
 
+def student_topk(logits, ids, mask):
+    """The student's top-k and tail log-probs from full logits (the reference path); padding ids replaced."""
+    return student_topk_tail_logprobs(logits, ids.masked_fill(~mask.bool().unsqueeze(-1), 0))
+
+
 def topk_args(case, logits=None):
-    return (case["student_logits"] if logits is None else logits, case["topk_ids"], case["topk_logprobs"],
-            case["tail"], case["mask"])
+    logits = case["student_logits"] if logits is None else logits
+    return (*student_topk(logits, case["topk_ids"], case["mask"]), case["topk_logprobs"], case["tail"], case["mask"])
 
 
 # --- brute-force float64 reference, written with explicit loops ---------------------------------
@@ -149,7 +155,7 @@ def test_topk_with_k_equal_vocab_is_full_kl(tail_bucket):
     teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64).log_softmax(-1)
     ids = torch.rand(B, T, V, generator=g).argsort(-1)  # every id, in a scrambled order
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    args = (ids, teacher.gather(-1, ids), torch.full((B, T), -math.inf, dtype=torch.float64), mask)
+    args = (teacher.gather(-1, ids), torch.full((B, T), -math.inf, dtype=torch.float64), mask)
     full = {  # F.kl_div(input, target) = KL(target || input)
         forward_kl_topk: lambda student: F.kl_div(student, teacher, log_target=True, reduction="none"),
         reverse_kl_topk: lambda student: F.kl_div(teacher, student, log_target=True, reduction="none"),
@@ -157,7 +163,7 @@ def test_topk_with_k_equal_vocab_is_full_kl(tail_bucket):
     for fn, kl_div in full.items():
         expected = kl_div(logits.log_softmax(-1)).sum(-1)[mask].mean()
         (expected_grad,) = torch.autograd.grad(expected, logits)
-        loss, metrics = fn(logits, *args, tail_bucket=tail_bucket)
+        loss, metrics = fn(*student_topk(logits, ids, mask), *args, tail_bucket=tail_bucket)
         (grad,) = torch.autograd.grad(loss, logits)
         torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
@@ -373,7 +379,8 @@ def _accum_losses():
     """name -> (normalization, fn(logits_B_T_V, case, normalizer) -> loss)."""
 
     def topk(fn):
-        return lambda logits, c, n: fn(logits, c["topk_ids"], c["topk_logprobs"], c["tail"], c["mask"], normalizer=n)[0]
+        return lambda logits, c, n: fn(*student_topk(logits, c["topk_ids"], c["mask"]), c["topk_logprobs"], c["tail"],
+                                       c["mask"], normalizer=n)[0]
 
     def pg(importance, normalization):
         return lambda logits, c, n: lightning_pg(gather_logprobs(logits, c["ids"]), c["teacher"], c["behavior"],
@@ -385,7 +392,8 @@ def _accum_losses():
         "reverse_kl": ("token", topk(reverse_kl_topk)),
         "jsd": ("token", topk(jsd_topk)),
         "tvd": ("token", topk(tvd_topk)),
-        "sft": ("token", lambda logits, c, n: sft_cross_entropy(logits, c["ids"], c["mask"], normalizer=n)[0]),
+        "sft": ("token", lambda logits, c, n: sft_cross_entropy(gather_logprobs(logits, c["ids"]), c["mask"],
+                                                                  normalizer=n)[0]),
         "lightning_token": ("token", pg("none", "token")),
         "lightning_sequence": ("sequence", pg("none", "sequence")),
         "lightning_ppo_sequence": ("sequence", pg("ppo_clip", "sequence")),
@@ -473,7 +481,8 @@ def test_sft_cross_entropy_matches_torch():
     logits = torch.randn(3, 5, 11, generator=g)
     targets = torch.randint(0, 11, (3, 5), generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    loss, metrics = sft_cross_entropy(logits.to(torch.bfloat16), targets, mask)
+    stats = token_stats(logits.to(torch.bfloat16), targets, argmax=True)
+    loss, metrics = sft_cross_entropy(stats.target_logprobs, mask, correct_B_T=stats.argmax_ids == targets)
     expected = F.cross_entropy(logits.to(torch.bfloat16).float().view(-1, 11),
                                targets.masked_fill(~mask, -100).view(-1), ignore_index=-100)
     assert loss.dtype == torch.float32

@@ -18,7 +18,7 @@ import torch
 from pipeline.config import load_run_config
 from pipeline.models import load_model
 from pipeline.stages.registry import run_stage
-from pipeline.stages.train import collate, compute_losses
+from pipeline.stages.train import batch_loss, collate
 from storage.codecs import decode_table
 from storage.shardset import ShardSet
 from tests.test_stages import lopd, write_run
@@ -56,12 +56,7 @@ def _all_records(shards: Path):
 
 
 def _loss_on(model_dir: Path, records, cfg) -> float:
-    model = load_model(model_dir)
-    batch = collate(records, pad_id=0)
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1].float()
-        loss, _ = compute_losses(cfg, logits, batch, batch.mask_B_T.sum().float(), batch.mask_B_T.any(-1).sum().float())
-    return float(loss)
+    return batch_loss(cfg, load_model(model_dir), collate(records, pad_id=0))
 
 
 def test_offline_training_lowers_the_distillation_loss(shards_run):
@@ -128,8 +123,10 @@ def test_torchrun_ddp_two_processes_gloo(shards_run):
     assert [r["step"] for r in rows] == list(range(1, 7))  # only rank 0 writes metrics
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
     assert (out / "final" / "config.json").exists()
-    ckpt = torch.load(out / "ckpt" / "step-000006" / "state.pt", weights_only=False)
-    assert len(ckpt["reader"]) == 2  # each rank's reader position is saved for resume
+    ckpt = out / "ckpt" / "step-000006"
+    ranks = sorted(ckpt.glob("rank-*.pt"))
+    assert len(ranks) == 2  # each rank's reader position is saved for resume
+    assert all(torch.load(r, weights_only=False)["source"]["reader"] is not None for r in ranks)
     # one process cannot continue two ranks' streams: a clear error, nothing overwritten
     res = lopd("train", "-c", str(cfg), "-q", "--set", f"train.out={out}", "--set", "train.steps=8", check=False)
     assert res.returncode == 2 and "written by 2 process(es), this run has 1" in " ".join(res.stderr.split())
@@ -221,19 +218,33 @@ def test_interrupted_sft_resumes_from_its_checkpoint_with_identical_results(shar
 
 
 def test_checkpoints_beyond_keep_last_are_pruned(tmp_path):
-    from pipeline.training import latest_checkpoint_step, load_latest_checkpoint, save_checkpoint
+    from pipeline import checkpoint
 
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in (2, 4, 6, 8):
-        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        checkpoint.save(tmp_path, step, model=model, optimizer=opt, scheduler=sched, run_key="k",
+                        trainer={"note": step}, rank_state={"rng": checkpoint.rng_state()}, rank=0, world_size=1,
+                        keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000006", "step-000008"]
-    assert latest_checkpoint_step(tmp_path) == 8 and load_latest_checkpoint(tmp_path) == {"step": 8}
-    assert latest_checkpoint_step(tmp_path / "none") == 0
+    assert checkpoint.latest_step(tmp_path) == 8 and checkpoint.latest_step(tmp_path / "none") == 0
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    resumed = checkpoint.load_latest(tmp_path, model=fresh, optimizer=fresh_opt, scheduler=sched, run_key="k", rank=0)
+    assert resumed.step == 8 and resumed.trainer["note"] == 8 and resumed.world_size == 1
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(ValueError, match="different"):
+        checkpoint.load_latest(tmp_path, model=fresh, optimizer=fresh_opt, scheduler=sched, run_key="other", rank=0)
 
 
 def test_online_baseline_resumes_with_the_samples_of_an_uninterrupted_run(shards_run, trained_models):
     """The online sampler's position (prompt RNG, sample seeds) is checkpointed: stop after step 2, rerun, and
     the loss curve equals a run that never stopped."""
-    from pipeline.stages.train import run_train
+    from pipeline.stages.train import run_online_train
 
     tmp, cfg = shards_run
     online = (f"train.online={{teacher: {trained_models['teacher']}, prompts: {tmp / 'prompts.jsonl'}, k: 4, "
@@ -243,7 +254,7 @@ def test_online_baseline_resumes_with_the_samples_of_an_uninterrupted_run(shards
         rc = load_run_config(cfg, [f"train.out={tmp / name}", "train.steps=4", "train.checkpoint_every=2", online])
         tcfg = rc.stage("train")
         for stop in stops:
-            run_train(tcfg, show_progress=False, stop_after=stop)
+            run_online_train(tcfg, show_progress=False, stop_after=stop)
         curves[name] = [r["loss/total"] for r in map(json.loads, (tmp / name / "metrics.jsonl").read_text().splitlines())]
     assert len(curves["online_ref"]) == 4
     assert curves["online_cut"] == curves["online_ref"]

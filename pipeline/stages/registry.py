@@ -34,7 +34,7 @@ def online_train_config(cfg: Any) -> Any:
 def run_stage(name: str, cfg: Any, show_progress: bool = True, online: bool = False) -> StageResult:
     """Run stage ``name``; ``online=True`` (train only) runs the online OPD baseline instead of offline OPD."""
     if name == "train" and online:
-        cfg = online_train_config(cfg)
-    elif name == "train" and cfg.online is not None:
-        cfg = cfg.model_copy(update={"online": None})
+        from pipeline.stages.train import run_online_train
+
+        return run_online_train(online_train_config(cfg), show_progress=show_progress)
     return stage_function(name)(cfg, show_progress=show_progress)

@@ -6,10 +6,7 @@ wrote the SFT data: the teacher-consistency check of stage 3 reads it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import shutil
 from typing import Iterator
 
 import numpy as np
@@ -19,14 +16,17 @@ from pipeline.config import SftConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance
 from pipeline.models import load_model, load_tokenizer
 from pipeline.stages.common import StageResult, log, timed
-from pipeline.training import (Example, MetricsWriter, device_for, latest_checkpoint_step, plot_metrics,
-                               save_trained_model, seed_everything, setup_distributed, sft_train, wrap_model)
+from pipeline import checkpoint
+from pipeline.training import (Example, MetricsWriter, plot_metrics, prepare_student, save_trained_model,
+                               seed_everything, setup_distributed, sft_train)
 from storage.shardset import ShardSet
 
 
-def iter_shard_examples(shardset: ShardSet, seed: int) -> Iterator[Example]:
+def iter_shard_examples(shardset: ShardSet, seed: int, max_seq_len: int | None = None,
+                        overlong: str = "error") -> Iterator[Example]:
     """Endless stream of (token_ids, prompt_len): shards in a new random order each epoch, rows shuffled
-    within a shard. Memory holds one shard's token columns at a time."""
+    within a shard. Memory holds one shard's token columns at a time. An example longer than ``max_seq_len``
+    stops the run with an error naming it (``overlong="error"``) or has its answer cut (``"truncate"``)."""
     indices = shardset.complete_indices()
     if not indices:
         raise FileNotFoundError(f"{shardset.root}: no complete shards to train on; run the previous stage first")
@@ -41,48 +41,65 @@ def iter_shard_examples(shardset: ShardSet, seed: int) -> Iterator[Example]:
             rows = list(range(len(ids)))
             rng.shuffle(rows)
             for r in rows:
-                yield np.asarray(ids[r], dtype=np.int64), plens[r]
+                tokens = np.asarray(ids[r], dtype=np.int64)
+                if max_seq_len is not None and len(tokens) > max_seq_len:
+                    if overlong == "error" or plens[r] >= max_seq_len:
+                        raise ValueError(
+                            f"{shardset.shard_path(i)}: row {r} has {len(tokens)} tokens (prompt {plens[r]}), more "
+                            f"than sft.max_seq_len={max_seq_len}; raise sft.max_seq_len or set sft.overlong=truncate "
+                            "to cut answers")
+                    tokens = tokens[:max_seq_len]
+                yield tokens, plens[r]
 
 
-def sft_run_key(provenance: dict, data_manifest: dict) -> str:
-    """What a resumable checkpoint must match: data (its manifest), base model and the config that shapes the
-    optimisation (not ``out``, logging or checkpoint cadence)."""
-    config = {k: v for k, v in provenance["config"].items()
-              if k not in ("out", "log_every", "checkpoint_every", "keep_checkpoints", "fsdp")}
-    payload = {**provenance, "config": config, "data_manifest": data_manifest}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# Settings that do not change what a run computes: outputs, logging and checkpoint cadence, how it is spread
+# over devices (FSDP or DDP and the shard size give the same steps).
+_NOT_IN_RUN_KEY = {"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints", "fsdp",
+                   "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops"}
+
+
+def sft_identity(cfg: SftConfig, teacher_fp: str | None, base_fp: str, data_manifest: dict) -> dict:
+    """What makes an SFT run this run: content fingerprints of the data and base model, and the settings
+    that shape the optimisation. Paths are not part of it: a moved run directory resumes."""
+    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_RUN_KEY}
+    data = {k: v for k, v in data_manifest.items() if k in ("kind", "shards", "totals")}
+    data["metadata"] = {k: v for k, v in data_manifest.get("metadata", {}).items() if k != "provenance"}
+    return {"stage": "sft", "sft_teacher_fingerprint": teacher_fp, "base_model_fingerprint": base_fp,
+            "config": config, "data_fingerprint": checkpoint.run_fingerprint(data)}
 
 
 def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
     """Fine-tune ``cfg.student`` on the SFT samples in ``cfg.data``; write an HF dir at ``cfg.out``."""
     data = ShardSet.open(cfg.data)
     teacher_fp = data.metadata.get("teacher_fingerprint")
-    provenance = {
-        "stage": "sft", "sft_teacher_fingerprint": teacher_fp, "sft_data": str(cfg.data),
-        "base_model_fingerprint": model_fingerprint(cfg.student), "config": cfg.model_dump(mode="json"),
-    }
+    identity = sft_identity(cfg, teacher_fp, model_fingerprint(cfg.student), data.manifest)
+    run_key = checkpoint.run_fingerprint(identity)
+    provenance = {**identity, "sft_run_key": run_key, "sft_data": str(cfg.data)}  # the path: provenance only
     done = read_provenance(cfg.out)
-    if done and {k: done.get(k) for k in provenance} == provenance:
+    if done and done.get("sft_run_key") == run_key:
         log.info("sft: %s is complete (same data, base model and config); nothing to do", cfg.out)
         return StageResult("sft", cfg.out, skipped=True, summary={"sft_teacher_fingerprint": teacher_fp})
-    info = setup_distributed()
+    info = setup_distributed(cfg.dist_timeout_minutes)
     if cfg.batch_size % info.world_size:
         raise ValueError(f"sft.batch_size={cfg.batch_size} must be a multiple of the world size {info.world_size}")
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.student)
-    model = wrap_model(load_model(cfg.student).to(device_for(info)), info, cfg.fsdp)
+    model = prepare_student(load_model(cfg.student), info, fsdp=cfg.fsdp, precision=cfg.precision,
+                            activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
     logs = cfg.out.with_name(cfg.out.name + "_logs")
     ckpt_root = logs / "ckpt"
-    metrics = MetricsWriter(logs / "metrics.jsonl", enabled=info.is_main, resume_step=latest_checkpoint_step(ckpt_root))
+    metrics = MetricsWriter(logs / "metrics.jsonl", enabled=info.is_main, resume_step=checkpoint.latest_step(ckpt_root))
     with timed() as t:
-        last = sft_train(model, iter_shard_examples(data, cfg.seed), steps=cfg.steps, batch_size=cfg.batch_size,
-                         optim=cfg.optim, pad_id=tokenizer.pad_token_id, metrics=metrics,
+        last = sft_train(model, iter_shard_examples(data, cfg.seed, cfg.max_seq_len, cfg.overlong), steps=cfg.steps,
+                         batch_size=cfg.batch_size, optim=cfg.optim, pad_id=tokenizer.pad_token_id, metrics=metrics,
                          log_every=cfg.log_every, show_progress=show_progress, ckpt_root=ckpt_root,
                          checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                         run_key=sft_run_key(provenance, data.manifest), info=info, fsdp=cfg.fsdp)
+                         run_key=run_key, info=info, fsdp=cfg.fsdp, precision=cfg.precision,
+                         max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
+                         logits_chunk_tokens=cfg.logits_chunk_tokens, peak_tflops=cfg.peak_tflops)
     save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, cfg.out, provenance)
     if info.is_main:
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the final model dir is the durable result
+        checkpoint.prune_all(ckpt_root)  # the final model dir is the durable result
         plot_metrics(metrics.path, metrics.path.with_name("sft_curves.png"), ["loss/sft", "optim/lr"], "SFT")
     if info.world_size > 1:
         torch.distributed.barrier()

@@ -7,14 +7,18 @@ spreading over workers). Before any work: the teacher-consistency guard and the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import TeacherLogprobsConfig
-from pipeline.engines.base import Engine, make_engine, model_vocab_size
+from pipeline.engines import make_engine
+from pipeline.engines.base import Engine, model_vocab_size, token_batches
 from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, shard_set_fingerprint, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import load_prompts
@@ -122,25 +126,50 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
         use_tpl = meta.get("use_chat_template", True)
         prefixes = {p.id: encode_prompt(tokenizer, f"{p.privileged_context or ''}{p.prompt}", use_tpl)
                     for p in load_prompts(cfg.prompts)}
-    engine = make_engine(str(cfg.teacher), cfg.engine, max_logprobs=cfg.k)
+    encode = partial(encode_records, codec=cfg.codec, k=cfg.k, vocab_size=vocab_size, **params)
+    # the engine stops its worker processes when the stage ends, also when it fails
+    with make_engine(str(cfg.teacher), cfg.engine, max_logprobs=cfg.k) as engine:
+        totals, seconds = _score_shards(engine, cfg, rollouts, out, todo, prefixes, encode, show_progress)
+    out.finalize(expected_shards=len(inputs))
+    log.info("teacher-logprobs: %d sequences, %d response tokens (%d truncated, %d skipped as overlong) in %.1fs",
+             totals["sequences"], totals["tokens"], totals["truncated"], totals["skipped"], seconds)
+    return StageResult("teacher-logprobs", cfg.out, wall_seconds=seconds,
+                       summary={"shards": len(inputs), "shards_written": len(todo), **totals,
+                                "teacher_consistent": consistent})
+
+def _score_shards(engine: Engine, cfg: TeacherLogprobsConfig, rollouts: ShardSet, out: ShardSet, todo: list[int],
+                  prefixes: dict[str, list[int]] | None, encode: Callable[[list[TeacherRecord]], pa.Table],
+                  show_progress: bool) -> tuple[dict[str, int], float]:
+    """Score the ``todo`` shards into ``out``; (totals, seconds).
+
+    A shard is scored in sub-batches of at most ``engine.score_tokens_per_call`` tokens. Each sub-batch is
+    encoded on a background thread while the engine scores the next one, and shard i is written behind the
+    scoring of shard i+1 (WriteBehind): a worker holds two sub-batches of scores and the encoded bytes of
+    two shards, whatever the shard size. Encoded sub-batches are concatenated into one table per shard.
+    """
     totals = {"sequences": 0, "tokens": 0, "truncated": 0, "skipped": 0}
-    # the codec and the Parquet write of shard i run on a background thread while the engine scores shard i+1
-    with timed() as t, progress_bar(not show_progress) as bar, WriteBehind(out) as writer:
+    with (timed() as t, progress_bar(not show_progress) as bar, WriteBehind(out) as writer,
+          ThreadPoolExecutor(1, thread_name_prefix="lopd-encoder") as encoder):
         task = bar.add_task("teacher-logprobs", total=len(todo), rate="")
         for i in todo:
             rows = rollouts.read_shard(i).to_pylist()
-            records, stats = score_table_rows(engine, rows, cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
-            writer.submit(i, partial(encode_records, records, cfg.codec, k=cfg.k, vocab_size=vocab_size, **params))
-            totals["sequences"] += len(records)
-            totals["tokens"] += sum(len(r.teacher_logprobs) for r in records)
-            totals["truncated"] += stats["truncated"]
-            totals["skipped"] += stats["skipped"]
+            parts: list[Future] = []
+            for sub in token_batches([len(r["token_ids"]) for r in rows], cfg.engine.score_tokens_per_call):
+                records, stats = score_table_rows(engine, rows[sub], cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
+                parts.append(encoder.submit(encode, records))
+                if len(parts) > 1:
+                    parts[-2].result()  # at most one sub-batch waits for the encoder (and its errors surface)
+                totals["sequences"] += len(records)
+                totals["tokens"] += sum(len(r.teacher_logprobs) for r in records)
+                totals["truncated"] += stats["truncated"]
+                totals["skipped"] += stats["skipped"]
+            writer.submit(i, partial(_join_parts, parts, encode))
             rate = totals["tokens"] / max(time.perf_counter() - t["start"], 1e-9)
             bar.update(task, advance=1, rate=f"{rate:,.0f} tok/s")
-    engine.close()
-    out.finalize(expected_shards=len(inputs))
-    log.info("teacher-logprobs: %d sequences, %d response tokens (%d truncated, %d skipped as overlong) in %.1fs",
-             totals["sequences"], totals["tokens"], totals["truncated"], totals["skipped"], t["seconds"])
-    return StageResult("teacher-logprobs", cfg.out, wall_seconds=t["seconds"],
-                       summary={"shards": len(inputs), "shards_written": len(todo), **totals,
-                                "teacher_consistent": consistent})
+    return totals, t["seconds"]
+
+
+def _join_parts(parts: list[Future], encode: Callable[[list[TeacherRecord]], pa.Table]) -> pa.Table:
+    """One shard's table from its encoded sub-batches (rows in order; the codec codes every row alone)."""
+    tables = [f.result() for f in parts] or [encode([])]
+    return pa.concat_tables(tables).combine_chunks()

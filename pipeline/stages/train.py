@@ -1,38 +1,41 @@
 """Stage 4: the offline OPD trainer (Lightning OPD). Streams batches from the teacher top-k shards and never
-loads a teacher. ``online=...`` turns it into the standard online OPD baseline (the student samples and a
-live teacher scores every step, same losses) for comparison.
+loads a teacher (``run_train``). ``run_online_train`` is the standard online OPD baseline for comparison: the
+student samples and a live teacher scores every step, same losses, same loop.
 
-Resumable: every ``checkpoint_every`` steps it saves model, optimiser, scheduler, RNG and the reader's
-position; a rerun continues from the latest checkpoint and, on CPU in deterministic mode, reproduces the
-uninterrupted loss curve exactly. Runs under ``torchrun`` (DDP, or FSDP2 with ``fsdp: true``); a single
-process is the same code with world size 1.
+The loop in four parts: set-up and resume (``_train``), a batch source (``ShardBatches`` or ``OnlineBatches``,
+one small protocol), the step (``train_step``: micro-batches by count or token budget through the chunked LM
+head), and logging / checkpointing. Resumable: every ``checkpoint_every`` steps a sharded checkpoint
+(``pipeline.checkpoint``) holds model, optimiser, scheduler, each rank's RNG and stream position; a rerun
+continues from the latest and, on CPU in deterministic mode, reproduces the uninterrupted loss curve exactly.
+Runs under ``torchrun`` (DDP, or FSDP2 / HSDP with ``fsdp: true``); one process is the same code with world
+size 1.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
+from pipeline import checkpoint
 from pipeline import losses as L
 from pipeline.config import OnlineConfig, TrainConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance
+from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
 from pipeline.models import encode_prompt, load_model, load_tokenizer
 from pipeline.stages.common import StageResult, log, progress_bar
-from pipeline.training import (DistInfo, MetricsWriter, all_reduce_sum, device_for, full_state_dict,
-                               load_latest_checkpoint, load_model_state, load_optimizer_state, make_optimizer,
-                               make_scheduler, optimizer_state, pad_batch, plot_metrics, rng_state, save_checkpoint,
-                               save_trained_model, seed_everything, set_rng_state, setup_distributed, unwrap, wrap_model)
+from pipeline.training import (DistInfo, MetricsWriter, StepMeter, StudentLM, all_reduce_sum, autocast_context,
+                               count_flop_params, detect_peak_tflops, device_for, make_optimizer, make_scheduler,
+                               pad_batch, plot_metrics, prepare_student, save_trained_model, seed_everything,
+                               setup_distributed, split_by_token_budget, unwrap)
 from storage.reader import ReaderState, iter_batches
 from storage.records import TeacherRecord
-from storage.shardset import ShardSet
+from storage.shardset import ShardSet, file_sha256
 
 TOPK_LOSSES = {"reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk"}
 
@@ -78,36 +81,102 @@ def collate(records: list[TeacherRecord], pad_id: int) -> Batch:
     )
 
 
-def compute_losses(cfg: TrainConfig, logits_B_T_V: torch.Tensor, batch: Batch, token_normalizer: torch.Tensor,
-                   seq_normalizer: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the configured loss terms; each term normalised by the global counts."""
-    terms: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
-    targets_B_T = batch.input_ids_B_L[:, 1:]
+@dataclass
+class TokenTargets:
+    """The teacher's side of the selected tokens of a micro-batch, flattened in row-major order (the order of
+    ``StudentLM``'s selected hidden states). ``seq_weights_N``: 1 / (valid tokens of the token's row), the
+    reduction weight of the "sequence" normalisation over whole rows."""
+
+    teacher_logprobs_N: torch.Tensor
+    behavior_logprobs_N: torch.Tensor
+    topk_ids_N_K: torch.Tensor
+    topk_logprobs_N_K: torch.Tensor
+    tail_logprob_N: torch.Tensor
+    seq_weights_N: torch.Tensor
+
+    def rows(self, start: int, end: int) -> "TokenTargets":
+        """Tokens ``start:end`` as one ``[1, n]`` row, the shape the losses take."""
+        return TokenTargets(*(getattr(self, f.name)[start:end].unsqueeze(0) for f in fields(self)))
+
+
+def flatten_targets(batch: Batch) -> TokenTargets:
+    select_B_T = batch.mask_B_T.bool()
+    return TokenTargets(batch.teacher_logprobs_B_T[select_B_T], batch.behavior_logprobs_B_T[select_B_T],
+                        batch.topk_ids_B_T_K[select_B_T], batch.topk_logprobs_B_T_K[select_B_T],
+                        batch.tail_logprob_B_T[select_B_T], L.reduction_weights(select_B_T, "sequence")[select_B_T])
+
+
+def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor,
+                   token_normalizer: torch.Tensor, seq_normalizer: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    """Weighted sum of the configured loss terms over gathered per-token quantities (``stats`` of the student,
+    ``targets`` of the teacher, same ``[B, T]`` layout); each term normalised by the step's global counts."""
+    terms: dict[str, tuple[torch.Tensor, Metrics]] = {}
     for name, weight in cfg.losses.items():
         if weight == 0:
             continue
         if name in TOPK_LOSSES:
             extra = {"beta": cfg.jsd_beta} if name == "jsd_topk" else {}
-            terms[name] = getattr(L, name)(logits_B_T_V, batch.topk_ids_B_T_K, batch.topk_logprobs_B_T_K,
-                                           batch.tail_logprob_B_T, batch.mask_B_T, tail_bucket=cfg.tail_bucket,
+            terms[name] = getattr(L, name)(stats.topk_logprobs, stats.tail_logprob, targets.topk_logprobs_N_K,
+                                           targets.tail_logprob_N, mask_B_T, tail_bucket=cfg.tail_bucket,
                                            normalizer=token_normalizer, **extra)
         elif name == "lightning":
             lc = cfg.lightning
-            student_lp_B_T = L.gather_logprobs(logits_B_T_V, targets_B_T)
+            sequence = lc.normalization == "sequence"
             terms[name] = L.lightning_pg(
-                student_lp_B_T, batch.teacher_logprobs_B_T, batch.behavior_logprobs_B_T, batch.mask_B_T,
+                stats.target_logprobs, targets.teacher_logprobs_N, targets.behavior_logprobs_N, mask_B_T,
                 importance=lc.importance, is_cap=lc.is_cap, clip_eps_low=lc.clip_eps_low,
                 clip_eps_high=lc.clip_eps_high, advantage_clip=lc.advantage_clip, normalization=lc.normalization,
-                normalizer=seq_normalizer if lc.normalization == "sequence" else token_normalizer)
+                normalizer=seq_normalizer if sequence else token_normalizer,
+                weights_B_T=targets.seq_weights_N if sequence else None)
         elif name == "sft":
-            terms[name] = L.sft_cross_entropy(logits_B_T_V, targets_B_T, batch.mask_B_T, normalizer=token_normalizer)
+            terms[name] = L.sft_cross_entropy(stats.target_logprobs, mask_B_T, normalizer=token_normalizer)
     return L.combined_loss(terms, {name: cfg.losses[name] for name in terms})
 
 
+def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, token_normalizer: torch.Tensor,
+                     seq_normalizer: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    """One micro-batch's share of the step loss through the chunked LM head (``model`` is a ``StudentLM``,
+    possibly wrapped by DDP / FSDP2). ``batch`` must be on the model's device."""
+    select_B_T = batch.mask_B_T.bool()
+    targets = flatten_targets(batch)
+    need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
+
+    def chunk_loss(stats: TokenStats, start: int, end: int) -> tuple[torch.Tensor, Metrics]:
+        valid_1_n = torch.ones(1, end - start, dtype=torch.bool, device=stats.target_logprobs.device)
+        return compute_losses(cfg, stats[None], targets.rows(start, end), valid_1_n, token_normalizer, seq_normalizer)
+
+    return model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
+                 topk_ids_N_K=targets.topk_ids_N_K if need_topk else None, chunk_tokens=cfg.logits_chunk_tokens)
+
+
+def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
+    """The step loss of one whole batch under ``lm`` (a Hugging Face model), normalised by its own counts."""
+    mask_B_T = batch.mask_B_T.bool()
+    token_norm = mask_B_T.sum().float().clamp_min(1)
+    seq_norm = mask_B_T.any(-1).sum().float().clamp_min(1)
+    loss, _ = micro_batch_loss(StudentLM(lm), cfg, batch, token_norm, seq_norm)
+    return float(loss.detach())
+
+
+# Settings that do not change what a run computes (outputs, cadence, how it is spread over devices, the chunk
+# size of the LM head, timeouts); everything else must match for a checkpoint to be resumed.
+_NOT_IN_RUN_KEY = {"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "fsdp",
+                   "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens", "online"}
+
+
+def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: str | None) -> str:
+    """The run's identity: content fingerprints of the start model and the data (shards, or the online
+    teacher and prompts), and the optimisation settings. Paths are provenance only: a moved run resumes."""
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_RUN_KEY}
+    if cfg.online is not None:
+        settings["online"] = {k: v for k, v in cfg.online.model_dump(mode="json").items()
+                              if k not in ("teacher", "prompts")}
+    return checkpoint.run_fingerprint({"settings": settings, "student": student_fingerprint, "data": data_fingerprint})
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    """What must not change across a resume (paths to outputs and step counts may)."""
-    keep = cfg.model_dump(mode="json", exclude={"out", "steps", "checkpoint_every", "keep_checkpoints", "log_every"})
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    """Identity of a finished run's settings (recorded in the final model's provenance)."""
+    return train_run_key(cfg, "", None)
 
 
 class OnlineBatches:
@@ -143,6 +212,10 @@ class OnlineBatches:
         self.calls = state["calls"]
         self.sample_seconds, self.score_seconds = state["sample_seconds"], state["score_seconds"]
 
+    def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
+        """``parts`` sampling rounds of ``n / parts`` sequences (fresh prompts each round)."""
+        return [r for _ in range(parts) for r in self.next(n // parts)]
+
     def next(self, n_sequences: int) -> list[TeacherRecord]:
         n_prompts = max(1, n_sequences // self.cfg.sampling.n)
         chosen = [self.rng.randrange(len(self.prompts)) for _ in range(n_prompts)]
@@ -172,133 +245,143 @@ class OnlineBatches:
                 for (i, j, g), seq, start, sc in zip(meta, seqs, starts, scored)][:n_sequences]
 
 
+class BatchSource(Protocol):
+    """Where a rank's records come from: the shard reader (offline) or the live sampler (online)."""
+
+    def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
+        """This rank's ``n`` records of the next step (``parts``: the micro-batches they were drawn as)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position, saved per rank in checkpoints."""
+
+
+class ShardBatches:
+    """The offline source: this rank's slice of the shuffled, resumable shard stream."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, micro: int, start: ReaderState | None):
+        self.stream = iter_batches(cfg.shards, micro, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                                   rank=info.rank, world_size=info.world_size, start=start)
+        self.position: ReaderState | None = start
+
+    def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
+        records: list[TeacherRecord] = []
+        for _ in range(parts):  # the stream yields `micro` records at a time: parts x micro = n
+            batch, self.position = next(self.stream)
+            records.extend(batch)
+        return records
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reader": self.position.to_dict() if self.position is not None else None}
+
+
 EvalHook = Callable[[torch.nn.Module], dict[str, float]]
 
 
 def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook | None = None,
               eval_every: int | None = None, stop_after: int | None = None) -> StageResult:
-    """Train ``cfg.steps`` optimiser steps (resuming from ``cfg.out/ckpt`` if present).
+    """Offline OPD: train ``cfg.steps`` optimiser steps on the teacher shards ``cfg.shards`` (resuming from
+    ``cfg.out/ckpt`` if present). ``cfg.online`` is not read here (see ``run_online_train``).
 
     ``eval_hook`` (the demo's accuracy probe) runs every ``eval_every`` steps; its time is excluded from
     ``perf/train_seconds``. ``stop_after`` ends the process's work early (tests use it to simulate a kill).
     """
-    info = setup_distributed()
-    device = device_for(info)
+    shards = ShardSet.open(cfg.shards)
+    if shards.kind != "teacher_topk":
+        raise ValueError(f"{cfg.shards}: not teacher top-k shards (kind {shards.kind}); run `lopd teacher-logprobs`")
+    needed_topk = set(cfg.losses) & TOPK_LOSSES
+    if needed_topk and not shards.metadata.get("k"):
+        raise ValueError(f"{cfg.shards}: losses {sorted(needed_topk)} need top-k shards (these store k=0: the "
+                         "sampled token's log-prob only); use the `lightning` loss or extract with k > 0")
+    data = {k: v for k, v in shards.manifest.items() if k in ("kind", "shards", "totals")}
+    data["metadata"] = {k: v for k, v in shards.metadata.items() if k != "provenance"}
+    return _train(cfg, "offline", checkpoint.run_fingerprint(data), shards.metadata, show_progress, eval_hook,
+                  eval_every, stop_after)
+
+
+def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook | None = None,
+                     eval_every: int | None = None, stop_after: int | None = None) -> StageResult:
+    """The online OPD baseline: each step the current student samples fresh rollouts and the live teacher
+    ``cfg.online.teacher`` scores them; same losses, loop and checkpoints as ``run_train``."""
+    if cfg.online is None:
+        raise ValueError("online OPD needs a train.online section (teacher, prompts) in the run config")
+    data = {"teacher": model_fingerprint(cfg.online.teacher), "prompts": file_sha256(Path(cfg.online.prompts))}
+    return _train(cfg, "online", checkpoint.run_fingerprint(data), {}, show_progress, eval_hook, eval_every,
+                  stop_after)
+
+
+def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[str, Any], show_progress: bool,
+           eval_hook: EvalHook | None, eval_every: int | None, stop_after: int | None) -> StageResult:
     out = Path(cfg.out)
-    ckpt_root = out / "ckpt"
-    final_dir = out / "final"
-    chash = config_hash(cfg)
+    ckpt_root, final_dir = out / "ckpt", out / "final"
+    student_fp = model_fingerprint(cfg.student)
+    run_key = train_run_key(cfg, student_fp, data_fingerprint)
     if (final_dir / "lopd_provenance.json").exists():
         done = read_provenance(final_dir)
-        if done.get("train_config_hash") == chash and done.get("steps") == cfg.steps:
+        if done.get("train_run_key") == run_key and done.get("steps") == cfg.steps:
             log.info("train: %s is complete (same config, %d steps); nothing to do", final_dir, cfg.steps)
             return StageResult("train", out, skipped=True, summary={"final_model": str(final_dir)})
+    if shard_meta.get("student_fingerprint") not in (None, student_fp):
+        log.warning("train: shards were sampled from student %s but training starts from %s; the rollouts are "
+                    "then off-policy for this student", shard_meta.get("student_fingerprint"), student_fp)
 
-    micro = cfg.batch_size // (cfg.grad_accum * info.world_size)
+    # --- set-up and resume
+    info = setup_distributed(cfg.dist_timeout_minutes)
+    device = device_for(info)
+    local = cfg.batch_size // info.world_size
+    micro = local // cfg.grad_accum
     if micro < 1 or micro * cfg.grad_accum * info.world_size != cfg.batch_size:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be a multiple of grad_accum × world size "
                          f"= {cfg.grad_accum} × {info.world_size}")
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = load_tokenizer(cfg.student)
-    model = load_model(cfg.student).to(device)
+    model = prepare_student(load_model(cfg.student), info, fsdp=cfg.fsdp, precision=cfg.precision,
+                            activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
     model.train()
-
-    shard_meta: dict[str, Any] = {}
-    if cfg.online is None:
-        shards = ShardSet.open(cfg.shards)
-        shard_meta = shards.metadata
-        needed_topk = set(cfg.losses) & TOPK_LOSSES
-        if shards.kind != "teacher_topk":
-            raise ValueError(f"{cfg.shards}: not teacher top-k shards (kind {shards.kind}); run `lopd teacher-logprobs`")
-        student_fp = model_fingerprint(cfg.student)
-        if shard_meta.get("student_fingerprint") not in (None, student_fp):
-            log.warning("train: shards were sampled from student %s but training starts from %s; the rollouts are "
-                        "then off-policy for this student", shard_meta.get("student_fingerprint"), student_fp)
-        if needed_topk and not shard_meta.get("k"):
-            raise ValueError(f"{cfg.shards}: losses {sorted(needed_topk)} need top-k shards")
-
-    model = wrap_model(model, info, cfg.fsdp)
     opt = make_optimizer(model, cfg.optim)
     sched = make_scheduler(opt, cfg.optim, cfg.steps)
-
-    start_step, reader_state = 0, None
-    state = load_latest_checkpoint(ckpt_root)
-    if state is not None:
-        if state["config_hash"] != chash:
-            raise ValueError(f"{ckpt_root}: checkpoint was written with a different training config "
-                             f"({state['config_hash']} vs {chash}); use a new train.out or delete {ckpt_root}")
-        load_model_state(model, state["model"], cfg.fsdp)
-        load_optimizer_state(model, opt, state["optimizer"], cfg.fsdp)
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        saved_world = len(state.get("reader") or state.get("online") or [None])
-        if saved_world != info.world_size:
+    meter = StepMeter(count_flop_params(unwrap(model)), info.world_size,
+                      cfg.peak_tflops or detect_peak_tflops(device, cfg.precision))
+    resumed = checkpoint.load_latest(ckpt_root, model=model, optimizer=opt, scheduler=sched, run_key=run_key,
+                                     rank=info.rank, what="training (different training config)")
+    start_step, rank_state = 0, None
+    if resumed is not None:
+        if resumed.world_size != info.world_size:
             # each rank's stream position is saved; another world size would see other sequences
-            raise ValueError(f"{ckpt_root}: checkpoint was written by {saved_world} process(es), this run has "
-                             f"{info.world_size}; resume with --nproc-per-node {saved_world} or use a new train.out")
-        reader_state = ReaderState.from_dict(state["reader"][info.rank]) if state.get("reader") else None
+            raise ValueError(f"{ckpt_root}: checkpoint was written by {resumed.world_size} process(es), this run has "
+                             f"{info.world_size}; resume with --nproc-per-node {resumed.world_size} or use a new train.out")
+        start_step, rank_state = resumed.step, resumed.rank_state
+        checkpoint.set_rng_state(rank_state["rng"])
+        meter.load_state_dict(resumed.trainer["meter"])
         log.info("train: resuming from %s at step %d", ckpt_root / f"step-{start_step:06d}", start_step)
 
-    if cfg.online is None:
-        stream: Iterator[tuple[list[TeacherRecord], Any]] = iter_batches(
-            cfg.shards, micro, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, rank=info.rank,
-            world_size=info.world_size, start=reader_state)
-        online = None
+    source: BatchSource
+    if mode == "offline":
+        reader = rank_state["source"]["reader"] if rank_state else None
+        source = ShardBatches(cfg, info, micro, ReaderState.from_dict(reader) if reader else None)
     else:
-        online = OnlineBatches(cfg.online, unwrap(model), cfg.student, cfg.online.k, cfg.seed, rank=info.rank)
-        if state is not None and state.get("online"):
-            online.load_state_dict(state["online"][info.rank])
-        stream = None  # type: ignore[assignment]
+        source = OnlineBatches(cfg.online, unwrap(model), cfg.student, cfg.online.k, cfg.seed, rank=info.rank)
+        if rank_state:
+            source.load_state_dict(rank_state["source"])
 
+    # --- the loop: step, logging, checkpointing
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step)
-    train_seconds = float(state.get("train_seconds", 0.0)) if state else 0.0
-    tokens_total = int(state.get("tokens", 0)) if state else 0
     pad_id = tokenizer.pad_token_id
     last: dict[str, Any] = {}
     if eval_hook and start_step == 0 and eval_every and info.is_main:
         metrics.write({"step": 0, "perf/train_seconds": 0.0, **eval_hook(unwrap(model))})
     with progress_bar(not (show_progress and info.is_main)) as bar:
-        task = bar.add_task("train (online OPD)" if online else "train (offline OPD)", total=cfg.steps,
-                            completed=start_step, rate="")
+        task = bar.add_task(f"train ({mode} OPD)", total=cfg.steps, completed=start_step, rate="")
         for step in range(start_step + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            if online is None:
-                micro_batches = []
-                for _ in range(cfg.grad_accum):
-                    records, reader_state = next(stream)
-                    micro_batches.append(collate(records, pad_id))
-            else:
-                micro_batches = [collate(online.next(micro), pad_id) for _ in range(cfg.grad_accum)]
-            local_tokens = sum(int(b.mask_B_T.sum()) for b in micro_batches)
-            local_seqs = sum(int(b.mask_B_T.any(-1).sum()) for b in micro_batches)
-            counts = all_reduce_sum(torch.tensor([local_tokens, local_seqs], dtype=torch.float64), info)
-            token_norm = counts[0].clamp_min(1).float().to(device)
-            seq_norm = counts[1].clamp_min(1).float().to(device)
-            opt.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            for mb in micro_batches:
-                mb = mb.to(device)
-                logits_B_T_V = model(input_ids=mb.input_ids_B_L, attention_mask=mb.attention_B_L).logits[:, :-1].float()
-                loss, parts = compute_losses(cfg, logits_B_T_V, mb, token_norm, seq_norm)
-                # DDP/FSDP average gradients over ranks; the loss is already divided by the global count.
-                (loss * info.world_size).backward()
-                for key, v in parts.items():
-                    sums[key] = sums.get(key, 0.0) + float(v)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip else torch.tensor(float("nan")))
-            opt.step()
+            parts, grad_norm = train_step(model, opt, cfg, source, local, pad_id, info, device, meter)
             sched.step()
-            train_seconds += time.perf_counter() - t0
-            tokens_total += int(counts[0])
             if step % cfg.log_every == 0 or step == cfg.steps:
-                last = {"step": step, **{k: round(v, 6) for k, v in _finalise(sums, micro_batches).items()},
-                        "optim/lr": sched.get_last_lr()[0], "optim/grad_norm": float(grad_norm),
-                        "progress/tokens": tokens_total, "perf/train_seconds": round(train_seconds, 3),
-                        "perf/tokens_per_s": round(tokens_total / max(train_seconds, 1e-9), 1)}
-                if online is not None:
-                    last.update({"perf/sample_seconds": round(online.sample_seconds, 3),
-                                 "perf/score_seconds": round(online.score_seconds, 3)})
+                last = {"step": step, **{k: round(float(v), 6) for k, v in parts.items()},
+                        "optim/lr": sched.get_last_lr()[0], "optim/grad_norm": grad_norm,
+                        "progress/tokens": meter.tokens, "perf/train_seconds": round(meter.seconds, 3),
+                        **meter.metrics(device)}
+                if isinstance(source, OnlineBatches):
+                    last.update({"perf/sample_seconds": round(source.sample_seconds, 3),
+                                 "perf/score_seconds": round(source.score_seconds, 3)})
                 if eval_hook and eval_every and step % eval_every == 0 and info.is_main:
                     last.update(eval_hook(unwrap(model)))
                     model.train()
@@ -306,51 +389,66 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
                 bar.update(task, rate=f"loss {last.get('loss/total', float('nan')):.4f}")
             bar.update(task, advance=1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _checkpoint(ckpt_root, step, model, opt, sched, reader_state, info, cfg, chash, train_seconds,
-                            tokens_total, online.state_dict() if online is not None else None)
+                checkpoint.save(ckpt_root, step, model=model, optimizer=opt, scheduler=sched, run_key=run_key,
+                                trainer={"meter": meter.state_dict()},
+                                rank_state={"rng": checkpoint.rng_state(), "source": source.state_dict()},
+                                rank=info.rank, world_size=info.world_size, keep_last=cfg.keep_checkpoints)
             if stop_after is not None and step >= stop_after:
                 return StageResult("train", out, summary={"stopped_at": step})
 
-    provenance = {**read_provenance(cfg.student), "stage": "train", "train_config_hash": chash, "steps": cfg.steps,
+    provenance = {**read_provenance(cfg.student), "stage": "train", "train_run_key": run_key,
+                  "train_config_hash": config_hash(cfg), "steps": cfg.steps,
                   "opd_teacher_fingerprint": shard_meta.get("teacher_fingerprint"),
-                  "teacher_mismatch_allowed": shard_meta.get("teacher_mismatch_allowed"),
-                  "online": cfg.online is not None}
+                  "teacher_mismatch_allowed": shard_meta.get("teacher_mismatch_allowed"), "online": mode == "online"}
     save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, final_dir, provenance)
     if info.is_main:
         plot_metrics(out / "metrics.jsonl", out / "curves.png",
-                     title="online OPD" if cfg.online else "offline OPD (Lightning)")
+                     title="online OPD" if mode == "online" else "offline OPD (Lightning)")
     if info.world_size > 1:
         torch.distributed.barrier()
-    log.info("train: %d steps, %.1fs of training, %d tokens -> %s", cfg.steps, train_seconds, tokens_total, final_dir)
-    return StageResult("train", out, wall_seconds=train_seconds,
-                       summary={"final_model": str(final_dir), "train_seconds": train_seconds, "last": last})
+    log.info("train: %d steps, %.1fs of training, %d tokens -> %s", cfg.steps, meter.seconds, meter.tokens, final_dir)
+    return StageResult("train", out, wall_seconds=meter.seconds,
+                       summary={"final_model": str(final_dir), "train_seconds": meter.seconds, "last": last})
 
 
-def _finalise(sums: dict[str, float], micro_batches: list[Batch]) -> dict[str, float]:
-    """Loss terms are already globally normalised (sum over micro-batches); ratio/mean metrics are averaged."""
-    n = len(micro_batches)
-    return {k: (v if k.startswith("loss/") else v / n) for k, v in sums.items()}
-
-
-def _checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-                reader_state: Any, info: DistInfo, cfg: TrainConfig, chash: str, train_seconds: float,
-                tokens: int, online_state: dict[str, Any] | None = None) -> None:
-    import torch.distributed as dist
-
-    readers = [reader_state.to_dict() if reader_state is not None else None]
-    onlines = [online_state]
-    if info.world_size > 1:  # every rank's stream position, so each resumes its own
-        gathered: list[Any] = [None] * info.world_size
-        dist.all_gather_object(gathered, (readers[0], online_state))
-        readers, onlines = [g[0] for g in gathered], [g[1] for g in gathered]
-    sd = full_state_dict(model, cfg.fsdp)
-    opt_sd = optimizer_state(model, opt, cfg.fsdp)
-    if info.is_main:
-        save_checkpoint(root, step, {
-            "step": step, "model": sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
-            "rng": rng_state(), "reader": readers if readers[0] is not None else None,
-            "config_hash": chash, "train_seconds": train_seconds, "tokens": tokens,
-            "online": onlines if online_state is not None else None,
-        }, keep_last=cfg.keep_checkpoints)
-    if info.world_size > 1:
-        dist.barrier()
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, source: BatchSource,
+               local: int, pad_id: int, info: DistInfo, device: torch.device, meter: StepMeter
+               ) -> tuple[Metrics, float]:
+    """One optimiser step: this rank's ``local`` records in micro-batches (by count, or by the token budget),
+    each normalised by the step's global token / sequence counts, gradients accumulated, clipped, applied."""
+    t0 = time.perf_counter()
+    records = source.next_records(local, cfg.grad_accum)
+    groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
+                                   cfg.grad_accum)
+    micro_batches = [collate([records[i] for i in g], pad_id) for g in groups]
+    meter.data_seconds += time.perf_counter() - t0
+    local_counts = [sum(int(b.mask_B_T.sum()) for b in micro_batches),
+                    sum(int(b.mask_B_T.any(-1).sum()) for b in micro_batches),
+                    sum(int(b.attention_B_L.sum()) for b in micro_batches)]
+    counts = all_reduce_sum(torch.tensor(local_counts, dtype=torch.float64), info)
+    token_norm = counts[0].clamp_min(1).float().to(device)
+    seq_norm = counts[1].clamp_min(1).float().to(device)
+    fsdp_sharded = cfg.fsdp and info.world_size > 1
+    opt.zero_grad(set_to_none=True)
+    parts: list[tuple[int, Metrics]] = []
+    for mb in micro_batches:
+        meter.padded += int((mb.attention_B_L == 0).sum())
+        meter.slots += mb.attention_B_L.numel()
+        mb = mb.to(device)
+        with autocast_context(cfg.precision, device, fsdp_sharded):
+            loss, mb_metrics = micro_batch_loss(model, cfg, mb, token_norm, seq_norm)
+        # DDP/FSDP average gradients over ranks; the loss is already divided by the global count.
+        (loss * info.world_size).backward()
+        parts.append((int(mb.mask_B_T.sum()), mb_metrics))
+    merged = merge_chunk_metrics(parts)
+    losses = [k for k in merged if k.startswith("loss/")]  # each rank holds its share of the step loss
+    if losses and info.world_size > 1:
+        summed = all_reduce_sum(torch.stack([merged[k].double().cpu() for k in losses]), info)
+        merged.update(dict(zip(losses, summed)))
+    grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                 if cfg.optim.grad_clip else float("nan"))
+    opt.step()
+    meter.tokens += int(counts[0])
+    meter.model_tokens += int(counts[2])
+    meter.seconds += time.perf_counter() - t0
+    return merged, grad_norm

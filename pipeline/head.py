@@ -1,0 +1,173 @@
+"""The student's LM head without B x T x V logits: per-token quantities the losses read, computed chunk by chunk.
+
+A distillation loss never needs the whole logit tensor. It needs, per response token, the log-prob of the
+sampled token, the log-probs at the teacher's top-k ids, the log-mass outside them, sometimes the entropy.
+At vocab 151,936 and 8k tokens the fp32 logits alone are 5 GB per sequence, so ``fused_head_loss`` takes the
+final hidden states of the selected tokens, applies the LM head to ``chunk_tokens`` of them at a time,
+computes the loss of that chunk and its gradient with respect to the chunk's logits at once (every lopd loss
+is a sum over tokens divided by a global count fixed before the step, so a chunk's gradient does not depend
+on the other chunks), turns it into gradients of the hidden states and the head weight, and frees the chunk.
+Peak memory is one chunk's logits and their gradient, whatever the sequence length; the matmul work equals
+the full path's (one forward and two backward products per token), nothing is recomputed. The same idea as
+Liger-Kernel's fused linear cross entropy and torchtune's chunked KD losses, with lopd's losses plugged in.
+
+Shape key: N selected tokens (flattened over the micro-batch), H hidden size, V vocabulary, K teacher top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+Metrics = dict[str, torch.Tensor]
+
+# The student's tail is floored here (exp() is exactly 0 in every float dtype); reached only when the
+# teacher's top-k covers the whole vocabulary.
+LOG_ZERO = -1.0e4
+
+
+@dataclass
+class TokenStats:
+    """What the losses read of the student, per token (all float32 or float64, ``[..., ]`` leading shape).
+
+    target_logprobs: log p_S(y_t) of the sampled / target token.
+    topk_logprobs:   log p_S at the teacher's top-k ids, ``[..., K]`` (None when no loss needs them).
+    tail_logprob:    log(1 - sum_k p_S(k)), the student's mass outside those ids (None with topk_logprobs).
+    entropy:         H(p_S) over the full vocabulary (None unless asked for).
+    argmax_ids:      the student's most likely token (no gradient; None unless asked for).
+    """
+
+    target_logprobs: torch.Tensor
+    topk_logprobs: torch.Tensor | None = None
+    tail_logprob: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    argmax_ids: torch.Tensor | None = None
+
+    def __getitem__(self, index) -> "TokenStats":
+        return TokenStats(*(None if (v := getattr(self, f.name)) is None else v[index] for f in fields(self)))
+
+
+def token_stats(logits_V: torch.Tensor, target_ids: torch.Tensor, topk_ids_K: torch.Tensor | None = None, *,
+                entropy: bool = False, argmax: bool = False) -> TokenStats:
+    """The student's per-token quantities from full logits ``[..., V]`` (bf16/fp16 are upcast to fp32).
+
+        target_logprobs = z[y] - logsumexp(z)
+        topk_logprobs_k = z[id_k] - logsumexp(z)
+        tail_logprob    = logsumexp(z without the top-k ids) - logsumexp(z)   (exact when the tail is tiny;
+                          floored at LOG_ZERO, which only K = V reaches)
+        entropy         = logsumexp(z) - sum_v p_v z_v
+
+    The reference for ``fused_head_loss`` (it runs this on each chunk) and the float64 path of the tests.
+    Ids must be valid vocabulary indices everywhere (callers replace padding first).
+    """
+    logits_V = logits_V.to(torch.promote_types(logits_V.dtype, torch.float32))
+    log_z = logits_V.logsumexp(-1)
+    target = logits_V.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - log_z
+    topk = tail = ent = top1 = None
+    if topk_ids_K is not None:
+        topk = logits_V.gather(-1, topk_ids_K) - log_z.unsqueeze(-1)
+        in_topk_V = torch.zeros_like(logits_V, dtype=torch.bool).scatter_(-1, topk_ids_K, True)
+        # finfo.min rather than -inf: with every id masked (K = V) logsumexp stays finite, forward and backward.
+        rest = logits_V.masked_fill(in_topk_V, torch.finfo(logits_V.dtype).min).logsumexp(-1)
+        tail = (rest - log_z).clamp_min(LOG_ZERO)
+    if entropy:
+        ent = log_z - (logits_V.softmax(-1) * logits_V).sum(-1)
+    if argmax:
+        top1 = logits_V.detach().argmax(-1)
+    return TokenStats(target, topk, tail, ent, top1)
+
+
+# A chunk's loss: given the chunk's stats and its token range [start, end), return (loss, metrics). The loss
+# must be this chunk's share of the step loss (a sum over its tokens / a global count).
+ChunkLoss = Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]]
+
+
+def merge_chunk_metrics(parts: list[tuple[int, Metrics]]) -> Metrics:
+    """Combine per-chunk metrics: ``loss/*`` are shares of one loss (summed), ``*_max`` take the max, every other
+    key is a mean over the chunk's tokens (weighted by the chunk's token count)."""
+    total = sum(n for n, _ in parts)
+    merged: Metrics = {}
+    for key in parts[0][1] if parts else ():
+        values = [(n, m[key].detach().float()) for n, m in parts]
+        if key.startswith("loss/"):
+            merged[key] = torch.stack([v for _, v in values]).sum()
+        elif key.endswith("_max"):
+            merged[key] = torch.stack([v for _, v in values]).max()
+        else:
+            merged[key] = sum(n * v for n, v in values) / max(total, 1)
+    return merged
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Forward computes the loss and its gradients chunk by chunk; backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_ids_N: torch.Tensor,
+                topk_ids_N_K: torch.Tensor | None, loss_fn: ChunkLoss, chunk_tokens: int, entropy: bool,
+                argmax: bool, mm_dtype: torch.dtype, out_metrics: Metrics) -> torch.Tensor:
+        N = hidden_N_H.shape[0]
+        weight = weight_V_H.detach().to(mm_dtype)
+        grad_hidden_N_H = torch.zeros_like(hidden_N_H)
+        acc_dtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
+        grad_weight_V_H = torch.zeros(weight_V_H.shape, dtype=acc_dtype, device=weight_V_H.device)
+        loss = torch.zeros((), dtype=acc_dtype, device=hidden_N_H.device)
+        parts: list[tuple[int, Metrics]] = []
+        device_type = hidden_N_H.device.type
+        with torch.autocast(device_type, enabled=False):  # dtypes are explicit here
+            for start in range(0, N, chunk_tokens):
+                end = min(N, start + chunk_tokens)
+                h_n_H = hidden_N_H[start:end].detach().to(mm_dtype)
+                with torch.enable_grad():
+                    logits_n_V = (h_n_H @ weight.T).to(acc_dtype).detach().requires_grad_(True)
+                    stats = token_stats(logits_n_V, target_ids_N[start:end],
+                                        None if topk_ids_N_K is None else topk_ids_N_K[start:end],
+                                        entropy=entropy, argmax=argmax)
+                    chunk_loss, metrics = loss_fn(stats, start, end)
+                    (grad_logits_n_V,) = torch.autograd.grad(chunk_loss, logits_n_V, allow_unused=True)
+                loss += chunk_loss.detach().to(loss.dtype)
+                parts.append((end - start, metrics))
+                if grad_logits_n_V is None:  # this chunk does not move the loss (e.g. zero weights)
+                    continue
+                g_n_V = grad_logits_n_V.to(mm_dtype)
+                del logits_n_V, stats, chunk_loss, grad_logits_n_V
+                grad_hidden_N_H[start:end] = (g_n_V @ weight).to(grad_hidden_N_H.dtype)
+                if mm_dtype in (torch.float32, torch.float64):
+                    grad_weight_V_H.addmm_(g_n_V.T, h_n_H)
+                else:  # low-precision matmul, fp32 accumulation across chunks
+                    grad_weight_V_H += (g_n_V.T @ h_n_H).float()
+        out_metrics.update(merge_chunk_metrics(parts))
+        ctx.save_for_backward(grad_hidden_N_H, grad_weight_V_H.to(weight_V_H.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden_N_H, grad_weight_V_H = ctx.saved_tensors
+        scale = grad_loss.to(grad_hidden_N_H.dtype)
+        return (grad_hidden_N_H * scale, grad_weight_V_H * scale.to(grad_weight_V_H.dtype),
+                None, None, None, None, None, None, None, None)
+
+
+def fused_head_loss(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_ids_N: torch.Tensor,
+                    loss_fn: ChunkLoss, *, topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int = 1024,
+                    entropy: bool = False, argmax: bool = False) -> tuple[torch.Tensor, Metrics]:
+    """loss = sum over chunks of ``loss_fn(token_stats(hidden[chunk] @ weight.T), start, end)``, never holding
+    more than ``chunk_tokens`` x V logits.
+
+    Gradients flow to ``hidden_N_H`` and ``weight_V_H`` (tied embeddings included). The logits are computed in
+    the autocast dtype when autocast is on (bf16 mixed precision), else in the weight's dtype (bf16 params
+    under FSDP2 mixed precision, fp32 on CPU); softmax math is always fp32 or wider, the weight gradient is
+    accumulated in fp32. In fp32 and fp64 it equals ``loss_fn`` on the full logits up to summation order.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    device_type = hidden_N_H.device.type
+    if torch.is_autocast_enabled(device_type):
+        mm_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        mm_dtype = weight_V_H.dtype
+    metrics: Metrics = {}
+    loss = _FusedHeadLoss.apply(hidden_N_H, weight_V_H, target_ids_N, topk_ids_N_K, loss_fn, chunk_tokens,
+                                entropy, argmax, mm_dtype, metrics)
+    return loss, metrics
