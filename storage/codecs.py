@@ -2,7 +2,9 @@
 
 `plain` stores the top-k as Arrow lists (ids int32, log-probs float16) in the teacher's order.
 `compact` stores them in binary columns (see storage/compact.py and storage/SCHEMA.md).
-Both store the sampled-token teacher and behaviour log-probs exactly (float32).
+Both store the sampled-token teacher and behaviour log-probs exactly (float32). With ``k = 0``
+(Lightning-only shards) neither writes top-k columns: the records decode with top-k arrays of shape
+[R, 0] and a tail log-prob of 0 (all the mass outside an empty top-k).
 
 The codec, k, vocab_size and parameters travel in the table's schema metadata (key `lopd.codec`),
 which ShardSet keeps in each Parquet file: `decode_table` needs nothing else.
@@ -48,8 +50,8 @@ def codec_info(codec: str, k: int, vocab_size: int, **params: float) -> dict:
     """The JSON description of a codec setting; put it in the ShardSet metadata so resume checks it."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
-    if k < 1 or vocab_size < 1 or k > vocab_size:
-        raise ValueError(f"codec {codec}: need 1 <= k ({k}) <= vocab_size ({vocab_size})")
+    if k < 0 or vocab_size < 1 or k > vocab_size:
+        raise ValueError(f"codec {codec}: need 0 <= k ({k}) <= vocab_size ({vocab_size})")
     if codec == "plain" and params:
         raise ValueError(f"codec plain takes no parameters, got {sorted(params)}")
     if codec == "compact":
@@ -114,7 +116,9 @@ def encode_records(records: Sequence[TeacherRecord], codec: str, k: int, vocab_s
     for record in records:
         record.check(k, vocab_size)
     columns = _common_columns(records)
-    if codec == "plain":
+    if k == 0:
+        pass  # Lightning-only: the sampled-token log-probs are all there is
+    elif codec == "plain":
         columns.update(_plain_columns(records))
     else:
         columns.update(_compact_columns(records, k, ck.CompactParams(**info["params"])))
@@ -243,17 +247,27 @@ def _row_fields(width: np.ndarray, entry_row: np.ndarray, n_rows: int, row_start
 
 
 # ------------------------------------------------------------------ decode
-def decode_table(table: pa.Table) -> list[TeacherRecord]:
-    """Rows of a table written by encode_records (or a row group of a shard) -> TeacherRecords."""
+def decode_columns(schema: pa.Schema, topk: bool = True) -> list[str]:
+    """The columns ``decode_table(..., topk=topk)`` reads: pass them to a Parquet read to skip the top-k
+    columns' I/O and decompression when no loss needs them."""
+    codec = table_codec_info(schema)["codec"]
+    return [name for name in schema.names if topk or name not in TOPK_COLUMNS[codec]]
+
+
+def decode_table(table: pa.Table, topk: bool = True) -> list[TeacherRecord]:
+    """Rows of a table written by encode_records (or a row group of a shard) -> TeacherRecords.
+    ``topk=False`` skips the top-k columns (they may be absent from ``table``): the records then hold top-k
+    arrays of shape [R, 0] and a zero tail, as a ``k = 0`` shard's do."""
     info = table_codec_info(table)
     _check_codec_version(info)
+    k = int(info["k"]) if topk else 0
     # Slices of about DECODE_CHUNK_ENTRIES top-k entries bound the decoder's temporaries.
-    entries = table["num_response_tokens"].to_numpy().astype(np.int64) * int(info["k"])
+    entries = table["num_response_tokens"].to_numpy().astype(np.int64) * k
     records: list[TeacherRecord] = []
     start = 0
     while start < table.num_rows:
         stop = start + max(1, int(np.searchsorted(np.cumsum(entries[start:]), DECODE_CHUNK_ENTRIES, side="right")))
-        records += _decode_rows(table.slice(start, stop - start), info)
+        records += _decode_rows(table.slice(start, stop - start), info, k)
         start = stop
     return records
 
@@ -270,13 +284,15 @@ def _check_codec_version(info: dict) -> None:
         )
 
 
-def _decode_rows(table: pa.Table, info: dict) -> list[TeacherRecord]:
-    k = int(info["k"])
+def _decode_rows(table: pa.Table, info: dict, k: int) -> list[TeacherRecord]:
     tok_off, tokens = _list_parts(table["token_ids"], np.int32)
     prompt_len = table["prompt_len"].to_numpy().astype(np.int64)
     positions = table["num_response_tokens"].to_numpy().astype(np.int64)
     pos_off = _row_offsets(positions)
-    if info["codec"] == "plain":
+    if k == 0:  # a k = 0 shard, or the top-k not wanted
+        t = int(pos_off[-1])
+        ids, lp, tail = np.zeros((t, 0), np.int32), np.zeros((t, 0), np.float32), np.zeros(t, np.float32)
+    elif info["codec"] == "plain":
         ids, lp, tail = _decode_plain(table, k)
     else:
         sampled = tokens[_response_index(tok_off, prompt_len, positions)].astype(np.int64)

@@ -66,3 +66,84 @@ def test_vocabulary_is_the_model_output_size(rollouts, padded_teacher, tmp_path)
     assert ShardSet.open(tmp_path / "shards").metadata["vocab_size"] == vocab
     ids = np.concatenate([r.topk_ids for r in records])
     assert ids.shape[1] == vocab and (ids >= n_tok).sum(1).min() == 8
+
+
+def test_k0_shards_hold_only_the_sampled_token_logprobs(rollouts, tiny_models, tmp_path):
+    """k = 0 (Lightning-only): no top-k columns are written; verified and read back (through the streaming
+    reader too) with top-k arrays of shape [R, 0]; the same sampled-token log-probs as a top-k extraction."""
+    from storage.codecs import TOPK_COLUMNS
+    from storage.reader import iter_batches
+
+    with_topk = score(rollouts, tiny_models["teacher"], tmp_path / "k4", k=4)
+    sizes = {}
+    for codec in ("compact", "plain"):
+        out = tmp_path / f"k0-{codec}"
+        records = score(rollouts, tiny_models["teacher"], out, k=0, codec=codec)
+        shards = ShardSet.open(out)
+        assert shards.metadata["k"] == 0
+        assert not set(TOPK_COLUMNS[codec]) & set(shards.read_shard(0).column_names)
+        assert len(records) == len(with_topk)
+        for a, b in zip(records, with_topk):
+            assert np.array_equal(a.token_ids, b.token_ids)
+            assert np.array_equal(a.teacher_logprobs, b.teacher_logprobs)
+            assert np.array_equal(a.behavior_logprobs, b.behavior_logprobs)
+            assert a.topk_ids.shape == a.topk_logprobs.shape == (a.num_response_tokens, 0)
+            assert a.topk_ids.dtype == np.int32 and not a.tail_logprob.any()
+        streamed = [r for batch, _ in iter_batches(out, 5, num_epochs=1) for r in batch]
+        assert len(streamed) == len(records) and all(r.topk_ids.shape[1] == 0 for r in streamed)
+        sizes[codec] = shards.manifest["totals"]["bytes"]
+    assert max(sizes.values()) < ShardSet.open(tmp_path / "k4").manifest["totals"]["bytes"]
+
+
+def test_sub_batched_extraction_equals_one_batch(rollouts, tiny_models, tmp_path):
+    """score_tokens_per_call = 40 splits every shard into many engine calls and encoded sub-batches; the
+    shards hold the same rows (ids exact; log-probs up to float32 rounding of other batch shapes)."""
+    one = score(rollouts, tiny_models["teacher"], tmp_path / "one", k=4)
+    sub = score(rollouts, tiny_models["teacher"], tmp_path / "sub", k=4,
+                engine={"score_tokens_per_call": 40})
+    assert [(r.prompt_id, r.sample_index) for r in one] == [(r.prompt_id, r.sample_index) for r in sub]
+    for a, b in zip(one, sub):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(a.teacher_logprobs, b.teacher_logprobs, atol=2e-6, rtol=0)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=2e-6, rtol=0)
+
+
+def _live_children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"
+            and "resource_tracker" not in " ".join(p.cmdline())}
+
+
+@pytest.mark.vllm
+def test_failing_vllm_stage_leaves_no_worker_processes(rollouts, tiny_models, tmp_path, monkeypatch):
+    """The stage fails while scoring its second shard: the engine (vLLM's engine core process) is shut down
+    anyway, and the first shard, scored in sub-batches at k = 0, is complete and matches transformers."""
+    pytest.importorskip("vllm")
+    import pipeline.stages.teacher_logprobs as stage
+
+    real, calls = stage.score_table_rows, []
+    first_shard = set(ShardSet.open(rollouts).read_shard(0)["prompt_id"].to_pylist())
+
+    def failing(engine, rows, *args):
+        calls.append(len(rows))
+        if rows[0]["prompt_id"] not in first_shard:
+            raise RuntimeError("scoring failed")
+        return real(engine, rows, *args)
+
+    monkeypatch.setattr(stage, "score_table_rows", failing)
+    before = _live_children()
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        score(rollouts, tiny_models["teacher"], tmp_path / "vllm", k=0,
+              engine={"name": "vllm", "score_tokens_per_call": 100})
+    assert _live_children() - before == set()
+    assert len(calls) >= 3  # shard 0 went to the engine in sub-batches
+    monkeypatch.undo()
+    got = ShardSet.open(tmp_path / "vllm")
+    assert got.complete_indices() == [0]
+    ref = score(rollouts, tiny_models["teacher"], tmp_path / "hf", k=0)
+    vllm_records = decode_table(got.read_shard(0))
+    assert len(vllm_records) == 16
+    for a, b in zip(vllm_records, ref):
+        assert np.array_equal(a.token_ids, b.token_ids) and a.topk_ids.shape == (a.num_response_tokens, 0)
+        np.testing.assert_allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-4, rtol=0)

@@ -340,3 +340,31 @@ def test_topk_ids_in_padded_output_rows_round_trip(codec, grid):
         assert (b.topk_ids >= tokenizer_size).sum() == 2 * len(b.topk_ids)
         if codec == "plain":
             assert np.array_equal(a.topk_ids, b.topk_ids)
+
+
+@pytest.mark.parametrize("codec", ["plain", "compact"])
+def test_k0_tables_have_no_topk_columns_and_round_trip(codec, tmp_path):
+    """k = 0 (Lightning-only): only the common columns; records come back with [R, 0] top-k arrays. A k > 0
+    table decoded with topk=False from just decode_columns (a Parquet column selection) gives the same."""
+    import pyarrow.parquet as pq
+
+    from storage.codecs import TOPK_COLUMNS, decode_columns
+
+    recs = make_records(300, 4, num_rollouts=4, response_len=12, seed=2)
+    k0 = [dataclasses.replace(r, topk_ids=r.topk_ids[:, :0], topk_logprobs=r.topk_logprobs[:, :0],
+                              tail_logprob=compute_tail_logprob(r.topk_logprobs[:, :0])) for r in recs]
+    table = encode_records(k0, codec, 0, 300)
+    assert not set(TOPK_COLUMNS[codec]) & set(table.column_names)
+    assert table.nbytes < encode_records(recs, codec, 4, 300).nbytes
+    out = decode_table(table)
+    for a, b in zip(k0, out, strict=True):
+        _assert_common_exact(a, b)
+        assert b.topk_ids.shape == (a.num_response_tokens, 0) and b.topk_ids.dtype == np.int32
+        assert b.topk_logprobs.shape == (a.num_response_tokens, 0) and not b.tail_logprob.any()
+    pq.write_table(encode_records(recs, codec, 4, 300), tmp_path / "k4.parquet")
+    f = pq.ParquetFile(tmp_path / "k4.parquet")
+    slim = f.read_row_group(0, columns=decode_columns(f.schema_arrow, topk=False))
+    assert not set(TOPK_COLUMNS[codec]) & set(slim.column_names)
+    for a, b in zip(out, decode_table(slim, topk=False), strict=True):
+        _assert_common_exact(a, b)
+        assert b.topk_ids.shape == a.topk_ids.shape and b.topk_logprobs.shape == a.topk_logprobs.shape

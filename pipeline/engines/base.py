@@ -1,7 +1,8 @@
 """The engine interface: sample from a model and score fixed sequences with it.
 
-Two real implementations: ``HFEngine`` (transformers; batched, KV-cached generation and one forward pass
-per scoring batch) and ``VLLMEngine`` (vLLM's offline ``LLM`` API, the production engine).
+Two real implementations: ``HFEngine`` (transformers; batched, KV-cached generation and chunked scoring)
+and ``VLLMEngine`` (vLLM's offline ``LLM`` API, the production engine). ``make_engine`` (in
+``pipeline.engines``) builds the configured one.
 """
 
 from __future__ import annotations
@@ -37,13 +38,20 @@ class ScoredSequence:
 
 
 class Engine(Protocol):
+    """Samples and scores; a context manager whose exit (also on an error) calls ``close``."""
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """``sampling.n`` generations per prompt, in prompt order."""
 
     def score(self, sequences: list[list[int]], starts: list[int], k: int) -> list[ScoredSequence]:
         """Untempered (temperature 1) log-probs of each sequence's tokens from ``start`` on, with the top-k."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Free the model and stop any worker processes; idempotent."""
+
+    def __enter__(self) -> Engine: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 def token_batches(lengths: Sequence[int], budget: int, *, max_items: int | None = None, padded: bool = False) -> list[slice]:
@@ -80,12 +88,5 @@ def model_vocab_size(model_dir: str | Path, tokenizer_size: int) -> int:
     return vocab
 
 
-def make_engine(model_dir: str, cfg: EngineConfig, seed: int = 0, max_logprobs: int = 20) -> Engine:
-    """Build the configured engine for a model directory."""
-    if cfg.name == "hf":
-        from pipeline.engines.hf import HFEngine
-
-        return HFEngine(model_dir, cfg)
-    from pipeline.engines.vllm_engine import VLLMEngine
-
-    return VLLMEngine(model_dir, cfg, seed=seed, max_logprobs=max_logprobs)
+# Re-exported for older imports; new code imports it from pipeline.engines.
+from pipeline.engines import make_engine  # noqa: E402,F401

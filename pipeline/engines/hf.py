@@ -183,3 +183,9 @@ class HFEngine:
     # --------------------------------------------------------------- teardown
     def close(self) -> None:
         self.model = None
+
+    def __enter__(self) -> HFEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
