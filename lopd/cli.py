@@ -14,6 +14,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 app = typer.Typer(
     name="lopd",
@@ -52,23 +53,25 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.config import ConfigError
-    from pipeline.fingerprint import TeacherMismatchError
-    from pipeline.prompts import PromptFileError
-    from pipeline.stages.teacher_logprobs import TokenizerMismatchError
-    from storage.shardset import ShardSetError
+    """The errors people can fix (config, prompts, model dirs, shards, teacher/tokenizer mismatch). Anything
+    else is a bug in lopd and keeps its traceback."""
+    from lopd.errors import LopdUserError
+    from pipeline.stages.teacher_logprobs import TokenizerMismatchError  # a ValueError, not yet a LopdUserError
 
-    return (ConfigError, PromptFileError, TeacherMismatchError, TokenizerMismatchError, ShardSetError,
-            FileNotFoundError, ValueError)
+    return (LopdUserError, TokenizerMismatchError)
+
+
+def _error_line(message: str) -> None:
+    console.print(Text.assemble(("error: ", "bold red"), " ".join(message.split())), soft_wrap=True)
 
 
 def _run(fn: Callable[[], Any]) -> Any:
-    """Run a command; turn the errors people can fix into a red message and exit code 2."""
+    """Run a command; turn the errors people can fix into one red line and exit code 2."""
     _setup_logging()
     try:
         return fn()
     except _user_errors() as e:
-        console.print(f"[bold red]error:[/] {e}")
+        _error_line(str(e))
         raise typer.Exit(2) from None
 
 
@@ -174,13 +177,14 @@ def train(
 ) -> None:
     """Stage 4: offline OPD from the shards (no teacher loaded). Resumes from the latest checkpoint.
     Multi-GPU / multi-node: `torchrun --nproc-per-node N --no-python lopd train -c C`."""
-    from pipeline.config import load_run_config
+    from pipeline.config import ConfigError, load_run_config
+
+    def check_online() -> None:
+        if load_run_config(config, set_, run_dir).stage("train").online is None:
+            raise ConfigError(f"{config}: --online needs a train.online section (teacher, prompts) in the config")
 
     if online:
-        cfg = load_run_config(config, set_, run_dir)
-        if cfg.stage("train").online is None:
-            console.print("[bold red]error:[/] --online needs a train.online section (teacher, prompts) in the config")
-            raise typer.Exit(2)
+        _run(check_online)
     _stage("train", config, set_, run_dir, quiet, online=online)
 
 
@@ -272,7 +276,7 @@ def shards_verify(path: Path) -> None:
     def go() -> None:
         problems = verify_shards(path)
         for p in problems:
-            console.print(f"[red]problem:[/] {p}")
+            console.print(Text.assemble(("problem: ", "red"), p), soft_wrap=True)
         if problems:
             raise typer.Exit(1)
         console.print(f"[green]ok:[/] {path}")

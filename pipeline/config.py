@@ -8,12 +8,14 @@ a stage section that leaves a path out gets the conventional location inside ``r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lopd.errors import LopdUserError
 from pipeline.demo_world import ModelShape
 
 
@@ -279,8 +281,8 @@ DEFAULT_PATHS: dict[str, dict[str, str]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file, section and field."""
+class ConfigError(LopdUserError):
+    """A config file (or --set override) that cannot be used; the message names the file, section and field."""
 
 
 def _fill(value: Any, run_dir: str) -> Any:
@@ -298,9 +300,11 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
+        if node.get(k) is None:  # a new section, or `train:` with nothing under it
+            node[k] = {}
+        node = node[k]
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: '{k}' is not a section")
+            raise ConfigError(f"--set {dotted}=...: '{k}' is not a section (it holds {json.dumps(node, default=str)})")
     node[keys[-1]] = value
 
 
@@ -339,38 +343,72 @@ class RunConfig(Strict):
 
 
 def _format_error(source: str, section: str, e: ValidationError) -> str:
-    lines = [f"{source}: invalid config in section '{section}':"]
+    """One line: the file, then each bad field with what is wrong and the value given."""
+    parts = []
     for err in e.errors():
         field = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {section}.{field}: {err['msg']}")
-    return "\n".join(lines)
+        where = f"{section}.{field}" if field else section
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown field (check the spelling; configs/*.yaml show every field)")
+        elif err["type"] == "missing":
+            parts.append(f"{where}: required field missing")
+        else:
+            given = "" if isinstance(err.get("input"), dict) else f" (got {json.dumps(err.get('input'), default=str)})"
+            parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}{given}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: is a directory, not a config file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}; fix the syntax "
+                          "(indentation, a missing ':' or an unclosed quote)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run_dir:, train:, ...) at top level, got "
+                          f"{type(data).__name__}")
+    return data
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> RunConfig:
     """Read a run YAML; apply ``section.field=value`` overrides; validate every stage section present."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at top level")
+    data = _read_yaml(path)
     for ov in overrides or []:
         if "=" not in ov:
-            raise ConfigError(f"override '{ov}': expected section.field=value")
+            raise ConfigError(f"--set {ov}: expected section.field=value, e.g. --set train.steps=50")
         key, val = ov.split("=", 1)
-        set_dotted(data, key, yaml.safe_load(val))
+        try:
+            value = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {ov}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote it") from None
+        set_dotted(data, key, value)
     if run_dir is not None:
         data["run_dir"] = str(run_dir)
     if "run_dir" not in data:
-        raise ConfigError(f"{path}: missing required field 'run_dir'")
+        raise ConfigError(f"{path}: missing required field 'run_dir' (or pass --run-dir)")
     top = {k: data.pop(k) for k in ("run_dir", "seed") if k in data}
+    for name, section in data.items():
+        if section is None:  # `train:` with nothing under it
+            data[name] = {}
+        elif not isinstance(section, dict):
+            raise ConfigError(f"{path}: section '{name}' must be a mapping of fields, got {json.dumps(section, default=str)}")
+    source = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
     try:
-        cfg = RunConfig(run_dir=top["run_dir"], seed=top.get("seed", 0), source=str(path), sections=data)
+        cfg = RunConfig(run_dir=top["run_dir"], seed=top.get("seed", 0), source=source, sections=data)
     except ValidationError as e:
-        raise ConfigError(_format_error(str(path), "<top level>", e)) from None
+        raise ConfigError(_format_error(source, "<top level>", e)) from None
     for name in STAGES:
         if name in cfg.sections:
             cfg.stage(name)  # validate early: a typo fails before any work starts

@@ -7,13 +7,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lopd.errors import LopdUserError
 
 REQUIRED = ("id", "prompt")
 OPTIONAL = ("answer", "privileged_context")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(LopdUserError):
     """A prompts file that cannot be used; the message names the file, row and field."""
 
 
@@ -25,39 +28,70 @@ class PromptRecord:
     privileged_context: str | None = None
 
 
+def _type_name(value: object) -> str:
+    return {list: "a JSON array", dict: "a JSON object", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
 def _validate(row: object, where: str) -> PromptRecord:
     if not isinstance(row, dict):
-        raise PromptFileError(f"{where}: expected a JSON object with fields {REQUIRED}, got {type(row).__name__}")
+        raise PromptFileError(f"{where}: expected a JSON object with fields {', '.join(REQUIRED)}, got "
+                              f"{_type_name(row)}; write one object per line")
     for field in REQUIRED:
         if field not in row or row[field] is None:
             raise PromptFileError(f"{where}: missing required field '{field}' (each row needs 'id' and 'prompt')")
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        raise PromptFileError(f"{where}: field 'prompt' is empty; remove the row or give it text")
-    for field in OPTIONAL:
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise PromptFileError(f"{where}: field 'id' must be a string (or an integer), got {_type_name(row['id'])}")
+    for field in ("prompt", *OPTIONAL):
         if row.get(field) is not None and not isinstance(row[field], str):
-            raise PromptFileError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+            raise PromptFileError(f"{where}: field '{field}' must be a string, got {_type_name(row[field])} "
+                                  f"{json.dumps(row[field])[:40]}; quote it")
+    if not row["prompt"].strip():
+        raise PromptFileError(f"{where}: field 'prompt' is empty; remove the row or give it text")
     return PromptRecord(str(row["id"]), row["prompt"], row.get("answer"), row.get("privileged_context"))
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed JSON) per non-blank line; UTF-8 with or without a BOM, LF or CRLF line ends."""
+    rows = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptFileError(f"{path}: line {lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                      f"{e.start + 1}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            if not rows and line.lstrip().startswith("["):
+                raise PromptFileError(f"{path}: line {lineno}: a JSON array; prompts files are JSON Lines, one object "
+                                      "per line (convert with: jq -c '.[]' FILE)")
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{path}: line {lineno}: invalid JSON ({e.msg}); one JSON object per line") from None
+    return rows
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[PromptRecord]:
     """Load and validate every row (all rows are checked before anything is returned)."""
     path = Path(path)
     if not path.exists():
-        raise PromptFileError(f"{path}: prompts file not found")
+        raise PromptFileError(f"{path}: prompts file not found; check the path in the config")
+    if not path.is_file():
+        raise PromptFileError(f"{path}: is a directory, not a prompts file (.jsonl or .parquet)")
     records: list[PromptRecord] = []
     if path.suffix == ".parquet":
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise PromptFileError(f"{path}: not a readable Parquet file ({e}); write it with pyarrow/pandas/polars or "
+                                  "use .jsonl") from None
+        for i, row in enumerate(rows):
             records.append(_validate(row, f"{path}: row {i}"))
     elif path.suffix in (".jsonl", ".json"):
-        with path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{path}: line {lineno}: invalid JSON ({e.msg}); one JSON object per line") from None
-                records.append(_validate(row, f"{path}: line {lineno}"))
+        for lineno, row in _jsonl_rows(path):
+            records.append(_validate(row, f"{path}: line {lineno}"))
     else:
         raise PromptFileError(f"{path}: unsupported prompts format '{path.suffix}'; use .jsonl or .parquet")
     if not records:

@@ -308,7 +308,7 @@ class ShardSet:
         if found:
             error, message = found[0]
             more = f" ({len(found) - 1} more problem(s): `lopd shards verify {self.root}` lists them)" if len(found) > 1 else ""
-            raise error(f"{self.root} cannot be read: {message}{more}")
+            raise error(message + more)
 
     # ---------------------------------------------------------------- writing
     def _kv_metadata(self) -> dict[bytes, bytes]:

@@ -1,4 +1,4 @@
-"""Pieces every stage shares: the result object, logging, progress bars, per-shard seeds."""
+"""Pieces every stage shares: the result object, input checks, logging, progress bars, per-shard seeds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lopd.errors import MissingInputError
+from storage.shardset import ShardSet, ShardSetError, ShardSetNotFoundError
 
 log = logging.getLogger("lopd")
 
@@ -27,6 +30,50 @@ class StageResult:
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "out": str(self.out), "skipped": self.skipped,
                 "wall_seconds": round(self.wall_seconds, 3), **self.summary}
+
+
+def _source(field: str, made_by: str | None, what: str) -> str:
+    point = f"point {field} at {what}"
+    return f"run `{made_by}` first, or {point}" if made_by else point
+
+
+def require_model_dir(path: Path, *, field: str, made_by: str | None = None) -> None:
+    """Refuse, before anything is loaded, a model input that is missing or is not a model directory
+    (config.json, weight files, tokenizer). ``made_by`` is the command that writes it (None: the user's own)."""
+    path = Path(path)
+    fix = _source(field, made_by, "a Hugging Face model directory (config.json, *.safetensors, tokenizer files)")
+    if not path.exists():
+        raise MissingInputError(f"{field}: {path} does not exist; {fix}")
+    if not path.is_dir():
+        raise MissingInputError(f"{field}: {path} is a file, not a model directory; {fix}")
+    lacks = [name for name, ok in (
+        ("config.json", (path / "config.json").is_file()),
+        ("weight files (*.safetensors / *.bin)", any(p.suffix in (".safetensors", ".bin") for p in path.iterdir())),
+        ("tokenizer files", any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))),
+    ) if not ok]
+    if lacks:
+        raise MissingInputError(f"{field}: {path} is not a model directory (no {', no '.join(lacks)}); {fix}")
+
+
+def require_shard_set(path: Path, *, kind: str, field: str, made_by: str) -> ShardSet:
+    """Open a finished, intact shard set of ``kind`` or refuse naming the field, the problem and the command
+    that writes it; nothing is loaded before this passes."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "is a file, not a shard set directory" if path.exists() else "does not exist"
+        raise MissingInputError(f"{field}: {path} {what}; {_source(field, made_by, 'its output')}")
+    try:
+        shard_set = ShardSet.open(path)
+    except ShardSetNotFoundError as err:
+        raise MissingInputError(f"{field}: {err} (it is written by `{made_by}`)") from None
+    if shard_set.kind != kind:
+        raise MissingInputError(f"{field}: {path} holds {shard_set.kind!r} shards, this stage reads {kind!r}; "
+                                f"point {field} at the output of `{made_by}`")
+    try:
+        shard_set.require_intact()
+    except ShardSetError as err:
+        raise type(err)(f"{field}: {err} (it is written by `{made_by}`)") from None
+    return shard_set
 
 
 def shard_seed(seed: int, shard_index: int) -> int:

@@ -13,8 +13,8 @@ from typing import Any
 from pipeline.config import EvalConfig, SamplingConfig
 from pipeline.engines.base import Engine, make_engine
 from pipeline.models import encode_prompt, load_tokenizer
-from pipeline.prompts import PromptRecord, load_prompts
-from pipeline.stages.common import StageResult, log, timed
+from pipeline.prompts import PromptFileError, PromptRecord, load_prompts
+from pipeline.stages.common import StageResult, log, require_model_dir, timed
 from pipeline.tasks.checkers import get_checker
 
 
@@ -59,11 +59,12 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def run_eval(cfg: EvalConfig, show_progress: bool = True) -> StageResult:
+    require_model_dir(cfg.model, field="eval.model", made_by="lopd train")
     prompts = load_prompts(cfg.prompts, cfg.limit)
     missing = [p.id for p in prompts if p.answer is None]
     if missing:
-        raise ValueError(f"{cfg.prompts}: eval needs an 'answer' for every prompt; missing for id {missing[0]} "
-                         f"(and {len(missing) - 1} more)")
+        raise PromptFileError(f"{cfg.prompts}: eval needs an 'answer' for every prompt; missing for id {missing[0]} "
+                              f"(and {len(missing) - 1} more); add the answers or use another prompts file")
     tokenizer = load_tokenizer(cfg.model)
     engine = make_engine(str(cfg.model), cfg.engine)
     with timed() as t:

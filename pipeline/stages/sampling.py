@@ -17,7 +17,7 @@ from pipeline.fingerprint import model_fingerprint, read_provenance, tokenizer_f
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import PromptRecord, load_prompts
 from pipeline.samples import SampleRow, rows_to_table
-from pipeline.stages.common import StageResult, chunks, log, progress_bar, shard_seed, timed
+from pipeline.stages.common import StageResult, chunks, log, progress_bar, require_model_dir, shard_seed, timed
 from pipeline.tasks.checkers import get_checker
 from storage.shardset import ShardSet
 
@@ -94,6 +94,7 @@ def _provenance(model_dir: Path, prompts: Path) -> dict[str, str]:
 
 def run_teacher_sft_data(cfg: TeacherSftDataConfig, show_progress: bool = True) -> StageResult:
     """Stage 1: the teacher answers the training prompts; output stamped with the teacher fingerprint."""
+    require_model_dir(cfg.teacher, field="teacher_sft_data.teacher")
     prompts = load_prompts(cfg.prompts, cfg.limit)
     teacher_fp = model_fingerprint(cfg.teacher)
     metadata = {
@@ -114,6 +115,7 @@ def run_teacher_sft_data(cfg: TeacherSftDataConfig, show_progress: bool = True) 
 
 def run_rollouts(cfg: RolloutsConfig, show_progress: bool = True) -> StageResult:
     """Stage 2: the SFT student samples n rollouts per prompt, once (behaviour log-probs kept)."""
+    require_model_dir(cfg.student, field="rollouts.student", made_by="lopd sft")
     prompts = load_prompts(cfg.prompts, cfg.limit)
     provenance = read_provenance(cfg.student)
     student_fp = model_fingerprint(cfg.student)

@@ -22,7 +22,7 @@ from pipeline.engines.base import Engine, model_vocab_size, token_batches
 from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, shard_set_fingerprint, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import load_prompts
-from pipeline.stages.common import StageResult, log, progress_bar, timed
+from pipeline.stages.common import StageResult, log, progress_bar, require_model_dir, require_shard_set, timed
 from storage.codecs import codec_info, codec_params, encode_records
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet, WriteBehind
@@ -86,7 +86,8 @@ def score_table_rows(engine: Engine, rows: list[dict[str, Any]], k: int, teacher
 
 
 def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True) -> StageResult:
-    rollouts = ShardSet.open(cfg.rollouts)
+    rollouts = require_shard_set(cfg.rollouts, kind="samples", field="teacher_logprobs.rollouts", made_by="lopd rollouts")
+    require_model_dir(cfg.teacher, field="teacher_logprobs.teacher")
     meta = rollouts.metadata
     teacher_fp = model_fingerprint(cfg.teacher)
     consistent = check_teacher_consistency(teacher_fp, meta.get("sft_teacher_fingerprint"),

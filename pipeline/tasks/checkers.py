@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from lopd.errors import LopdUserError
 from pipeline.tasks import arithmetic
 
 Checker = Callable[[str, str], bool]
@@ -25,5 +26,5 @@ CHECKERS: dict[str, Checker] = {
 
 def get_checker(name: str) -> Checker:
     if name not in CHECKERS:
-        raise ValueError(f"unknown checker {name!r}; choose one of {sorted(CHECKERS)}")
+        raise LopdUserError(f"unknown checker {name!r}; set the config's checker to one of {sorted(CHECKERS)}")
     return CHECKERS[name]
