@@ -285,11 +285,14 @@ def shards_verify(path: Path) -> None:
 
 
 @bench_app.command("storage")
-def bench_storage(json_out: Annotated[bool, typer.Option("--json")] = True) -> None:
+def bench_storage(
+    json_out: Annotated[bool, typer.Option("--json")] = True,
+    consumer_tokens_per_s: Annotated[float, typer.Option(help="training rate per rank the reader must keep up with")] = 7500.0,
+) -> None:
     """Bytes/token, decode error and read/write speed of the top-k codecs (demo and 151,936-vocab cases)."""
     from storage.bench import run_storage_bench
 
-    print(json.dumps(_run(run_storage_bench), default=str))
+    print(json.dumps(_run(lambda: run_storage_bench(consumer_tokens_per_s=consumer_tokens_per_s)), default=str))
 
 
 @bench_app.command("extract")

@@ -25,25 +25,55 @@ def _demo_models(tmp: Path) -> dict[str, Path]:
 
 def bench_extract(engine: str = "hf", model_dir: Path | None = None, sequences: int = 512, length: int = 40,
                   prompt_len: int = 9, k: int = 8, repeats: int = 3, codec: str = "compact",
-                  shards: int = 4) -> dict[str, Any]:
+                  shards: int = 4, write_ks: tuple[int, ...] = (0, 20, 50, 128), write_rows: int = 2,
+                  memory_ks: tuple[int, ...] = (20, 128), memory_rows: int = 1024, memory_length: int = 4096) -> dict[str, Any]:
     """Teacher scoring throughput: bare engine scoring vs the stage's full write path (top-k records, codec,
     Parquet shard write behind the next shard's scoring, as in ``teacher_logprobs``), on the same
-    ``shards`` batches, alternating the two ``repeats`` times and taking medians."""
-    from pipeline.engines.base import make_engine
+    ``shards`` batches, alternating the two ``repeats`` times and taking medians; once with torch's default
+    threads and once with torch on one thread (on a 2-core machine the writer then has its own core).
+
+    Also, at vocab 151,936 on 4,096-token rows: the write path's CPU cost per k in ``write_ks``
+    (``write_rows`` synthetic rollouts), and per k in ``memory_ks`` the host-memory peak of a worker running
+    the stage's scoring loop over one ``memory_rows`` x ``memory_length``-token shard, with vLLM's ``generate``
+    replaced by a stand-in returning vLLM's own output structures (no model, no GPU)."""
+    import torch
+
+    from storage.bench import long_row_records, write_path_cost
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        model_dir = model_dir or _demo_models(tmp)["teacher"]
+        threads = torch.get_num_threads()
+        result = _scoring_overhead(engine, model_dir, tmp, sequences, length, prompt_len, k, repeats, codec, shards)
+        torch.set_num_threads(1)
+        try:
+            one = _scoring_overhead(engine, model_dir, tmp / "one", sequences, length, prompt_len, k, repeats, codec, shards)
+        finally:
+            torch.set_num_threads(threads)
+        result.update({"torch_threads": threads, "tokens_per_s_bare_torch_one_thread": one["tokens_per_s_bare"],
+                       "tokens_per_s_with_write_torch_one_thread": one["tokens_per_s_with_write"],
+                       "overhead_ratio_torch_one_thread": one["overhead_ratio"]})
+        if write_ks:
+            records = long_row_records(max(write_ks), write_rows)
+            result["write_path"] = write_path_cost(records, write_ks, tmp)
+        result["scoring_memory"] = [extraction_memory_peak(mk, memory_rows, memory_length) for mk in memory_ks]
+    return result
+
+
+def _scoring_overhead(engine: str, model_dir: Path, tmp: Path, sequences: int, length: int, prompt_len: int, k: int,
+                      repeats: int, codec: str, shards: int) -> dict[str, Any]:
+    from pipeline.engines import make_engine
     from pipeline.models import load_tokenizer
     from storage.codecs import encode_records
     from storage.records import TeacherRecord
     from storage.shardset import ShardSet, WriteBehind
 
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        model_dir = model_dir or _demo_models(tmp)["teacher"]
-        vocab = len(load_tokenizer(model_dir))
-        rng = np.random.default_rng(0)
-        seqs = [rng.integers(4, vocab, size=length).tolist() for _ in range(sequences)]
-        per_shard = -(-sequences // shards)
-        pieces = [seqs[i : i + per_shard] for i in range(0, sequences, per_shard)]
-        eng = make_engine(str(model_dir), EngineConfig(name=engine, batch_size=256), max_logprobs=k)
+    vocab = len(load_tokenizer(model_dir))
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(4, vocab, size=length).tolist() for _ in range(sequences)]
+    per_shard = -(-sequences // shards)
+    pieces = [seqs[i : i + per_shard] for i in range(0, sequences, per_shard)]
+    with make_engine(str(model_dir), EngineConfig(name=engine, batch_size=256), max_logprobs=k) as eng:
         eng.score(seqs[:8], [prompt_len] * 8, k)  # warm-up
         bare, full = [], []
         for r in range(repeats):
@@ -63,13 +93,103 @@ def bench_extract(engine: str = "hf", model_dir: Path | None = None, sequences: 
                                for i, (s, sc) in enumerate(zip(piece, scored))]
                     writer.submit(index, partial(encode_records, records, codec, k=k, vocab_size=vocab))
             full.append(time.perf_counter() - t0)
-        eng.close()
     tokens = sequences * (length - prompt_len)
     b, f = statistics.median(bare), statistics.median(full)
     return {"bench": "extract", "engine": engine, "model": str(model_dir), "sequences": sequences,
             "response_tokens": tokens, "k": k, "codec": codec, "shards": len(pieces), "repeats": repeats,
             "tokens_per_s_bare": round(tokens / b, 1), "tokens_per_s_with_write": round(tokens / f, 1),
             "overhead_ratio": round(f / b - 1.0, 4)}
+
+
+class _StandInLLM:
+    """``vllm.LLM.generate`` for scoring requests without a model: per prompt, ``prompt_logprobs`` in vLLM's
+    own ``FlatLogprobs`` (Python lists: the host memory the real engine's outputs take), with fixed top-k
+    rows. Only the memory and CPU work of the engine's conversion and the stage's write path are real."""
+
+    def __init__(self, vocab_size: int, k: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.top_ids = np.stack([rng.choice(vocab_size, size=k, replace=False) for _ in range(256)]).astype(np.int64)
+        self.top_lps = np.sort(rng.normal(-8.0, 3.0, size=(256, k)).clip(max=-1e-3), axis=1)[:, ::-1].astype(np.float32)
+
+    def generate(self, prompts: list, params: list, use_tqdm: bool = False) -> list:
+        from types import SimpleNamespace
+
+        from vllm.logprobs import FlatLogprobs
+
+        outs = []
+        for prompt, p in zip(prompts, params):
+            ids = np.asarray(prompt["prompt_token_ids"], dtype=np.int64)
+            n, k = len(ids) - 1, p.prompt_logprobs
+            rows = np.arange(n) % len(self.top_ids)
+            flat_ids = np.concatenate([ids[1:, None], self.top_ids[rows, :k]], axis=1).ravel()
+            flat_lps = np.concatenate([self.top_lps[rows, k - 1 : k] if k else np.full((n, 1), -1.0, np.float32),
+                                       self.top_lps[rows, :k]], axis=1).ravel()
+            entries = flat_ids.size
+            pl = FlatLogprobs(start_indices=[0] + list(range(0, entries, k + 1)), end_indices=[0] + list(range(k + 1, entries + 1, k + 1)),
+                              token_ids=flat_ids.tolist(), logprobs=flat_lps.tolist(), ranks=[1] * entries, decoded_tokens=[None] * entries)
+            outs.append(SimpleNamespace(prompt_logprobs=pl, outputs=[]))
+        return outs
+
+
+def _scoring_memory_worker(k: int, rows: int, length: int, budget: int, codec: str) -> dict[str, Any]:
+    """Runs in a fresh process (its peak RSS is this measurement's): the teacher-logprobs stage's scoring
+    loop over one rollouts shard of ``rows`` x ``length`` tokens, on a VLLMEngine whose LLM is the stand-in."""
+    import resource
+
+    import pyarrow as pa
+
+    from pipeline.engines.vllm_engine import VLLMEngine
+    from pipeline.stages.teacher_logprobs import _score_shards
+    from storage.bench import LONG_ROW_VOCAB
+    from storage.codecs import codec_info, encode_records
+    from storage.shardset import ShardSet
+
+    vocab = LONG_ROW_VOCAB
+    prompt_len = 256
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        rng = np.random.default_rng(0)
+        token_ids = rng.integers(0, vocab, size=(rows, length), dtype=np.int32)
+        rollouts = ShardSet.create(tmp / "rollouts", "samples", {})
+        rollouts.write_shard(0, pa.table({
+            "prompt_id": [f"p{i}" for i in range(rows)], "sample_index": [0] * rows,
+            "token_ids": list(token_ids), "prompt_len": [prompt_len] * rows,
+            "behavior_logprobs": list(rng.normal(-1, 1, size=(rows, length - prompt_len)).astype(np.float32)),
+            "reward": [None] * rows}))
+        del token_ids
+        cfg = TeacherLogprobsConfig(rollouts=tmp / "rollouts", teacher=tmp, out=tmp / "out", k=k, codec=codec,
+                                    engine=EngineConfig(name="vllm", score_tokens_per_call=budget))
+        engine = VLLMEngine.__new__(VLLMEngine)
+        engine.cfg, engine.llm, engine._pool = cfg.engine, _StandInLLM(vocab, k), None
+        engine.max_logprobs, engine.vocab_size, engine.max_model_len = k, vocab, length + 1
+        out = ShardSet.create(cfg.out, "teacher_topk", codec_info(codec, k, vocab))
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t0 = time.perf_counter()
+        encode = partial(encode_records, codec=codec, k=k, vocab_size=vocab)
+        totals, _ = _score_shards(engine, cfg, rollouts, out, [0], None, encode, show_progress=False)
+        seconds = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        shard_mb = out.manifest["totals"]["bytes"] / 2**20
+    return {"k": k, "codec": codec, "rows": rows, "tokens_per_row": length, "response_tokens": totals["tokens"],
+            "score_tokens_per_call": budget, "peak_rss_mb": round(peak, 1), "rss_before_scoring_mb": round(baseline, 1),
+            "shard_mb": round(shard_mb, 1), "seconds": round(seconds, 1)}
+
+
+def extraction_memory_peak(k: int, rows: int = 1024, length: int = 4096, budget: int | None = None,
+                           codec: str = "compact") -> dict[str, Any]:
+    """Host-memory peak (max RSS of a fresh process) of scoring one rows x length-token shard; see
+    ``_scoring_memory_worker``. ``budget``: score_tokens_per_call (default: EngineConfig's)."""
+    import json
+    import subprocess
+    import sys
+
+    budget = budget or EngineConfig().score_tokens_per_call
+    code = ("import json; from pipeline.bench import _scoring_memory_worker as w; "
+            f"print(json.dumps(w({k}, {rows}, {length}, {budget}, {codec!r})))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"scoring-memory worker failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def bench_train(steps: int = 20, batch_size: int = 64) -> dict[str, Any]:

@@ -36,7 +36,9 @@ DEFAULT_CASES: tuple[dict, ...] = (
     {"name": "large-k50", "vocab_size": 151_936, "k": 50},
     {"name": "large-k128", "vocab_size": 151_936, "k": 128},
 )
-CODEC_NAMES = ("plain", "compact", "compact-lean")  # "<codec>[-<grid>]", grids in storage.compact.GRIDS
+CODEC_NAMES = ("plain", "compact", "compact-lean")
+LONG_ROW_VOCAB = 151_936  # the write/read-path measurements: Qwen3's vocabulary, 4,096-token rollouts
+LONG_ROW_TOKENS = 4096  # "<codec>[-<grid>]", grids in storage.compact.GRIDS
 
 
 def _peak_rss_mb() -> float:
@@ -133,6 +135,7 @@ def _run_case(case: dict, variant: str, records: list[TeacherRecord], tmp: Path,
     for i in range(0, len(tiled), per_shard):
         speed_set.write_shard(i // per_shard, encode_records(tiled[i : i + per_shard], codec, k, vocab, **params))
     write_s = time.perf_counter() - t0
+    speed_set.finalize(expected_shards=-(-len(tiled) // per_shard))  # the reader reads finished sets only
     t0 = time.perf_counter()
     read_tokens = sum(r.num_response_tokens for batch, _ in iter_batches(speed_set.root, 16, num_epochs=1) for r in batch)
     read_s = time.perf_counter() - t0
@@ -195,6 +198,7 @@ def reader_memory_check(records: list[TeacherRecord], tmp: Path, *, codec: str, 
     per_shard = max(1, len(tiled) // 3)
     for i in range(0, len(tiled), per_shard):
         shard_set.write_shard(i // per_shard, encode_records(tiled[i : i + per_shard], codec, k, vocab_size), row_group_size=rows_per_group)
+    shard_set.finalize(expected_shards=-(-len(tiled) // per_shard))
     per_row_mb = sum(r.token_ids.nbytes + r.topk_ids.nbytes + r.topk_logprobs.nbytes + 3 * r.teacher_logprobs.nbytes
                      for r in records) / len(records) / 2**20
     streamed = _in_fresh_process(shard_set.root, shuffle_buffer, load_all=False)
@@ -210,8 +214,12 @@ def reader_memory_check(records: list[TeacherRecord], tmp: Path, *, codec: str, 
 
 
 def run_storage_bench(cases: Sequence[dict] = DEFAULT_CASES, *, codecs: Sequence[str] = CODEC_NAMES, positions: int = 2048,
-                      throughput_tokens: int = 16384, id_noise: float = 2.5, seed: int = 0, reader_memory: bool = True) -> dict:
-    """One JSON-able object: per (case, codec) size, fidelity and throughput; generator summary; reader memory."""
+                      throughput_tokens: int = 16384, id_noise: float = 2.5, seed: int = 0, reader_memory: bool = True,
+                      read_ks: Sequence[int] = (0, 20, 128), read_rows: int = 16, read_length: int = LONG_ROW_TOKENS,
+                      consumer_tokens_per_s: float = 7500.0) -> dict:
+    """One JSON-able object: per (case, codec) size, fidelity and throughput; generator summary; reader memory;
+    per k in ``read_ks``, the read speed and consumer stall (with and without prefetch) on ``read_rows``
+    rollouts of ``read_length`` tokens at vocab 151,936 (none if read_ks is empty)."""
     started = time.perf_counter()
     results, generators = [], {}
     biggest: dict[int, tuple[list[TeacherRecord], int]] = {}
@@ -234,15 +242,101 @@ def run_storage_bench(cases: Sequence[dict] = DEFAULT_CASES, *, codecs: Sequence
         if reader_memory:
             vocab, (records, k) = max(biggest.items())
             memory = reader_memory_check(records, tmp, codec="compact", k=k, vocab_size=vocab)
+        long_rows = []
+        if read_ks:
+            source = long_row_records(max(read_ks), read_rows, length=read_length, seed=seed)
+            long_rows = read_path(source, read_ks, tmp, consumer_tokens_per_s=consumer_tokens_per_s)
     return {
         "bench": "storage",
         "synthetic": True,
         "generators": generators,
         "cases": results,
         "reader_memory": memory,
+        "read_path": long_rows,
         "distillkit_anchor_bytes_per_token": DISTILLKIT_BYTES_PER_TOKEN,
         "target_ratio": TARGET_RATIO,
         "target_mean_kl": TARGET_MEAN_KL,
         "cpu_count": psutil.cpu_count(),
         "seconds": time.perf_counter() - started,
     }
+
+
+# ------------------------------------------------------------------ long rows: write cost, read speed, stall
+def long_row_records(k: int, rows: int, *, length: int = LONG_ROW_TOKENS, vocab_size: int = LONG_ROW_VOCAB,
+                     prompt_len: int = 64, seed: int = 0) -> list[TeacherRecord]:
+    """``rows`` synthetic rollouts of ``length`` tokens (prompt included) at a real vocabulary."""
+    cfg = _generator_config(vocab_size, max(k, 1), rows * (length - prompt_len), 2.5, seed)
+    cfg = dataclasses.replace(cfg, num_rollouts=rows, response_len=length - prompt_len, prompt_len=prompt_len)
+    records, _ = generate(cfg)
+    return truncate_k(records, k)
+
+
+def write_path_cost(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, *, codec: str = "compact",
+                    vocab_size: int = LONG_ROW_VOCAB) -> list[dict]:
+    """Per k: the extraction stage's write path (encode_records, then a Parquet shard write) on one core
+    (Arrow's thread pools at 1 thread; numpy's element-wise kernels are single-threaded)."""
+    import pyarrow as pa
+
+    cpu, io = pa.cpu_count(), pa.io_thread_count()
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    out = []
+    try:
+        for k in ks:
+            recs = truncate_k(records, k)
+            tokens = sum(r.num_response_tokens for r in recs)
+            shard_set = ShardSet.create(tmp / f"write-k{k}", "teacher_topk", codec_info(codec, k, vocab_size))
+            t0 = time.perf_counter()
+            table = encode_records(recs, codec, k, vocab_size)
+            t1 = time.perf_counter()
+            info = shard_set.write_shard(0, table)
+            t2 = time.perf_counter()
+            out.append({"k": k, "codec": codec, "response_tokens": tokens, "encode_us_per_token": round((t1 - t0) / tokens * 1e6, 3),
+                        "write_tokens_per_s_one_core": round(tokens / (t2 - t0), 1), "bytes_per_token": round(info["bytes"] / tokens, 2)})
+    finally:
+        pa.set_cpu_count(cpu)
+        pa.set_io_thread_count(io)
+    return out
+
+
+def _consume(batches, consumer_tokens_per_s: float) -> dict:
+    """Iterate like a training loop whose step takes (tokens / consumer_tokens_per_s) seconds (a sleep, which
+    releases the GIL like GPU work does); the stall is the time spent waiting for the next batch."""
+    wait = work = 0.0
+    tokens = 0
+    batches = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        item = next(batches, None)
+        wait += time.perf_counter() - t0
+        if item is None:
+            break
+        n = sum(r.num_response_tokens for r in item[0])
+        tokens += n
+        time.sleep(n / consumer_tokens_per_s)
+        work += n / consumer_tokens_per_s
+    return {"tokens": tokens, "stall_fraction": round(wait / max(wait + work, 1e-9), 4)}
+
+
+def read_path(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, *, consumer_tokens_per_s: float = 7500.0,
+              codec: str = "compact", vocab_size: int = LONG_ROW_VOCAB, batch_rows: int = 1, prefetch_depth: int = 2) -> list[dict]:
+    """Per k: the reader's tokens/s (decode included, one row per row group, as long rollouts are), and the
+    stall fraction of a consumer at ``consumer_tokens_per_s`` without and with storage.prefetch."""
+    from storage.prefetch import prefetch_batches
+
+    out = []
+    for k in ks:
+        recs = truncate_k(records, k)
+        shard_set = ShardSet.create(tmp / f"read-k{k}", "teacher_topk", codec_info(codec, k, vocab_size))
+        shard_set.write_shard(0, encode_records(recs, codec, k, vocab_size), row_group_size=1)
+        shard_set.finalize(expected_shards=1)
+        kw = dict(shuffle_buffer=1, num_epochs=1)
+        t0 = time.perf_counter()
+        tokens = sum(r.num_response_tokens for batch, _ in iter_batches(shard_set.root, batch_rows, **kw) for r in batch)
+        read_s = time.perf_counter() - t0
+        sync = _consume(iter_batches(shard_set.root, batch_rows, **kw), consumer_tokens_per_s)
+        ahead = _consume(prefetch_batches(shard_set.root, batch_rows, depth=prefetch_depth, **kw), consumer_tokens_per_s)
+        out.append({"k": k, "codec": codec, "response_tokens": tokens, "read_tokens_per_s": round(tokens / read_s, 1),
+                    "consumer_tokens_per_s": consumer_tokens_per_s, "stall_fraction": sync["stall_fraction"],
+                    "stall_fraction_prefetch": ahead["stall_fraction"]})
+    return out

@@ -147,3 +147,19 @@ def test_failing_vllm_stage_leaves_no_worker_processes(rollouts, tiny_models, tm
     for a, b in zip(vllm_records, ref):
         assert np.array_equal(a.token_ids, b.token_ids) and a.topk_ids.shape == (a.num_response_tokens, 0)
         np.testing.assert_allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.vllm
+def test_scoring_memory_is_bounded_by_the_token_budget():
+    """The stage's scoring loop over one shard, with vLLM's output structures from a stand-in generate: a
+    worker's memory growth follows score_tokens_per_call, not the shard (32 x 1,024 tokens at k = 128 hold
+    ~4M log-prob entries as Python objects when scored in one call)."""
+    pytest.importorskip("vllm")
+    from pipeline.bench import extraction_memory_peak
+
+    one_call = extraction_memory_peak(128, rows=32, length=1024, budget=10**6)
+    bounded = extraction_memory_peak(128, rows=32, length=1024, budget=2048)
+    assert one_call["response_tokens"] == bounded["response_tokens"] == 32 * (1024 - 256)
+    grow_one = one_call["peak_rss_mb"] - one_call["rss_before_scoring_mb"]
+    grow_bounded = bounded["peak_rss_mb"] - bounded["rss_before_scoring_mb"]
+    assert grow_bounded < grow_one / 3, (one_call, bounded)

@@ -308,7 +308,7 @@ def test_shards_cli_inspect_and_verify_catch_a_flipped_byte(pipeline_run, tmp_pa
 def test_bench_extract_runs_the_stage_write_path(tmp_path):
     from pipeline.bench import bench_extract
 
-    res = bench_extract(sequences=24, length=12, prompt_len=4, repeats=1, shards=3)
+    res = bench_extract(sequences=24, length=12, prompt_len=4, repeats=1, shards=3, write_ks=(), memory_ks=())
     assert res["shards"] == 3 and res["response_tokens"] == 24 * 8
     assert res["tokens_per_s_bare"] > 0 and res["tokens_per_s_with_write"] > 0
     assert res["overhead_ratio"] == pytest.approx(res["tokens_per_s_bare"] / res["tokens_per_s_with_write"] - 1, abs=0.01)

@@ -10,7 +10,8 @@ from storage.synthetic import SyntheticConfig, generate
 
 
 def test_bench_measures_fidelity_and_size():
-    out = run_storage_bench(cases=({"name": "demo", "vocab_size": 20, "k": 8},), positions=512, throughput_tokens=1024, reader_memory=False)
+    out = run_storage_bench(cases=({"name": "demo", "vocab_size": 20, "k": 8},), positions=512, throughput_tokens=1024,
+                            reader_memory=False, read_ks=())
     by_codec = {f"{c['codec']}-{c['grid']}" if c["grid"] else c["codec"]: c for c in out["cases"]}
     assert sorted(by_codec) == ["compact-fine", "compact-lean", "plain"]
     for case in by_codec.values():
@@ -39,3 +40,21 @@ def test_truncate_k_keeps_the_head_and_recomputes_the_tail():
     assert np.array_equal(small[0].topk_ids, records[0].topk_ids[:, :4])
     assert np.array_equal(small[0].tail_logprob, compute_tail_logprob(records[0].topk_logprobs[:, :4]))
     assert np.all(small[0].tail_logprob >= records[0].tail_logprob)  # less of the mass kept, more outside
+
+
+def test_long_row_write_cost_read_speed_and_stall(tmp_path):
+    """The long-row measurements at a small size: k = 0 is the cheapest to write and read; a consumer slower
+    than the reader stalls less with prefetch than without."""
+    from storage.bench import long_row_records, read_path, write_path_cost
+
+    records = long_row_records(16, 6, length=160, vocab_size=3000, prompt_len=16)
+    assert [r.num_response_tokens for r in records] == [144] * 6 and records[0].topk_ids.shape[1] == 16
+    writes = {w["k"]: w for w in write_path_cost(records, (0, 16), tmp_path, vocab_size=3000)}
+    assert writes[0]["bytes_per_token"] < writes[16]["bytes_per_token"]
+    assert 0 < writes[0]["encode_us_per_token"] < writes[16]["encode_us_per_token"]
+    assert writes[16]["write_tokens_per_s_one_core"] > 0
+    reads = {r["k"]: r for r in read_path(records, (0, 16), tmp_path, consumer_tokens_per_s=3000.0, vocab_size=3000)}
+    assert reads[0]["read_tokens_per_s"] > reads[16]["read_tokens_per_s"] > 0
+    for r in reads.values():
+        assert r["response_tokens"] == 6 * 144
+        assert 0 <= r["stall_fraction_prefetch"] < r["stall_fraction"] < 1
