@@ -176,7 +176,7 @@ def make_task_runner(kind: str, num_parts: int, address: str | None = None) -> T
         try:
             from prefect_ray import RayTaskRunner
         except ImportError as err:
-            raise RuntimeError("task runner 'ray' needs prefect-ray: pip install prefect-ray") from err
+            raise RuntimeError("task runner 'ray' needs prefect-ray: pip install 'lopd[ray]' (or pip install prefect-ray)") from err
         return RayTaskRunner(address=address) if address else RayTaskRunner()
     raise ValueError(f"unknown task runner {kind!r}: choose one of {', '.join(TASK_RUNNERS)}")
 
