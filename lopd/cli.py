@@ -315,6 +315,23 @@ def bench_train(json_out: Annotated[bool, typer.Option("--json")] = True) -> Non
     print(json.dumps(_run(_bench), default=str))
 
 
+@bench_app.command("train-memory")
+def bench_train_memory(
+    json_out: Annotated[bool, typer.Option("--json")] = True,
+    lengths: Annotated[str, typer.Option(help="sequence lengths, comma-separated")] = "1024,4096,8192",
+    losses: Annotated[str, typer.Option(help="losses, comma-separated")] = ",".join(
+        ("lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "sft")),
+    max_full_tokens: Annotated[int, typer.Option(help="longest T run through the old full-logit path "
+                                                 "(its B x T x V tensors outgrow the machine beyond)")] = 4096,
+) -> None:
+    """Peak memory, speed and exactness of one training step: the old full-logit path vs the chunked LM head,
+    on a random-init Qwen3-shaped student (hidden 1024, 2 layers, vocab 151,936), one process per case."""
+    from pipeline.scale_bench import bench_train_memory as _bench
+
+    print(json.dumps(_run(lambda: _bench(tuple(int(x) for x in lengths.split(",")), tuple(losses.split(",")),
+                                         max_full_tokens=max_full_tokens)), default=str))
+
+
 def main() -> None:
     app()
 

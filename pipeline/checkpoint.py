@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lopd.errors import LopdUserError
+
 
 def run_fingerprint(payload: Any) -> str:
     """The identity of a training run: a hash of what must not change across a resume (content fingerprints
@@ -135,8 +137,9 @@ def load_latest(root: Path, *, model: torch.nn.Module, optimizer: torch.optim.Op
     path = root / f"step-{step:06d}"
     meta = json.loads((path / "trainer.json").read_text())
     if meta["run_key"] != run_key:
-        raise ValueError(f"{root}: checkpoint was written by a different {what} run (other data, model or "
-                         f"config: {meta['run_key']} vs {run_key}); use a new output dir or delete {root} to start over")
+        raise LopdUserError(f"{root}: checkpoint was written by a different {what} run (another {what} config, data "
+                            f"or start model: run {meta['run_key']} vs {run_key}); use a new output dir or delete "
+                            f"{root} to start over")
     state = _dcp_state(model, optimizer)
     with _single_process_is_fine():
         dcp.load(state, checkpoint_id=str(path))

@@ -138,15 +138,18 @@ class _FusedHeadLoss(torch.autograd.Function):
                 else:  # low-precision matmul, fp32 accumulation across chunks
                     grad_weight_V_H += (g_n_V.T @ h_n_H).float()
         out_metrics.update(merge_chunk_metrics(parts))
-        ctx.save_for_backward(grad_hidden_N_H, grad_weight_V_H.to(weight_V_H.dtype))
+        # Intermediate results, not inputs or outputs: kept on ctx and scaled in place in backward, so the
+        # V x H weight gradient exists once (autograd then accumulates it like any other gradient).
+        ctx.grads = (grad_hidden_N_H, grad_weight_V_H.to(weight_V_H.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden_N_H, grad_weight_V_H = ctx.saved_tensors
-        scale = grad_loss.to(grad_hidden_N_H.dtype)
-        return (grad_hidden_N_H * scale, grad_weight_V_H * scale.to(grad_weight_V_H.dtype),
-                None, None, None, None, None, None, None, None)
+        grad_hidden_N_H, grad_weight_V_H = ctx.grads
+        del ctx.grads  # one backward per forward (no retain_graph through the head)
+        grad_hidden_N_H.mul_(grad_loss.to(grad_hidden_N_H.dtype))
+        grad_weight_V_H.mul_(grad_loss.to(grad_weight_V_H.dtype))
+        return grad_hidden_N_H, grad_weight_V_H, None, None, None, None, None, None, None, None
 
 
 def fused_head_loss(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_ids_N: torch.Tensor,

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import losses as L
 from pipeline.config import TrainConfig
 from pipeline.head import fused_head_loss, token_stats
 from pipeline.stages.train import TOPK_LOSSES, TokenTargets, collate, compute_losses, micro_batch_loss

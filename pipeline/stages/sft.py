@@ -12,13 +12,22 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from lopd.errors import LopdUserError
+from pipeline import checkpoint
 from pipeline.config import SftConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance
 from pipeline.models import load_model, load_tokenizer
-from pipeline.stages.common import StageResult, log, timed
-from pipeline import checkpoint
-from pipeline.training import (Example, MetricsWriter, plot_metrics, prepare_student, save_trained_model,
-                               seed_everything, setup_distributed, sft_train)
+from pipeline.stages.common import StageResult, log, require_model_dir, require_shard_set, timed
+from pipeline.training import (
+    Example,
+    MetricsWriter,
+    plot_metrics,
+    prepare_student,
+    save_trained_model,
+    seed_everything,
+    setup_distributed,
+    sft_train,
+)
 from storage.shardset import ShardSet
 
 
@@ -44,7 +53,7 @@ def iter_shard_examples(shardset: ShardSet, seed: int, max_seq_len: int | None =
                 tokens = np.asarray(ids[r], dtype=np.int64)
                 if max_seq_len is not None and len(tokens) > max_seq_len:
                     if overlong == "error" or plens[r] >= max_seq_len:
-                        raise ValueError(
+                        raise LopdUserError(
                             f"{shardset.shard_path(i)}: row {r} has {len(tokens)} tokens (prompt {plens[r]}), more "
                             f"than sft.max_seq_len={max_seq_len}; raise sft.max_seq_len or set sft.overlong=truncate "
                             "to cut answers")
@@ -70,7 +79,8 @@ def sft_identity(cfg: SftConfig, teacher_fp: str | None, base_fp: str, data_mani
 
 def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
     """Fine-tune ``cfg.student`` on the SFT samples in ``cfg.data``; write an HF dir at ``cfg.out``."""
-    data = ShardSet.open(cfg.data)
+    require_model_dir(cfg.student, field="sft.student")
+    data = require_shard_set(cfg.data, kind="samples", field="sft.data", made_by="lopd teacher-sft-data")
     teacher_fp = data.metadata.get("teacher_fingerprint")
     identity = sft_identity(cfg, teacher_fp, model_fingerprint(cfg.student), data.manifest)
     run_key = checkpoint.run_fingerprint(identity)
@@ -81,7 +91,7 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
         return StageResult("sft", cfg.out, skipped=True, summary={"sft_teacher_fingerprint": teacher_fp})
     info = setup_distributed(cfg.dist_timeout_minutes)
     if cfg.batch_size % info.world_size:
-        raise ValueError(f"sft.batch_size={cfg.batch_size} must be a multiple of the world size {info.world_size}")
+        raise LopdUserError(f"sft.batch_size={cfg.batch_size} must be a multiple of the world size {info.world_size}")
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.student)
     model = prepare_student(load_model(cfg.student), info, fsdp=cfg.fsdp, precision=cfg.precision,

@@ -22,20 +22,38 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from lopd.errors import LopdUserError
 from pipeline import checkpoint
 from pipeline import losses as L
 from pipeline.config import OnlineConfig, TrainConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance
 from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
 from pipeline.models import encode_prompt, load_model, load_tokenizer
-from pipeline.stages.common import StageResult, log, progress_bar
-from pipeline.training import (DistInfo, MetricsWriter, StepMeter, StudentLM, all_reduce_sum, autocast_context,
-                               count_flop_params, detect_peak_tflops, device_for, make_optimizer, make_scheduler,
-                               pad_batch, plot_metrics, prepare_student, save_trained_model, seed_everything,
-                               setup_distributed, split_by_token_budget, unwrap)
+from pipeline.stages.common import StageResult, log, progress_bar, require_model_dir, require_shard_set
+from pipeline.training import (
+    DistInfo,
+    MetricsWriter,
+    StepMeter,
+    StudentLM,
+    all_reduce_sum,
+    autocast_context,
+    count_flop_params,
+    detect_peak_tflops,
+    device_for,
+    make_optimizer,
+    make_scheduler,
+    pad_batch,
+    plot_metrics,
+    prepare_student,
+    save_trained_model,
+    seed_everything,
+    setup_distributed,
+    split_by_token_budget,
+    unwrap,
+)
 from storage.reader import ReaderState, iter_batches
 from storage.records import TeacherRecord
-from storage.shardset import ShardSet, file_sha256
+from storage.shardset import file_sha256
 
 TOPK_LOSSES = {"reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk"}
 
@@ -285,12 +303,11 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
     ``eval_hook`` (the demo's accuracy probe) runs every ``eval_every`` steps; its time is excluded from
     ``perf/train_seconds``. ``stop_after`` ends the process's work early (tests use it to simulate a kill).
     """
-    shards = ShardSet.open(cfg.shards)
-    if shards.kind != "teacher_topk":
-        raise ValueError(f"{cfg.shards}: not teacher top-k shards (kind {shards.kind}); run `lopd teacher-logprobs`")
+    require_model_dir(cfg.student, field="train.student", made_by="lopd sft")
+    shards = require_shard_set(cfg.shards, kind="teacher_topk", field="train.shards", made_by="lopd teacher-logprobs")
     needed_topk = set(cfg.losses) & TOPK_LOSSES
     if needed_topk and not shards.metadata.get("k"):
-        raise ValueError(f"{cfg.shards}: losses {sorted(needed_topk)} need top-k shards (these store k=0: the "
+        raise LopdUserError(f"{cfg.shards}: losses {sorted(needed_topk)} need top-k shards (these store k=0: the "
                          "sampled token's log-prob only); use the `lightning` loss or extract with k > 0")
     data = {k: v for k, v in shards.manifest.items() if k in ("kind", "shards", "totals")}
     data["metadata"] = {k: v for k, v in shards.metadata.items() if k != "provenance"}
@@ -303,7 +320,9 @@ def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: Ev
     """The online OPD baseline: each step the current student samples fresh rollouts and the live teacher
     ``cfg.online.teacher`` scores them; same losses, loop and checkpoints as ``run_train``."""
     if cfg.online is None:
-        raise ValueError("online OPD needs a train.online section (teacher, prompts) in the run config")
+        raise LopdUserError("online OPD needs a train.online section (teacher, prompts) in the run config")
+    require_model_dir(cfg.student, field="train.student", made_by="lopd sft")
+    require_model_dir(cfg.online.teacher, field="train.online.teacher")
     data = {"teacher": model_fingerprint(cfg.online.teacher), "prompts": file_sha256(Path(cfg.online.prompts))}
     return _train(cfg, "online", checkpoint.run_fingerprint(data), {}, show_progress, eval_hook, eval_every,
                   stop_after)
@@ -330,7 +349,7 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
     local = cfg.batch_size // info.world_size
     micro = local // cfg.grad_accum
     if micro < 1 or micro * cfg.grad_accum * info.world_size != cfg.batch_size:
-        raise ValueError(f"train.batch_size={cfg.batch_size} must be a multiple of grad_accum × world size "
+        raise LopdUserError(f"train.batch_size={cfg.batch_size} must be a multiple of grad_accum × world size "
                          f"= {cfg.grad_accum} × {info.world_size}")
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = load_tokenizer(cfg.student)
@@ -342,12 +361,12 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
     meter = StepMeter(count_flop_params(unwrap(model)), info.world_size,
                       cfg.peak_tflops or detect_peak_tflops(device, cfg.precision))
     resumed = checkpoint.load_latest(ckpt_root, model=model, optimizer=opt, scheduler=sched, run_key=run_key,
-                                     rank=info.rank, what="training (different training config)")
+                                     rank=info.rank, what="training")
     start_step, rank_state = 0, None
     if resumed is not None:
         if resumed.world_size != info.world_size:
             # each rank's stream position is saved; another world size would see other sequences
-            raise ValueError(f"{ckpt_root}: checkpoint was written by {resumed.world_size} process(es), this run has "
+            raise LopdUserError(f"{ckpt_root}: checkpoint was written by {resumed.world_size} process(es), this run has "
                              f"{info.world_size}; resume with --nproc-per-node {resumed.world_size} or use a new train.out")
         start_step, rank_state = resumed.step, resumed.rank_state
         checkpoint.set_rng_state(rank_state["rng"])

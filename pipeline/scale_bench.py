@@ -1,0 +1,395 @@
+"""Benchmarks of the trainer at the recipe's scale (JSON; never run as timed tests).
+
+``bench_train_memory`` (``lopd bench train-memory --json``): one forward+backward step of a random-init
+Qwen3-shaped student (vocab 151,936) per (sequence length, loss), through the old full-logit path (the Hugging Face
+forward's B x T x V logits, upcast to fp32, losses on them) and through the chunked LM head. Each case runs in its
+own process, so its peak memory is its own: peak RSS during the step minus RSS before it (on CPU), or
+``max_memory_allocated`` minus memory before the step (on a GPU). Loss and gradients of the two paths are compared
+(gradients on every decoder parameter, and on 4,096 sampled rows of the LM head).
+
+``gpu_check`` (``scripts/gpu-check.sh``): bf16 + activation checkpointing on one GPU: a 1.7B-shaped student taking
+full optimiser steps (step time, tokens/s, MFU, peak memory), an 8B-shaped student's forward+backward of one
+4-sequence micro-batch (peak memory of activations + loss path), and vLLM scoring of an 8B-shaped teacher.
+``--cpu-smoke`` runs the same code on tiny shapes so that CI keeps it working.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+QWEN3_VOCAB = 151_936
+LOSSES = ("lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "sft")
+
+# Qwen3 shapes (config.json of the public checkpoints): hidden, layers, heads, kv heads, intermediate, tied.
+SHAPES: dict[str, dict[str, Any]] = {
+    "bench-1024": dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=3072, tie_word_embeddings=False),
+    "qwen3-1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=6144, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=12288, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=128, tie_word_embeddings=False),
+}
+
+
+def qwen3_model(shape: str, vocab: int = QWEN3_VOCAB, dtype: torch.dtype = torch.float32,
+                device: str = "cpu", seed: int = 0) -> torch.nn.Module:
+    """A random-init Qwen3-shaped causal LM (no download: built from a config)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    head_dim = 32 if shape == "tiny" else 128
+    config = Qwen3Config(vocab_size=vocab, head_dim=head_dim, max_position_embeddings=40_960, **SHAPES[shape])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(dtype)
+    return model
+
+
+def synthetic_batch(T: int, vocab: int, k: int = 20, batch: int = 1, prompt_len: int = 64, seed: int = 0):
+    """``batch`` sequences of T tokens (``prompt_len`` prompt) with a synthetic teacher top-k, tail and
+    behaviour log-probs, collated like the trainer's shard batches."""
+    import numpy as np
+
+    from pipeline.stages.train import collate
+    from storage.records import TeacherRecord
+
+    rng = np.random.default_rng(seed)
+    n = T - prompt_len
+    records = []
+    for b in range(batch):
+        logits = rng.standard_normal((n, k + 1)).astype(np.float32) * 2
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        ids = np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(n)]).astype(np.int32)
+        records.append(TeacherRecord(prompt_id=str(b), sample_index=0,
+                                     token_ids=rng.integers(0, vocab, size=T).astype(np.int32), prompt_len=prompt_len,
+                                     teacher_logprobs=logp[:, 0].copy(), behavior_logprobs=(logp[:, 0] - 0.1).copy(),
+                                     topk_ids=ids, topk_logprobs=logp[:, :k].copy(), tail_logprob=logp[:, k].copy(),
+                                     reward=None))
+    return collate(records, pad_id=0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def full_logits_loss(cfg, lm: torch.nn.Module, batch) -> torch.Tensor:
+    """The old path: the model's full logits, upcast to fp32, per-token stats on B x T x V, the same losses."""
+    from pipeline.head import token_stats
+    from pipeline.stages.train import TOPK_LOSSES, compute_losses, flatten_targets
+
+    mask_B_T = batch.mask_B_T.bool()
+    logits_B_T_V = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1].float()
+    targets = flatten_targets(batch)
+    need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
+    ids = batch.topk_ids_B_T_K.masked_fill(~mask_B_T.unsqueeze(-1), 0) if need_topk else None
+    stats = token_stats(logits_B_T_V, batch.input_ids_B_L[:, 1:], ids)
+    # the [B, T] layout of the stats with the flattened teacher side scattered back
+    full = type(targets)(*(torch.zeros(mask_B_T.shape + v.shape[1:], dtype=v.dtype).masked_scatter(
+        mask_B_T.view(mask_B_T.shape + (1,) * (v.dim() - 1)).expand(mask_B_T.shape + v.shape[1:]), v)
+        for v in (getattr(targets, f) for f in targets.__dataclass_fields__)))
+    loss, _ = compute_losses(cfg, stats, full, mask_B_T, mask_B_T.sum().float(), mask_B_T.any(-1).sum().float())
+    return loss
+
+
+def run_case(T: int, loss: str, path: str, shape: str, vocab: int, out: Path, chunk_tokens: int = 1024) -> dict:
+    """One (T, loss, path) forward+backward in this process; writes loss, sampled gradients and memory to ``out``."""
+    from pipeline.config import TrainConfig
+    from pipeline.stages.train import micro_batch_loss
+    from pipeline.training import StudentLM
+
+    torch.set_num_threads(int(os.environ.get("LOPD_BENCH_THREADS", torch.get_num_threads())))
+    cfg = TrainConfig(student="s", shards="d", out="o", losses={loss: 1.0}, logits_chunk_tokens=chunk_tokens)
+    lm = qwen3_model(shape, vocab)
+    lm.train()
+    batch = synthetic_batch(T, vocab)
+    mask = batch.mask_B_T.bool()
+    rss_before = _rss_bytes()
+    t0 = time.perf_counter()
+    if path == "full":
+        value = full_logits_loss(cfg, lm, batch)
+    else:
+        value, _ = micro_batch_loss(StudentLM(lm), cfg, batch, mask.sum().float(), mask.any(-1).sum().float())
+    value.backward()
+    seconds = time.perf_counter() - t0
+    peak = _peak_rss_bytes() - rss_before
+    rows = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:4096]
+    grads = {name: p.grad.detach().clone() for name, p in lm.named_parameters()
+             if p.grad is not None and "embed_tokens" not in name and "lm_head" not in name}
+    grads["lm_head.sampled_rows"] = lm.lm_head.weight.grad[rows].clone()
+    torch.save({"loss": float(value.detach()), "grads": grads}, out.with_suffix(".pt"))
+    result = {"T": T, "loss": loss, "path": path, "peak_bytes": peak, "seconds": seconds,
+              "tokens": int(mask.sum())}
+    out.write_text(json.dumps(result))
+    return result
+
+
+def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tuple[str, ...] = LOSSES,
+                       shape: str = "bench-1024", vocab: int = QWEN3_VOCAB, max_full_tokens: int = 4096,
+                       chunk_tokens: int = 1024) -> dict[str, Any]:
+    """Old full-logit path vs chunked head, one process per case. The full path is run up to
+    ``max_full_tokens`` (beyond it its B x T x V tensors do not fit a 24 GiB machine; it is reported as null)."""
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        for T in lengths:
+            for loss in losses:
+                row: dict[str, Any] = {"T": T, "loss": loss}
+                results = {}
+                for path in ("full", "chunked"):
+                    if path == "full" and T > max_full_tokens:
+                        continue
+                    out = tmp / f"{T}-{loss}-{path}.json"
+                    subprocess.run([sys.executable, "-m", "pipeline.scale_bench", "case", str(T), loss, path, shape,
+                                    str(vocab), str(out), str(chunk_tokens)], check=True)
+                    results[path] = (json.loads(out.read_text()), torch.load(out.with_suffix(".pt")))
+                chunked = results["chunked"][0]
+                row.update({"tokens": chunked["tokens"], "peak_bytes_chunked": chunked["peak_bytes"],
+                            "tokens_per_s_chunked": round(chunked["tokens"] / chunked["seconds"], 1)})
+                if "full" in results:
+                    full, full_data = results["full"]
+                    chunk_data = results["chunked"][1]
+                    num = sum(float((full_data["grads"][k] - chunk_data["grads"][k]).pow(2).sum()) for k in full_data["grads"])
+                    den = sum(float(full_data["grads"][k].pow(2).sum()) for k in full_data["grads"])
+                    row.update({"peak_bytes_full": full["peak_bytes"],
+                                "ratio": round(chunked["peak_bytes"] / full["peak_bytes"], 4),
+                                "loss_rel_diff": abs(chunk_data["loss"] - full_data["loss"]) / max(abs(full_data["loss"]), 1e-12),
+                                "grad_rel_diff": (num / max(den, 1e-30)) ** 0.5,
+                                "tokens_per_s_full": round(full["tokens"] / full["seconds"], 1),
+                                "speed_ratio": round(full["seconds"] / chunked["seconds"], 3)})
+                else:
+                    row.update({"peak_bytes_full": None, "ratio": None, "loss_rel_diff": None, "grad_rel_diff": None,
+                                "tokens_per_s_full": None, "speed_ratio": None})
+                cases.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    by_loss: dict[str, dict[int, int]] = {}
+    for c in cases:
+        by_loss.setdefault(c["loss"], {})[c["T"]] = c["peak_bytes_chunked"]
+    growth = {loss: round(v[max(v)] / v[min(v)], 3) for loss, v in by_loss.items() if len(v) > 1}
+    return {"bench": "train-memory", "shape": shape, "vocab": vocab, "chunk_tokens": chunk_tokens,
+            "threads": torch.get_num_threads(), "cases": cases,
+            "chunked_peak_growth_longest_vs_shortest": growth}
+
+
+# --- the GPU check -----------------------------------------------------------------------------
+
+
+def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: int, batch: int,
+                 precision: str) -> dict[str, Any]:
+    """Full optimiser steps of a random-init student on one device, the trainer's own step function."""
+    from pipeline.config import TrainConfig
+    from pipeline.stages.train import train_step
+    from pipeline.training import (
+        DistInfo,
+        StepMeter,
+        count_flop_params,
+        detect_peak_tflops,
+        make_optimizer,
+        prepare_student,
+    )
+
+    dev = torch.device(device)
+    cfg = TrainConfig(student="s", shards="d", out="o", losses={loss: 1.0}, batch_size=batch, precision=precision,
+                      activation_checkpointing=True)
+    lm = qwen3_model(shape, vocab, device=device)
+    student = prepare_student(lm, DistInfo(), fsdp=False, precision=precision, activation_checkpointing=True)
+    opt = make_optimizer(student, cfg.optim)
+    meter = StepMeter(count_flop_params(lm), 1, detect_peak_tflops(dev, precision))
+    records = _records(T, vocab, batch)
+
+    class Fixed:  # the same records every step: this measures the step, not the data path
+        def next_records(self, n: int, parts: int):
+            return records
+
+        def state_dict(self):
+            return {}
+
+    from pipeline.stages.common import log
+
+    times = []
+    for step in range(steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(student, opt, cfg, Fixed(), batch, 0, DistInfo(), dev, meter)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        log.info("gpu-check: %s T=%d %s step %d: %.2fs", shape, T, loss, step, times[-1])
+    step_s = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+    tokens = batch * T
+    peak = detect_peak_tflops(dev, precision)
+    out = {"shape": shape, "T": T, "loss": loss, "batch": batch, "precision": precision, "steps": steps,
+           "step_seconds": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 1),
+           "params": sum(p.numel() for p in lm.parameters()),
+           "mfu": round(6 * count_flop_params(lm) * tokens / step_s / (peak * 1e12), 4) if peak else None,
+           "max_memory_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}
+    del student, opt, lm
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def _records(T: int, vocab: int, batch: int):
+    import numpy as np
+
+    from storage.records import TeacherRecord
+
+    rng = np.random.default_rng(0)
+    n, k = T - 64, 20
+    out = []
+    for b in range(batch):
+        logits = rng.standard_normal((n, k + 1)).astype(np.float32)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        out.append(TeacherRecord(prompt_id=str(b), sample_index=0, token_ids=rng.integers(0, vocab, T).astype(np.int32),
+                                 prompt_len=64, teacher_logprobs=logp[:, 0].copy(), behavior_logprobs=logp[:, 0].copy(),
+                                 topk_ids=rng.integers(0, vocab, (n, k)).astype(np.int32),
+                                 topk_logprobs=logp[:, :k].copy(), tail_logprob=logp[:, k].copy(), reward=None))
+    return out
+
+
+def _micro_batch_memory(shape: str, T: int, loss: str, device: str, vocab: int, batch: int) -> dict[str, Any]:
+    """One forward+backward of a ``batch``-sequence micro-batch with bf16 weights (what an FSDP2 rank computes
+    with after the all-gather) and activation checkpointing: the peak above weights and gradients is the
+    activations + loss path that must fit next to a rank's shard of the model and optimiser."""
+    from pipeline.config import TrainConfig
+    from pipeline.stages.train import collate, micro_batch_loss
+    from pipeline.training import StudentLM
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    lm = qwen3_model(shape, vocab, dtype=dtype, device=device)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    lm.train()
+    cfg = TrainConfig(student="s", shards="d", out="o", losses={loss: 1.0})
+    mb = collate(_records(T, vocab, batch), pad_id=0).to(dev)
+    mask = mb.mask_B_T.bool()
+    weights = sum(p.numel() * p.element_size() for p in lm.parameters())
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    value, _ = micro_batch_loss(StudentLM(lm), cfg, mb, mask.sum().float(), mask.any(-1).sum().float())
+    value.backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out = {"shape": shape, "T": T, "loss": loss, "micro_batch": batch, "seconds": round(seconds, 3),
+           "weights_gb": round(weights / 2**30, 2), "loss_value": float(value.detach())}
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+        out.update({"peak_above_weights_gb": round(peak / 2**30, 2),
+                    "activations_and_loss_path_gb": round((peak - weights) / 2**30, 2),
+                    "fits_40gb_budget": (peak - weights) <= 40 * 2**30})
+    del lm, mb, value
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _vllm_scoring(shape: str, T: int, n: int, ks: tuple[int, ...], budgets: tuple[int, ...], vocab: int,
+                  tmp: Path, cpu: bool) -> list[dict[str, Any]]:
+    """vLLM scoring (prompt log-probs, top-k) of a random-init teacher saved as an HF dir, per k and token budget."""
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.config import EngineConfig
+    from pipeline.demo_world import build_tokenizer
+    from pipeline.engines.vllm_engine import VLLMEngine
+
+    model_dir = tmp / f"teacher-{shape}"
+    lm = qwen3_model(shape, vocab, dtype=torch.bfloat16)
+    lm.save_pretrained(model_dir)
+    del lm
+    tok: PreTrainedTokenizerFast = build_tokenizer()
+    tok.save_pretrained(model_dir)
+    rng = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, len(tok), (T,), generator=rng).tolist() for _ in range(n)]
+    rows = []
+    for budget in budgets:
+        cfg = EngineConfig(name="vllm", dtype="bfloat16", max_model_len=T + 16, max_num_batched_tokens=budget,
+                           enforce_eager=cpu, gpu_memory_utilization=0.85)
+        engine = VLLMEngine(str(model_dir), cfg, max_logprobs=max(ks))
+        try:
+            for k in ks:
+                t0 = time.perf_counter()
+                engine.score(seqs, [64] * n, k)
+                seconds = time.perf_counter() - t0
+                rows.append({"shape": shape, "T": T, "sequences": n, "k": k, "max_num_batched_tokens": budget,
+                             "seconds": round(seconds, 2), "tokens_per_s": round(n * (T - 64) / seconds, 1),
+                             "max_memory_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                             if torch.cuda.is_available() else None})
+        finally:
+            engine.close()
+    return rows
+
+
+def gpu_check(out_dir: Path, cpu_smoke: bool = False, skip_vllm: bool = False) -> dict[str, Any]:
+    """The scale figures on one GPU (or, with ``cpu_smoke``, the same code on tiny shapes on CPU)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if cpu_smoke else "cuda"
+    if not cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit("gpu-check needs a CUDA GPU; use --cpu-smoke to exercise it on CPU")
+    if cpu_smoke:
+        train_shape, big_shape, vocab, lengths, steps, batch = "tiny", "tiny", 1024, (128, 256), 2, 2
+        vllm_args = dict(shape="tiny", T=128, n=4, ks=(4,), budgets=(256,))
+    else:
+        train_shape, big_shape, vocab, lengths, steps, batch = "qwen3-1.7b", "qwen3-8b", QWEN3_VOCAB, (4096, 8192), 4, 4
+        vllm_args = dict(shape="qwen3-8b", T=6144, n=64, ks=(20, 128), budgets=(4096, 16384))
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if not cpu_smoke else "cpu (smoke test)",
+                              "torch": torch.__version__, "train": [], "micro_batch_8b": [], "vllm": []}
+
+    def save() -> None:  # after every case, so a run cut short by its time limit still reports what it measured
+        (out_dir / "gpu-check.json").write_text(json.dumps(result, indent=2))
+
+    for T in lengths:
+        for loss in ("lightning", "reverse_kl_topk"):
+            result["train"].append(_train_steps(train_shape, T, loss, steps, device, vocab, batch,
+                                                "bf16" if not cpu_smoke else "fp32"))
+            save()
+    for T in lengths:
+        for loss in ("lightning", "reverse_kl_topk"):
+            result["micro_batch_8b"].append(_micro_batch_memory(big_shape, T, loss, device, vocab, 4))
+            save()
+    if not skip_vllm:
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            result["vllm"] = _vllm_scoring(vocab=vocab, tmp=Path(tmp), cpu=cpu_smoke, **vllm_args)
+        save()
+    return result
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "case":
+        T, loss, path, shape, vocab, out, chunk = argv[1:8]
+        run_case(int(T), loss, path, shape, int(vocab), Path(out), int(chunk))
+        return
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[2])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check-out")),
+                        help="directory for gpu-check.json (default: $OUT)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (CI keeps the script working)")
+    parser.add_argument("--skip-vllm", action="store_true", help="leave out the vLLM scoring part")
+    args = parser.parse_args(argv)
+    print(json.dumps(gpu_check(args.out, args.cpu_smoke, args.skip_vllm), indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,27 @@
+"""scripts/gpu-check.sh on tiny shapes on CPU (--cpu-smoke): the script that records the GPU figures keeps
+working between the sessions that have a GPU (training steps, micro-batch memory, vLLM scoring)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    res = subprocess.run(["bash", "scripts/gpu-check.sh", "--cpu-smoke", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "TMPDIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert {(r["T"], r["loss"]) for r in data["train"]} == {(128, "lightning"), (128, "reverse_kl_topk"),
+                                                            (256, "lightning"), (256, "reverse_kl_topk")}
+    assert all(r["tokens_per_s"] > 0 and r["step_seconds"] > 0 for r in data["train"])
+    assert len(data["micro_batch_8b"]) == 4 and all(r["loss_value"] > 0 for r in data["micro_batch_8b"])
+    assert data["vllm"] and all(r["tokens_per_s"] > 0 for r in data["vllm"])
