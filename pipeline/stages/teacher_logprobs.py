@@ -138,6 +138,7 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
                        summary={"shards": len(inputs), "shards_written": len(todo), **totals,
                                 "teacher_consistent": consistent})
 
+
 def _score_shards(engine: Engine, cfg: TeacherLogprobsConfig, rollouts: ShardSet, out: ShardSet, todo: list[int],
                   prefixes: dict[str, list[int]] | None, encode: Callable[[list[TeacherRecord]], pa.Table],
                   show_progress: bool) -> tuple[dict[str, int], float]:
