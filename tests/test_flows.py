@@ -17,26 +17,12 @@ from types import SimpleNamespace
 import httpx
 import pyarrow as pa
 import pytest
-import yaml
 
 from flows import stages, tasks
 from pipeline.config import load_run_config
 from pipeline.fingerprint import model_fingerprint
-from pipeline.tasks import arithmetic
 from storage.shardset import ShardSet
-
-
-def write_prompts(path: Path, n: int = 6) -> Path:
-    with path.open("w") as f:
-        for p in arithmetic.make_problems(n, 2, seed=0):
-            f.write(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n")
-    return path
-
-
-def write_run_config(tmp_path: Path, sections: dict) -> Path:
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), **sections}))
-    return path
+from tests.conftest import rollouts_in_parts_equal_one_process, write_prompts, write_run_config
 
 
 @pytest.fixture()
@@ -44,14 +30,6 @@ def eval_config(tmp_path, tiny_models) -> Path:
     prompts = write_prompts(tmp_path / "test.jsonl")
     return write_run_config(tmp_path, {"eval": {"model": str(tiny_models["student"]), "prompts": str(prompts),
                                                 "max_new_tokens": 8}})
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 def task_context(name: str) -> SimpleNamespace:
@@ -168,21 +146,8 @@ def test_lightning_opd_flow_runs_every_stage_in_order(prefect_api, tmp_path, tin
 def test_rollouts_flow_spreads_shards_over_parallel_tasks(prefect_api, tmp_path, tiny_models, runner):
     """num_parts tasks on the chosen task runner (threads; a local Dask cluster of worker processes) write
     disjoint shards; together they equal a one-process run."""
-    from pipeline.stages.registry import run_stage
-
-    prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
-    config = write_run_config(tmp_path, {"rollouts": {
-        "prompts": str(prompts), "student": str(tiny_models["student"]), "prompts_per_shard": 2,
-        "sampling": {"n": 2, "max_new_tokens": 6}}})
-    result = stages.rollouts_flow(config_path=str(config), num_parts=2, runner=runner)
-    assert sorted(p["shards_written"] for p in result["parts"]) == [2, 2]
+    result = rollouts_in_parts_equal_one_process(tmp_path, tiny_models["student"], runner)
     assert result["skipped"] is True  # the final pass only finds complete shards and writes the manifest
-    spread = ShardSet.open(tmp_path / "run" / "rollouts")
-    assert spread.manifest["complete"] and spread.complete_indices() == [0, 1, 2, 3]
-    single = load_run_config(config, [f"rollouts.out={tmp_path / 'single'}"]).stage("rollouts")
-    run_stage("rollouts", single, show_progress=False)
-    for i in range(4):
-        assert spread.read_shard(i).equals(ShardSet.open(tmp_path / "single").read_shard(i))
 
 
 def test_task_runner_choice_and_errors():

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows import stages
-from pipeline.config import load_run_config
-from pipeline.stages.registry import run_stage
-from storage.shardset import ShardSet
-from tests.test_flows import prefect_api, write_prompts, write_run_config  # noqa: F401 (fixture)
+from tests.conftest import rollouts_in_parts_equal_one_process
 
 pytestmark = pytest.mark.integration
 
@@ -26,16 +22,5 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
-def test_rollouts_flow_on_a_ray_cluster_equals_one_process(ray_cluster, prefect_api, tmp_path, tiny_models):  # noqa: F811
-    prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
-    config = write_run_config(tmp_path, {"rollouts": {
-        "prompts": str(prompts), "student": str(tiny_models["student"]), "prompts_per_shard": 2,
-        "sampling": {"n": 2, "max_new_tokens": 6}}})
-    result = stages.rollouts_flow(config_path=str(config), num_parts=2, runner="ray")
-    assert sorted(p["shards_written"] for p in result["parts"]) == [2, 2]
-    spread = ShardSet.open(tmp_path / "run" / "rollouts")
-    assert spread.manifest["complete"] and spread.complete_indices() == [0, 1, 2, 3]
-    single = load_run_config(config, [f"rollouts.out={tmp_path / 'single'}"]).stage("rollouts")
-    run_stage("rollouts", single, show_progress=False)
-    for i in range(4):
-        assert spread.read_shard(i).equals(ShardSet.open(tmp_path / "single").read_shard(i))
+def test_rollouts_flow_on_a_ray_cluster_equals_one_process(ray_cluster, prefect_api, tmp_path, tiny_models):
+    rollouts_in_parts_equal_one_process(tmp_path, tiny_models["student"], "ray")
