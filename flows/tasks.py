@@ -26,6 +26,7 @@ from pipeline.config import (EvalConfig, RolloutsConfig, RunConfig, SftConfig, T
                              TeacherSftDataConfig, TrainConfig)
 from pipeline.fingerprint import model_fingerprint
 from pipeline.stages.registry import online_train_config, run_stage
+from storage.shardset import file_sha256
 
 T = TypeVar("T")
 
@@ -36,22 +37,14 @@ DATA_STEPS = {"teacher_sft_data", "rollouts", "teacher_logprobs", "teacher_logpr
 # --- cache keys -------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def input_fingerprint(path: Path) -> str | None:
     """Fingerprint of one stage input (model dir, shard dir or file); None when it does not exist yet."""
     if path.is_file():
-        return "file-" + _sha256_file(path)
+        return "file-" + file_sha256(path)[:16]
     if (path / "config.json").is_file():
         return model_fingerprint(path)
     if (path / "manifest.json").is_file():
-        return "shards-" + _sha256_file(path / "manifest.json")
+        return "shards-" + file_sha256(path / "manifest.json")[:16]
     return None
 
 

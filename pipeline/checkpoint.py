@@ -10,7 +10,7 @@ Layout of ``<root>/step-000050/``:
 when every rank has finished, so a crash mid-save leaves the previous checkpoint as ``latest``.
 
 DCP re-shards on load: the model and optimiser resume on any world size. The data stream's position is per
-rank for the offline reader, so the OPD trainer refuses another world size (``rank_states`` tells how many).
+rank for the offline reader, so the OPD trainer refuses another world size (``Resumed.world_size``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -119,6 +119,11 @@ class ScaleConfig(Strict):
     peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one device for the MFU "
                                       "estimate (detected for known GPUs)")
     dist_timeout_minutes: float = Field(30.0, gt=0, description="timeout of collectives under torchrun")
+
+    # How a run is spread over devices and measured, not what it computes: left out of run fingerprints, so a
+    # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, timeout).
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {"fsdp", "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens"})
 
 
 class SftConfig(ScaleConfig):

@@ -14,7 +14,6 @@ The steps run through a ``runner`` so that ``flows/`` can execute the very same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.config import (DemoConfig, EngineConfig, EvalConfig, OnlineConfig, RunConfig, SftConfig, TrainConfig)
+from pipeline.checkpoint import run_fingerprint
+from pipeline.config import DemoConfig, EngineConfig, EvalConfig, OnlineConfig, RunConfig, SftConfig, TrainConfig
 from pipeline.demo_world import make_models
 from pipeline.engines.hf import HFEngine
 from pipeline.fingerprint import read_provenance
@@ -40,10 +40,6 @@ Runner = Callable[..., Any]
 
 def direct_runner(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
-
-
-def _cfg_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- the world ------------------------------------------------------------------------------------
@@ -89,7 +85,7 @@ def bootstrap_teacher(init_dir: Path, out: Path, style: str, demo: DemoConfig, t
             "optim": demo.teacher_optim.model_dump(), "shape": demo.teacher.model_dump(), "seed": demo.seed,
             "digits": demo.digits}
     done = read_provenance(out)
-    if done.get("bootstrap_hash") == _cfg_hash(spec):
+    if done.get("bootstrap_hash") == run_fingerprint(spec):
         log.info("bootstrap: teacher %s already trained (accuracy %.3f); reusing %s", style, done["accuracy"], out)
         return {"dir": out, "accuracy": done["accuracy"], "seconds": 0.0, "skipped": True}
     seed_everything(demo.seed + (0 if style == "A" else 17))
@@ -104,7 +100,7 @@ def bootstrap_teacher(init_dir: Path, out: Path, style: str, demo: DemoConfig, t
     acc = evaluate(HFEngine(str(init_dir), EngineConfig(batch_size=512), model=model), tokenizer, test_prompts,
                    checker="arithmetic", max_new_tokens=demo.max_new_tokens)["pass@1"]
     save_hf_model(model, tokenizer, out, {"stage": "bootstrap", "style": style, "accuracy": acc,
-                                           "bootstrap_hash": _cfg_hash(spec)})
+                                           "bootstrap_hash": run_fingerprint(spec)})
     log.info("bootstrap: teacher %s trained in %.1fs, greedy accuracy %.3f", style, seconds, acc)
     return {"dir": out, "accuracy": acc, "seconds": seconds, "skipped": False}
 

@@ -78,6 +78,14 @@ def shard_set_fingerprint(metadata: dict) -> str:
     return "shards-" + hashlib.sha256(payload).hexdigest()[:16]
 
 
+def shard_data_fingerprint(manifest: dict) -> str:
+    """What a trainer reads from a shard set: its content (shard checksums and totals) and identity metadata,
+    never the paths it was made from. Changes whenever a shard's bytes do."""
+    payload = {k: manifest.get(k) for k in ("kind", "shards", "totals")}
+    payload["metadata"] = identity(manifest.get("metadata", {}))
+    return "data-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def read_provenance(model_dir: str | Path) -> dict:
     p = Path(model_dir) / PROVENANCE_FILE
     return json.loads(p.read_text()) if p.exists() else {}

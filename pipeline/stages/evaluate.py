@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EvalConfig, SamplingConfig
-from pipeline.engines.base import Engine, make_engine
+from pipeline.engines import make_engine
+from pipeline.engines.base import Engine
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import PromptFileError, PromptRecord, load_prompts
 from pipeline.stages.common import StageResult, log, require_model_dir, timed

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, RolloutsConfig, SamplingConfig, ShardParts, TeacherSftDataConfig
-from pipeline.engines.base import make_engine
+from pipeline.engines import make_engine
 from pipeline.fingerprint import model_fingerprint, read_provenance, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.prompts import PromptRecord, load_prompts
 from pipeline.samples import SampleRow, rows_to_table
 from pipeline.stages.common import StageResult, chunks, log, progress_bar, require_model_dir, shard_seed, timed
 from pipeline.tasks.checkers import get_checker
-from storage.shardset import ShardSet
+from storage.shardset import ShardSet, file_sha256
 
 
 def _sample_to_shards(
@@ -81,12 +81,6 @@ def _counts(shardset: ShardSet) -> dict[str, Any]:
     return {"rows": totals.get("rows"), "tokens": totals.get("tokens")}
 
 
-def _prompts_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def _provenance(model_dir: Path, prompts: Path) -> dict[str, str]:
     """Where the inputs were read from: recorded, never compared on resume (the fingerprints are)."""
     return {"model_dir": str(Path(model_dir).resolve()), "prompts_file": str(Path(prompts).resolve())}
@@ -102,7 +96,7 @@ def run_teacher_sft_data(cfg: TeacherSftDataConfig, show_progress: bool = True) 
         "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher),
         "sampling": cfg.sampling.model_dump(), "engine": cfg.engine.name, "checker": cfg.checker,
         "keep_only_correct": cfg.keep_only_correct, "use_chat_template": cfg.use_chat_template,
-        "prompts_per_shard": cfg.prompts_per_shard, "prompts_sha256": _prompts_sha256(cfg.prompts), "limit": cfg.limit,
+        "prompts_per_shard": cfg.prompts_per_shard, "prompts_sha256": file_sha256(cfg.prompts)[:16], "limit": cfg.limit,
         "provenance": _provenance(cfg.teacher, cfg.prompts),
     }
     return _sample_to_shards(
@@ -125,7 +119,7 @@ def run_rollouts(cfg: RolloutsConfig, show_progress: bool = True) -> StageResult
         "tokenizer_fingerprint": tokenizer_fingerprint(cfg.student),
         "sampling": cfg.sampling.model_dump(), "engine": cfg.engine.name, "checker": cfg.checker,
         "use_chat_template": cfg.use_chat_template, "prompts_per_shard": cfg.prompts_per_shard,
-        "prompts_sha256": _prompts_sha256(cfg.prompts), "limit": cfg.limit,
+        "prompts_sha256": file_sha256(cfg.prompts)[:16], "limit": cfg.limit,
         "provenance": _provenance(cfg.student, cfg.prompts),
     }
     if metadata["sft_teacher_fingerprint"] is None:

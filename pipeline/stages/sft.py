@@ -15,7 +15,7 @@ import torch
 from lopd.errors import LopdUserError
 from pipeline import checkpoint
 from pipeline.config import SftConfig
-from pipeline.fingerprint import model_fingerprint, read_provenance
+from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.models import load_model, load_tokenizer
 from pipeline.stages.common import StageResult, log, require_model_dir, require_shard_set, timed
 from pipeline.training import (
@@ -61,20 +61,16 @@ def iter_shard_examples(shardset: ShardSet, seed: int, max_seq_len: int | None =
                 yield tokens, plens[r]
 
 
-# Settings that do not change what a run computes: outputs, logging and checkpoint cadence, how it is spread
-# over devices (FSDP or DDP and the shard size give the same steps).
-_NOT_IN_RUN_KEY = {"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints", "fsdp",
-                   "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops"}
+# Settings that do not change what a run computes: paths, logging and checkpoint cadence, how it is launched.
+_NOT_IN_RUN_KEY = {"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints"} | SftConfig.EXECUTION_ONLY
 
 
 def sft_identity(cfg: SftConfig, teacher_fp: str | None, base_fp: str, data_manifest: dict) -> dict:
     """What makes an SFT run this run: content fingerprints of the data and base model, and the settings
     that shape the optimisation. Paths are not part of it: a moved run directory resumes."""
     config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_RUN_KEY}
-    data = {k: v for k, v in data_manifest.items() if k in ("kind", "shards", "totals")}
-    data["metadata"] = {k: v for k, v in data_manifest.get("metadata", {}).items() if k != "provenance"}
     return {"stage": "sft", "sft_teacher_fingerprint": teacher_fp, "base_model_fingerprint": base_fp,
-            "config": config, "data_fingerprint": checkpoint.run_fingerprint(data)}
+            "config": config, "data_fingerprint": shard_data_fingerprint(data_manifest)}
 
 
 def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:

@@ -26,7 +26,7 @@ from lopd.errors import LopdUserError
 from pipeline import checkpoint
 from pipeline import losses as L
 from pipeline.config import OnlineConfig, TrainConfig
-from pipeline.fingerprint import model_fingerprint, read_provenance
+from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
 from pipeline.models import encode_prompt, load_model, load_tokenizer
 from pipeline.stages.common import StageResult, log, progress_bar, require_model_dir, require_shard_set
@@ -178,8 +178,8 @@ def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
 
 # Settings that do not change what a run computes (outputs, cadence, how it is spread over devices, the chunk
 # size of the LM head, timeouts); everything else must match for a checkpoint to be resumed.
-_NOT_IN_RUN_KEY = {"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "fsdp",
-                   "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens", "online"}
+_NOT_IN_RUN_KEY = ({"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "online"}
+                   | TrainConfig.EXECUTION_ONLY)
 
 
 def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: str | None) -> str:
@@ -190,11 +190,6 @@ def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: 
         settings["online"] = {k: v for k, v in cfg.online.model_dump(mode="json").items()
                               if k not in ("teacher", "prompts")}
     return checkpoint.run_fingerprint({"settings": settings, "student": student_fingerprint, "data": data_fingerprint})
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    """Identity of a finished run's settings (recorded in the final model's provenance)."""
-    return train_run_key(cfg, "", None)
 
 
 class OnlineBatches:
@@ -309,9 +304,7 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
     if needed_topk and not shards.metadata.get("k"):
         raise LopdUserError(f"{cfg.shards}: losses {sorted(needed_topk)} need top-k shards (these store k=0: the "
                          "sampled token's log-prob only); use the `lightning` loss or extract with k > 0")
-    data = {k: v for k, v in shards.manifest.items() if k in ("kind", "shards", "totals")}
-    data["metadata"] = {k: v for k, v in shards.metadata.items() if k != "provenance"}
-    return _train(cfg, "offline", checkpoint.run_fingerprint(data), shards.metadata, show_progress, eval_hook,
+    return _train(cfg, "offline", shard_data_fingerprint(shards.manifest), shards.metadata, show_progress, eval_hook,
                   eval_every, stop_after)
 
 
@@ -415,8 +408,7 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
             if stop_after is not None and step >= stop_after:
                 return StageResult("train", out, summary={"stopped_at": step})
 
-    provenance = {**read_provenance(cfg.student), "stage": "train", "train_run_key": run_key,
-                  "train_config_hash": config_hash(cfg), "steps": cfg.steps,
+    provenance = {**read_provenance(cfg.student), "stage": "train", "train_run_key": run_key, "steps": cfg.steps,
                   "opd_teacher_fingerprint": shard_meta.get("teacher_fingerprint"),
                   "teacher_mismatch_allowed": shard_meta.get("teacher_mismatch_allowed"), "online": mode == "online"}
     save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, final_dir, provenance)
