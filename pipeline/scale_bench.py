@@ -56,12 +56,12 @@ def qwen3_model(shape: str, vocab: int = QWEN3_VOCAB, dtype: torch.dtype = torch
     return model
 
 
-def synthetic_batch(T: int, vocab: int, k: int = 20, batch: int = 1, prompt_len: int = 64, seed: int = 0):
-    """``batch`` sequences of T tokens (``prompt_len`` prompt) with a synthetic teacher top-k, tail and
-    behaviour log-probs, collated like the trainer's shard batches."""
+def synthetic_records(T: int, vocab: int, batch: int = 1, k: int = 20, prompt_len: int = 64, seed: int = 0):
+    """``batch`` records of T tokens (``prompt_len`` prompt) with a synthetic teacher: per position k distinct
+    top-k ids (a random start, then a stride coprime to the vocabulary sizes used here), their log-probs and a
+    tail, behaviour log-probs 0.1 below the teacher's."""
     import numpy as np
 
-    from pipeline.stages.train import collate
     from storage.records import TeacherRecord
 
     rng = np.random.default_rng(seed)
@@ -70,13 +70,13 @@ def synthetic_batch(T: int, vocab: int, k: int = 20, batch: int = 1, prompt_len:
     for b in range(batch):
         logits = rng.standard_normal((n, k + 1)).astype(np.float32) * 2
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        ids = np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(n)]).astype(np.int32)
+        ids = ((rng.integers(0, vocab, n)[:, None] + 7919 * np.arange(k)[None, :]) % vocab).astype(np.int32)
         records.append(TeacherRecord(prompt_id=str(b), sample_index=0,
                                      token_ids=rng.integers(0, vocab, size=T).astype(np.int32), prompt_len=prompt_len,
                                      teacher_logprobs=logp[:, 0].copy(), behavior_logprobs=(logp[:, 0] - 0.1).copy(),
                                      topk_ids=ids, topk_logprobs=logp[:, :k].copy(), tail_logprob=logp[:, k].copy(),
                                      reward=None))
-    return collate(records, pad_id=0)
+    return records
 
 
 def _rss_bytes() -> int:
@@ -89,35 +89,33 @@ def _peak_rss_bytes() -> int:
 
 
 def full_logits_loss(cfg, lm: torch.nn.Module, batch) -> torch.Tensor:
-    """The old path: the model's full logits, upcast to fp32, per-token stats on B x T x V, the same losses."""
+    """The old path: the model's full B x T x V logits, upcast to fp32, per-token stats over all of them, then
+    the same losses on the selected tokens."""
     from pipeline.head import token_stats
     from pipeline.stages.train import TOPK_LOSSES, compute_losses, flatten_targets
 
     mask_B_T = batch.mask_B_T.bool()
     logits_B_T_V = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1].float()
-    targets = flatten_targets(batch)
     need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
     ids = batch.topk_ids_B_T_K.masked_fill(~mask_B_T.unsqueeze(-1), 0) if need_topk else None
-    stats = token_stats(logits_B_T_V, batch.input_ids_B_L[:, 1:], ids)
-    # the [B, T] layout of the stats with the flattened teacher side scattered back
-    full = type(targets)(*(torch.zeros(mask_B_T.shape + v.shape[1:], dtype=v.dtype).masked_scatter(
-        mask_B_T.view(mask_B_T.shape + (1,) * (v.dim() - 1)).expand(mask_B_T.shape + v.shape[1:]), v)
-        for v in (getattr(targets, f) for f in targets.__dataclass_fields__)))
-    loss, _ = compute_losses(cfg, stats, full, mask_B_T, mask_B_T.sum().float(), mask_B_T.any(-1).sum().float())
+    stats = token_stats(logits_B_T_V, batch.input_ids_B_L[:, 1:], ids)[mask_B_T]
+    n = int(mask_B_T.sum())
+    loss, _ = compute_losses(cfg, stats[None], flatten_targets(batch).rows(0, n), torch.ones(1, n, dtype=torch.bool),
+                             mask_B_T.sum().float(), mask_B_T.any(-1).sum().float())
     return loss
 
 
 def run_case(T: int, loss: str, path: str, shape: str, vocab: int, out: Path, chunk_tokens: int = 1024) -> dict:
     """One (T, loss, path) forward+backward in this process; writes loss, sampled gradients and memory to ``out``."""
     from pipeline.config import TrainConfig
-    from pipeline.stages.train import micro_batch_loss
+    from pipeline.stages.train import collate, micro_batch_loss
     from pipeline.training import StudentLM
 
     torch.set_num_threads(int(os.environ.get("LOPD_BENCH_THREADS", torch.get_num_threads())))
     cfg = TrainConfig(student="s", shards="d", out="o", losses={loss: 1.0}, logits_chunk_tokens=chunk_tokens)
     lm = qwen3_model(shape, vocab)
     lm.train()
-    batch = synthetic_batch(T, vocab)
+    batch = collate(synthetic_records(T, vocab), pad_id=0)
     mask = batch.mask_B_T.bool()
     rss_before = _rss_bytes()
     t0 = time.perf_counter()
@@ -210,7 +208,7 @@ def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: 
     student = prepare_student(lm, DistInfo(), fsdp=False, precision=precision, activation_checkpointing=True)
     opt = make_optimizer(student, cfg.optim)
     meter = StepMeter(count_flop_params(lm), 1, detect_peak_tflops(dev, precision))
-    records = _records(T, vocab, batch)
+    records = synthetic_records(T, vocab, batch)
 
     class Fixed:  # the same records every step: this measures the step, not the data path
         def next_records(self, n: int, parts: int):
@@ -246,24 +244,6 @@ def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: 
     return out
 
 
-def _records(T: int, vocab: int, batch: int):
-    import numpy as np
-
-    from storage.records import TeacherRecord
-
-    rng = np.random.default_rng(0)
-    n, k = T - 64, 20
-    out = []
-    for b in range(batch):
-        logits = rng.standard_normal((n, k + 1)).astype(np.float32)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        out.append(TeacherRecord(prompt_id=str(b), sample_index=0, token_ids=rng.integers(0, vocab, T).astype(np.int32),
-                                 prompt_len=64, teacher_logprobs=logp[:, 0].copy(), behavior_logprobs=logp[:, 0].copy(),
-                                 topk_ids=rng.integers(0, vocab, (n, k)).astype(np.int32),
-                                 topk_logprobs=logp[:, :k].copy(), tail_logprob=logp[:, k].copy(), reward=None))
-    return out
-
-
 def _micro_batch_memory(shape: str, T: int, loss: str, device: str, vocab: int, batch: int) -> dict[str, Any]:
     """One forward+backward of a ``batch``-sequence micro-batch with bf16 weights (what an FSDP2 rank computes
     with after the all-gather) and activation checkpointing: the peak above weights and gradients is the
@@ -279,7 +259,7 @@ def _micro_batch_memory(shape: str, T: int, loss: str, device: str, vocab: int, 
     lm.config.use_cache = False
     lm.train()
     cfg = TrainConfig(student="s", shards="d", out="o", losses={loss: 1.0})
-    mb = collate(_records(T, vocab, batch), pad_id=0).to(dev)
+    mb = collate(synthetic_records(T, vocab, batch), pad_id=0).to(dev)
     mask = mb.mask_B_T.bool()
     weights = sum(p.numel() * p.element_size() for p in lm.parameters())
     if dev.type == "cuda":
