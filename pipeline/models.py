@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 # from_pretrained switches process-wide init contexts (meta device); two threads loading at once (e.g. stage
 # parts on Prefect's thread-pool task runner) break each other, so loads are serialised.
@@ -28,6 +28,17 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     with _LOAD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
     return model.to(device)
+
+
+def model_skeleton(path: str | Path) -> torch.nn.Module:
+    """The model of ``path`` built on the meta device: its structure, parameter shapes and dtypes, but no
+    storage and no weights read (the FSDP2 ranks other than 0 start from this; see ``training.load_student``)."""
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json); run `lopd make-models` or point "
+                                "to an HF model dir")
+    config = AutoConfig.from_pretrained(str(path))
+    with _LOAD_LOCK, torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, use_chat_template: bool = True) -> list[int]:

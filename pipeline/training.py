@@ -214,6 +214,17 @@ def count_flop_params(lm: torch.nn.Module) -> int:
     return total if tied else total - embed.weight.numel()
 
 
+def load_student(path: str | Path, info: DistInfo, *, fsdp: bool) -> torch.nn.Module:
+    """The student's Hugging Face model, for ``prepare_student``. Under FSDP2 on several ranks only rank 0 reads
+    the weights (on CPU); the other ranks build the model on the meta device and receive their shards from rank 0
+    in ``prepare_student``, so no rank but 0 ever holds the full model (DDP keeps a full replica per rank)."""
+    from pipeline.models import load_model, model_skeleton
+
+    if fsdp and info.world_size > 1 and info.rank != 0:
+        return model_skeleton(path)
+    return load_model(path)
+
+
 def prepare_student(lm: torch.nn.Module, info: DistInfo, *, fsdp: bool, precision: str = "fp32",
                     activation_checkpointing: bool = False, fsdp_shard_size: int | None = None) -> torch.nn.Module:
     """The trainable student: ``StudentLM(lm)`` on this rank's device, with activation checkpointing per decoder
@@ -224,15 +235,25 @@ def prepare_student(lm: torch.nn.Module, info: DistInfo, *, fsdp: bool, precisio
       bf16 compute, fp32 gradient reduction. ``fsdp_shard_size`` < world size shards within groups of that
       many ranks and replicates across groups (HSDP, a 2-D device mesh).
     - DDP otherwise; bf16 then runs under ``autocast`` (see ``autocast_context``), weights stay fp32.
+
+    Under FSDP2, ``lm`` is the full model on rank 0 and a meta-device skeleton elsewhere (``load_student``): the
+    skeleton is sharded, its local shards allocated, and every rank's shards (and buffers) filled from rank 0.
     """
     lm.config.use_cache = False
     if activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student = StudentLM(lm).to(device_for(info))
+    device = device_for(info)
+    on_meta = any(p.is_meta for p in lm.parameters())
+    if on_meta and not (fsdp and info.world_size > 1):
+        raise ValueError("a meta-device student can only be prepared for FSDP2 on several ranks")
+    student = StudentLM(lm) if on_meta else StudentLM(lm).to(device)
     if info.world_size == 1:
         return student
     if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        full_state = student.state_dict() if info.rank == 0 else {}  # references, taken before sharding
 
         kwargs: dict[str, Any] = {}
         if precision == "bf16":
@@ -248,6 +269,12 @@ def prepare_student(lm: torch.nn.Module, info: DistInfo, *, fsdp: bool, precisio
         for layer in getattr(getattr(lm, "model", lm), "layers", []):
             fully_shard(layer, **kwargs)
         fully_shard(student, **kwargs)
+        if on_meta:
+            student.to_empty(device=device)  # this rank's shards only
+        set_model_state_dict(student, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in student.buffers():  # not in the state dict (e.g. rotary inv_freq), not sharded
+            dist.broadcast(buffer, src=0)
         return student
     from torch.nn.parallel import DistributedDataParallel
 

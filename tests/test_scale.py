@@ -242,3 +242,41 @@ def test_token_budget_micro_batches_give_the_same_update(tiny_models):
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fsdp2_ranks_but_0_start_on_meta_and_hold_only_their_shards(tiny_models, tmp_path):
+    """torchrun, 2 CPU processes, FSDP2: rank 1 builds the student on the meta device and receives its shards
+    and buffers from rank 0, so both ranks end with exactly the weights on disk; after a step, each rank's
+    optimiser state and its DCP checkpoint file hold only its half (nothing is gathered to rank 0)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.models import load_model
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m",
+                          "tests.scale_helpers.fsdp_init_worker", str(tiny_models["student"]), str(tmp_path)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["started_on_meta"] for r in ranks] == [False, True]
+    reference = load_model(tiny_models["student"])
+    expected = {f"lm.{k}": v for k, v in reference.state_dict().items()}
+    expected_buffers = {f"lm.{k}": v for k, v in reference.named_buffers()}
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank-{r}.pt")
+        if r == 0:  # the full state dict is gathered on rank 0 only (cpu_offload)
+            assert got["full"].keys() == expected.keys()
+            assert all(torch.equal(got["full"][k], expected[k]) for k in expected)
+        assert got["buffers"].keys() == expected_buffers.keys()
+        assert all(torch.equal(got["buffers"][k], expected_buffers[k]) for k in expected_buffers)
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+    full_optim = ranks[0]["full_optim_numel"]
+    assert [r["local_optim_numel"] for r in ranks] == pytest.approx([full_optim / 2] * 2, rel=0.05)
+    ckpt = Path(ranks[0]["ckpt"])
+    sizes = [(ckpt / f"__{r}_0.distcp").stat().st_size for r in (0, 1)]
+    assert min(sizes) > 0.4 * sum(sizes)  # one file per rank, each about half of model + optimiser

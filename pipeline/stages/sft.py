@@ -16,11 +16,12 @@ from lopd.errors import LopdUserError
 from pipeline import checkpoint
 from pipeline.config import SftConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
-from pipeline.models import load_model, load_tokenizer
+from pipeline.models import load_tokenizer
 from pipeline.stages.common import StageResult, log, require_model_dir, require_shard_set, timed
 from pipeline.training import (
     Example,
     MetricsWriter,
+    load_student,
     plot_metrics,
     prepare_student,
     save_trained_model,
@@ -90,7 +91,8 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
         raise LopdUserError(f"sft.batch_size={cfg.batch_size} must be a multiple of the world size {info.world_size}")
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.student)
-    model = prepare_student(load_model(cfg.student), info, fsdp=cfg.fsdp, precision=cfg.precision,
+    model = prepare_student(load_student(cfg.student, info, fsdp=cfg.fsdp), info, fsdp=cfg.fsdp,
+                            precision=cfg.precision,
                             activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
     logs = cfg.out.with_name(cfg.out.name + "_logs")
     ckpt_root = logs / "ckpt"

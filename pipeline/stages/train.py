@@ -28,7 +28,7 @@ from pipeline import losses as L
 from pipeline.config import OnlineConfig, TrainConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
-from pipeline.models import encode_prompt, load_model, load_tokenizer
+from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.stages.common import StageResult, log, progress_bar, require_model_dir, require_shard_set
 from pipeline.training import (
     DistInfo,
@@ -40,6 +40,7 @@ from pipeline.training import (
     count_flop_params,
     detect_peak_tflops,
     device_for,
+    load_student,
     make_optimizer,
     make_scheduler,
     pad_batch,
@@ -346,7 +347,8 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
                          f"= {cfg.grad_accum} × {info.world_size}")
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = load_tokenizer(cfg.student)
-    model = prepare_student(load_model(cfg.student), info, fsdp=cfg.fsdp, precision=cfg.precision,
+    model = prepare_student(load_student(cfg.student, info, fsdp=cfg.fsdp), info, fsdp=cfg.fsdp,
+                            precision=cfg.precision,
                             activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
     model.train()
     opt = make_optimizer(model, cfg.optim)
