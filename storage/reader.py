@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lopd.errors import LopdUserError
-from storage.codecs import decode_table
+from storage.codecs import decode_columns, decode_table
 from storage.records import TeacherRecord
 from storage.shardset import CorruptShardError, ShardSet, corrupt_shard_message
 
@@ -110,10 +110,11 @@ def _check_args(batch_size: int, shuffle_buffer: int, rank: int, world_size: int
 
 
 class _Units:
-    """All row groups of the complete shards, with lazy once-per-process checksum verification."""
+    """All row groups of the complete shards, with lazy once-per-process checksum verification. need_topk=False
+    reads the row groups without their top-k columns (no I/O or decompression for them) and decodes without."""
 
-    def __init__(self, shard_set: ShardSet, verify: bool):
-        self.shard_set, self.verify = shard_set, verify
+    def __init__(self, shard_set: ShardSet, verify: bool, need_topk: bool):
+        self.shard_set, self.verify, self.need_topk = shard_set, verify, need_topk
         self.units: list[tuple[int, int]] = []
         self.rows: list[int] = []
         for index in shard_set.complete_indices():
@@ -134,10 +135,12 @@ class _Units:
             self.shard_set.verify_shard(index)
             _VERIFIED.add(key)
         try:
-            table = pq.ParquetFile(path).read_row_group(group)
+            parquet = pq.ParquetFile(path)
+            columns = None if self.need_topk else decode_columns(parquet.schema_arrow, topk=False)
+            table = parquet.read_row_group(group, columns=columns)
         except Exception as err:
             raise CorruptShardError(corrupt_shard_message(path, f"row group {group} unreadable ({err})")) from err
-        return decode_table(table)
+        return decode_table(table, topk=self.need_topk)
 
 
 def iter_batches(
@@ -154,6 +157,7 @@ def iter_batches(
     start: ReaderState | None = None,
     verify: bool = True,
     drop_last: bool = False,
+    need_topk: bool = True,
 ) -> Iterator[tuple[list[TeacherRecord], ReaderState]]:
     """Yield (batch of TeacherRecords, state to resume after it). Batches never span epochs; the
     last one of an epoch is short unless drop_last. num_epochs=None streams forever.
@@ -161,11 +165,14 @@ def iter_batches(
     Checks run when called, before the first batch: a shard set that is unfinished (manifest not complete,
     a listed or expected shard missing) or damaged (a file that does not parse or contradicts the others)
     raises IncompleteShardSetError / CorruptShardError naming the file and the fix. A shard's checksum is
-    verified when it is first read (once per process; verify=False skips it)."""
+    verified when it is first read (once per process; verify=False skips it).
+
+    need_topk=False (no loss reads the teacher's top-k) skips the top-k columns: the records carry top-k arrays
+    of shape [R, 0] and a zero tail, as a ``k = 0`` shard's do; the batches and resume states are the same."""
     _check_args(batch_size, shuffle_buffer, rank, world_size, worker, num_workers)
     shard_set = shardset_or_root if isinstance(shardset_or_root, ShardSet) else ShardSet.open(Path(shardset_or_root))
     shard_set.require_intact()
-    units = _Units(shard_set, verify)
+    units = _Units(shard_set, verify, need_topk)
     readers = world_size * num_workers
     if len(units.units) < readers:
         raise LopdUserError(

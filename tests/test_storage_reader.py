@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import storage.reader as reader_mod
-from storage.codecs import encode_records
+from storage.codecs import TOPK_COLUMNS, encode_records
 from storage.inspect import verify_shards
 from storage.reader import ReaderState, iter_batches
 from storage.shardset import CorruptShardError, IncompleteShardSetError, ShardSet
@@ -75,6 +75,46 @@ def test_resume_from_any_state_equals_uninterrupted(shards, cut):
     resumed = list(iter_batches(shards.root, 5, start=state, **kwargs))
     assert _ids(resumed) == _ids(full[cut + 1 :])
     assert [s.to_dict() for _, s in resumed] == [s.to_dict() for _, s in full[cut + 1 :]]
+
+
+def _fields(batches, topk: bool) -> list:
+    def row(r):
+        key = (r.prompt_id, r.sample_index, r.prompt_len, r.reward, r.token_ids.tobytes(),
+               r.teacher_logprobs.tobytes(), r.behavior_logprobs.tobytes())
+        return key + ((r.topk_ids.tobytes(), r.topk_logprobs.tobytes(), r.tail_logprob.tobytes()) if topk else ())
+    return [([row(r) for r in batch], state.to_dict()) for batch, state in batches]
+
+
+@pytest.mark.parametrize("codec", ["plain", "compact"])
+def test_without_topk_reads_no_topk_columns_and_keeps_the_rest(shards, tmp_path, codec, monkeypatch):
+    """need_topk=False: same non-top-k fields, same batches and resume states as a full read (also resumed),
+    top-k arrays [R, 0]; the Parquet reads name no top-k column."""
+    if codec == "plain":
+        shard_set = shards
+    else:
+        shard_set = ShardSet.create(tmp_path / "c", "teacher_topk", {})
+        for i in range(2):
+            shard_set.write_shard(i, encode_records(make_records(20, 4, num_rollouts=12, response_len=3, prompt_len=2,
+                                                                 seed=i), "compact", 4, 20), row_group_size=ROW_GROUP)
+        shard_set.finalize(expected_shards=2)
+    kwargs = dict(seed=5, shuffle_buffer=6, rank=1, world_size=2, num_epochs=2)
+    full = list(iter_batches(shard_set.root, 3, **kwargs))
+    columns_read = []
+    original = reader_mod.pq.ParquetFile.read_row_group
+
+    def spy(self, i, columns=None, **kw):
+        columns_read.append(columns)
+        return original(self, i, columns=columns, **kw)
+
+    monkeypatch.setattr(reader_mod.pq.ParquetFile, "read_row_group", spy)
+    lean = list(iter_batches(shard_set.root, 3, need_topk=False, **kwargs))
+    assert _fields(lean, topk=False) == _fields(full, topk=False)
+    assert all(r.topk_ids.shape == (3, 0) and r.topk_logprobs.shape == (3, 0) and not r.tail_logprob.any()
+               for batch, _ in lean for r in batch)
+    assert columns_read and all(c is not None and not set(c) & set(TOPK_COLUMNS[codec]) for c in columns_read)
+    assert {"token_ids", "teacher_logprobs", "behavior_logprobs"} <= set(columns_read[0])
+    resumed = list(iter_batches(shard_set.root, 3, need_topk=False, start=full[4][1], **kwargs))
+    assert _fields(resumed, topk=False) == _fields(full[5:], topk=False)
 
 
 def test_resume_refuses_changed_settings(shards):
