@@ -323,13 +323,16 @@ def bench_train_memory(
         ("lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "sft")),
     max_full_tokens: Annotated[int, typer.Option(help="longest T run through the old full-logit path "
                                                  "(its B x T x V tensors outgrow the machine beyond)")] = 4096,
+    chunk_tokens: Annotated[int, typer.Option(help="LM-head chunk in tokens (0: the trainer's default for the "
+                                              "vocabulary)")] = 0,
 ) -> None:
     """Peak memory, speed and exactness of one training step: the old full-logit path vs the chunked LM head,
     on a random-init Qwen3-shaped student (hidden 1024, 2 layers, vocab 151,936), one process per case."""
     from pipeline.scale_bench import bench_train_memory as _bench
 
     print(json.dumps(_run(lambda: _bench(tuple(int(x) for x in lengths.split(",")), tuple(losses.split(",")),
-                                         max_full_tokens=max_full_tokens)), default=str))
+                                         max_full_tokens=max_full_tokens, chunk_tokens=chunk_tokens or None)),
+                     default=str))
 
 
 def main() -> None:

@@ -114,8 +114,9 @@ class ScaleConfig(Strict):
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1, description="form micro-batches by padded tokens (longest x count) instead of by count; "
         "a sequence longer than the budget runs alone")
-    logits_chunk_tokens: int = Field(1024, ge=1, description="tokens per chunk of the LM head: the largest logit "
-                                     "block that exists at once is this x vocab")
+    logits_chunk_tokens: int | None = Field(
+        None, ge=1, description="tokens per chunk of the LM head: the largest logit block that exists at once is "
+        "this x vocab (default: 2^26 logits per chunk, 441 tokens at vocab 151,936, at most 8,192)")
     peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one device for the MFU "
                                       "estimate (detected for known GPUs)")
     dist_timeout_minutes: float = Field(30.0, gt=0, description="timeout of collectives under torchrun")
@@ -186,6 +187,69 @@ class LightningLossConfig(Strict):
     normalization: Literal["token", "sequence"] = "sequence"
 
 
+Route = Literal["all", "correct", "incorrect", "solved", "unsolved"]
+LOSS_NAMES = frozenset({"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "sft"})
+
+
+def _check_losses(v: dict[str, float]) -> dict[str, float]:
+    bad = sorted(set(v) - LOSS_NAMES)
+    if bad:
+        raise ValueError(f"unknown loss {bad}; choose from {sorted(LOSS_NAMES)}")
+    if not v or all(w == 0 for w in v.values()):
+        raise ValueError("at least one loss needs a non-zero weight")
+    return v
+
+
+class LossPhase(Strict):
+    """One phase of ``train.loss_schedule``: these loss weights apply to the steps after the previous phase,
+    up to and including ``until_step``."""
+
+    until_step: int = Field(ge=1, description="last step (1-based) of this phase")
+    losses: dict[str, float] = Field(description="loss weights of this phase, as train.losses")
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_losses(v)
+
+
+class PacedConfig(Strict):
+    """PACED pass-rate kernel (docs/methods.md): each rollout's tokens are weighted by
+    w_g = p_g^alpha (1 - p_g)^beta of its prompt's pass rate p_g under the rollout policy, normalised to mean 1
+    over the rows of the step. Neutral: alpha = beta = 0."""
+
+    alpha: float = Field(1.0, ge=0, description="exponent of the pass rate (paper: 1)")
+    beta: float = Field(1.0, ge=0, description="exponent of the failure rate (paper: 1)")
+
+
+class PositionConfig(Strict):
+    """Position weighting, the IW-OPD form of CORD's idea: w_t = 1 + gamma (1 - P_t / S), P_t the sum of
+    |log p_T - log mu| before t in the row, S over the whole row. Neutral: gamma = 0."""
+
+    gamma: float = Field(0.5, ge=0, description="extra weight of the first token (weights lie in [1, 1 + gamma])")
+
+
+class GopdConfig(Strict):
+    """G-OPD / ExOPD reward extrapolation for the ``lightning`` loss, reference = the rollout policy mu:
+    A_t = lam (log p_T - log mu) - (log p_theta - log mu). Neutral: lam = 1 and k3_guard = 0."""
+
+    lam: float = Field(1.25, gt=0, description="reward scale lambda; > 1 extrapolates past the teacher (ExOPD)")
+    k3_guard: float = Field(0.0, ge=0, description="coefficient of a k3 estimate of KL(p_theta || mu) on the "
+                            "sampled tokens added to the loss (0 = off)")
+
+
+class MethodsConfig(Strict):
+    """Optional weighting and reward methods of offline OPD; each is off (null) by default. Setting a field,
+    e.g. ``--set train.methods.paced.alpha=1``, turns the method on with its paper's defaults for the rest."""
+
+    paced: PacedConfig | None = None
+    position: PositionConfig | None = None
+    gopd: GopdConfig | None = None
+
+    def needs_rewards(self) -> bool:
+        return self.paced is not None
+
+
 class OnlineConfig(Strict):
     """Online OPD baseline: each step the student samples and the teacher scores live."""
 
@@ -216,6 +280,14 @@ class TrainConfig(ScaleConfig):
     keep_checkpoints: int | None = Field(3, ge=1, description="keep the newest N checkpoints (null: all)")
     log_every: int = Field(10, ge=1)
     online: OnlineConfig | None = None
+    loss_schedule: list[LossPhase] = Field(
+        default_factory=list, description="loss weights by step: each phase's `losses` replace `losses` for the "
+        "steps up to its `until_step`; `losses` applies after the last phase (e.g. PACED's forward-then-reverse KL)")
+    rows: dict[str, Route] = Field(
+        default_factory=dict, description="per loss term, the rollouts it trains on: all (default), correct / "
+        "incorrect (reward > 0 or not), solved / unsolved (the prompt's pass rate is 1 or not); each term is "
+        "normalised by the step's global count of its routed tokens")
+    methods: MethodsConfig = MethodsConfig()
 
     @model_validator(mode="after")
     def _one_way_to_split(self) -> "TrainConfig":
@@ -223,16 +295,37 @@ class TrainConfig(ScaleConfig):
             raise ValueError("set grad_accum (micro-batches by count) or max_tokens_per_micro_batch (by tokens), not both")
         return self
 
+    @model_validator(mode="after")
+    def _schedule_in_order(self) -> "TrainConfig":
+        ends = [p.until_step for p in self.loss_schedule]
+        if ends != sorted(set(ends)):
+            raise ValueError(f"loss_schedule: until_step must increase from phase to phase, got {ends}")
+        return self
+
     @field_validator("losses")
     @classmethod
     def _known_losses(cls, v: dict[str, float]) -> dict[str, float]:
-        known = {"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "sft"}
-        bad = sorted(set(v) - known)
+        return _check_losses(v)
+
+    @field_validator("rows")
+    @classmethod
+    def _rows_of_known_losses(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(set(v) - LOSS_NAMES)
         if bad:
-            raise ValueError(f"unknown loss {bad}; choose from {sorted(known)}")
-        if not v or all(w == 0 for w in v.values()):
-            raise ValueError("at least one loss needs a non-zero weight")
+            raise ValueError(f"rows names unknown loss {bad}; choose from {sorted(LOSS_NAMES)}")
         return v
+
+    def all_losses(self) -> set[str]:
+        """Every loss some step of the run uses (``losses`` and the schedule's phases)."""
+        return set(self.losses).union(*(p.losses for p in self.loss_schedule))
+
+    def losses_at(self, step: int) -> dict[str, float]:
+        """The loss weights of (1-based) ``step``: the first schedule phase that has not ended, else ``losses``."""
+        return next((p.losses for p in self.loss_schedule if step <= p.until_step), self.losses)
+
+    def needs_prompt_stats(self) -> bool:
+        """Whether a method or a routing reads rewards / pass rates (``storage.prompt_stats``)."""
+        return self.methods.needs_rewards() or any(r != "all" for r in self.rows.values())
 
 
 class EvalConfig(Strict):

@@ -79,6 +79,17 @@ def token_stats(logits_V: torch.Tensor, target_ids: torch.Tensor, topk_ids_K: to
     return TokenStats(target, topk, tail, ent, top1)
 
 
+# Logits one chunk may hold by default: 2^26 (256 MB in fp32), 441 tokens at vocab 151,936, about the chunk
+# Liger-Kernel's rule (N / ceil(V / H)) picks for 16k tokens at hidden 4,096. A small vocabulary gets one
+# chunk of up to 8,192 tokens (fewer, larger matmuls; no per-chunk overhead on tiny models).
+DEFAULT_CHUNK_LOGITS = 2**26
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per LM-head chunk when none is configured: ``DEFAULT_CHUNK_LOGITS / V``, within [64, 8192]."""
+    return max(64, min(8192, DEFAULT_CHUNK_LOGITS // vocab_size))
+
+
 # A chunk's loss: given the chunk's stats and its token range [start, end), return (loss, metrics). The loss
 # must be this chunk's share of the step loss (a sum over its tokens / a global count).
 ChunkLoss = Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]]
@@ -153,16 +164,19 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def fused_head_loss(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_ids_N: torch.Tensor,
-                    loss_fn: ChunkLoss, *, topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int = 1024,
-                    entropy: bool = False, argmax: bool = False) -> tuple[torch.Tensor, Metrics]:
+                    loss_fn: ChunkLoss, *, topk_ids_N_K: torch.Tensor | None = None,
+                    chunk_tokens: int | None = None, entropy: bool = False,
+                    argmax: bool = False) -> tuple[torch.Tensor, Metrics]:
     """loss = sum over chunks of ``loss_fn(token_stats(hidden[chunk] @ weight.T), start, end)``, never holding
-    more than ``chunk_tokens`` x V logits.
+    more than ``chunk_tokens`` x V logits (default: ``default_chunk_tokens(V)``).
 
     Gradients flow to ``hidden_N_H`` and ``weight_V_H`` (tied embeddings included). The logits are computed in
     the autocast dtype when autocast is on (bf16 mixed precision), else in the weight's dtype (bf16 params
     under FSDP2 mixed precision, fp32 on CPU); softmax math is always fp32 or wider, the weight gradient is
     accumulated in fp32. In fp32 and fp64 it equals ``loss_fn`` on the full logits up to summation order.
     """
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(weight_V_H.shape[0])
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     device_type = hidden_N_H.device.type

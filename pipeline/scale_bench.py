@@ -105,7 +105,7 @@ def full_logits_loss(cfg, lm: torch.nn.Module, batch) -> torch.Tensor:
     return loss
 
 
-def run_case(T: int, loss: str, path: str, shape: str, vocab: int, out: Path, chunk_tokens: int = 1024) -> dict:
+def run_case(T: int, loss: str, path: str, shape: str, vocab: int, out: Path, chunk_tokens: int | None = None) -> dict:
     """One (T, loss, path) forward+backward in this process; writes loss, sampled gradients and memory to ``out``."""
     from pipeline.config import TrainConfig
     from pipeline.stages.train import collate, micro_batch_loss
@@ -139,7 +139,7 @@ def run_case(T: int, loss: str, path: str, shape: str, vocab: int, out: Path, ch
 
 def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tuple[str, ...] = LOSSES,
                        shape: str = "bench-1024", vocab: int = QWEN3_VOCAB, max_full_tokens: int = 4096,
-                       chunk_tokens: int = 1024) -> dict[str, Any]:
+                       chunk_tokens: int | None = None) -> dict[str, Any]:
     """Old full-logit path vs chunked head, one process per case. The full path is run up to
     ``max_full_tokens`` (beyond it its B x T x V tensors do not fit a 24 GiB machine; it is reported as null)."""
     cases = []
@@ -154,7 +154,7 @@ def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tu
                         continue
                     out = tmp / f"{T}-{loss}-{path}.json"
                     subprocess.run([sys.executable, "-m", "pipeline.scale_bench", "case", str(T), loss, path, shape,
-                                    str(vocab), str(out), str(chunk_tokens)], check=True)
+                                    str(vocab), str(out), str(chunk_tokens or 0)], check=True)
                     results[path] = (json.loads(out.read_text()), torch.load(out.with_suffix(".pt")))
                 chunked = results["chunked"][0]
                 row.update({"tokens": chunked["tokens"], "peak_bytes_chunked": chunked["peak_bytes"],
@@ -179,7 +179,10 @@ def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tu
     for c in cases:
         by_loss.setdefault(c["loss"], {})[c["T"]] = c["peak_bytes_chunked"]
     growth = {loss: round(v[max(v)] / v[min(v)], 3) for loss, v in by_loss.items() if len(v) > 1}
-    return {"bench": "train-memory", "shape": shape, "vocab": vocab, "chunk_tokens": chunk_tokens,
+    from pipeline.head import default_chunk_tokens
+
+    return {"bench": "train-memory", "shape": shape, "vocab": vocab,
+            "chunk_tokens": chunk_tokens or default_chunk_tokens(vocab),
             "threads": torch.get_num_threads(), "cases": cases,
             "chunked_peak_growth_longest_vs_shortest": growth}
 
@@ -358,7 +361,7 @@ def gpu_check(out_dir: Path, cpu_smoke: bool = False, skip_vllm: bool = False) -
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "case":
         T, loss, path, shape, vocab, out, chunk = argv[1:8]
-        run_case(int(T), loss, path, shape, int(vocab), Path(out), int(chunk))
+        run_case(int(T), loss, path, shape, int(vocab), Path(out), int(chunk) or None)
         return
     import argparse
 

@@ -185,8 +185,8 @@ class StudentLM(torch.nn.Module):
 
     def forward(self, input_ids_B_L: torch.Tensor, attention_B_L: torch.Tensor, select_B_T: torch.Tensor,
                 loss_fn: Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]], *,
-                topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int = 1024, entropy: bool = False,
-                argmax: bool = False) -> tuple[torch.Tensor, Metrics]:
+                topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int | None = None,
+                entropy: bool = False, argmax: bool = False) -> tuple[torch.Tensor, Metrics]:
         """``select_B_T`` marks the targets (shifted positions) the loss reads; ``loss_fn`` sees them flattened
         in row-major order, chunk by chunk (see ``pipeline.head.fused_head_loss``)."""
         hidden_B_L_H = self.lm.get_decoder()(input_ids=input_ids_B_L, attention_mask=attention_B_L,
@@ -410,7 +410,7 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
               on_log: Callable[[int, dict], None] | None = None, ckpt_root: Path | None = None,
               checkpoint_every: int = 0, keep_checkpoints: int = 1, run_key: str = "",
               info: DistInfo | None = None, fsdp: bool = False, precision: str = "fp32",
-              max_tokens_per_micro_batch: int | None = None, logits_chunk_tokens: int = 1024,
+              max_tokens_per_micro_batch: int | None = None, logits_chunk_tokens: int | None = None,
               peak_tflops: float | None = None) -> dict[str, float]:
     """Plain next-token SFT on response tokens; shared by `lopd sft`, the demo teacher bootstrap and the
     demo's SFT-continued control. ``model`` is a Hugging Face model (trained in place, one process) or the
