@@ -117,14 +117,17 @@ class ScaleConfig(Strict):
     logits_chunk_tokens: int | None = Field(
         None, ge=1, description="tokens per chunk of the LM head: the largest logit block that exists at once is "
         "this x vocab (default: 2^26 logits per chunk, 441 tokens at vocab 151,936, at most 8,192)")
+    packing: bool = Field(False, description="run each micro-batch as one padding-free row (position ids restart "
+                          "per sequence; the token budget then counts real tokens); on GPU give the model "
+                          "flash-attention 2 or flex attention, on CPU sdpa builds a dense block mask")
     peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one device for the MFU "
                                       "estimate (detected for known GPUs)")
     dist_timeout_minutes: float = Field(30.0, gt=0, description="timeout of collectives under torchrun")
 
     # How a run is spread over devices and measured, not what it computes: left out of run fingerprints, so a
-    # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, timeout).
+    # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, packing, timeout).
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
-        {"fsdp", "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens"})
+        {"fsdp", "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens", "packing"})
 
 
 class SftConfig(ScaleConfig):

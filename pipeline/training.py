@@ -113,6 +113,22 @@ def pad_batch(sequences: list[list[int]] | list[np.ndarray], prompt_lens: list[i
             torch.from_numpy(response_mask_B_L))
 
 
+def pack_padded(input_ids_B_L: torch.Tensor, attention_B_L: torch.Tensor, select_B_T: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A right-padded micro-batch as one padding-free row: ``input_ids_1_S`` (S = real tokens), ``position_ids_1_S``
+    restarting at 0 for each sequence, and ``select_1_T`` (T = S - 1) marking the same targets in the same
+    row-major order as ``select_B_T``. transformers reads restarting position ids (with no attention mask) as
+    document boundaries: block-diagonal causal attention (varlen flash-attention 2 or flex attention on GPU, a
+    dense block mask under sdpa/eager). A sequence's last position (it would predict the next sequence's first
+    token) is never a target: ``pad_batch`` only selects t < length - 1."""
+    keep_B_L = attention_B_L.bool()
+    input_ids_1_S = input_ids_B_L[keep_B_L][None]
+    position_ids_1_S = (keep_B_L.cumsum(-1) - 1)[keep_B_L][None]
+    select_B_L = torch.nn.functional.pad(select_B_T, (0, 1), value=False)
+    select_1_T = select_B_L[keep_B_L][None, :-1]
+    return input_ids_1_S, position_ids_1_S, select_1_T
+
+
 class MetricsWriter:
     """Appends one JSON object per step to ``metrics.jsonl`` (main rank only). On resume it truncates
     lines past the checkpoint step, so the file always tells one consistent history."""
@@ -186,11 +202,16 @@ class StudentLM(torch.nn.Module):
     def forward(self, input_ids_B_L: torch.Tensor, attention_B_L: torch.Tensor, select_B_T: torch.Tensor,
                 loss_fn: Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]], *,
                 topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int | None = None,
-                entropy: bool = False, argmax: bool = False) -> tuple[torch.Tensor, Metrics]:
+                entropy: bool = False, argmax: bool = False, pack: bool = False) -> tuple[torch.Tensor, Metrics]:
         """``select_B_T`` marks the targets (shifted positions) the loss reads; ``loss_fn`` sees them flattened
-        in row-major order, chunk by chunk (see ``pipeline.head.fused_head_loss``)."""
+        in row-major order, chunk by chunk (see ``pipeline.head.fused_head_loss``). ``pack``: run the decoder on
+        the right-padded batch packed into one padding-free row (``pack_padded``); same targets, same order."""
+        position_ids_B_L = None
+        if pack:
+            input_ids_B_L, position_ids_B_L, select_B_T = pack_padded(input_ids_B_L, attention_B_L, select_B_T)
+            attention_B_L = None
         hidden_B_L_H = self.lm.get_decoder()(input_ids=input_ids_B_L, attention_mask=attention_B_L,
-                                             use_cache=False).last_hidden_state
+                                             position_ids=position_ids_B_L, use_cache=False).last_hidden_state
         hidden_N_H = hidden_B_L_H[:, :-1][select_B_T]
         targets_N = input_ids_B_L[:, 1:][select_B_T]
         head = self.lm.get_output_embeddings()
@@ -288,13 +309,15 @@ def autocast_context(precision: str, device: torch.device, fsdp_sharded: bool) -
     return contextlib.nullcontext()
 
 
-def split_by_token_budget(lengths: list[int], budget: int | None, parts: int = 1) -> list[list[int]]:
+def split_by_token_budget(lengths: list[int], budget: int | None, parts: int = 1,
+                          packed: bool = False) -> list[list[int]]:
     """Indices of the sequences grouped into micro-batches.
 
     Without a ``budget``: ``parts`` equal consecutive groups (gradient accumulation by count). With one:
-    sequences sorted longest first, packed greedily so that a micro-batch's padded size (its longest sequence
-    x its count) stays within ``budget`` tokens; a sequence longer than the budget goes alone. The step's loss
-    does not depend on the grouping: every micro-batch divides by the step's global counts.
+    sequences sorted longest first, grouped greedily so that a micro-batch's size stays within ``budget``
+    tokens: its padded size (its longest sequence x its count), or with ``packed`` its real tokens (the sum of
+    its lengths); a sequence longer than the budget goes alone. The step's loss does not depend on the
+    grouping: every micro-batch divides by the step's global counts.
     """
     n = len(lengths)
     if budget is None:
@@ -302,6 +325,16 @@ def split_by_token_budget(lengths: list[int], budget: int | None, parts: int = 1
         return [list(range(i * size, (i + 1) * size)) for i in range(parts)]
     order = sorted(range(n), key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
+    if packed:  # first fit: each sequence joins the first micro-batch it fits in
+        used: list[int] = []
+        for i in order:
+            j = next((j for j, u in enumerate(used) if u + lengths[i] <= budget), len(groups))
+            if j == len(groups):
+                groups.append([])
+                used.append(0)
+            groups[j].append(i)
+            used[j] += lengths[i]
+        return groups
     for i in order:
         if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= budget:
             groups[-1].append(i)  # sorted longest first: the group's first member is its longest
@@ -355,6 +388,12 @@ class StepMeter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+    def count_positions(self, attention_B_L: torch.Tensor, packed: bool) -> None:
+        """Count a micro-batch's positions: B x L with padding, only the real tokens when packed."""
+        real = int(attention_B_L.sum())
+        self.slots += real if packed else attention_B_L.numel()
+        self.padded += 0 if packed else attention_B_L.numel() - real
 
     def metrics(self, device: torch.device) -> dict[str, float]:
         seconds = max(self.seconds, 1e-9)
@@ -411,15 +450,16 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
               checkpoint_every: int = 0, keep_checkpoints: int = 1, run_key: str = "",
               info: DistInfo | None = None, fsdp: bool = False, precision: str = "fp32",
               max_tokens_per_micro_batch: int | None = None, logits_chunk_tokens: int | None = None,
-              peak_tflops: float | None = None) -> dict[str, float]:
+              peak_tflops: float | None = None, packing: bool = False) -> dict[str, float]:
     """Plain next-token SFT on response tokens; shared by `lopd sft`, the demo teacher bootstrap and the
     demo's SFT-continued control. ``model`` is a Hugging Face model (trained in place, one process) or the
     result of ``prepare_student`` (under torchrun).
 
     Data parallel under torchrun (``info``): every rank reads the same example stream, takes every
     world_size-th example of each global batch of ``batch_size``, splits its share into micro-batches of at
-    most ``max_tokens_per_micro_batch`` padded tokens (one micro-batch without a budget), and every micro-batch
-    divides by the global response-token count, so any world size and any budget take the same optimiser steps.
+    most ``max_tokens_per_micro_batch`` padded tokens (real tokens with ``packing``: each micro-batch then runs
+    as one padding-free row), and every micro-batch divides by the global response-token count, so any world
+    size, budget and packing take the same optimiser steps.
 
     With ``ckpt_root`` it saves a sharded checkpoint (``pipeline.checkpoint``) every ``checkpoint_every`` steps
     and resumes from the latest, skipping the examples already consumed (``examples`` must be the same
@@ -462,7 +502,7 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
         for step in range(start_step + 1, steps + 1):
             t0 = time.perf_counter()
             batch = [next(examples) for _ in range(batch_size)][info.rank :: info.world_size]
-            groups = split_by_token_budget([len(b[0]) for b in batch], max_tokens_per_micro_batch)
+            groups = split_by_token_budget([len(b[0]) for b in batch], max_tokens_per_micro_batch, packed=packing)
             micro = [pad_batch([batch[i][0] for i in g], [batch[i][1] for i in g], pad_id) for g in groups]
             meter.data_seconds += time.perf_counter() - t0
             counts = all_reduce_sum(torch.tensor([float(sum(int(m[2].sum()) for m in micro)),
@@ -471,12 +511,12 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64)
             for input_ids_B_L, attention_B_L, mask_B_T in micro:
-                input_ids_B_L, attention_B_L, mask_B_T = input_ids_B_L.to(device), attention_B_L.to(device), mask_B_T.to(device)
-                meter.padded += int((attention_B_L == 0).sum())
-                meter.slots += attention_B_L.numel()
+                input_ids_B_L, attention_B_L, mask_B_T = (input_ids_B_L.to(device), attention_B_L.to(device),
+                                                          mask_B_T.to(device))
+                meter.count_positions(attention_B_L, packing)
                 with autocast_context(precision, device, fsdp_sharded):
                     loss, _ = model(input_ids_B_L, attention_B_L, mask_B_T.bool(), loss_fn(normalizer),
-                                    chunk_tokens=logits_chunk_tokens)
+                                    chunk_tokens=logits_chunk_tokens, pack=packing)
                 # DDP/FSDP average gradients over ranks; the loss is already divided by the global token count.
                 (loss * info.world_size).backward()
                 loss_sum += loss.detach().double().cpu()

@@ -104,7 +104,8 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
                          checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                          run_key=run_key, info=info, fsdp=cfg.fsdp, precision=cfg.precision,
                          max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
-                         logits_chunk_tokens=cfg.logits_chunk_tokens, peak_tflops=cfg.peak_tflops)
+                         logits_chunk_tokens=cfg.logits_chunk_tokens, peak_tflops=cfg.peak_tflops,
+                         packing=cfg.packing)
     save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, cfg.out, provenance)
     if info.is_main:
         checkpoint.prune_all(ckpt_root)  # the final model dir is the durable result

@@ -165,7 +165,8 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
         return compute_losses(cfg, stats[None], targets.rows(start, end), valid_1_n, token_normalizer, seq_normalizer)
 
     return model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
-                 topk_ids_N_K=targets.topk_ids_N_K if need_topk else None, chunk_tokens=cfg.logits_chunk_tokens)
+                 topk_ids_N_K=targets.topk_ids_N_K if need_topk else None, chunk_tokens=cfg.logits_chunk_tokens,
+                 pack=cfg.packing)
 
 
 def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
@@ -432,7 +433,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainCon
     t0 = time.perf_counter()
     records = source.next_records(local, cfg.grad_accum)
     groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
-                                   cfg.grad_accum)
+                                   cfg.grad_accum, packed=cfg.packing)
     micro_batches = [collate([records[i] for i in g], pad_id) for g in groups]
     meter.data_seconds += time.perf_counter() - t0
     local_counts = [sum(int(b.mask_B_T.sum()) for b in micro_batches),
@@ -445,8 +446,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainCon
     opt.zero_grad(set_to_none=True)
     parts: list[tuple[int, Metrics]] = []
     for mb in micro_batches:
-        meter.padded += int((mb.attention_B_L == 0).sum())
-        meter.slots += mb.attention_B_L.numel()
+        meter.count_positions(mb.attention_B_L, cfg.packing)
         mb = mb.to(device)
         with autocast_context(cfg.precision, device, fsdp_sharded):
             loss, mb_metrics = micro_batch_loss(model, cfg, mb, token_norm, seq_norm)
