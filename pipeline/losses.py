@@ -274,6 +274,8 @@ def lightning_pg(
     normalization: Literal["token", "sequence"] = "sequence",
     normalizer: torch.Tensor | float | None = None,
     weights_B_T: torch.Tensor | None = None,
+    reward_scale: float = 1.0,
+    k3_guard: float = 0.0,
 ) -> tuple[torch.Tensor, Metrics]:
     """The Lightning OPD loss: policy gradient on the sampled tokens with the per-token reverse-KL reward.
 
@@ -297,6 +299,17 @@ def lightning_pg(
     ``weights_B_T``: the reduction weights, by default ``reduction_weights(mask_B_T, normalization)``;
     a chunked caller passes those of the whole rows.
 
+    ``reward_scale`` = lambda != 1: G-OPD / ExOPD reward extrapolation with the rollout policy mu as the
+    reference (Generalized OPD; formula second-hand, from a summary of the paper, not its code):
+
+        A_t = sg(lambda (log p_T(y_t) - log mu(y_t)) - (log p_theta(y_t) - log mu(y_t)))
+
+    whose optimum is ~ p_T^lambda mu^(1 - lambda): lambda > 1 pushes past the teacher away from mu, lambda < 1
+    interpolates toward mu. lambda = 1 is the plain advantage (computed as such, bit for bit). ``k3_guard`` = c
+    > 0 adds c * k3_t with k3_t = mu/p_theta - 1 - log(mu/p_theta) (>= 0, zero with zero gradient at
+    p_theta = mu), GRPO's k3 estimate of KL(p_theta || mu) with the samples taken as on-policy (our choice of
+    guard; the paper names the risk, not this form); reduced like the policy-gradient term.
+
     Shapes: student_logprobs_B_T (current model, grad), teacher_logprobs_B_T and
     behavior_logprobs_B_T (stored), mask_B_T.
     """
@@ -309,11 +322,15 @@ def lightning_pg(
     teacher_B_T = torch.where(valid_B_T, teacher_logprobs_B_T.to(detached_B_T.dtype), detached_B_T)
     behavior_B_T = torch.where(valid_B_T, behavior_logprobs_B_T.to(detached_B_T.dtype), detached_B_T)
 
-    raw_advantage_B_T = teacher_B_T - detached_B_T
+    if reward_scale == 1.0:
+        raw_advantage_B_T = teacher_B_T - detached_B_T
+    else:
+        raw_advantage_B_T = reward_scale * (teacher_B_T - behavior_B_T) - (detached_B_T - behavior_B_T)
     advantage_B_T = raw_advantage_B_T
     if advantage_clip is not None:
         advantage_B_T = raw_advantage_B_T.clamp(-advantage_clip, advantage_clip)
-    ratio_B_T = (logprobs_B_T - behavior_B_T).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT).exp()
+    log_ratio_B_T = (logprobs_B_T - behavior_B_T).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio_B_T = log_ratio_B_T.exp()
 
     if importance == "none":
         per_token_B_T = -advantage_B_T * logprobs_B_T
@@ -328,6 +345,9 @@ def lightning_pg(
         per_token_B_T = -torch.minimum(unclipped_B_T, clipped_term_B_T)
         clipped_B_T = (clipped_term_B_T < unclipped_B_T).detach()  # the clipped branch wins: no gradient
 
+    if k3_guard:
+        k3_B_T = (-log_ratio_B_T).exp() - 1.0 + log_ratio_B_T  # r - 1 - log r with r = mu / p_theta
+        per_token_B_T = per_token_B_T + k3_guard * k3_B_T
     loss = _reduce(per_token_B_T, valid_B_T, normalization, normalizer, weights_B_T)
     ratio_detached_B_T = ratio_B_T.detach()
     metrics = {
@@ -340,6 +360,8 @@ def lightning_pg(
         "is/ratio_max": torch.where(valid_B_T, ratio_detached_B_T, 0.0).max(),
         "is/clip_frac": _masked_mean(clipped_B_T.to(detached_B_T.dtype), valid_B_T),
     }
+    if k3_guard:
+        metrics["lightning/k3_guard"] = _masked_mean(k3_B_T, valid_B_T)
     return loss, metrics
 
 

@@ -25,7 +25,7 @@ import torch
 from lopd.errors import LopdUserError
 from pipeline import checkpoint
 from pipeline import losses as L
-from pipeline.config import OnlineConfig, TrainConfig
+from pipeline.config import MethodsConfig, OnlineConfig, TrainConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
 from pipeline.models import encode_prompt, load_tokenizer
@@ -52,9 +52,11 @@ from pipeline.training import (
     split_by_token_budget,
     unwrap,
 )
+from pipeline.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask
+from storage.prompt_stats import load_prompt_stats, require_group_stats
 from storage.reader import ReaderState, iter_batches
 from storage.records import TeacherRecord
-from storage.shardset import file_sha256
+from storage.shardset import ShardSet, file_sha256
 
 TOPK_LOSSES = {"reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk"}
 
@@ -71,14 +73,17 @@ class Batch:
     topk_ids_B_T_K: torch.Tensor
     topk_logprobs_B_T_K: torch.Tensor
     tail_logprob_B_T: torch.Tensor
+    reward_B: torch.Tensor | None = None  # each rollout's reward, NaN where the shard holds none
+    pass_rate_B: torch.Tensor | None = None  # its prompt's pass rate (only with prompt statistics)
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return Batch(*(None if (v := getattr(self, f)) is None else v.to(device) for f in self.__dataclass_fields__))
 
 
-def collate(records: list[TeacherRecord], pad_id: int) -> Batch:
+def collate(records: list[TeacherRecord], pad_id: int, rollouts: RolloutTable | None = None) -> Batch:
     """Right-pad token ids; scatter each record's per-response-position arrays to target positions
-    ``prompt_len-1 .. len-2`` of the shifted sequence (exactly where ``mask_B_T`` is true, row by row)."""
+    ``prompt_len-1 .. len-2`` of the shifted sequence (exactly where ``mask_B_T`` is true, row by row).
+    ``rollouts`` (the shard set's prompt statistics) adds each row's pass rate."""
     input_ids_B_L, attention_B_L, mask_B_T = pad_batch([r.token_ids for r in records],
                                                        [r.prompt_len for r in records], pad_id)
     B, T = mask_B_T.shape
@@ -97,6 +102,9 @@ def collate(records: list[TeacherRecord], pad_id: int) -> Batch:
         scatter([r.topk_ids for r in records], 0, np.int64, (K,)),
         scatter([r.topk_logprobs for r in records], -1e4, np.float32, (K,)),
         scatter([r.tail_logprob for r in records], -1e4, np.float32),
+        torch.tensor([np.nan if r.reward is None else r.reward for r in records], dtype=torch.float32),
+        None if rollouts is None else
+        torch.from_numpy(rollouts.pass_rate_R[rollouts.rows([(r.prompt_id, r.sample_index) for r in records])]),
     )
 
 
@@ -104,7 +112,9 @@ def collate(records: list[TeacherRecord], pad_id: int) -> Batch:
 class TokenTargets:
     """The teacher's side of the selected tokens of a micro-batch, flattened in row-major order (the order of
     ``StudentLM``'s selected hidden states). ``seq_weights_N``: 1 / (valid tokens of the token's row), the
-    reduction weight of the "sequence" normalisation over whole rows."""
+    reduction weight of the "sequence" normalisation over whole rows. ``weights_N``: the weighting methods'
+    per-token weights (None when none is on: the plain loss); ``reward_N`` / ``pass_rate_N``: the token's row's
+    reward and prompt pass rate, for the per-term row routing (None when unknown)."""
 
     teacher_logprobs_N: torch.Tensor
     behavior_logprobs_N: torch.Tensor
@@ -112,61 +122,178 @@ class TokenTargets:
     topk_logprobs_N_K: torch.Tensor
     tail_logprob_N: torch.Tensor
     seq_weights_N: torch.Tensor
+    weights_N: torch.Tensor | None = None
+    reward_N: torch.Tensor | None = None
+    pass_rate_N: torch.Tensor | None = None
 
     def rows(self, start: int, end: int) -> "TokenTargets":
         """Tokens ``start:end`` as one ``[1, n]`` row, the shape the losses take."""
-        return TokenTargets(*(getattr(self, f.name)[start:end].unsqueeze(0) for f in fields(self)))
+        return TokenTargets(*(None if (v := getattr(self, f.name)) is None else v[start:end].unsqueeze(0)
+                              for f in fields(self)))
 
 
-def flatten_targets(batch: Batch) -> TokenTargets:
+def flatten_targets(batch: Batch, weights_B_T: torch.Tensor | None = None) -> TokenTargets:
     select_B_T = batch.mask_B_T.bool()
+
+    def per_token(row_B: torch.Tensor | None) -> torch.Tensor | None:
+        return None if row_B is None else row_B.unsqueeze(-1).expand_as(select_B_T)[select_B_T]
+
     return TokenTargets(batch.teacher_logprobs_B_T[select_B_T], batch.behavior_logprobs_B_T[select_B_T],
                         batch.topk_ids_B_T_K[select_B_T], batch.topk_logprobs_B_T_K[select_B_T],
-                        batch.tail_logprob_B_T[select_B_T], L.reduction_weights(select_B_T, "sequence")[select_B_T])
+                        batch.tail_logprob_B_T[select_B_T], L.reduction_weights(select_B_T, "sequence")[select_B_T],
+                        None if weights_B_T is None else weights_B_T[select_B_T],
+                        per_token(batch.reward_B), per_token(batch.pass_rate_B))
+
+
+@dataclass
+class StepNorms:
+    """The step's global normalisers, summed over its micro-batches and ranks: valid tokens and sequences,
+    the same for each routed subset of rows (``routed[route] = (tokens, sequences)``), and the factor that
+    brings the PACED kernel to mean 1 over the step's rows (None without PACED)."""
+
+    token: torch.Tensor
+    seq: torch.Tensor
+    routed: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    paced_scale: torch.Tensor | None = None
+
+
+def _routes(cfg: TrainConfig) -> list[str]:
+    """The row routes other than "all" that the step's loss terms use, in a fixed order."""
+    return sorted({cfg.rows.get(name, "all") for name, w in cfg.losses.items() if w != 0} - {"all"})
+
+
+def local_step_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]:
+    """This rank's share of the sums behind ``StepNorms`` beyond the plain counts: routed tokens and sequences
+    per route, then the PACED kernel's sum and row count. Empty with neither routing nor PACED."""
+    sums: list[float] = []
+    for route in _routes(cfg):
+        tokens = seqs = 0
+        for b in micro_batches:
+            valid_B_T = b.mask_B_T.bool() & route_mask(route, b.reward_B, b.pass_rate_B).unsqueeze(-1)
+            tokens, seqs = tokens + int(valid_B_T.sum()), seqs + int(valid_B_T.any(-1).sum())
+        sums += [tokens, seqs]
+    if cfg.methods.paced is not None:
+        p = cfg.methods.paced
+        rows_B = [b.mask_B_T.bool().any(-1) for b in micro_batches]
+        sums += [sum(float(paced_kernel(b.pass_rate_B, p.alpha, p.beta)[r].double().sum())
+                     for b, r in zip(micro_batches, rows_B)),
+                 sum(int(r.sum()) for r in rows_B)]
+    return sums
+
+
+def step_norms(cfg: TrainConfig, token: torch.Tensor, seq: torch.Tensor, sums: torch.Tensor) -> StepNorms:
+    """``StepNorms`` from the global counts and the all-reduced ``local_step_sums``."""
+    routed = {route: (sums[2 * i].clamp_min(1).float(), sums[2 * i + 1].clamp_min(1).float())
+              for i, route in enumerate(_routes(cfg))}
+    paced_scale = None
+    if cfg.methods.paced is not None:
+        total_weight, total_rows = sums[-2], sums[-1]
+        paced_scale = mean_one(torch.ones((), dtype=total_weight.dtype), total_weight, total_rows).float()
+    return StepNorms(token, seq, routed, paced_scale)
+
+
+def method_weights(cfg: TrainConfig, batch: Batch, paced_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of the on weighting methods' per-token weights ``[B, T]``; None when none is on."""
+    m = cfg.methods
+    weights_B_T = None
+    if m.paced is not None:
+        kernel_B = paced_kernel(batch.pass_rate_B, m.paced.alpha, m.paced.beta) * paced_scale.to(batch.pass_rate_B)
+        weights_B_T = kernel_B.unsqueeze(-1).expand_as(batch.mask_B_T).float()
+    if m.position is not None:
+        position_B_T = position_weights(batch.teacher_logprobs_B_T - batch.behavior_logprobs_B_T, batch.mask_B_T,
+                                        m.position.gamma)
+        weights_B_T = position_B_T if weights_B_T is None else weights_B_T * position_B_T
+    return weights_B_T
 
 
 def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor,
-                   token_normalizer: torch.Tensor, seq_normalizer: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+                   token_normalizer: torch.Tensor, seq_normalizer: torch.Tensor,
+                   routed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, Metrics]:
     """Weighted sum of the configured loss terms over gathered per-token quantities (``stats`` of the student,
-    ``targets`` of the teacher, same ``[B, T]`` layout); each term normalised by the step's global counts."""
+    ``targets`` of the teacher, same ``[B, T]`` layout); each term normalised by the step's global counts.
+
+    A term routed to a subset of rows (``cfg.rows``) reads only their tokens and is normalised by the step's
+    global counts of that subset (``routed[route] = (tokens, sequences)``); ``targets.weights_N`` (the weighting
+    methods) multiply every term's per-token reduction weights. Diagnostics of the student against the teacher
+    and the rollout policy are added to the metrics (``diagnostics``)."""
     terms: dict[str, tuple[torch.Tensor, Metrics]] = {}
+    weights_B_T = targets.weights_N
+    routed_frac: Metrics = {}
     for name, weight in cfg.losses.items():
         if weight == 0:
             continue
+        route = cfg.rows.get(name, "all")
+        term_mask_B_T, tok_norm, seq_norm = mask_B_T, token_normalizer, seq_normalizer
+        if route != "all":
+            term_mask_B_T = mask_B_T.bool() & route_mask(route, targets.reward_N, targets.pass_rate_N)
+            tok_norm, seq_norm = routed[route]
+            routed_frac[f"rows/{name}_frac"] = L._masked_mean(term_mask_B_T.float(), mask_B_T.bool())
         if name in TOPK_LOSSES:
             extra = {"beta": cfg.jsd_beta} if name == "jsd_topk" else {}
             terms[name] = getattr(L, name)(stats.topk_logprobs, stats.tail_logprob, targets.topk_logprobs_N_K,
-                                           targets.tail_logprob_N, mask_B_T, tail_bucket=cfg.tail_bucket,
-                                           normalizer=token_normalizer, **extra)
+                                           targets.tail_logprob_N, term_mask_B_T, tail_bucket=cfg.tail_bucket,
+                                           normalizer=tok_norm, weights_B_T=weights_B_T, **extra)
         elif name == "lightning":
-            lc = cfg.lightning
+            lc, gopd = cfg.lightning, cfg.methods.gopd
             sequence = lc.normalization == "sequence"
+            lightning_weights_B_T = targets.seq_weights_N if sequence else None
+            if weights_B_T is not None:
+                lightning_weights_B_T = weights_B_T if not sequence else lightning_weights_B_T * weights_B_T
             terms[name] = L.lightning_pg(
-                stats.target_logprobs, targets.teacher_logprobs_N, targets.behavior_logprobs_N, mask_B_T,
+                stats.target_logprobs, targets.teacher_logprobs_N, targets.behavior_logprobs_N, term_mask_B_T,
                 importance=lc.importance, is_cap=lc.is_cap, clip_eps_low=lc.clip_eps_low,
                 clip_eps_high=lc.clip_eps_high, advantage_clip=lc.advantage_clip, normalization=lc.normalization,
-                normalizer=seq_normalizer if sequence else token_normalizer,
-                weights_B_T=targets.seq_weights_N if sequence else None)
+                normalizer=seq_norm if sequence else tok_norm, weights_B_T=lightning_weights_B_T,
+                reward_scale=1.0 if gopd is None else gopd.lam, k3_guard=0.0 if gopd is None else gopd.k3_guard)
         elif name == "sft":
-            terms[name] = L.sft_cross_entropy(stats.target_logprobs, mask_B_T, normalizer=token_normalizer)
-    return L.combined_loss(terms, {name: cfg.losses[name] for name in terms})
+            terms[name] = L.sft_cross_entropy(stats.target_logprobs, term_mask_B_T, normalizer=tok_norm,
+                                              weights_B_T=weights_B_T)
+    loss, metrics = L.combined_loss(terms, {name: cfg.losses[name] for name in terms})
+    return loss, {**metrics, **routed_frac, **diagnostics(stats, targets, mask_B_T)}
+
+
+def diagnostics(stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor) -> Metrics:
+    """Per-token diagnostics, means over the valid tokens (run inside the chunked head's loss callback):
+
+        diag/drift_kl            E_mu[rho log rho], rho = p_theta(y_t) / mu(y_t): an importance-weighted
+                                 estimate of KL(p_theta || mu) on the rollout policy's sampled tokens
+        diag/student_topk_mass   sum_k p_theta(k) over the teacher's top-k ids (with top-k stats)
+        diag/top1_agree          argmax p_theta == the teacher's top-1 id (with top-k stats and the argmax)
+        weights/mean, weights/token_max   the weighting methods' per-token weights (when one is on)
+    """
+    valid_B_T = mask_B_T.bool()
+    log_ratio_B_T = (stats.target_logprobs.detach() - targets.behavior_logprobs_N).clamp(-L.LOG_RATIO_LIMIT,
+                                                                                       L.LOG_RATIO_LIMIT)
+    out = {"diag/drift_kl": L._masked_mean(log_ratio_B_T.exp() * log_ratio_B_T, valid_B_T)}
+    if stats.topk_logprobs is not None:
+        out["diag/student_topk_mass"] = L._masked_mean(stats.topk_logprobs.detach().exp().sum(-1), valid_B_T)
+        if stats.argmax_ids is not None:
+            agree_B_T = (stats.argmax_ids == targets.topk_ids_N_K[..., 0]).float()
+            out["diag/top1_agree"] = L._masked_mean(agree_B_T, valid_B_T)
+    if targets.weights_N is not None:
+        out["weights/mean"] = L._masked_mean(targets.weights_N, valid_B_T)
+        out["weights/token_max"] = torch.where(valid_B_T, targets.weights_N, 0.0).max()
+    return out
 
 
 def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, token_normalizer: torch.Tensor,
-                     seq_normalizer: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+                     seq_normalizer: torch.Tensor, norms: StepNorms | None = None) -> tuple[torch.Tensor, Metrics]:
     """One micro-batch's share of the step loss through the chunked LM head (``model`` is a ``StudentLM``,
-    possibly wrapped by DDP / FSDP2). ``batch`` must be on the model's device."""
+    possibly wrapped by DDP / FSDP2). ``batch`` must be on the model's device. ``norms`` carries the step's
+    routed counts and PACED scale (needed only with routing or PACED)."""
     select_B_T = batch.mask_B_T.bool()
-    targets = flatten_targets(batch)
+    targets = flatten_targets(batch, method_weights(cfg, batch, None if norms is None else norms.paced_scale))
     need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
+    routed = None if norms is None else norms.routed
 
     def chunk_loss(stats: TokenStats, start: int, end: int) -> tuple[torch.Tensor, Metrics]:
         valid_1_n = torch.ones(1, end - start, dtype=torch.bool, device=stats.target_logprobs.device)
-        return compute_losses(cfg, stats[None], targets.rows(start, end), valid_1_n, token_normalizer, seq_normalizer)
+        return compute_losses(cfg, stats[None], targets.rows(start, end), valid_1_n, token_normalizer, seq_normalizer,
+                              routed)
 
     return model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
                  topk_ids_N_K=targets.topk_ids_N_K if need_topk else None, chunk_tokens=cfg.logits_chunk_tokens,
-                 pack=cfg.packing)
+                 argmax=need_topk)
 
 
 def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
@@ -174,7 +301,8 @@ def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
     mask_B_T = batch.mask_B_T.bool()
     token_norm = mask_B_T.sum().float().clamp_min(1)
     seq_norm = mask_B_T.any(-1).sum().float().clamp_min(1)
-    loss, _ = micro_batch_loss(StudentLM(lm), cfg, batch, token_norm, seq_norm)
+    norms = step_norms(cfg, token_norm, seq_norm, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
+    loss, _ = micro_batch_loss(StudentLM(lm), cfg, batch, token_norm, seq_norm, norms)
     return float(loss.detach())
 
 
@@ -184,10 +312,17 @@ _NOT_IN_RUN_KEY = ({"out", "student", "shards", "steps", "checkpoint_every", "ke
                    | TrainConfig.EXECUTION_ONLY)
 
 
+# Method settings whose default (off) is left out of the run key; when set they are part of it.
+_OFF_BY_DEFAULT = {"loss_schedule": [], "rows": {}, "methods": MethodsConfig().model_dump(mode="json")}
+
+
 def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: str | None) -> str:
     """The run's identity: content fingerprints of the start model and the data (shards, or the online
     teacher and prompts), and the optimisation settings. Paths are provenance only: a moved run resumes."""
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_RUN_KEY}
+    for name, off in _OFF_BY_DEFAULT.items():  # unset methods leave the key of a run from before them unchanged
+        if settings[name] == off:
+            del settings[name]
     if cfg.online is not None:
         settings["online"] = {k: v for k, v in cfg.online.model_dump(mode="json").items()
                               if k not in ("teacher", "prompts")}
@@ -302,12 +437,29 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
     """
     require_model_dir(cfg.student, field="train.student", made_by="lopd sft")
     shards = require_shard_set(cfg.shards, kind="teacher_topk", field="train.shards", made_by="lopd teacher-logprobs")
-    needed_topk = set(cfg.losses) & TOPK_LOSSES
+    needed_topk = cfg.all_losses() & TOPK_LOSSES
     if needed_topk and not shards.metadata.get("k"):
         raise LopdUserError(f"{cfg.shards}: losses {sorted(needed_topk)} need top-k shards (these store k=0: the "
                          "sampled token's log-prob only); use the `lightning` loss or extract with k > 0")
-    return _train(cfg, "offline", shard_data_fingerprint(shards.manifest), shards.metadata, show_progress, eval_hook,
-                  eval_every, stop_after)
+    data_fingerprint = shard_data_fingerprint(shards.manifest)
+    return _train(cfg, "offline", data_fingerprint, shards.metadata, show_progress, eval_hook,
+                  eval_every, stop_after, rollouts=rollout_table(cfg, shards, data_fingerprint))
+
+
+def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> RolloutTable | None:
+    """The shard set's prompt statistics when a method or a routing reads them (computed once, stored beside
+    the shards as ``prompt_stats.parquet``, reused while the set is unchanged); None otherwise. Refused when a
+    reward is missing, or when a prompt has fewer than 2 rollouts and a method compares a prompt's rollouts."""
+    if not cfg.needs_prompt_stats():
+        return None
+    table, computed = load_prompt_stats(shards, data_fingerprint)
+    log.info("train: prompt statistics %s %s", "computed and written to" if computed else "read from",
+             shards.root / "prompt_stats.parquet")
+    users = ([f"train.rows.{name}={route}" for name, route in sorted(cfg.rows.items()) if route != "all"]
+             + [f"train.methods.{name}" for name in ("paced",) if getattr(cfg.methods, name) is not None])
+    group_users = [u for u in users if u.endswith(("solved", "unsolved")) or u == "train.methods.paced"]
+    require_group_stats(table, shards.root, groups=bool(group_users), why=", ".join(group_users or users))
+    return RolloutTable.from_table(table)
 
 
 def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook | None = None,
@@ -316,6 +468,9 @@ def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: Ev
     ``cfg.online.teacher`` scores them; same losses, loop and checkpoints as ``run_train``."""
     if cfg.online is None:
         raise LopdUserError("online OPD needs a train.online section (teacher, prompts) in the run config")
+    if cfg.needs_prompt_stats():
+        raise LopdUserError("train.rows and train.methods.paced read the prompt statistics of a shard set: "
+                            "offline training only (`lopd train`), not the online baseline")
     require_model_dir(cfg.student, field="train.student", made_by="lopd sft")
     require_model_dir(cfg.online.teacher, field="train.online.teacher")
     data = {"teacher": model_fingerprint(cfg.online.teacher), "prompts": file_sha256(Path(cfg.online.prompts))}
@@ -324,7 +479,8 @@ def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: Ev
 
 
 def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[str, Any], show_progress: bool,
-           eval_hook: EvalHook | None, eval_every: int | None, stop_after: int | None) -> StageResult:
+           eval_hook: EvalHook | None, eval_every: int | None, stop_after: int | None,
+           rollouts: RolloutTable | None = None) -> StageResult:
     out = Path(cfg.out)
     ckpt_root, final_dir = out / "ckpt", out / "final"
     student_fp = model_fingerprint(cfg.student)
@@ -387,7 +543,8 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
     with progress_bar(not (show_progress and info.is_main)) as bar:
         task = bar.add_task(f"train ({mode} OPD)", total=cfg.steps, completed=start_step, rate="")
         for step in range(start_step + 1, cfg.steps + 1):
-            parts, grad_norm = train_step(model, opt, cfg, source, local, pad_id, info, device, meter)
+            step_cfg = cfg.model_copy(update={"losses": cfg.losses_at(step)}) if cfg.loss_schedule else cfg
+            parts, grad_norm = train_step(model, opt, step_cfg, source, local, pad_id, info, device, meter, rollouts)
             sched.step()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 last = {"step": step, **{k: round(float(v), 6) for k, v in parts.items()},
@@ -426,30 +583,34 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, source: BatchSource,
-               local: int, pad_id: int, info: DistInfo, device: torch.device, meter: StepMeter
-               ) -> tuple[Metrics, float]:
+               local: int, pad_id: int, info: DistInfo, device: torch.device, meter: StepMeter,
+               rollouts: RolloutTable | None = None) -> tuple[Metrics, float]:
     """One optimiser step: this rank's ``local`` records in micro-batches (by count, or by the token budget),
-    each normalised by the step's global token / sequence counts, gradients accumulated, clipped, applied."""
+    each normalised by the step's global token / sequence counts (and routed counts, see ``StepNorms``),
+    gradients accumulated, clipped, applied. ``rollouts``: the prompt statistics, when a method reads them."""
     t0 = time.perf_counter()
     records = source.next_records(local, cfg.grad_accum)
     groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
-                                   cfg.grad_accum, packed=cfg.packing)
-    micro_batches = [collate([records[i] for i in g], pad_id) for g in groups]
+                                   cfg.grad_accum)
+    micro_batches = [collate([records[i] for i in g], pad_id, rollouts) for g in groups]
     meter.data_seconds += time.perf_counter() - t0
     local_counts = [sum(int(b.mask_B_T.sum()) for b in micro_batches),
                     sum(int(b.mask_B_T.any(-1).sum()) for b in micro_batches),
                     sum(int(b.attention_B_L.sum()) for b in micro_batches)]
-    counts = all_reduce_sum(torch.tensor(local_counts, dtype=torch.float64), info)
+    counts = all_reduce_sum(torch.tensor(local_counts + local_step_sums(cfg, micro_batches), dtype=torch.float64),
+                            info)
     token_norm = counts[0].clamp_min(1).float().to(device)
     seq_norm = counts[1].clamp_min(1).float().to(device)
+    norms = step_norms(cfg, token_norm, seq_norm, counts[3:].to(device))
     fsdp_sharded = cfg.fsdp and info.world_size > 1
     opt.zero_grad(set_to_none=True)
     parts: list[tuple[int, Metrics]] = []
     for mb in micro_batches:
-        meter.count_positions(mb.attention_B_L, cfg.packing)
+        meter.padded += int((mb.attention_B_L == 0).sum())
+        meter.slots += mb.attention_B_L.numel()
         mb = mb.to(device)
         with autocast_context(cfg.precision, device, fsdp_sharded):
-            loss, mb_metrics = micro_batch_loss(model, cfg, mb, token_norm, seq_norm)
+            loss, mb_metrics = micro_batch_loss(model, cfg, mb, token_norm, seq_norm, norms)
         # DDP/FSDP average gradients over ranks; the loss is already divided by the global count.
         (loss * info.world_size).backward()
         parts.append((int(mb.mask_B_T.sum()), mb_metrics))

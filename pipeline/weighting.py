@@ -1,0 +1,110 @@
+"""Sample and token weights and row routing for offline OPD: pure functions over tensors.
+
+The losses (``pipeline.losses``) reduce ``sum_t w_t l_t / normalizer`` over valid tokens; the functions here
+make the ``w_t`` of the weighting methods and the row masks of the per-term routing. They read only what the
+shards and their prompt statistics (``storage.prompt_stats``) hold, never the student, so the trainer computes
+them once per micro-batch, before the chunked LM head. docs/methods.md lists each method with its source.
+
+Shape key:
+    B: rollouts (rows) of the micro-batch
+    T: response positions
+    R: rollouts of the whole shard set (the prompt statistics table)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lopd.errors import LopdUserError
+
+
+def paced_kernel(pass_rate_B: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """PACED's pass-rate kernel (a Beta(alpha + 1, beta + 1) density up to a constant):
+
+        w_g = p_g^alpha (1 - p_g)^beta
+
+    with p_g the pass rate of the rollout's prompt. Offline, p_g is the rollout policy's pass rate, fixed for
+    the run (the paper recomputes it under the current student: an inference of ours that the fixed rate is
+    the offline analogue). alpha = beta = 1 (the paper's) puts the most weight on prompts solved half the time
+    and none on prompts always or never solved; alpha = beta = 0 gives 1 everywhere (0^0 = 1). Normalise it
+    over the step with ``mean_one``.
+    """
+    return pass_rate_B.pow(alpha) * (1.0 - pass_rate_B).pow(beta)
+
+
+def mean_one(weights_B: torch.Tensor, total_weight: torch.Tensor, total_rows: torch.Tensor) -> torch.Tensor:
+    """``weights_B * total_rows / total_weight``: weights whose mean over the step's rows is 1 (the totals are
+    the step's global sums, so every micro-batch and rank scales alike). All-zero weights stay 0."""
+    scale = torch.where(total_weight > 0, total_rows / total_weight.clamp_min(torch.finfo(total_weight.dtype).tiny),
+                        0.0)
+    return weights_B * scale.to(weights_B.dtype)
+
+
+def position_weights(gap_B_T: torch.Tensor, mask_B_T: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Position weights of IW-OPD (TRL's implementation of CORD's position idea):
+
+        S = sum_t |ahat_t|,   P_t = sum_{s < t} |ahat_s|,   w_t = 1 + gamma (1 - P_t / S)
+
+    over the valid tokens of each row, with ``gap_B_T`` = ahat = log p_T(y_t) - log mu(y_t) (fixed offline).
+    Early tokens, before most of the row's teacher-student gap, weigh up to 1 + gamma; the weights fall to 1
+    as the gap accumulates. A row with no gap (S = 0) weighs 1 + gamma throughout. gamma = 0 gives 1 exactly.
+    Returns ``w_B_T`` (1 at masked positions).
+    """
+    valid_B_T = mask_B_T.bool()
+    abs_B_T = torch.where(valid_B_T, gap_B_T.abs(), 0.0)
+    total_B_1 = abs_B_T.sum(-1, keepdim=True)
+    before_B_T = abs_B_T.cumsum(-1) - abs_B_T  # exclusive prefix sum
+    frac_B_T = torch.where(total_B_1 > 0, before_B_T / total_B_1.clamp_min(torch.finfo(abs_B_T.dtype).tiny), 0.0)
+    return torch.where(valid_B_T, 1.0 + gamma * (1.0 - frac_B_T), 1.0)
+
+
+def route_mask(route: str, reward: torch.Tensor, pass_rate: torch.Tensor | None) -> torch.Tensor:
+    """Which rows (or tokens, any shape) a loss term trains on:
+
+        all: every row;  correct: reward > 0;  incorrect: reward <= 0;
+        solved: the prompt's pass rate is 1;  unsolved: the pass rate is below 1.
+
+    A null reward (NaN) routes to neither side; the trainer refuses such shards before any routing.
+    """
+    if route == "all":
+        return torch.ones_like(reward, dtype=torch.bool)
+    if route == "correct":
+        return reward > 0
+    if route == "incorrect":
+        return reward <= 0
+    if pass_rate is None:
+        raise ValueError(f"route {route!r} needs the prompts' pass rates (prompt statistics)")
+    if route == "solved":
+        return pass_rate >= 1
+    if route == "unsolved":
+        return pass_rate < 1
+    raise ValueError(f"route must be all, correct, incorrect, solved or unsolved, got {route!r}")
+
+
+@dataclass
+class RolloutTable:
+    """The prompt statistics of a shard set indexed by rollout ``(prompt_id, sample_index)``."""
+
+    index: dict[tuple[str, int], int]
+    reward_R: np.ndarray
+    pass_rate_R: np.ndarray
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "RolloutTable":
+        keys = zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist())
+        return cls({key: i for i, key in enumerate(keys)}, table["reward"].to_numpy().astype(np.float32),
+                   table["pass_rate"].to_numpy().astype(np.float32))
+
+    def rows(self, keys: Sequence[tuple[str, int]]) -> np.ndarray:
+        """Table rows of these rollouts; a rollout the statistics do not hold is an error (stale statistics)."""
+        try:
+            return np.fromiter((self.index[k] for k in keys), dtype=np.int64, count=len(keys))
+        except KeyError as e:
+            raise LopdUserError(f"rollout prompt_id={e.args[0][0]!r} sample_index={e.args[0][1]} is not in the "
+                                "shard set's prompt statistics; delete prompt_stats.parquet beside the shards "
+                                "to recompute them") from None

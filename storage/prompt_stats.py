@@ -1,0 +1,118 @@
+"""Per-prompt statistics of a teacher shard set: computed once, stored beside the shards, reused.
+
+The sample-weighting methods of the trainer (pass-rate kernels, correctness routing, group-relative weights)
+need facts about every rollout of a prompt while a batch holds only some of them. This module reads the small
+columns of every shard once (no top-k, no token ids) and writes one row per rollout:
+
+| column | type | content |
+|---|---|---|
+| `prompt_id` | string | |
+| `sample_index` | int32 | |
+| `reward` | float32 | the rollout's reward (the task checker's verdict); NaN when the shard holds null |
+| `num_tokens` | int32 | response tokens R |
+| `teacher_mean` | float32 | mean over the response of the teacher's log-prob of the sampled token |
+| `behavior_mean` | float32 | mean over the response of the rollout policy's log-prob of the sampled token |
+| `n_rollouts` | int32 | rollouts of this prompt in the set |
+| `pass_rate` | float32 | share of the prompt's rollouts with reward > 0 (= mean reward for 0/1); NaN if one is null |
+| `reward_mean`, `reward_std` | float32 | mean and population standard deviation of those rewards |
+
+It lives at ``<shards>/prompt_stats.parquet`` (the shard set's integrity checks look at ``shard-*`` files only)
+with the caller's ``key`` (a content fingerprint of the shard set) in its Parquet metadata: a file whose key
+differs, from a set that has changed since, is recomputed. Written atomically (temp file, fsync, rename), so
+concurrent ranks that compute it at once leave one complete file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lopd.errors import LopdUserError
+from storage.shardset import ShardSet
+
+STATS_FILE = "prompt_stats.parquet"
+KV_KEY = b"lopd.prompt_stats_key"
+_COLUMNS = ["prompt_id", "sample_index", "reward", "num_response_tokens", "teacher_logprobs", "behavior_logprobs"]
+
+
+def compute_prompt_stats(shard_set: ShardSet) -> pa.Table:
+    """One row per rollout of the set's complete shards, with its prompt's statistics (see module docstring)."""
+    table = pa.concat_tables([shard_set.read_shard(i, columns=_COLUMNS) for i in shard_set.complete_indices()])
+    reward = table["reward"].to_numpy(zero_copy_only=False).astype(np.float64)  # null -> NaN
+    n_tokens = table["num_response_tokens"].to_numpy().astype(np.int64)
+    _, group_of_row = np.unique(np.asarray(table["prompt_id"].to_pylist(), dtype=str), return_inverse=True)
+    n_rollouts = np.bincount(group_of_row)
+    # NaN rewards propagate: a prompt with a null reward has no pass rate
+    reward_mean = np.bincount(group_of_row, weights=reward) / n_rollouts
+    deviation = reward - reward_mean[group_of_row]
+    reward_std = np.sqrt(np.bincount(group_of_row, weights=deviation**2) / n_rollouts)
+    correct = np.where(np.isnan(reward), np.nan, reward > 0)
+    pass_rate = np.bincount(group_of_row, weights=correct) / n_rollouts
+
+    def f32(x: np.ndarray) -> pa.Array:
+        return pa.array(x.astype(np.float32), pa.float32())
+
+    return pa.table({
+        "prompt_id": table["prompt_id"].combine_chunks(),
+        "sample_index": table["sample_index"].combine_chunks(),
+        "reward": f32(reward),
+        "num_tokens": table["num_response_tokens"].combine_chunks(),
+        "teacher_mean": f32(_row_means(table["teacher_logprobs"], n_tokens)),
+        "behavior_mean": f32(_row_means(table["behavior_logprobs"], n_tokens)),
+        "n_rollouts": pa.array(n_rollouts[group_of_row].astype(np.int32), pa.int32()),
+        "pass_rate": f32(pass_rate[group_of_row]),
+        "reward_mean": f32(reward_mean[group_of_row]),
+        "reward_std": f32(reward_std[group_of_row]),
+    })
+
+
+def load_prompt_stats(shard_set: ShardSet, key: str) -> tuple[pa.Table, bool]:
+    """The set's statistics: read from ``<root>/prompt_stats.parquet`` when it was computed for ``key``,
+    else computed and written there. Returns ``(table, computed)``."""
+    path = shard_set.root / STATS_FILE
+    if path.exists():
+        try:
+            stored = pq.read_table(path)
+            if (stored.schema.metadata or {}).get(KV_KEY) == key.encode():
+                return stored, False
+        except (OSError, pa.ArrowInvalid):  # an unreadable file is recomputed like a stale one
+            pass
+    table = compute_prompt_stats(shard_set)
+    table = table.replace_schema_metadata({KV_KEY: key.encode()})
+    tmp = path.with_name(f".{STATS_FILE}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return table, True
+
+
+def require_group_stats(table: pa.Table, root: Path, *, groups: bool, why: str) -> None:
+    """Refuse statistics a method cannot use: a null reward (always), a prompt with fewer than 2 rollouts
+    (``groups``: the method compares the rollouts of a prompt). ``why`` names the method asking."""
+    reward = table["reward"].to_numpy()
+    if np.isnan(reward).any():
+        missing = int(np.isnan(reward).sum())
+        first = table["prompt_id"][int(np.flatnonzero(np.isnan(reward))[0])].as_py()
+        raise LopdUserError(f"{root}: {why} needs each rollout's reward, but {missing} of {table.num_rows} rollouts "
+                            f"have none (first: prompt_id={first!r}); sample the rollouts with a checker "
+                            "(rollouts.checker) and score them again, or turn the method off")
+    if groups:
+        n = table["n_rollouts"].to_numpy()
+        if table.num_rows and n.min() < 2:
+            first = table["prompt_id"][int(np.argmin(n))].as_py()
+            raise LopdUserError(f"{root}: {why} compares the rollouts of each prompt, but {int((n < 2).sum())} "
+                                f"prompt(s) have fewer than 2 (first: prompt_id={first!r}); sample more per "
+                                "prompt (rollouts.sampling.n >= 2) or turn the method off")
+
+
+def _row_means(column: pa.ChunkedArray, n_tokens: np.ndarray) -> np.ndarray:
+    """Mean of each row's list values (float64 sums); 0 for an empty row."""
+    values = [c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks]
+    values = np.concatenate(values).astype(np.float64) if values else np.zeros(0)
+    row_of_value = np.repeat(np.arange(len(n_tokens)), n_tokens)
+    return np.bincount(row_of_value, weights=values, minlength=len(n_tokens)) / np.maximum(n_tokens, 1)

@@ -1,0 +1,519 @@
+"""The offline OPD methods (docs/methods.md) and their shared layer: prompt statistics beside the shards, per-token
+weights in the loss reduction, per-term row routing, the loss schedule, diagnostics. Every method at its neutral
+setting gives today's loss and gradients bit for bit; the identities of each against float64 references on tiny
+random tensors; accumulation invariance with weights; one `lopd train` run with the methods on."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lopd.errors import LopdUserError
+from pipeline import checkpoint
+from pipeline import losses as L
+from pipeline.config import TrainConfig
+from pipeline.head import token_stats
+from pipeline.stages.train import (
+    TOPK_LOSSES,
+    collate,
+    compute_losses,
+    flatten_targets,
+    local_step_sums,
+    micro_batch_loss,
+    rollout_table,
+    step_norms,
+    train_run_key,
+)
+from pipeline.training import StudentLM
+from pipeline.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask
+from storage.codecs import encode_records
+from storage.prompt_stats import STATS_FILE, compute_prompt_stats, load_prompt_stats
+from storage.shardset import ShardSet
+from storage.synthetic import make_records
+
+VOCAB, K = 19, 4  # the demo world's vocabulary (the tiny models')
+
+
+def _records(n_prompts: int = 3, per_prompt: int = 4, seed: int = 0, reward: bool = True):
+    """Synthetic rollouts, ``per_prompt`` of each prompt, ragged lengths; rewards chosen so the prompts have pass
+    rates 0.25, 0.5, 1, 0, ... in turn (reward None when not ``reward``)."""
+    records = make_records(VOCAB, K, num_rollouts=n_prompts * per_prompt, response_len=7, prompt_len=3, seed=seed)
+    passes = [1, 2, 4, 0]
+    out = []
+    for i, r in enumerate(records):
+        g, j = divmod(i, per_prompt)
+        m = 2 + (5 * i) % 6  # 2..7 response tokens
+        out.append(dataclasses.replace(
+            r, prompt_id=f"q{g}", sample_index=j, token_ids=r.token_ids[: r.prompt_len + m],
+            teacher_logprobs=r.teacher_logprobs[:m], behavior_logprobs=r.behavior_logprobs[:m], topk_ids=r.topk_ids[:m],
+            topk_logprobs=r.topk_logprobs[:m], tail_logprob=r.tail_logprob[:m],
+            reward=(float(j < passes[g % 4] * per_prompt // 4) if reward else None)))
+    return out
+
+
+def _shard_set(root, records, per_shard: int = 5) -> ShardSet:
+    s = ShardSet.create(root, "teacher_topk", {"k": K})
+    for i in range(0, len(records), per_shard):
+        s.write_shard(i // per_shard, encode_records(records[i: i + per_shard], "plain", K, VOCAB))
+    s.finalize(expected_shards=math.ceil(len(records) / per_shard))
+    return s
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(student="s", shards="d", out="o", **kw)
+
+
+# --- "today's" trainer loss, frozen: the reference every method's neutral setting must reproduce bit for bit ------
+
+
+def _today_compute_losses(cfg, stats, targets, mask_B_T, token_normalizer, seq_normalizer):
+    terms = {}
+    for name, weight in cfg.losses.items():
+        if weight == 0:
+            continue
+        if name in TOPK_LOSSES:
+            extra = {"beta": cfg.jsd_beta} if name == "jsd_topk" else {}
+            terms[name] = getattr(L, name)(stats.topk_logprobs, stats.tail_logprob, targets.topk_logprobs_N_K,
+                                           targets.tail_logprob_N, mask_B_T, tail_bucket=cfg.tail_bucket,
+                                           normalizer=token_normalizer, **extra)
+        elif name == "lightning":
+            lc = cfg.lightning
+            sequence = lc.normalization == "sequence"
+            terms[name] = L.lightning_pg(
+                stats.target_logprobs, targets.teacher_logprobs_N, targets.behavior_logprobs_N, mask_B_T,
+                importance=lc.importance, is_cap=lc.is_cap, clip_eps_low=lc.clip_eps_low,
+                clip_eps_high=lc.clip_eps_high, advantage_clip=lc.advantage_clip, normalization=lc.normalization,
+                normalizer=seq_normalizer if sequence else token_normalizer,
+                weights_B_T=targets.seq_weights_N if sequence else None)
+        elif name == "sft":
+            terms[name] = L.sft_cross_entropy(stats.target_logprobs, mask_B_T, normalizer=token_normalizer)
+    return L.combined_loss(terms, {name: cfg.losses[name] for name in terms})
+
+
+def _today_micro_batch_loss(model, cfg, batch, token_normalizer, seq_normalizer):
+    select_B_T = batch.mask_B_T.bool()
+    targets = flatten_targets(batch)
+    need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
+
+    def chunk_loss(stats, start, end):
+        valid_1_n = torch.ones(1, end - start, dtype=torch.bool)
+        return _today_compute_losses(cfg, stats[None], targets.rows(start, end), valid_1_n, token_normalizer,
+                                     seq_normalizer)
+
+    return model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
+                 topk_ids_N_K=targets.topk_ids_N_K if need_topk else None, chunk_tokens=cfg.logits_chunk_tokens)
+
+
+@pytest.fixture(scope="module")
+def stats_shards(tmp_path_factory) -> ShardSet:
+    return _shard_set(tmp_path_factory.mktemp("methods") / "shards", _records())
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_models):
+    from pipeline.models import load_model
+
+    return load_model(tiny_models["student"])
+
+
+LOSS_SETS = {
+    "lightning": ({"lightning": 1.0}, {}),
+    "lightning_token_ppo": ({"lightning": 1.0}, {"importance": "ppo_clip", "normalization": "token"}),
+    "reverse_kl_topk": ({"reverse_kl_topk": 1.0}, {}),
+    "mixed": ({"reverse_kl_topk": 1.0, "lightning": 0.1, "sft": 0.5}, {}),
+}
+NEUTRAL = {
+    "default": {},
+    "paced": {"methods": {"paced": {"alpha": 0.0, "beta": 0.0}}},
+    "position": {"methods": {"position": {"gamma": 0.0}}},
+    "gopd": {"methods": {"gopd": {"lam": 1.0, "k3_guard": 0.0}}},
+    "rows_all": {"rows": {"lightning": "all", "sft": "all", "reverse_kl_topk": "all"}},
+    "all_at_once": {"methods": {"paced": {"alpha": 0.0, "beta": 0.0}, "position": {"gamma": 0.0},
+                                "gopd": {"lam": 1.0}}},
+}
+
+
+@pytest.mark.parametrize("losses", list(LOSS_SETS))
+@pytest.mark.parametrize("method", list(NEUTRAL))
+def test_each_method_at_its_neutral_setting_is_todays_loss_bit_for_bit(method, losses, stats_shards, tiny_student):
+    """The trainer's micro-batch loss (chunked head, 7-token chunks) with a method at its neutral setting equals
+    the frozen pre-methods loss exactly: torch.equal on the loss and on every parameter gradient."""
+    weights, lightning = LOSS_SETS[losses]
+    base = dict(losses=weights, lightning=lightning, logits_chunk_tokens=7)
+    cfg = _cfg(**base, **NEUTRAL[method])
+    rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0]) if cfg.needs_prompt_stats() else None
+    records = _records()
+    batch = collate(records, pad_id=0, rollouts=rollouts)
+    mask = batch.mask_B_T.bool()
+    tok, seq = mask.sum().float(), mask.any(-1).sum().float()
+    student = StudentLM(tiny_student)
+    params = list(tiny_student.parameters())
+
+    ref, _ = _today_micro_batch_loss(student, _cfg(**base), batch, tok, seq)
+    ref_grads = torch.autograd.grad(ref, params)
+    norms = step_norms(cfg, tok, seq, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
+    got, metrics = micro_batch_loss(student, cfg, batch, tok, seq, norms)
+    grads = torch.autograd.grad(got, params)
+    assert abs(ref.item()) > 1e-3
+    assert torch.equal(got, ref)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    if method in ("paced", "position", "all_at_once"):
+        assert metrics["weights/mean"].item() == 1.0 and metrics["weights/token_max"].item() == 1.0
+
+
+# --- prompt statistics --------------------------------------------------------------------------------------------
+
+
+def test_prompt_stats_values_against_the_records(stats_shards):
+    records = _records()
+    table = compute_prompt_stats(stats_shards)
+    assert table.num_rows == len(records)
+    keys = zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist())
+    rows = {key: i for i, key in enumerate(keys)}
+    col = {name: table[name].to_numpy() for name in table.column_names if name != "prompt_id"}
+    for r in records:
+        i = rows[(r.prompt_id, r.sample_index)]
+        group = [x for x in records if x.prompt_id == r.prompt_id]
+        rewards = np.array([x.reward for x in group], dtype=np.float64)
+        assert col["n_rollouts"][i] == len(group) == 4
+        assert col["reward"][i] == r.reward
+        assert col["num_tokens"][i] == len(r.teacher_logprobs)
+        assert col["pass_rate"][i] == pytest.approx(rewards.mean())
+        assert col["reward_mean"][i] == pytest.approx(rewards.mean())
+        assert col["reward_std"][i] == pytest.approx(rewards.std(), abs=1e-7)
+        assert col["teacher_mean"][i] == pytest.approx(np.mean(r.teacher_logprobs.astype(np.float64)), rel=1e-6)
+        assert col["behavior_mean"][i] == pytest.approx(np.mean(r.behavior_logprobs.astype(np.float64)), rel=1e-6)
+    assert sorted(set(col["pass_rate"].tolist())) == [0.25, 0.5, 1.0]
+
+
+def test_prompt_stats_are_written_once_reused_and_recomputed_for_a_changed_set(tmp_path):
+    shards = _shard_set(tmp_path / "s", _records())
+    cfg = _cfg(methods={"paced": {}})
+    table, computed = load_prompt_stats(shards, "data-1")
+    assert computed and (tmp_path / "s" / STATS_FILE).exists()
+    assert pq.read_table(tmp_path / "s" / STATS_FILE).schema.metadata[b"lopd.prompt_stats_key"] == b"data-1"
+    mtime = (tmp_path / "s" / STATS_FILE).stat().st_mtime_ns
+    again, computed = load_prompt_stats(shards, "data-1")
+    assert not computed and again.equals(table) and (tmp_path / "s" / STATS_FILE).stat().st_mtime_ns == mtime
+    assert load_prompt_stats(shards, "data-2")[1]  # another fingerprint: recomputed
+    assert shards.problems() == []  # the stats file does not disturb the set's integrity checks
+    assert rollout_table(cfg, shards, "data-2").pass_rate_R.shape == (12,)
+    assert rollout_table(_cfg(), shards, "data-2") is None  # nothing reads them: not even opened
+
+
+def test_methods_that_read_rewards_refuse_null_rewards_and_single_rollout_prompts(tmp_path):
+    null = _shard_set(tmp_path / "null", _records(reward=False))
+    with pytest.raises(LopdUserError, match=rf"{tmp_path / 'null'}.*train.methods.paced needs each rollout's reward"):
+        rollout_table(_cfg(methods={"paced": {}}), null, "x")
+    with pytest.raises(LopdUserError, match=r"train.rows.sft=correct needs each rollout's reward"):
+        rollout_table(_cfg(rows={"sft": "correct"}), null, "x")
+    single = _shard_set(tmp_path / "single", _records(n_prompts=4, per_prompt=1))
+    with pytest.raises(LopdUserError, match=rf"{tmp_path / 'single'}.*train.methods.paced compares the rollouts"):
+        rollout_table(_cfg(methods={"paced": {}}), single, "x")
+    with pytest.raises(LopdUserError, match=r"train.rows.lightning=solved compares"):
+        rollout_table(_cfg(rows={"lightning": "solved"}), single, "x")
+    assert rollout_table(_cfg(rows={"sft": "correct"}), single, "x") is not None  # correctness needs no group
+
+
+# --- the shared layer: weights, routing, normalisers, schedule, run key ----------------------------------------------
+
+
+def _double_student(tiny_models):
+    from pipeline.models import load_model
+
+    return StudentLM(load_model(tiny_models["student"]).double())
+
+
+def _step_grads(student, cfg, batches):
+    """One step's gradients, micro-batches each normalised by the step's global counts (as ``train_step``)."""
+    tok = sum(b.mask_B_T.sum() for b in batches).double()
+    seq = sum(b.mask_B_T.any(-1).sum() for b in batches).double()
+    sums = torch.tensor(np.sum([local_step_sums(cfg, [b]) for b in batches], axis=0), dtype=torch.float64)
+    norms = step_norms(cfg, tok, seq, sums)
+    student.zero_grad()
+    total = 0.0
+    for b in batches:
+        loss, _ = micro_batch_loss(student, cfg, b, tok, seq, norms)
+        loss.backward()
+        total += loss.item()
+    return total, [p.grad.clone() for p in student.parameters()]
+
+
+def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_shards):
+    """Non-trivial weights (PACED, position) and routed terms: one micro-batch of 8 and 8 micro-batches of 1 give
+    the same loss and gradients (float64), because every normaliser and the PACED scale are the step's."""
+    rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
+    records = _records()[:8]
+    cfg = _cfg(losses={"lightning": 1.0, "reverse_kl_topk": 0.5, "sft": 0.3},
+               rows={"sft": "correct", "reverse_kl_topk": "unsolved"},
+               methods={"paced": {}, "position": {"gamma": 0.5}, "gopd": {"lam": 1.25, "k3_guard": 0.1}})
+    student = _double_student(tiny_models)
+    one = _step_grads(student, cfg, [collate(records, 0, rollouts)])
+    many = _step_grads(student, cfg, [collate([r], 0, rollouts) for r in records])
+    assert abs(one[0]) > 1e-3
+    assert many[0] == pytest.approx(one[0], rel=1e-10)
+    for a, b in zip(one[1], many[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_routing_masks_and_routed_normalisers(tiny_models, stats_shards):
+    """A term routed to correct rows equals the same loss computed on those rows alone (normalised by their
+    tokens); incorrect rows get no gradient from it."""
+    rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
+    records = _records()
+    correct = [r for r in records if r.reward > 0]
+    student = _double_student(tiny_models)
+    routed = _step_grads(student, _cfg(losses={"sft": 1.0}, rows={"sft": "correct"}), [collate(records, 0, rollouts)])
+    alone = _step_grads(student, _cfg(losses={"sft": 1.0}), [collate(correct, 0)])
+    assert routed[0] == pytest.approx(alone[0], rel=1e-12)
+    for a, b in zip(routed[1], alone[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_route_mask_definitions():
+    reward = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0])
+    pass_rate = torch.tensor([1.0, 0.5, 0.5, 0.0, 1.0])
+    assert route_mask("all", reward, pass_rate).tolist() == [True] * 5
+    assert route_mask("correct", reward, pass_rate).tolist() == [True, False, True, False, True]
+    assert route_mask("incorrect", reward, pass_rate).tolist() == [False, True, False, True, False]
+    assert route_mask("solved", reward, pass_rate).tolist() == [True, False, False, False, True]
+    assert route_mask("unsolved", reward, pass_rate).tolist() == [False, True, True, True, False]
+
+
+def test_loss_schedule_phases_and_run_key():
+    cfg = _cfg(losses={"reverse_kl_topk": 1.0}, loss_schedule=[{"until_step": 3, "losses": {"forward_kl_topk": 1.0}},
+                                                               {"until_step": 5, "losses": {"jsd_topk": 1.0}}])
+    assert [next(iter(cfg.losses_at(s))) for s in (1, 3, 4, 5, 6, 100)] == [
+        "forward_kl_topk", "forward_kl_topk", "jsd_topk", "jsd_topk", "reverse_kl_topk", "reverse_kl_topk"]
+    assert cfg.all_losses() == {"reverse_kl_topk", "forward_kl_topk", "jsd_topk"}
+    with pytest.raises(ValueError, match="until_step must increase"):
+        _cfg(loss_schedule=[{"until_step": 5, "losses": {"sft": 1.0}}, {"until_step": 5, "losses": {"sft": 1.0}}])
+    # the key of a run without methods is what it was before they existed; each method setting changes it
+    plain = _cfg()
+    settings = {k: v for k, v in plain.model_dump(mode="json").items()
+                if k not in {"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                             "online", "loss_schedule", "rows", "methods"} | TrainConfig.EXECUTION_ONLY}
+    assert train_run_key(plain, "m", "d") == checkpoint.run_fingerprint({"settings": settings, "student": "m",
+                                                                         "data": "d"})
+    keys = {train_run_key(c, "m", "d") for c in (
+        plain, cfg, _cfg(loss_schedule=[{"until_step": 3, "losses": {"forward_kl_topk": 1.0}}]),
+        _cfg(rows={"sft": "correct"}), _cfg(methods={"paced": {}}), _cfg(methods={"paced": {"alpha": 2.0}}),
+        _cfg(methods={"position": {}}), _cfg(methods={"gopd": {}}))}
+    assert len(keys) == 8
+
+
+# --- PACED ---------------------------------------------------------------------------------------------------------
+
+
+def test_paced_kernel_identities():
+    p = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64)
+    assert torch.equal(paced_kernel(p, 0.0, 0.0), torch.ones_like(p))  # alpha = beta = 0: the base loss
+    w = paced_kernel(p, 1.0, 1.0)
+    torch.testing.assert_close(w, torch.tensor([p_ * (1 - p_) for p_ in p.tolist()], dtype=torch.float64))
+    assert w[0] == 0 and w[-1] == 0 and w.argmax() == 3  # never / always solved: 0; p = 0.5 the most
+    torch.testing.assert_close(paced_kernel(p, 2.0, 0.5), p**2 * (1 - p) ** 0.5)
+    scaled = mean_one(w, w.sum(), torch.tensor(6.0, dtype=torch.float64))
+    assert scaled.mean().item() == pytest.approx(1.0, rel=1e-12)
+    half = torch.full((4,), 0.5, dtype=torch.float64)  # p = 0.5 everywhere: weights 1
+    k = paced_kernel(half, 1.0, 1.0)
+    assert torch.equal(mean_one(k, k.sum(), torch.tensor(4.0, dtype=torch.float64)), torch.ones(4, dtype=torch.float64))
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert torch.equal(mean_one(zero, zero.sum(), torch.tensor(3.0, dtype=torch.float64)), zero)
+
+
+def test_paced_rows_of_solved_prompts_get_no_gradient(stats_shards):
+    """Under alpha = beta = 1, rows whose prompt has pass rate 1 (or 0) carry weight 0: no gradient reaches their
+    tokens; the weights have mean 1 over the step's rows."""
+    rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
+    cfg = _cfg(losses={"lightning": 1.0, "reverse_kl_topk": 1.0}, lightning={"normalization": "token"},
+               methods={"paced": {}})
+    batch = collate(_records(), 0, rollouts)
+    assert sorted(set(batch.pass_rate_B.tolist())) == [0.25, 0.5, 1.0]
+    tok, seq = batch.mask_B_T.sum().double(), batch.mask_B_T.any(-1).sum().double()
+    norms = step_norms(cfg, tok, seq, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
+    weights = paced_kernel(batch.pass_rate_B, 1.0, 1.0) * norms.paced_scale
+    assert weights[batch.mask_B_T.any(-1)].double().mean().item() == pytest.approx(1.0, rel=1e-6)
+    # the gradient through the per-token stats: zero on every token of the solved prompt's rows
+    stats_lp = torch.randn(int(batch.mask_B_T.sum()), dtype=torch.float64, requires_grad=True)
+    targets = flatten_targets(batch, (weights.unsqueeze(-1) * torch.ones_like(batch.mask_B_T, dtype=torch.float32)))
+    from pipeline.head import TokenStats
+
+    n = stats_lp.shape[0]
+    topk = torch.randn(n, K, dtype=torch.float64).log_softmax(-1) - 0.1
+    topk.requires_grad_(True)
+    stats = TokenStats(stats_lp, topk, torch.log1p(-topk.exp().sum(-1)))
+    loss, _ = compute_losses(cfg, stats[None], targets.rows(0, n), torch.ones(1, n, dtype=torch.bool), tok, seq)
+    loss.backward()
+    solved = targets.pass_rate_N == 1.0
+    assert solved.any() and (~solved).any()
+    assert torch.all(stats_lp.grad[solved] == 0) and torch.all(topk.grad[solved] == 0)
+    assert stats_lp.grad[~solved].abs().sum() > 0
+
+
+# --- position weighting --------------------------------------------------------------------------------------------
+
+
+def test_position_weights_against_a_loop_reference():
+    g = torch.Generator().manual_seed(1)
+    gap = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 1, 5, 0])[:, None]
+    gap[2, 1] = 0.0
+    for gamma in (0.0, 0.5, 2.0):
+        w = position_weights(gap, mask, gamma)
+        for b in range(4):
+            valid = [t for t in range(9) if mask[b, t]]
+            total = sum(abs(gap[b, t].item()) for t in valid)
+            before = 0.0
+            for t in valid:
+                ref = 1 + gamma * (1 - before / total)
+                assert w[b, t].item() == pytest.approx(ref, rel=1e-12)
+                before += abs(gap[b, t].item())
+            vals = [w[b, t].item() for t in valid]
+            assert all(1.0 <= v <= 1.0 + gamma for v in vals)
+            assert all(x >= y for x, y in zip(vals, vals[1:]))  # non-increasing
+        if gamma == 0.0:
+            assert torch.equal(w, torch.ones_like(w))
+    # no gap at all in a row: uniform 1 + gamma
+    assert torch.equal(position_weights(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), 0.5),
+                       torch.full((1, 3), 1.5))
+
+
+# --- G-OPD / ExOPD ---------------------------------------------------------------------------------------------------
+
+
+def _pg_case(seed=0, B=3, T=6):
+    g = torch.Generator().manual_seed(seed)
+    student = (-2 * torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+    teacher = -2 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    behavior = -2 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    mask = torch.arange(T)[None, :] < torch.tensor([6, 2, 4])[:, None]
+    return student, teacher, behavior, mask
+
+
+def test_gopd_lambda_one_is_lightning_bit_for_bit_and_the_formula_holds():
+    student, teacher, behavior, mask = _pg_case()
+    for importance in ("none", "truncated", "ppo_clip"):
+        base, _ = L.lightning_pg(student, teacher, behavior, mask, importance=importance)
+        same, _ = L.lightning_pg(student, teacher, behavior, mask, importance=importance, reward_scale=1.0)
+        assert torch.equal(base, same)
+    for lam in (0.5, 1.25, 2.0):
+        loss, metrics = L.lightning_pg(student, teacher, behavior, mask, reward_scale=lam, normalization="token")
+        (grad,) = torch.autograd.grad(loss, student)
+        n = int(mask.sum())
+        ref_loss, ref_grad = 0.0, torch.zeros_like(student)
+        for b, t in zip(*torch.nonzero(mask, as_tuple=True)):
+            lt, lth, lmu = teacher[b, t].item(), student[b, t].item(), behavior[b, t].item()
+            a = lam * (lt - lmu) - (lth - lmu)
+            ref_loss += -a * lth / n
+            ref_grad[b, t] = -a / n
+        assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_gopd_lambda_is_irrelevant_when_the_reference_is_the_teacher():
+    student, teacher, _, mask = _pg_case(seed=2)
+    results = []
+    for lam in (1.0, 1.25, 3.0):
+        loss, _ = L.lightning_pg(student, teacher, teacher, mask, reward_scale=lam)
+        results.append((loss.item(), torch.autograd.grad(loss, student)[0]))
+    for loss, grad in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-12)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-12, atol=1e-15)
+
+
+def test_k3_guard_is_zero_with_zero_gradient_at_the_rollout_policy_and_matches_its_formula():
+    student, teacher, behavior, mask = _pg_case(seed=3)
+    at_mu = behavior.clone().requires_grad_()
+    plain, _ = L.lightning_pg(at_mu, teacher, behavior, mask)
+    guarded, metrics = L.lightning_pg(at_mu, teacher, behavior, mask, k3_guard=0.3)
+    assert metrics["lightning/k3_guard"].item() == 0.0 and guarded.item() == plain.item()
+    g_plain = torch.autograd.grad(plain, at_mu)[0]
+    torch.testing.assert_close(torch.autograd.grad(guarded, at_mu)[0], g_plain, rtol=0, atol=1e-15)
+    _, metrics = L.lightning_pg(student, teacher, behavior, mask, k3_guard=0.3)
+    d = (student - behavior).detach()[mask]
+    assert metrics["lightning/k3_guard"].item() == pytest.approx(((-d).exp() - 1 + d).mean().item(), rel=1e-12)
+    assert metrics["lightning/k3_guard"].item() > 0
+
+
+# --- diagnostics -----------------------------------------------------------------------------------------------------
+
+
+def test_diagnostics_against_full_logit_references(tiny_models):
+    """drift (E_mu[rho log rho]), student mass in the teacher's top-k and top-1 agreement, merged over chunks of
+    the trainer's head, equal the same quantities from full logits; drift is 0 when the student is the rollout
+    policy."""
+    from pipeline.models import load_model
+
+    lm = load_model(tiny_models["student"]).double()
+    records = _records()
+    batch = collate(records, 0)
+    mask = batch.mask_B_T.bool()
+    logits = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1][mask].detach()
+    targets = batch.input_ids_B_L[:, 1:][mask]
+    tt = flatten_targets(batch)
+    logp = logits.log_softmax(-1)
+    lth = logp.gather(-1, targets[:, None])[:, 0]
+    cfg = _cfg(losses={"reverse_kl_topk": 1.0}, logits_chunk_tokens=5)
+    _, metrics = micro_batch_loss(StudentLM(lm), cfg, batch, mask.sum().double(), mask.any(-1).sum().double())
+    rho = (lth - tt.behavior_logprobs_N.double()).exp()
+    assert metrics["diag/drift_kl"].item() == pytest.approx((rho * rho.log()).mean().item(), rel=1e-5)
+    mass = logp.gather(-1, tt.topk_ids_N_K).exp().sum(-1).mean()
+    assert metrics["diag/student_topk_mass"].item() == pytest.approx(mass.item(), rel=1e-6)
+    agree = (logits.argmax(-1) == tt.topk_ids_N_K[:, 0]).double().mean()
+    assert metrics["diag/top1_agree"].item() == pytest.approx(agree.item(), abs=1e-7)
+    # the student as the rollout policy: no drift
+    at_mu = dataclasses.replace(tt, behavior_logprobs_N=lth.float())
+    stats = token_stats(logits, targets, tt.topk_ids_N_K)
+    _, m = compute_losses(cfg, stats[None], at_mu.rows(0, len(targets)), torch.ones(1, len(targets), dtype=torch.bool),
+                          mask.sum().double(), mask.any(-1).sum().double())
+    assert abs(m["diag/drift_kl"].item()) < 1e-6
+
+
+# --- end to end ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
+    """Stages 1-3 with the arithmetic checker on the rollouts (rewards in the shards), then `lopd train` with the
+    loss schedule, routing, PACED, position weighting and G-OPD on: it trains, logs the diagnostics and weight
+    statistics every step, writes the prompt statistics beside the shards once and reuses them."""
+    from pipeline.config import load_run_config
+    from pipeline.stages.registry import run_stage
+    from tests.test_stages import lopd, write_run
+
+    cfg = write_run(tmp_path, trained_models, "train: {steps: 4, batch_size: 8, log_every: 1, shuffle_buffer: 16}")
+    rc = load_run_config(cfg, ["rollouts.checker=arithmetic"])
+    for stage in ("teacher_sft_data", "sft", "rollouts", "teacher_logprobs"):
+        run_stage(stage, rc.stage(stage), show_progress=False)
+    shards = tmp_path / "run" / "teacher_topk"
+    assert all(r.reward is not None for r in _all(shards))
+    sets = ["--set", "train.losses={lightning: 1.0, sft: 0.1}", "--set", "train.rows.sft=correct",
+            "--set", "train.loss_schedule=[{until_step: 2, losses: {reverse_kl_topk: 1.0, lightning: 0.1}}]",
+            "--set", "train.methods.paced={}", "--set", "train.methods.position.gamma=0.5",
+            "--set", "train.methods.gopd={lam: 1.25, k3_guard: 0.01}"]
+    res = lopd("train", "-c", str(cfg), "--set", f"train.out={tmp_path / 'a'}", *sets)
+    assert "prompt statistics computed and written to" in res.stderr
+    assert (shards / STATS_FILE).exists() and ShardSet.open(shards).problems() == []
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "loss/reverse_kl" in rows[0] and "loss/reverse_kl" not in rows[2]  # the schedule switched
+    for key in ("diag/drift_kl", "weights/mean", "weights/token_max", "lightning/k3_guard", "loss/lightning"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert "diag/student_topk_mass" in rows[0] and "diag/top1_agree" in rows[0]
+    assert "rows/sft_frac" in rows[3] and 0.0 <= rows[3]["rows/sft_frac"] <= 1.0
+    assert (tmp_path / "a" / "final" / "config.json").exists()
+    res = lopd("train", "-c", str(cfg), "--set", f"train.out={tmp_path / 'b'}", "--set", "train.steps=1", *sets)
+    assert "prompt statistics read from" in res.stderr
+
+
+def _all(shards):
+    from storage.codecs import decode_table
+
+    s = ShardSet.open(shards)
+    return [r for i in s.complete_indices() for r in decode_table(s.read_shard(i))]
