@@ -120,14 +120,18 @@ class ScaleConfig(Strict):
     packing: bool = Field(False, description="run each micro-batch as one padding-free row (position ids restart "
                           "per sequence; the token budget then counts real tokens); on GPU give the model "
                           "flash-attention 2 or flex attention, on CPU sdpa builds a dense block mask")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="the student's attention kernel (default: the model's, sdpa); flash_attention_2 or "
+        "flex_attention make packing padding-free inside attention too")
     peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one device for the MFU "
                                       "estimate (detected for known GPUs)")
     dist_timeout_minutes: float = Field(30.0, gt=0, description="timeout of collectives under torchrun")
 
     # How a run is spread over devices and measured, not what it computes: left out of run fingerprints, so a
-    # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, packing, timeout).
+    # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, packing, attention kernel, timeout).
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
-        {"fsdp", "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens", "packing"})
+        {"fsdp", "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens", "packing",
+         "attn_implementation"})
 
 
 class SftConfig(ScaleConfig):

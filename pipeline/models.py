@@ -22,15 +22,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
+               attn_implementation: str | None = None) -> torch.nn.Module:
+    """A causal LM from an HF model directory; ``attn_implementation`` (e.g. "flash_attention_2") overrides the
+    model's default (sdpa)."""
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json); run `lopd make-models` or point to an HF model dir")
     with _LOAD_LOCK:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype],
+                                                     attn_implementation=attn_implementation)
     return model.to(device)
 
 
-def model_skeleton(path: str | Path) -> torch.nn.Module:
+def model_skeleton(path: str | Path, attn_implementation: str | None = None) -> torch.nn.Module:
     """The model of ``path`` built on the meta device: its structure, parameter shapes and dtypes, but no
     storage and no weights read (the FSDP2 ranks other than 0 start from this; see ``training.load_student``)."""
     if not (Path(path) / "config.json").exists():
@@ -38,7 +42,7 @@ def model_skeleton(path: str | Path) -> torch.nn.Module:
                                 "to an HF model dir")
     config = AutoConfig.from_pretrained(str(path))
     with _LOAD_LOCK, torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, use_chat_template: bool = True) -> list[int]:

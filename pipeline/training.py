@@ -235,15 +235,16 @@ def count_flop_params(lm: torch.nn.Module) -> int:
     return total if tied else total - embed.weight.numel()
 
 
-def load_student(path: str | Path, info: DistInfo, *, fsdp: bool) -> torch.nn.Module:
+def load_student(path: str | Path, info: DistInfo, *, fsdp: bool,
+                 attn_implementation: str | None = None) -> torch.nn.Module:
     """The student's Hugging Face model, for ``prepare_student``. Under FSDP2 on several ranks only rank 0 reads
     the weights (on CPU); the other ranks build the model on the meta device and receive their shards from rank 0
     in ``prepare_student``, so no rank but 0 ever holds the full model (DDP keeps a full replica per rank)."""
     from pipeline.models import load_model, model_skeleton
 
     if fsdp and info.world_size > 1 and info.rank != 0:
-        return model_skeleton(path)
-    return load_model(path)
+        return model_skeleton(path, attn_implementation)
+    return load_model(path, attn_implementation=attn_implementation)
 
 
 def prepare_student(lm: torch.nn.Module, info: DistInfo, *, fsdp: bool, precision: str = "fp32",

@@ -345,3 +345,19 @@ def test_packed_sft_takes_the_same_steps_as_padded_sft(tiny_models):
         curves[packing] = [m["loss/sft"] for m in seen]
         assert (seen[-1]["perf/padding_frac"] == 0) == packing
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
+
+
+def test_attention_kernel_is_configurable_and_packing_matches_under_eager(tiny_models):
+    """``attn_implementation`` reaches the model; packing's block-diagonal mask is honoured by eager attention
+    too (same loss as padding)."""
+    from pipeline.training import DistInfo, load_student
+
+    lm = load_student(tiny_models["student"], DistInfo(), fsdp=False, attn_implementation="eager")
+    assert lm.config._attn_implementation == "eager"
+    records = _batch(lm.config.vocab_size)
+    batch = collate(records, pad_id=0)
+    mask = batch.mask_B_T.bool()
+    norms = (mask.sum().float(), mask.any(-1).sum().float())
+    losses = [micro_batch_loss(StudentLM(lm), _cfg("mixed").model_copy(update={"packing": p}), batch, *norms)[0]
+              for p in (False, True)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)

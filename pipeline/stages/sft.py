@@ -91,8 +91,8 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
         raise LopdUserError(f"sft.batch_size={cfg.batch_size} must be a multiple of the world size {info.world_size}")
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.student)
-    model = prepare_student(load_student(cfg.student, info, fsdp=cfg.fsdp), info, fsdp=cfg.fsdp,
-                            precision=cfg.precision,
+    lm = load_student(cfg.student, info, fsdp=cfg.fsdp, attn_implementation=cfg.attn_implementation)
+    model = prepare_student(lm, info, fsdp=cfg.fsdp, precision=cfg.precision,
                             activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
     logs = cfg.out.with_name(cfg.out.name + "_logs")
     ckpt_root = logs / "ckpt"

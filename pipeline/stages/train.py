@@ -504,8 +504,8 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
                          f"= {cfg.grad_accum} × {info.world_size}")
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = load_tokenizer(cfg.student)
-    model = prepare_student(load_student(cfg.student, info, fsdp=cfg.fsdp), info, fsdp=cfg.fsdp,
-                            precision=cfg.precision,
+    lm = load_student(cfg.student, info, fsdp=cfg.fsdp, attn_implementation=cfg.attn_implementation)
+    model = prepare_student(lm, info, fsdp=cfg.fsdp, precision=cfg.precision,
                             activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
     model.train()
     opt = make_optimizer(model, cfg.optim)
