@@ -299,8 +299,9 @@ def lightning_pg(
     ``weights_B_T``: the reduction weights, by default ``reduction_weights(mask_B_T, normalization)``;
     a chunked caller passes those of the whole rows.
 
-    ``reward_scale`` = lambda != 1: G-OPD / ExOPD reward extrapolation with the rollout policy mu as the
-    reference (Generalized OPD; formula second-hand, from a summary of the paper, not its code):
+    ``reward_scale`` = lambda != 1: G-OPD / ExOPD reward extrapolation (Yang et al. 2026, arXiv 2602.12125: the
+    per-token reading of their objective E[lambda log(p_T / pref) - KL(p_theta || pref)], not checked against
+    code) with the rollout policy mu as the reference:
 
         A_t = sg(lambda (log p_T(y_t) - log mu(y_t)) - (log p_theta(y_t) - log mu(y_t)))
 
