@@ -281,6 +281,8 @@ class TrainConfig(ScaleConfig):
     grad_accum: int = Field(1, ge=1)
     optim: OptimConfig = OptimConfig(lr=3e-4)
     shuffle_buffer: int = Field(1024, ge=1)
+    prefetch_batches: int = Field(2, ge=0, description="steps of shard data decoded ahead on a background thread "
+                                  "while the current step computes (0: decode inside the step)")
     seed: int = 0
     deterministic: bool = True
     checkpoint_every: int = Field(50, ge=1)
@@ -295,6 +297,9 @@ class TrainConfig(ScaleConfig):
         "incorrect (reward > 0 or not), solved / unsolved (the prompt's pass rate is 1 or not); each term is "
         "normalised by the step's global count of its routed tokens")
     methods: MethodsConfig = MethodsConfig()
+
+    # prefetching changes when data is decoded, never which: a checkpoint resumes with it on or off
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = ScaleConfig.EXECUTION_ONLY | {"prefetch_batches"}
 
     @model_validator(mode="after")
     def _one_way_to_split(self) -> "TrainConfig":

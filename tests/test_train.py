@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 from pipeline.config import load_run_config
 from pipeline.models import load_model
 from pipeline.stages.registry import run_stage
-from pipeline.stages.train import batch_loss, collate
+from pipeline.stages.train import ShardBatches, batch_loss, collate, run_train
+from pipeline.training import DistInfo
 from storage.codecs import decode_table
 from storage.shardset import ShardSet
 from tests.test_stages import lopd, write_run
@@ -285,3 +287,48 @@ def test_torchrun_sft_two_processes_match_one_process(shards_run, fsdp):
     a_sd, b_sd = load_model(single).state_dict(), load_model(multi).state_dict()
     assert all(torch.allclose(a_sd[k], b_sd[k], atol=1e-4) for k in a_sd)
     assert (multi / "lopd_provenance.json").exists() and not (tmp / f"{multi.name}_logs" / "ckpt").exists()
+
+
+def _curve(out: Path) -> list[float]:
+    return [json.loads(x)["loss/total"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    a_sd, b_sd = load_model(a).state_dict(), load_model(b).state_dict()
+    return a_sd.keys() == b_sd.keys() and all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
+
+
+def test_prefetching_trainer_matches_the_synchronous_reader_and_resumes_exactly(shards_run):
+    """Decoding ahead on a thread changes no step: a run stopped at step 3 (prefetch 3), resumed to 5 with
+    the synchronous reader, then to the end with prefetch 2, has the loss curve and final weights of an
+    uninterrupted synchronous run. No prefetch thread outlives its run."""
+    tmp, cfg = shards_run
+    common = ["train.steps=8", "train.checkpoint_every=2"]
+    ref = load_run_config(cfg, [f"train.out={tmp / 'sync'}", "train.prefetch_batches=0", *common]).stage("train")
+    run_stage("train", ref, show_progress=False)
+    out = tmp / "prefetch"
+    for depth, stop in ((3, 3), (0, 5), (2, None)):
+        tcfg = load_run_config(cfg, [f"train.out={out}", f"train.prefetch_batches={depth}", *common]).stage("train")
+        run_train(tcfg, show_progress=False, stop_after=stop)
+        assert not [t for t in threading.enumerate() if t.name == "lopd-prefetch"]
+    assert len(_curve(tmp / "sync")) == 8 and _curve(out) == _curve(tmp / "sync")
+    assert _same_weights(tmp / "sync" / "final", out / "final")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["perf/data_wait_frac"] < 1 for r in rows)
+
+
+def test_lightning_only_run_reads_no_topk_and_trains_as_with_it(shards_run):
+    """On k > 0 shards a `lightning`-only run skips the top-k columns (its records carry [R, 0] top-k) and
+    trains exactly like the same objective read with the top-k (a zero-weight top-k loss makes it read them)."""
+    tmp, cfg = shards_run
+    outs = {}
+    for name, losses in (("lean", "{lightning: 1.0}"), ("full", "{lightning: 1.0, reverse_kl_topk: 0.0}")):
+        overrides = [f"train.out={tmp / name}", f"train.losses={losses}", "train.steps=4"]
+        tcfg = load_run_config(cfg, overrides).stage("train")
+        source = ShardBatches(tcfg, DistInfo(), micro=4, start=None)
+        k = source.next_records(4, 1)[0].topk_ids.shape[1]
+        assert (k == 0) == (name == "lean"), (name, k)
+        run_stage("train", tcfg, show_progress=False)
+        outs[name] = tmp / name
+    assert _curve(outs["lean"]) == _curve(outs["full"]) and len(_curve(outs["lean"])) == 4
+    assert _same_weights(outs["lean"] / "final", outs["full"] / "final")

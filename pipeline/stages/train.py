@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -54,6 +55,7 @@ from pipeline.training import (
 )
 from pipeline.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask
 from storage.prompt_stats import load_prompt_stats, require_group_stats
+from storage.prefetch import prefetch
 from storage.reader import ReaderState, iter_batches
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet, file_sha256
@@ -406,18 +408,34 @@ class BatchSource(Protocol):
 
 
 class ShardBatches:
-    """The offline source: this rank's slice of the shuffled, resumable shard stream."""
+    """The offline source: this rank's slice of the shuffled, resumable shard stream, one step (``grad_accum``
+    reader batches of ``micro`` records) at a time. The top-k columns are read only when a loss of the run
+    needs them. With ``cfg.prefetch_batches`` > 0 a background thread (``storage.prefetch``) decodes that many
+    steps ahead while the current one computes, so the step waits (StepMeter's data wait) only for what
+    decoding could not hide. Each step comes with the reader state after it: a checkpoint holds the position
+    of the last step used, whatever was decoded ahead, and resumes exactly."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, micro: int, start: ReaderState | None):
-        self.stream = iter_batches(cfg.shards, micro, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                                   rank=info.rank, world_size=info.world_size, start=start)
+        stream = iter_batches(cfg.shards, micro, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, rank=info.rank,
+                              world_size=info.world_size, start=start,
+                              need_topk=bool(cfg.all_losses() & TOPK_LOSSES))
+        steps = self._steps(stream, cfg.grad_accum)
+        self.steps = prefetch(steps, cfg.prefetch_batches) if cfg.prefetch_batches else steps
         self.position: ReaderState | None = start
 
+    @staticmethod
+    def _steps(stream: Iterator[tuple[list[TeacherRecord], ReaderState]], parts: int
+               ) -> Iterator[tuple[list[TeacherRecord], ReaderState]]:
+        while True:
+            records: list[TeacherRecord] = []
+            for _ in range(parts):
+                batch, position = next(stream)
+                records.extend(batch)
+            yield records, position
+
     def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
-        records: list[TeacherRecord] = []
-        for _ in range(parts):  # the stream yields `micro` records at a time: parts x micro = n
-            batch, self.position = next(self.stream)
-            records.extend(batch)
+        """The next step's records; ``parts`` x ``micro`` = ``n``, both fixed when the source was made."""
+        records, self.position = next(self.steps)
         return records
 
     def state_dict(self) -> dict[str, Any]:
