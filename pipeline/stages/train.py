@@ -54,8 +54,8 @@ from pipeline.training import (
     unwrap,
 )
 from pipeline.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask
-from storage.prompt_stats import load_prompt_stats, require_group_stats
 from storage.prefetch import prefetch
+from storage.prompt_stats import load_prompt_stats, require_group_stats
 from storage.reader import ReaderState, iter_batches
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet, file_sha256
