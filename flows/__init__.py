@@ -1,8 +1,9 @@
 """Prefect flows and deployments over the stage functions of ``pipeline/``. No math here.
 
-- ``flows.tasks``: one task per stage (cached by its config and the fingerprints of its inputs), the runner
-  that turns each step of ``pipeline.demo`` into a task, and the artifact publishers.
-- ``flows.stages``: one flow per stage and ``lightning-opd``, which chains the stages of a run config.
+- ``flows.tasks``: one task per stage (cached by its config and the fingerprints of its inputs), the demo's
+  steps as tasks, and the artifact publishers.
+- ``flows.stages``: one flow per stage and ``lightning-opd``, which chains the stages of a run config (or runs
+  the demo's steps in order).
 - ``flows.demo``: ``demo_flow``, what ``lopd demo --prefect`` calls.
 - ``flows.deployments``: ``serve_all``, what ``lopd serve`` calls.
 

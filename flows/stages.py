@@ -9,13 +9,15 @@ that runs the flow (for a deployment: where ``lopd serve`` was started). The sha
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 from typing import Any, Literal
 
 from prefect import flow
 
-from flows.tasks import publish_plots, publish_report, run_stage_parts, run_stage_task, task_runner
+from flows.tasks import (demo_report, demo_step, demo_world, publish_plots, publish_report, run_stage_parts,
+                         run_stage_task)
 from pipeline.config import STAGES, load_run_config
+from pipeline.demo import demo_plan
 
 Runner = Literal["threads", "dask", "ray"]  # see flows.tasks.make_task_runner
 
@@ -69,14 +71,16 @@ def lightning_opd(config_path: str, overrides: list[str] | None = None, run_dir:
                   demo: bool = False) -> dict[str, Any]:
     """Every stage of the run config in order; with demo=True the whole demo (world, ablations, report)."""
     cfg = load_run_config(config_path, overrides, run_dir)
-    if demo:
-        from pipeline.demo import run_demo
-
-        result = run_demo(cfg, runner=task_runner, show_progress=False, print_table=False)
-        publish_report(Path(result["run_dir"]) / "demo.md")
-        publish_plots(result["plots"])
-        return result
-    return {name: run_stage_task(cfg, name) for name in STAGES if name in cfg.sections}
+    if not demo:
+        return {name: run_stage_task(cfg, name) for name in STAGES if name in cfg.sections}
+    started = time.perf_counter()
+    world = demo_world(cfg)
+    plan = demo_plan(cfg, world)  # every stage run of the demo, in order: Lightning OPD, ablations, evals
+    results = {name: demo_step(plan, name) for name in plan.steps}
+    report = demo_report(plan, world, results, started)
+    publish_report(plan.run_dir / "demo.md")
+    publish_plots(report["plots"])
+    return report
 
 
 STAGE_FLOWS = {

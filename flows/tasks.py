@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -24,14 +24,14 @@ from pydantic import BaseModel
 
 from pipeline.config import (EvalConfig, RolloutsConfig, RunConfig, SftConfig, TeacherLogprobsConfig,
                              TeacherSftDataConfig, TrainConfig)
+from pipeline import demo
 from pipeline.fingerprint import model_fingerprint
+from pipeline.stages.common import StageResult
 from pipeline.stages.registry import online_train_config, run_stage
 from storage.shardset import file_sha256
 
-T = TypeVar("T")
-
 RESULTS_DIR = ".prefect/results"  # inside run_dir
-DATA_STEPS = {"teacher_sft_data", "rollouts", "teacher_logprobs", "teacher_logprobs_B"}  # retried once in the demo
+DATA_STAGES = {"teacher_sft_data", "rollouts", "teacher_logprobs"}  # retried once (a demo step too)
 
 
 # --- cache keys -------------------------------------------------------------------------------------------
@@ -198,12 +198,31 @@ def run_stage_parts(cfg: RunConfig, name: str, num_parts: int, runner: str = "th
 
 
 # --- the demo's steps as tasks ----------------------------------------------------------------------------
+# Not cached by Prefect: every demo step skips the work it finds complete on disk.
 
 
-def task_runner(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Runner for ``pipeline.demo.run_demo``: each demo step runs as a Prefect task named after the step."""
-    step = Task(fn, name=name, cache_policy=NO_CACHE, retries=1 if name in DATA_STEPS else 0, retry_delay_seconds=10)
-    return step(*args, **kwargs)
+@task(name="world", cache_policy=NO_CACHE)
+def demo_world(cfg: RunConfig) -> dict[str, Any]:
+    """The demo world: prompt files, models, the two bootstrapped teachers (reused when complete)."""
+    return demo.demo_world(cfg, show_progress=False)
+
+
+@task(cache_policy=NO_CACHE, retry_delay_seconds=10)
+def _demo_step(plan: demo.DemoPlan, name: str) -> StageResult:
+    return demo.run_demo_step(plan, name, show_progress=False)
+
+
+def demo_step(plan: demo.DemoPlan, name: str) -> StageResult:
+    """Step ``name`` of the demo's plan as a task named after the step; data stages are retried once."""
+    retries = 1 if plan.steps[name].stage in DATA_STAGES else 0
+    return _demo_step.with_options(name=name, retries=retries)(plan, name)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def demo_report(plan: demo.DemoPlan, world: dict[str, Any], results: dict[str, StageResult],
+                started: float) -> dict[str, Any]:
+    """The demo's report: accuracies, time to accuracy, plots (demo.json, demo.md)."""
+    return demo.demo_report(plan, world, results, started)
 
 
 # --- artifacts --------------------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ paper's points visible, and a control that keeps the comparison honest.
    data for the same number of steps (the control at equal training steps).
 4. Report: accuracies, stage wall times, time to reach Lightning OPD's final accuracy offline vs online.
 
-The steps run through a ``runner`` so that ``flows/`` can execute the very same sequence as Prefect tasks.
+The steps are plain functions (``demo_world``, ``demo_plan``, ``run_demo_step``, ``demo_report``): ``run_demo``
+calls them in order for the CLI, and the ``lightning-opd`` flow calls each as a Prefect task.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,13 +36,6 @@ from pipeline.stages.common import StageResult, log
 from pipeline.stages.evaluate import evaluate, markdown_table
 from pipeline.tasks import arithmetic
 from pipeline.training import read_metrics, save_hf_model, seed_everything, sft_train
-
-Runner = Callable[..., Any]
-
-
-def direct_runner(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return fn(*args, **kwargs)
-
 
 # --- the world ------------------------------------------------------------------------------------
 
@@ -176,85 +171,126 @@ def plot_demo(curves: dict[str, tuple[Curve, float]], out: Path) -> Path:
     return out
 
 
-# --- the demo ------------------------------------------------------------------------------------------
+# --- the demo's steps: plain functions that run_demo (the CLI) and the lightning-opd flow (flows/) both call ---
 
 
-def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool = True,
-             print_table: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DemoStep:
+    """One stage run of the demo: a registry stage and its config (train runs also record the accuracy probe)."""
+
+    stage: str
+    cfg: Any
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Every stage run of the demo, in order, with its config; derived up front from the run config and the
+    world, so that each entry point only runs the steps one after the other."""
+
+    run_dir: Path
+    demo: DemoConfig
+    probe_model: Path  # the SFT student dir: the probe's tokenizer
+    test_prompts: Path
+    steps: dict[str, DemoStep]
+    evals: dict[str, str]  # row of the accuracy table -> its eval step
+
+
+def demo_world(cfg: RunConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Step 1: prompt files, models and the two bootstrapped teachers (A and B), reused when complete."""
+    t0 = time.perf_counter()
+    world = ensure_world(cfg, ("A", "B"), show_progress)
+    world["seconds"] = round(time.perf_counter() - t0, 2)
+    _keep_timing(Path(cfg.run_dir), "world", world["seconds"])
+    return world
+
+
+def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
+    """The demo's stage runs in order: Lightning OPD, the three ablations, then an eval of every model."""
     demo = cfg.demo()
-    run_dir = Path(cfg.run_dir)
-    ablations = run_dir / "ablations"
-    t_start = time.perf_counter()
-    wall: dict[str, float] = {}
-    reused: list[str] = []
-    # Compute seconds of each stage when it really ran, kept across reruns (a reused stage costs ~0 now,
-    # but the time-to-accuracy comparison needs what it cost when it ran).
-    timings_path = run_dir / "demo_timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-
-    def step(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        result = runner(name, fn, *args, **kwargs)
-        wall[name] = round(time.perf_counter() - t0, 2)
-        if isinstance(result, StageResult) and result.skipped:
-            reused.append(name)
-        else:
-            timings[name] = wall[name]
-            run_dir.mkdir(parents=True, exist_ok=True)
-            timings_path.write_text(json.dumps(timings, indent=2))
-        return result
-
-    world = step("world", ensure_world, cfg, ("A", "B"), show_progress)
-    for s, t in world["teachers"].items():
-        wall[f"bootstrap_teacher_{s}"] = round(t["seconds"], 2)
-        if t["skipped"]:
-            reused.append(f"bootstrap_teacher_{s}")
-    test = load_prompts(world["prompts"]["test"])
-    probe_prompts = test[: demo.probe_prompts]
-
-    # Lightning OPD
-    sft_data = step("teacher_sft_data", registry.run_stage, "teacher_sft_data", cfg.stage("teacher_sft_data"), show_progress)
+    ablations = Path(cfg.run_dir) / "ablations"
     sft_cfg: SftConfig = cfg.stage("sft")
-    step("sft", registry.run_stage, "sft", sft_cfg, show_progress)
-    step("rollouts", registry.run_stage, "rollouts", cfg.stage("rollouts"), show_progress)
-    tl_cfg = cfg.stage("teacher_logprobs")
-    step("teacher_logprobs", registry.run_stage, "teacher_logprobs", tl_cfg, show_progress)
+    roll_cfg, tl_cfg = cfg.stage("rollouts"), cfg.stage("teacher_logprobs")
     train_cfg: TrainConfig = cfg.stage("train")
-    probe = accuracy_probe(sft_cfg.out, probe_prompts, demo.max_new_tokens)
-    step("train_lightning", _train, train_cfg, show_progress, probe, demo.probe_every)
-
     # (a) teacher inconsistency: same rollouts, scored by teacher B
     tl_b = tl_cfg.model_copy(update={"teacher": world["teachers"]["B"]["dir"], "out": ablations / "teacher_topk_B",
                                      "allow_teacher_mismatch": True})
-    step("teacher_logprobs_B", registry.run_stage, "teacher_logprobs", tl_b, show_progress)
     train_b = train_cfg.model_copy(update={"shards": tl_b.out, "out": ablations / "train_inconsistent"})
-    step("train_inconsistent", _train, train_b, show_progress, probe, demo.probe_every)
-
     # (b) online OPD: live teacher every step, same batch / losses; a longer budget (online_steps_factor) so
     # that the time it needs to reach Lightning OPD's accuracy is measured, not only bounded
-    roll_cfg = cfg.stage("rollouts")
     online = OnlineConfig(teacher=tl_cfg.teacher, prompts=roll_cfg.prompts, sampling=roll_cfg.sampling, k=tl_cfg.k,
                           use_chat_template=roll_cfg.use_chat_template)
     train_online = train_cfg.model_copy(update={"online": online, "out": ablations / "train_online",
                                                 "steps": int(train_cfg.steps * demo.online_steps_factor)})
-    step("train_online", _train, train_online, show_progress, probe, demo.probe_every)
-
     # (c) control: SFT continued on the teacher's data for the same number of steps
     control = sft_cfg.model_copy(update={"student": sft_cfg.out, "out": ablations / "sft_continued",
                                          "steps": train_cfg.steps, "batch_size": train_cfg.batch_size})
-    step("sft_continued", registry.run_stage, "sft", control, show_progress)
-
+    steps = {
+        "teacher_sft_data": DemoStep("teacher_sft_data", cfg.stage("teacher_sft_data")), "sft": DemoStep("sft", sft_cfg),
+        "rollouts": DemoStep("rollouts", roll_cfg), "teacher_logprobs": DemoStep("teacher_logprobs", tl_cfg),
+        "train_lightning": DemoStep("train", train_cfg),
+        "teacher_logprobs_B": DemoStep("teacher_logprobs", tl_b),
+        "train_inconsistent": DemoStep("train", train_b),
+        "train_online": DemoStep("train", train_online),
+        "sft_continued": DemoStep("sft", control),
+    }
     # eval everything on the full held-out set
     models = {"teacher": world["teachers"]["A"]["dir"], "teacher_B": world["teachers"]["B"]["dir"],
               "sft": sft_cfg.out, "lightning_opd": train_cfg.out / "final",
               "inconsistent_teacher": train_b.out / "final", "online_opd": train_online.out / "final",
               "sft_continued": control.out}
-    evals: dict[str, dict[str, Any]] = {}
     for name, model_dir in models.items():
-        ecfg = EvalConfig(model=model_dir, prompts=world["prompts"]["test"], out=run_dir / "eval" / name,
-                          max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512))
-        step(f"eval_{name}", registry.run_stage, "eval", ecfg, False)
-        evals[name] = json.loads((ecfg.out / "eval.json").read_text())
+        steps[f"eval_{name}"] = DemoStep("eval", EvalConfig(
+            model=model_dir, prompts=world["prompts"]["test"], out=Path(cfg.run_dir) / "eval" / name,
+            max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512)))
+    return DemoPlan(run_dir=Path(cfg.run_dir), demo=demo, probe_model=sft_cfg.out,
+                    test_prompts=world["prompts"]["test"], steps=steps, evals={m: f"eval_{m}" for m in models})
+
+
+def run_demo_step(plan: DemoPlan, name: str, show_progress: bool = True) -> StageResult:
+    """One step of the plan; the result's ``wall_seconds`` is the step's, kept in demo_timings.json when the
+    stage really ran (not when it found its output complete)."""
+    step = plan.steps[name]
+    t0 = time.perf_counter()
+    if step.stage == "train":
+        from pipeline.stages.train import run_online_train, run_train
+
+        probe_prompts = load_prompts(plan.test_prompts)[: plan.demo.probe_prompts]
+        probe = accuracy_probe(plan.probe_model, probe_prompts, plan.demo.max_new_tokens)
+        train = run_train if step.cfg.online is None else run_online_train
+        result = train(step.cfg, show_progress=show_progress, eval_hook=probe, eval_every=plan.demo.probe_every)
+    else:
+        result = registry.run_stage(step.stage, step.cfg, show_progress and step.stage != "eval")
+    result = replace(result, wall_seconds=round(time.perf_counter() - t0, 2))
+    if not result.skipped:
+        _keep_timing(plan.run_dir, name, result.wall_seconds)
+    return result
+
+
+def _keep_timing(run_dir: Path, name: str, seconds: float) -> None:
+    # Compute seconds of each step when it really ran, kept across reruns (a reused stage costs ~0 now,
+    # but the time-to-accuracy comparison needs what it cost when it ran).
+    path = run_dir / "demo_timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**timings, name: seconds}, indent=2))
+
+
+def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageResult],
+                started: float) -> dict[str, Any]:
+    """The last step: accuracies, time to Lightning OPD's accuracy offline vs online, plots; writes demo.json
+    and demo.md. ``started``: ``time.perf_counter()`` when the demo began."""
+    run_dir = plan.run_dir
+    train_cfg, train_b = plan.steps["train_lightning"].cfg, plan.steps["train_inconsistent"].cfg
+    train_online, control = plan.steps["train_online"].cfg, plan.steps["sft_continued"].cfg
+    wall = {"world": world["seconds"], **{f"bootstrap_teacher_{s}": round(t["seconds"], 2)
+                                          for s, t in world["teachers"].items()}}
+    reused = [f"bootstrap_teacher_{s}" for s, t in world["teachers"].items() if t["skipped"]]
+    wall.update({name: r.wall_seconds for name, r in results.items()})
+    reused += [name for name, r in results.items() if r.skipped]
+    evals = {row: json.loads((plan.steps[step].cfg.out / "eval.json").read_text())
+             for row, step in plan.evals.items()}
+    timings_path = run_dir / "demo_timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
     # time to Lightning OPD's final accuracy (on the probe set), offline including its one-time precompute
     offline_curve = accuracy_curve(train_cfg.out / "metrics.jsonl")
@@ -275,10 +311,7 @@ def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool
         "online_training_curves": str(train_online.out / "curves.png"),
     }
     result = {
-        "accuracy": {"teacher": evals["teacher"]["pass@1"], "teacher_B": evals["teacher_B"]["pass@1"],
-                     "sft": evals["sft"]["pass@1"], "lightning_opd": evals["lightning_opd"]["pass@1"],
-                     "inconsistent_teacher": evals["inconsistent_teacher"]["pass@1"],
-                     "online_opd": evals["online_opd"]["pass@1"], "sft_continued": evals["sft_continued"]["pass@1"]},
+        "accuracy": {row: evals[row]["pass@1"] for row in plan.evals},
         "time_to_accuracy": {
             "target_probe_accuracy": target, "offline_seconds": t_off, "online_seconds": t_on,
             "offline_precompute_seconds": round(precompute, 2),
@@ -292,25 +325,32 @@ def run_demo(cfg: RunConfig, runner: Runner = direct_runner, show_progress: bool
                 ("inconsistent_teacher", inconsistent_curve))},
         "budgets": {"offline_steps": train_cfg.steps, "online_steps": train_online.steps,
                     "sft_continued_steps": control.steps, "batch_size": train_cfg.batch_size},
-        "wall_seconds": {**wall, "total": round(time.perf_counter() - t_start, 2)},
+        "wall_seconds": {**wall, "total": round(time.perf_counter() - started, 2)},
         "reused_stages": reused,
-        "sft_data": sft_data.summary if isinstance(sft_data, StageResult) else None,
-        "test_prompts": len(test),
+        "sft_data": results["teacher_sft_data"].summary,
+        "test_prompts": len(load_prompts(plan.test_prompts)),
         "plots": plots,
         "run_dir": str(run_dir),
     }
     (run_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     (run_dir / "demo.md").write_text(_markdown(result, evals))
-    if print_table:
-        print_demo_table(result)
     return result
 
 
-def _train(cfg: TrainConfig, show_progress: bool, probe: Callable, every: int) -> StageResult:
-    from pipeline.stages.train import run_online_train, run_train
+# --- the demo ------------------------------------------------------------------------------------------
 
-    train = run_train if cfg.online is None else run_online_train
-    return train(cfg, show_progress=show_progress, eval_hook=probe, eval_every=every)
+
+def run_demo(cfg: RunConfig, show_progress: bool = True, print_table: bool = True) -> dict[str, Any]:
+    """``lopd demo``: the world, every step of the plan in order, the report (flows.stages.lightning_opd runs
+    the same steps as Prefect tasks)."""
+    started = time.perf_counter()
+    world = demo_world(cfg, show_progress)
+    plan = demo_plan(cfg, world)
+    results = {name: run_demo_step(plan, name, show_progress) for name in plan.steps}
+    result = demo_report(plan, world, results, started)
+    if print_table:
+        print_demo_table(result)
+    return result
 
 
 def _markdown(result: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:

@@ -142,6 +142,62 @@ def test_lightning_opd_flow_runs_every_stage_in_order(prefect_api, tmp_path, tin
         stages.train_flow(config_path=str(config), online=True)
 
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+TINY_DEMO = ["demo.digits=2", "demo.train_prompts=16", "demo.opd_prompts=16", "demo.test_prompts=16",
+             "demo.teacher_steps=3", "demo.teacher_batch_size=8", "demo.probe_prompts=4", "demo.probe_every=1",
+             "demo.max_new_tokens=12", "demo.online_steps_factor=1.0", "teacher_sft_data.sampling.max_new_tokens=12",
+             "rollouts.sampling.max_new_tokens=12", "rollouts.sampling.n=1", "sft.steps=2", "sft.batch_size=4",
+             "train.steps=2", "train.batch_size=4", "train.checkpoint_every=1", "train.log_every=1",
+             "eval.max_new_tokens=12"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_demo_flow_runs_each_step_as_a_task_and_equals_the_cli_demo(prefect_api, tmp_path):
+    """lightning-opd with demo=True: the world, every step of the demo's plan in order and the report, each a
+    task named after the step; the artifacts; and `lopd demo` (no Prefect) on the same run dir runs the same
+    steps: it reuses every trained one and reports the same accuracies and times."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    from pipeline.demo import demo_plan, run_demo
+
+    run_dir = tmp_path / "demo"
+    state = stages.lightning_opd(config_path=str(DEMO_CONFIG), overrides=TINY_DEMO, run_dir=str(run_dir), demo=True,
+                                 return_state=True)
+    report = state.result()
+    assert json.loads((run_dir / "demo.json").read_text()) == json.loads(json.dumps(report, default=str))
+
+    async def flow_run_records():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+            artifacts = {a.key: a.data for a in await client.read_artifacts()
+                         if a.flow_run_id == state.state_details.flow_run_id}
+            return [r.name.rsplit("-", 1)[0] for r in runs], artifacts
+
+    task_names, artifacts = asyncio.run(flow_run_records())
+    cfg = load_run_config(DEMO_CONFIG, TINY_DEMO, run_dir)
+    world = {"prompts": {"test": run_dir / "world/prompts/test.jsonl"},
+             "teachers": {s: {"dir": run_dir / f"world/teacher_{s}"} for s in "AB"}}
+    steps = list(demo_plan(cfg, world).steps)
+    assert steps[:5] == ["teacher_sft_data", "sft", "rollouts", "teacher_logprobs", "train_lightning"]
+    assert task_names == ["world", *steps, "report", "publish_report", "publish_plots"]
+    assert artifacts["lopd-report"] == (run_dir / "demo.md").read_text()
+    assert "demo_accuracy.png" in artifacts["plots"]
+    assert report["reused_stages"] == [] and list(report["wall_seconds"])[3:-1] == steps
+
+    again = run_demo(cfg, show_progress=False, print_table=False)
+    trained = [s for s in steps if not s.startswith("eval_")]  # an eval always runs (greedy: same accuracy)
+    assert again["reused_stages"] == ["bootstrap_teacher_A", "bootstrap_teacher_B", *trained]
+    assert again["accuracy"] == report["accuracy"]
+    assert again["time_to_accuracy"] == report["time_to_accuracy"]  # the compute seconds of the first run, kept
+
+
 @pytest.mark.parametrize("runner", ["threads", pytest.param("dask", marks=pytest.mark.integration)])
 def test_rollouts_flow_spreads_shards_over_parallel_tasks(prefect_api, tmp_path, tiny_models, runner):
     """num_parts tasks on the chosen task runner (threads; a local Dask cluster of worker processes) write
