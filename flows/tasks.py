@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,11 @@ from prefect.context import TaskRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from pipeline.config import (EvalConfig, RolloutsConfig, RunConfig, SftConfig, TeacherLogprobsConfig,
-                             TeacherSftDataConfig, TrainConfig)
+from pipeline.config import (EngineConfig, EvalConfig, RolloutsConfig, RunConfig, SftConfig,
+                             TeacherLogprobsConfig, TeacherSftDataConfig, TrainConfig)
 from pipeline import demo
 from pipeline.fingerprint import model_fingerprint
+from pipeline.engines import engine_gpus
 from pipeline.stages.common import StageResult
 from pipeline.stages.registry import online_train_config, run_stage
 from storage.shardset import file_sha256
@@ -174,12 +176,30 @@ def make_task_runner(kind: str, num_parts: int, address: str | None = None) -> T
     raise ValueError(f"unknown task runner {kind!r}: choose one of {', '.join(TASK_RUNNERS)}")
 
 
+def part_remote_options(engine: EngineConfig, cluster_gpus: float) -> dict[str, Any]:
+    """Ray resources of one shard-part task: on a cluster with GPUs, the GPUs its engine occupies (vLLM: tensor x
+    data parallel size; hf: one), so Ray places each engine group on free GPUs; none on a CPU-only cluster."""
+    return {"num_gpus": engine_gpus(engine) if cluster_gpus > 0 else 0}
+
+
+def _part_options(runner: str, engine: EngineConfig) -> AbstractContextManager:
+    if runner != "ray":
+        return nullcontext()
+    import ray
+    from prefect_ray.context import remote_options
+
+    return remote_options(**part_remote_options(engine, ray.cluster_resources().get("GPU", 0)))
+
+
 @flow(name="shard-parts")
-def shard_parts_flow(stage_cfg: BaseModel, name: str, num_parts: int, results_dir: str) -> list[dict[str, Any]]:
-    """One stage task per part on this flow's task runner (set by ``run_stage_parts``)."""
+def shard_parts_flow(stage_cfg: BaseModel, name: str, num_parts: int, results_dir: str,
+                     runner: str = "threads") -> list[dict[str, Any]]:
+    """One stage task per part on this flow's task runner (set by ``run_stage_parts``); on Ray each part declares
+    the GPUs its engine needs (``part_remote_options``)."""
     stage_task = STAGE_TASKS[name].with_options(result_storage=Path(results_dir))
-    futures = [stage_task.submit(stage_cfg.model_copy(update={"num_parts": num_parts, "part": part}))
-               for part in range(num_parts)]
+    with _part_options(runner, stage_cfg.engine):
+        futures = [stage_task.submit(stage_cfg.model_copy(update={"num_parts": num_parts, "part": part}))
+                   for part in range(num_parts)]
     return [f.result() for f in futures]
 
 
@@ -192,7 +212,7 @@ def run_stage_parts(cfg: RunConfig, name: str, num_parts: int, runner: str = "th
         return run_stage_task(cfg, name)
     spread = shard_parts_flow.with_options(task_runner=make_task_runner(runner, num_parts, address),
                                            flow_run_name=f"{name}-x{num_parts}-{runner}")
-    parts = spread(cfg.stage(name), name, num_parts, str(Path(cfg.run_dir).resolve() / RESULTS_DIR))
+    parts = spread(cfg.stage(name), name, num_parts, str(Path(cfg.run_dir).resolve() / RESULTS_DIR), runner)
     final = STAGE_TASKS[name].with_options(cache_policy=NO_CACHE)(cfg.stage(name))
     return {**final, "parts": parts}
 

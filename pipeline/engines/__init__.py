@@ -26,3 +26,9 @@ def make_engine(model_dir: str, cfg: EngineConfig, seed: int = 0, max_logprobs: 
     from pipeline.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(model_dir, cfg, seed=seed, max_logprobs=max_logprobs)
+
+
+def engine_gpus(cfg: EngineConfig) -> int:
+    """GPUs one worker of the configured engine occupies on a GPU machine: vLLM runs ``data_parallel_size``
+    groups of ``tensor_parallel_size`` GPUs each; the hf engine one GPU."""
+    return cfg.tensor_parallel_size * cfg.data_parallel_size if cfg.name == "vllm" else 1
