@@ -116,7 +116,7 @@ class ScaleConfig(Strict):
         "a sequence longer than the budget runs alone")
     logits_chunk_tokens: int | None = Field(
         None, ge=1, description="tokens per chunk of the LM head: the largest logit block that exists at once is "
-        "this x vocab (default: 2^26 logits per chunk, 441 tokens at vocab 151,936, at most 8,192)")
+        "this x vocab (default: 2^25 logits per chunk, 220 tokens at vocab 151,936, at most 8,192)")
     packing: bool = Field(False, description="run each micro-batch as one padding-free row (position ids restart "
                           "per sequence; the token budget then counts real tokens); on GPU give the model "
                           "flash-attention 2 or flex attention, on CPU sdpa builds a dense block mask")

@@ -79,10 +79,10 @@ def token_stats(logits_V: torch.Tensor, target_ids: torch.Tensor, topk_ids_K: to
     return TokenStats(target, topk, tail, ent, top1)
 
 
-# Logits one chunk may hold by default: 2^26 (256 MB in fp32), 441 tokens at vocab 151,936, about the chunk
-# Liger-Kernel's rule (N / ceil(V / H)) picks for 16k tokens at hidden 4,096. A small vocabulary gets one
-# chunk of up to 8,192 tokens (fewer, larger matmuls; no per-chunk overhead on tiny models).
-DEFAULT_CHUNK_LOGITS = 2**26
+# Logits one chunk may hold by default: 2^25 (128 MB in fp32), 220 tokens at vocab 151,936, about the chunk
+# Liger-Kernel's rule (2^ceil(log2(N / ceil(V / H)))) picks for 8k tokens at hidden 4,096 (256). A small
+# vocabulary gets one chunk of up to 8,192 tokens (fewer, larger matmuls; no per-chunk overhead on tiny models).
+DEFAULT_CHUNK_LOGITS = 2**25
 
 
 def default_chunk_tokens(vocab_size: int) -> int:

@@ -2,7 +2,8 @@
 
 ``bench_train_memory`` (``lopd bench train-memory --json``): one forward+backward step of a random-init
 Qwen3-shaped student (vocab 151,936) per (sequence length, loss), through the old full-logit path (the Hugging Face
-forward's B x T x V logits, upcast to fp32, losses on them) and through the chunked LM head. Each case runs in its
+forward's B x T x V logits, upcast to fp32, losses on them), through the chunked LM head, and through the chunked
+head with activation checkpointing (``_ckpt``: how the trainer runs at scale). Each case runs in its
 own process, so its peak memory is its own: peak RSS during the step minus RSS before it (on CPU), or
 ``max_memory_allocated`` minus memory before the step (on a GPU). Loss and gradients of the two paths are compared
 (gradients on every decoder parameter, and on 4,096 sampled rows of the LM head).
@@ -115,6 +116,8 @@ def run_case(T: int, loss: str, path: str, shape: str, vocab: int, out: Path, ch
     cfg = TrainConfig(student="s", shards="d", out="o", losses={loss: 1.0}, logits_chunk_tokens=chunk_tokens)
     lm = qwen3_model(shape, vocab)
     lm.train()
+    if path == "chunked_ckpt":  # the trainer's path at scale: chunked head + activation checkpointing
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = collate(synthetic_records(T, vocab), pad_id=0)
     mask = batch.mask_B_T.bool()
     rss_before = _rss_bytes()
@@ -149,16 +152,21 @@ def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tu
             for loss in losses:
                 row: dict[str, Any] = {"T": T, "loss": loss}
                 results = {}
-                for path in ("full", "chunked"):
+                for path in ("full", "chunked", "chunked_ckpt"):
                     if path == "full" and T > max_full_tokens:
                         continue
                     out = tmp / f"{T}-{loss}-{path}.json"
                     subprocess.run([sys.executable, "-m", "pipeline.scale_bench", "case", str(T), loss, path, shape,
                                     str(vocab), str(out), str(chunk_tokens or 0)], check=True)
                     results[path] = (json.loads(out.read_text()), torch.load(out.with_suffix(".pt")))
-                chunked = results["chunked"][0]
+                chunked, ckpt = results["chunked"][0], results["chunked_ckpt"][0]
                 row.update({"tokens": chunked["tokens"], "peak_bytes_chunked": chunked["peak_bytes"],
-                            "tokens_per_s_chunked": round(chunked["tokens"] / chunked["seconds"], 1)})
+                            "tokens_per_s_chunked": round(chunked["tokens"] / chunked["seconds"], 1),
+                            "peak_bytes_chunked_ckpt": ckpt["peak_bytes"],
+                            "tokens_per_s_chunked_ckpt": round(ckpt["tokens"] / ckpt["seconds"], 1),
+                            "ckpt_grads_equal_chunked": all(
+                                torch.equal(results["chunked"][1]["grads"][k], results["chunked_ckpt"][1]["grads"][k])
+                                for k in results["chunked"][1]["grads"])})
                 if "full" in results:
                     full, full_data = results["full"]
                     chunk_data = results["chunked"][1]
@@ -166,25 +174,30 @@ def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tu
                     den = sum(float(full_data["grads"][k].pow(2).sum()) for k in full_data["grads"])
                     row.update({"peak_bytes_full": full["peak_bytes"],
                                 "ratio": round(chunked["peak_bytes"] / full["peak_bytes"], 4),
+                                "ratio_ckpt": round(ckpt["peak_bytes"] / full["peak_bytes"], 4),
                                 "loss_rel_diff": abs(chunk_data["loss"] - full_data["loss"]) / max(abs(full_data["loss"]), 1e-12),
                                 "grad_rel_diff": (num / max(den, 1e-30)) ** 0.5,
                                 "tokens_per_s_full": round(full["tokens"] / full["seconds"], 1),
                                 "speed_ratio": round(full["seconds"] / chunked["seconds"], 3)})
                 else:
-                    row.update({"peak_bytes_full": None, "ratio": None, "loss_rel_diff": None, "grad_rel_diff": None,
+                    row.update({"peak_bytes_full": None, "ratio": None, "ratio_ckpt": None, "loss_rel_diff": None,
+                                "grad_rel_diff": None,
                                 "tokens_per_s_full": None, "speed_ratio": None})
                 cases.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    by_loss: dict[str, dict[int, int]] = {}
-    for c in cases:
-        by_loss.setdefault(c["loss"], {})[c["T"]] = c["peak_bytes_chunked"]
-    growth = {loss: round(v[max(v)] / v[min(v)], 3) for loss, v in by_loss.items() if len(v) > 1}
+    def growth(key: str) -> dict[str, float]:
+        by_loss: dict[str, dict[int, int]] = {}
+        for c in cases:
+            by_loss.setdefault(c["loss"], {})[c["T"]] = c[key]
+        return {loss: round(v[max(v)] / v[min(v)], 3) for loss, v in by_loss.items() if len(v) > 1}
+
     from pipeline.head import default_chunk_tokens
 
     return {"bench": "train-memory", "shape": shape, "vocab": vocab,
             "chunk_tokens": chunk_tokens or default_chunk_tokens(vocab),
             "threads": torch.get_num_threads(), "cases": cases,
-            "chunked_peak_growth_longest_vs_shortest": growth}
+            "chunked_peak_growth_longest_vs_shortest": growth("peak_bytes_chunked"),
+            "chunked_ckpt_peak_growth_longest_vs_shortest": growth("peak_bytes_chunked_ckpt")}
 
 
 # --- the GPU check -----------------------------------------------------------------------------

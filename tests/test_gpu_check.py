@@ -25,3 +25,19 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["step_seconds"] > 0 for r in data["train"])
     assert len(data["micro_batch_8b"]) == 4 and all(r["loss_value"] > 0 for r in data["micro_batch_8b"])
     assert data["vllm"] and all(r["tokens_per_s"] > 0 for r in data["vllm"])
+
+
+def test_train_memory_bench_on_a_tiny_shape():
+    """`lopd bench train-memory` end to end on a tiny shape (the full-size run is in docs/benchmarks.md): every
+    path runs in its own process, the chunked head matches the full-logit loss and gradients, and activation
+    checkpointing changes no gradient."""
+    from pipeline.scale_bench import bench_train_memory
+
+    out = bench_train_memory(lengths=(128, 256), losses=("reverse_kl_topk",), shape="tiny", vocab=512,
+                             max_full_tokens=256, chunk_tokens=48)
+    assert out["chunk_tokens"] == 48 and len(out["cases"]) == 2
+    for case in out["cases"]:
+        assert case["loss_rel_diff"] < 1e-5 and case["grad_rel_diff"] < 1e-5, case
+        assert case["ckpt_grads_equal_chunked"], case
+        assert case["peak_bytes_full"] > 0 and case["ratio"] > 0 and case["tokens_per_s_chunked"] > 0
+    assert set(out["chunked_ckpt_peak_growth_longest_vs_shortest"]) == {"reverse_kl_topk"}
