@@ -1,7 +1,8 @@
 """Prefect flows and deployments over the stage functions of ``pipeline/``. No math here.
 
-- ``flows.tasks``: one task per stage (cached by its config and the fingerprints of its inputs), the demo's
-  steps as tasks, and the artifact publishers.
+- ``flows.tasks``: one task per stage, the task runners that spread a stage's shards, the demo's steps as tasks.
+- ``flows.caching``: the stage tasks' cache key (config + fingerprints of its inputs) and when to ignore it.
+- ``flows.artifacts``: the eval table, run report and plots published as Prefect artifacts.
 - ``flows.stages``: one flow per stage and ``lightning-opd``, which chains the stages of a run config (or runs
   the demo's steps in order).
 - ``flows.demo``: ``demo_flow``, what ``lopd demo --prefect`` calls.

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.tasks import (demo_report, demo_step, demo_world, publish_plots, publish_report, run_stage_parts,
-                         run_stage_task)
+from flows.artifacts import publish_plots, publish_report
+from flows.tasks import demo_report, demo_step, demo_world, run_stage_parts, run_stage_task
 from pipeline.config import STAGES, load_run_config
 from pipeline.demo import demo_plan
 

@@ -18,7 +18,7 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from flows import stages, tasks
+from flows import caching, stages, tasks
 from pipeline.config import load_run_config
 from pipeline.fingerprint import model_fingerprint
 from storage.shardset import ShardSet
@@ -42,37 +42,37 @@ def task_context(name: str) -> SimpleNamespace:
 def test_stage_inputs_are_every_path_but_out(tmp_path):
     cfg = load_run_config(write_run_config(tmp_path, {"train": {
         "online": {"teacher": "/t", "prompts": "/p.jsonl"}}})).stage("train")
-    assert tasks.stage_inputs(cfg) == {"student": tmp_path / "run/sft_student", "shards": tmp_path / "run/teacher_topk",
+    assert caching.stage_inputs(cfg) == {"student": tmp_path / "run/sft_student", "shards": tmp_path / "run/teacher_topk",
                                        "online.teacher": Path("/t"), "online.prompts": Path("/p.jsonl")}
 
 
 def test_input_fingerprints(tmp_path, tiny_models):
     prompts = write_prompts(tmp_path / "p.jsonl")
-    assert tasks.input_fingerprint(tiny_models["teacher"]) == model_fingerprint(tiny_models["teacher"])
-    assert tasks.input_fingerprint(prompts).startswith("file-")
-    assert tasks.input_fingerprint(tmp_path / "missing") is None
+    assert caching.input_fingerprint(tiny_models["teacher"]) == model_fingerprint(tiny_models["teacher"])
+    assert caching.input_fingerprint(prompts).startswith("file-")
+    assert caching.input_fingerprint(tmp_path / "missing") is None
 
     shards = ShardSet.create(tmp_path / "shards", kind="samples", metadata={"role": "test"})
     shards.write_shard(0, pa.table({"x": [1, 2]}))
     shards.finalize(expected_shards=1)
-    before = tasks.input_fingerprint(tmp_path / "shards")
+    before = caching.input_fingerprint(tmp_path / "shards")
     assert before.startswith("shards-")
     shards.write_shard(1, pa.table({"x": [3]}))
     shards.finalize(expected_shards=2)
-    assert tasks.input_fingerprint(tmp_path / "shards") != before
+    assert caching.input_fingerprint(tmp_path / "shards") != before
 
 
 def test_cache_key_follows_config_and_input_contents(tmp_path, eval_config):
     cfg = load_run_config(eval_config).stage("eval")
-    key = tasks.stage_cache_key(task_context("eval"), {"cfg": cfg})
-    assert key == tasks.stage_cache_key(task_context("eval"), {"cfg": cfg.model_copy()})
-    assert key != tasks.stage_cache_key(task_context("eval"), {"cfg": cfg.model_copy(update={"max_new_tokens": 9})})
-    assert key != tasks.stage_cache_key(task_context("sft"), {"cfg": cfg})
+    key = caching.stage_cache_key(task_context("eval"), {"cfg": cfg})
+    assert key == caching.stage_cache_key(task_context("eval"), {"cfg": cfg.model_copy()})
+    assert key != caching.stage_cache_key(task_context("eval"), {"cfg": cfg.model_copy(update={"max_new_tokens": 9})})
+    assert key != caching.stage_cache_key(task_context("sft"), {"cfg": cfg})
     with cfg.prompts.open("a") as f:  # same path, new contents
         f.write(json.dumps({"id": "extra", "prompt": "1+1=", "answer": "2"}) + "\n")
-    assert key != tasks.stage_cache_key(task_context("eval"), {"cfg": cfg})
+    assert key != caching.stage_cache_key(task_context("eval"), {"cfg": cfg})
     missing = cfg.model_copy(update={"model": tmp_path / "not-trained-yet"})
-    assert tasks.stage_cache_key(task_context("eval"), {"cfg": missing}) is None
+    assert caching.stage_cache_key(task_context("eval"), {"cfg": missing}) is None
 
 
 def test_eval_task_logic(eval_config):
@@ -91,7 +91,7 @@ def test_eval_flow_caches_and_recomputes_a_missing_output(prefect_api, eval_conf
     eval_json = run_dir / "eval" / "eval.json"
     first = stages.eval_flow(config_path=str(eval_config))
     assert first["pass@1"] == json.loads(eval_json.read_text())["pass@1"]
-    assert len(list((run_dir / tasks.RESULTS_DIR).iterdir())) == 1  # the JSON result, kept in the run dir
+    assert len(list((run_dir / caching.RESULTS_DIR).iterdir())) == 1  # the JSON result, kept in the run dir
     written_at = eval_json.stat().st_mtime_ns
 
     assert stages.eval_flow(config_path=str(eval_config)) == first  # cache hit: the stage did not run
