@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lopd.errors import LopdUserError
-from pipeline.demo_world import ModelShape
+from pipeline.shapes import ModelShape
 
 
 class Strict(BaseModel):

@@ -6,28 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pipeline.shapes import ModelShape
 from pipeline.tasks.arithmetic import ALPHABET
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 # The demo tokenizer's chat template: BOS + the user's text (a "base model" style prompt),
 # so that prompts go through apply_chat_template exactly like a chat model's.
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-
-
-class ModelShape(BaseModel):
-    """Size of a demo Llama. head_dim is explicit: vLLM's CPU attention needs one of its supported sizes."""
-
-    model_config = ConfigDict(extra="forbid")
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    head_dim: int = 32
-    intermediate_size: int = 256
-    max_position_embeddings: int = 96
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

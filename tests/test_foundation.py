@@ -168,3 +168,10 @@ def test_pipeline_imports_without_prefect():
             "    importlib.import_module(m)\nprint('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_config_imports_without_transformers():
+    """Reading a config (the CLI's --help, flows' parameters) does not load the model libraries."""
+    code = "import sys, pipeline.config; print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
