@@ -30,9 +30,10 @@ from pipeline.demo_world import make_models
 from pipeline.engines.hf import HFEngine
 from pipeline.fingerprint import read_provenance
 from pipeline.models import encode_prompt, load_model, load_tokenizer
+from pipeline.progress import log
 from pipeline.prompts import PromptRecord, load_prompts, write_prompts_jsonl
 from pipeline.stages import registry
-from pipeline.stages.common import StageResult, log
+from pipeline.stages.common import StageResult
 from pipeline.stages.evaluate import evaluate, markdown_table
 from pipeline.tasks import arithmetic
 from pipeline.training import read_metrics, save_hf_model, seed_everything, sft_train

@@ -233,7 +233,7 @@ def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: 
         def state_dict(self):
             return {}
 
-    from pipeline.stages.common import log
+    from pipeline.progress import log
 
     times = []
     for step in range(steps):

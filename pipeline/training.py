@@ -467,7 +467,7 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
     deterministic stream; the position is global, so another world size resumes too). ``run_key`` identifies
     the run; a checkpoint with another key is refused.
     """
-    from pipeline.stages.common import log, progress_bar
+    from pipeline.progress import log, progress_bar
 
     info = info or DistInfo()
     if not isinstance(model, (StudentLM, torch.nn.parallel.DistributedDataParallel)):

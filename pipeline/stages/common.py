@@ -1,20 +1,15 @@
-"""Pieces every stage shares: the result object, input checks, logging, progress bars, per-shard seeds."""
+"""Pieces every stage shares: the result object, input checks, timing, per-shard seeds."""
 
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from lopd.errors import MissingInputError
 from storage.shardset import ShardSet, ShardSetError, ShardSetNotFoundError
-
-log = logging.getLogger("lopd")
 
 
 @dataclass
@@ -79,14 +74,6 @@ def require_shard_set(path: Path, *, kind: str, field: str, made_by: str) -> Sha
 def shard_seed(seed: int, shard_index: int) -> int:
     """A shard's own seed, so a redone shard samples exactly what the first attempt would have."""
     return (seed * 1_000_003 + shard_index * 7919) % (2**31 - 1)
-
-
-def progress_bar(disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=disable, transient=False,
-    )
 
 
 @contextmanager

@@ -14,8 +14,9 @@ from pipeline.config import EvalConfig, SamplingConfig
 from pipeline.engines import make_engine
 from pipeline.engines.base import Engine
 from pipeline.models import encode_prompt, load_tokenizer
+from pipeline.progress import log
 from pipeline.prompts import PromptFileError, PromptRecord, load_prompts
-from pipeline.stages.common import StageResult, log, require_model_dir, timed
+from pipeline.stages.common import StageResult, require_model_dir, timed
 from pipeline.tasks.checkers import get_checker
 
 

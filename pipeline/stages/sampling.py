@@ -15,9 +15,10 @@ from pipeline.config import EngineConfig, RolloutsConfig, SamplingConfig, ShardP
 from pipeline.engines import make_engine
 from pipeline.fingerprint import model_fingerprint, read_provenance, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
+from pipeline.progress import log, progress_bar
 from pipeline.prompts import PromptRecord, load_prompts
 from pipeline.samples import SampleRow, rows_to_table
-from pipeline.stages.common import StageResult, chunks, log, progress_bar, require_model_dir, shard_seed, timed
+from pipeline.stages.common import StageResult, chunks, require_model_dir, shard_seed, timed
 from pipeline.tasks.checkers import get_checker
 from storage.shardset import ShardSet, file_sha256
 

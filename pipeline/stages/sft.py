@@ -17,7 +17,8 @@ from pipeline import checkpoint
 from pipeline.config import SftConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.models import load_tokenizer
-from pipeline.stages.common import StageResult, log, require_model_dir, require_shard_set, timed
+from pipeline.progress import log
+from pipeline.stages.common import StageResult, require_model_dir, require_shard_set, timed
 from pipeline.training import (
     Example,
     MetricsWriter,

@@ -21,8 +21,9 @@ from pipeline.engines import make_engine
 from pipeline.engines.base import Engine, model_vocab_size, token_batches
 from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, shard_set_fingerprint, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
+from pipeline.progress import log, progress_bar
 from pipeline.prompts import load_prompts
-from pipeline.stages.common import StageResult, log, progress_bar, require_model_dir, require_shard_set, timed
+from pipeline.stages.common import StageResult, require_model_dir, require_shard_set, timed
 from storage.codecs import codec_info, codec_params, encode_records
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet, WriteBehind

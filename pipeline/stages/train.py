@@ -30,7 +30,8 @@ from pipeline.config import MethodsConfig, OnlineConfig, TrainConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
 from pipeline.models import encode_prompt, load_tokenizer
-from pipeline.stages.common import StageResult, log, progress_bar, require_model_dir, require_shard_set
+from pipeline.progress import log, progress_bar
+from pipeline.stages.common import StageResult, require_model_dir, require_shard_set
 from pipeline.training import (
     DistInfo,
     MetricsWriter,
