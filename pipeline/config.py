@@ -195,7 +195,10 @@ class LightningLossConfig(Strict):
 
 
 Route = Literal["all", "correct", "incorrect", "solved", "unsolved"]
-LOSS_NAMES = frozenset({"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "sft"})
+LOSS_NAMES = frozenset({"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk",
+                        "alpha_topk", "sft", "anchor_forward_kl", "anchor_js", "anchor_alpha"})
+# DPH-RL's anchors to the rollout policy: by default they train on the prompts it always solves
+ANCHOR_LOSSES = frozenset({"anchor_forward_kl", "anchor_js", "anchor_alpha"})
 
 
 def _check_losses(v: dict[str, float]) -> dict[str, float]:
@@ -245,6 +248,17 @@ class GopdConfig(Strict):
                             "sampled tokens added to the loss (0 = off)")
 
 
+class ScopeConfig(Strict):
+    """SCOPE correctness routing: the distillation terms train on incorrect rollouts weighted by the teacher's
+    confidence in them, ``sft`` on correct ones weighted by the rollout policy's; see docs/methods.md. Its
+    routes apply to the terms ``train.rows`` leaves unset. Neutral: off (null)."""
+
+    tau: float = Field(1.0, gt=0, description="softmax temperature of the per-prompt weights (inf: uniform)")
+    student_ppl_sign: Literal[-1, 1] = Field(
+        -1, description="-1 (the paper): favour correct rollouts the rollout policy was least sure of; "
+        "+1 (the released script): the most sure")
+
+
 class MethodsConfig(Strict):
     """Optional weighting and reward methods of offline OPD; each is off (null) by default. Setting a field,
     e.g. ``--set train.methods.paced.alpha=1``, turns the method on with its paper's defaults for the rest."""
@@ -252,9 +266,10 @@ class MethodsConfig(Strict):
     paced: PacedConfig | None = None
     position: PositionConfig | None = None
     gopd: GopdConfig | None = None
+    scope: ScopeConfig | None = None
 
     def needs_rewards(self) -> bool:
-        return self.paced is not None
+        return self.paced is not None or self.scope is not None
 
 
 class OnlineConfig(Strict):
@@ -297,6 +312,9 @@ class TrainConfig(ScaleConfig):
         "incorrect (reward > 0 or not), solved / unsolved (the prompt's pass rate is 1 or not); each term is "
         "normalised by the step's global count of its routed tokens")
     methods: MethodsConfig = MethodsConfig()
+    akl_head_mass: float = Field(0.5, gt=0, lt=1, description="akl_topk: the teacher mass of the head buckets")
+    alpha_divergence: float = Field(0.2, gt=0, lt=1, description="alpha of alpha_topk and anchor_alpha "
+                                    "(-> 1: forward KL, -> 0: reverse KL)")
 
     # prefetching changes when data is decoded, never which: a checkpoint resumes with it on or off
     EXECUTION_ONLY: ClassVar[frozenset[str]] = ScaleConfig.EXECUTION_ONLY | {"prefetch_batches"}
@@ -335,9 +353,22 @@ class TrainConfig(ScaleConfig):
         """The loss weights of (1-based) ``step``: the first schedule phase that has not ended, else ``losses``."""
         return next((p.losses for p in self.loss_schedule if step <= p.until_step), self.losses)
 
+    def route(self, loss: str) -> str:
+        """The rows a loss term trains on: ``rows`` if set, else SCOPE's routing when it is on (``sft`` on correct
+        rollouts, the distillation terms on incorrect ones), solved prompts for the anchors, else all."""
+        if loss in self.rows:
+            return self.rows[loss]
+        if loss in ANCHOR_LOSSES:
+            return "solved"
+        if self.methods.scope is not None:
+            return "correct" if loss == "sft" else "incorrect"
+        return "all"
+
     def needs_prompt_stats(self) -> bool:
         """Whether a method or a routing reads rewards / pass rates (``storage.prompt_stats``)."""
-        return self.methods.needs_rewards() or any(r != "all" for r in self.rows.values())
+        used = {name for phase in [self.losses, *(p.losses for p in self.loss_schedule)] for name, w in phase.items()
+                if w != 0}
+        return self.methods.needs_rewards() or any(self.route(name) != "all" for name in used)
 
 
 class EvalConfig(Strict):

@@ -206,6 +206,85 @@ def tvd_topk(
                       weights_B_T)
 
 
+def akl_topk(
+    student_topk_logprobs_B_T_K: torch.Tensor,
+    student_tail_logprob_B_T: torch.Tensor,
+    teacher_topk_logprobs_B_T_K: torch.Tensor,
+    teacher_tail_logprob_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    head_mass: float = 0.5,
+    tail_bucket: bool = True,
+    normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Adaptive KL (AKL; Wu et al. 2024, "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for
+    Large Language Models", arXiv 2404.02657; as their released ``get_ratio``):
+
+        head = the buckets in the teacher's order up to cumulative teacher mass head_mass (the first always),
+        g_h = sum_head |p_T - p_S|,  g_t = sum_rest |p_T - p_S|          (p_S detached)
+        AKL = g_h / (g_h + g_t) KL(p_T || p_S) + g_t / (g_h + g_t) KL(p_S || p_T)
+
+    The paper sorts the full vocabulary; here the buckets are the stored top-k (already in descending teacher
+    order) and then the tail bucket, which always falls in the rest (its cumulative mass is 1): our adaptation to
+    top-k shards. With p_S = p_T both gaps are 0 and so is the loss. The ``akl/head_weight`` metric is the mean
+    forward-KL weight. Shapes and arguments as ``forward_kl_topk``.
+    """
+    if not 0.0 < head_mass < 1.0:
+        raise ValueError(f"akl_topk: head_mass must lie in (0, 1), got {head_mass}")
+    head_weights: list[torch.Tensor] = []
+
+    def per_token(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
+        p_teacher, p_student = teacher_B_T_N.exp(), student_B_T_N.detach().exp()
+        gap_B_T_N = (p_teacher - p_student).abs()
+        tail_N = p_teacher.cumsum(-1) > head_mass
+        tail_N[..., 0] = False
+        g_head = gap_B_T_N.masked_fill(tail_N, 0.0).sum(-1)
+        g_tail = gap_B_T_N.masked_fill(~tail_N, 0.0).sum(-1)
+        total = (g_head + g_tail).clamp_min(1e-8)
+        head_weights.append(g_head / total)
+        return (g_head / total) * _forward_kl_B_T(student_B_T_N, teacher_B_T_N) \
+            + (g_tail / total) * _reverse_kl_B_T(student_B_T_N, teacher_B_T_N)
+
+    loss, metrics = _topk_loss(per_token, "akl", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
+                               teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket,
+                               normalizer, weights_B_T)
+    metrics["akl/head_weight"] = _masked_mean(head_weights[0], mask_B_T.bool())
+    return loss, metrics
+
+
+def alpha_topk(
+    student_topk_logprobs_B_T_K: torch.Tensor,
+    student_tail_logprob_B_T: torch.Tensor,
+    teacher_topk_logprobs_B_T_K: torch.Tensor,
+    teacher_tail_logprob_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    alpha: float = 0.2,
+    tail_bucket: bool = True,
+    normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Amari alpha-divergence over the top-k buckets (the alpha member of DPH-RL's f-divergence family, Li et al.
+    2025; its top-k form over stored buckets is our inference):
+
+        D_alpha(p_T || p_S) = (1 - sum_b p_T(b)^alpha p_S(b)^(1 - alpha)) / (alpha (1 - alpha)),   0 < alpha < 1
+
+    alpha -> 1 is forward KL(p_T || p_S), alpha -> 0 reverse KL(p_S || p_T); 0 at p_S = p_T. Shapes and arguments
+    as ``forward_kl_topk``.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha_topk: alpha must lie in (0, 1), got {alpha}")
+
+    def per_token(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
+        mixed_B_T_N = alpha * teacher_B_T_N + (1.0 - alpha) * student_B_T_N  # -inf teacher buckets give exp = 0
+        return (1.0 - mixed_B_T_N.exp().sum(-1)) / (alpha * (1.0 - alpha))
+
+    return _topk_loss(per_token, "alpha_div", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
+                      teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
+                      weights_B_T)
+
+
 def _forward_kl_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
     p_teacher = teacher_B_T_N.exp()
     neg_entropy = torch.where(p_teacher > 0, p_teacher * teacher_B_T_N, 0.0)  # 0 log 0 = 0
@@ -364,6 +443,52 @@ def lightning_pg(
     if k3_guard:
         metrics["lightning/k3_guard"] = _masked_mean(k3_B_T, valid_B_T)
     return loss, metrics
+
+
+# --- DPH-RL anchors to the rollout policy -------------------------------------------------------
+
+
+def anchor_divergence(
+    student_logprobs_B_T: torch.Tensor,
+    behavior_logprobs_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    generator: Literal["forward_kl", "js", "alpha"],
+    alpha: float = 0.2,
+    normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """An f-divergence anchor to the rollout policy mu on its own samples (DPH-RL, Li et al. 2025, "The
+    Choice of Divergence: A Neglected Key to Mitigating Diversity Collapse in Reinforcement Learning with
+    Verifiable Reward"; generators as in their code). With u_t = p_theta(y_t) / mu(y_t):
+
+        forward_kl  f(u) = u - log u - 1                       (k3: E_mu[f] = KL(mu || p_theta))
+        js          f(u) = u log u - (u + 1) log((u + 1) / 2)
+        alpha       f(u) = (u^(1 - alpha) - (1 - alpha) u - alpha) / (alpha (alpha - 1))
+
+    l_t = f(u_t), reduced over valid tokens like the other losses (the trainer routes it to the prompts mu
+    already solves). Every generator is 0 with zero gradient at p_theta = mu. The log-ratio is clamped to
+    +-``LOG_RATIO_LIMIT``. Shapes: student_logprobs_B_T (grad), behavior_logprobs_B_T (stored), mask_B_T.
+    """
+    if generator not in ("forward_kl", "js", "alpha"):
+        raise ValueError(f"anchor_divergence: generator must be 'forward_kl', 'js' or 'alpha', got {generator!r}")
+    if generator == "alpha" and not 0.0 < alpha < 1.0:
+        raise ValueError(f"anchor_divergence: alpha must lie in (0, 1), got {alpha}")
+    valid_B_T = mask_B_T.bool()
+    logprobs_B_T = torch.where(valid_B_T, _upcast(student_logprobs_B_T), 0.0)
+    behavior_B_T = torch.where(valid_B_T, behavior_logprobs_B_T.to(logprobs_B_T.dtype), logprobs_B_T.detach())
+    log_u_B_T = (logprobs_B_T - behavior_B_T).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    u_B_T = log_u_B_T.exp()
+    if generator == "forward_kl":
+        per_token_B_T = u_B_T - log_u_B_T - 1.0
+    elif generator == "js":
+        per_token_B_T = u_B_T * log_u_B_T - (u_B_T + 1.0) * (torch.logaddexp(log_u_B_T, torch.zeros_like(log_u_B_T))
+                                                           - math.log(2.0))
+    else:
+        per_token_B_T = ((log_u_B_T * (1.0 - alpha)).exp() - (1.0 - alpha) * u_B_T - alpha) / (alpha * (alpha - 1.0))
+    loss = _reduce(per_token_B_T, valid_B_T, "token", normalizer, weights_B_T)
+    return loss, {f"loss/anchor_{generator}": loss.detach(),
+                  f"anchor/{generator}_ratio_mean": _masked_mean(u_B_T, valid_B_T)}
 
 
 # --- SFT and combination ------------------------------------------------------------------------

@@ -63,6 +63,30 @@ def position_weights(gap_B_T: torch.Tensor, mask_B_T: torch.Tensor, gamma: float
     return torch.where(valid_B_T, 1.0 + gamma * (1.0 - frac_B_T), 1.0)
 
 
+def scope_weights(group_R: torch.Tensor, correct_R: torch.Tensor, teacher_mean_R: torch.Tensor,
+                  behavior_mean_R: torch.Tensor, tau: float = 1.0, student_ppl_sign: int = -1) -> torch.Tensor:
+    """SCOPE's per-rollout weights, within each prompt's incorrect and correct rollouts separately:
+
+        incorrect i:  w_i = |I_g| softmax_{j in I_g}(mean_t lT_j / tau)           (teacher perplexity)
+        correct i:    w_i = |C_g| softmax_{j in C_g}(sign * mean_t lmu_j / tau)    (rollout-policy perplexity)
+
+    with lT the teacher's and lmu the rollout policy's log-prob of the sampled tokens, averaged over the rollout
+    (the prompt statistics). Each subset's weights average 1; equal means (or tau -> inf) give 1 everywhere.
+    sign = -1 (the paper) favours correct rollouts the rollout policy was least sure of; the released script
+    uses +1. The trainer routes the distillation terms to incorrect rollouts and ``sft`` (MLE) to correct ones.
+
+    Shapes: group_R (int prompt index), correct_R (bool), teacher_mean_R, behavior_mean_R; returns w_R.
+    """
+    score_R = torch.where(correct_R, student_ppl_sign * behavior_mean_R, teacher_mean_R) / tau
+    subset_R = 2 * group_R + correct_R.long()
+    n = int(subset_R.max()) + 1 if len(subset_R) else 0
+    peak = torch.full((n,), -torch.inf, dtype=score_R.dtype).scatter_reduce(0, subset_R, score_R, "amax")
+    exp_R = (score_R - peak[subset_R]).exp()
+    total = torch.zeros(n, dtype=score_R.dtype).index_add_(0, subset_R, exp_R)
+    count = torch.zeros(n, dtype=score_R.dtype).index_add_(0, subset_R, torch.ones_like(score_R))
+    return count[subset_R] * exp_R / total[subset_R]
+
+
 def route_mask(route: str, reward: torch.Tensor, pass_rate: torch.Tensor | None) -> torch.Tensor:
     """Which rows (or tokens, any shape) a loss term trains on:
 
@@ -93,12 +117,23 @@ class RolloutTable:
     index: dict[tuple[str, int], int]
     reward_R: np.ndarray
     pass_rate_R: np.ndarray
+    row_weight_R: np.ndarray | None = None  # fixed per-rollout weights (SCOPE), None when no method sets them
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> "RolloutTable":
-        keys = zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist())
-        return cls({key: i for i, key in enumerate(keys)}, table["reward"].to_numpy().astype(np.float32),
-                   table["pass_rate"].to_numpy().astype(np.float32))
+    def from_table(cls, table: pa.Table, scope: tuple[float, int] | None = None) -> "RolloutTable":
+        """``scope`` = (tau, student_ppl_sign) adds SCOPE's per-rollout weights (``scope_weights``)."""
+        prompt_ids = table["prompt_id"].to_pylist()
+        keys = zip(prompt_ids, table["sample_index"].to_pylist())
+        reward_R = table["reward"].to_numpy().astype(np.float32)
+        row_weight_R = None
+        if scope is not None:
+            _, group_R = np.unique(np.asarray(prompt_ids, dtype=str), return_inverse=True)
+            row_weight_R = scope_weights(
+                torch.from_numpy(group_R), torch.from_numpy(reward_R > 0),
+                torch.from_numpy(table["teacher_mean"].to_numpy().astype(np.float64)),
+                torch.from_numpy(table["behavior_mean"].to_numpy().astype(np.float64)), *scope).float().numpy()
+        return cls({key: i for i, key in enumerate(keys)}, reward_R, table["pass_rate"].to_numpy().astype(np.float32),
+                   row_weight_R)
 
     def rows(self, keys: Sequence[tuple[str, int]]) -> np.ndarray:
         """Table rows of these rollouts; a rollout the statistics do not hold is an error (stale statistics)."""

@@ -31,7 +31,7 @@ from pipeline.stages.train import (
     train_run_key,
 )
 from pipeline.training import StudentLM
-from pipeline.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask
+from pipeline.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask, scope_weights
 from storage.codecs import encode_records
 from storage.prompt_stats import STATS_FILE, compute_prompt_stats, load_prompt_stats
 from storage.shardset import ShardSet
@@ -136,7 +136,10 @@ NEUTRAL = {
     "rows_all": {"rows": {"lightning": "all", "sft": "all", "reverse_kl_topk": "all"}},
     "all_at_once": {"methods": {"paced": {"alpha": 0.0, "beta": 0.0}, "position": {"gamma": 0.0},
                                 "gopd": {"lam": 1.0}}},
+    # the new losses at weight 0 (AKL, alpha-divergence, DPH-RL anchors) and their parameters changed
+    "new_losses_off": {"akl_head_mass": 0.3, "alpha_divergence": 0.7},
 }
+NEW_LOSSES_OFF = {"akl_topk": 0.0, "alpha_topk": 0.0, "anchor_forward_kl": 0.0, "anchor_js": 0.0, "anchor_alpha": 0.0}
 
 
 @pytest.mark.parametrize("losses", list(LOSS_SETS))
@@ -147,6 +150,8 @@ def test_each_method_at_its_neutral_setting_is_todays_loss_bit_for_bit(method, l
     weights, lightning = LOSS_SETS[losses]
     base = dict(losses=weights, lightning=lightning, logits_chunk_tokens=7)
     cfg = _cfg(**base, **NEUTRAL[method])
+    if method == "new_losses_off":
+        cfg = _cfg(**{**base, "losses": {**weights, **NEW_LOSSES_OFF}}, **NEUTRAL[method])
     rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0]) if cfg.needs_prompt_stats() else None
     records = _records()
     batch = collate(records, pad_id=0, rollouts=rollouts)
@@ -165,6 +170,9 @@ def test_each_method_at_its_neutral_setting_is_todays_loss_bit_for_bit(method, l
     assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
     if method in ("paced", "position", "all_at_once"):
         assert metrics["weights/mean"].item() == 1.0 and metrics["weights/token_max"].item() == 1.0
+        for name in ("paced", "position"):
+            if f"weights/{name}_mean" in metrics:
+                assert [metrics[f"weights/{name}_{s}"].item() for s in ("mean", "token_max", "kept")] == [1, 1, 1]
 
 
 # --- prompt statistics --------------------------------------------------------------------------------------------
@@ -212,13 +220,18 @@ def test_methods_that_read_rewards_refuse_null_rewards_and_single_rollout_prompt
     with pytest.raises(LopdUserError, match=rf"{tmp_path / 'null'}.*train.methods.paced needs each rollout's reward"):
         rollout_table(_cfg(methods={"paced": {}}), null, "x")
     with pytest.raises(LopdUserError, match=r"train.rows.sft=correct needs each rollout's reward"):
-        rollout_table(_cfg(rows={"sft": "correct"}), null, "x")
+        rollout_table(_cfg(losses={"lightning": 1.0, "sft": 0.1}, rows={"sft": "correct"}), null, "x")
     single = _shard_set(tmp_path / "single", _records(n_prompts=4, per_prompt=1))
     with pytest.raises(LopdUserError, match=rf"{tmp_path / 'single'}.*train.methods.paced compares the rollouts"):
         rollout_table(_cfg(methods={"paced": {}}), single, "x")
     with pytest.raises(LopdUserError, match=r"train.rows.lightning=solved compares"):
         rollout_table(_cfg(rows={"lightning": "solved"}), single, "x")
-    assert rollout_table(_cfg(rows={"sft": "correct"}), single, "x") is not None  # correctness needs no group
+    correctness = _cfg(losses={"lightning": 1.0, "sft": 0.1}, rows={"sft": "correct"})
+    assert rollout_table(correctness, single, "x") is not None  # correctness needs no group
+    with pytest.raises(LopdUserError, match=r"train.methods.scope compares"):
+        rollout_table(_cfg(methods={"scope": {}}), single, "x")
+    with pytest.raises(LopdUserError, match=r"train.rows.anchor_js=solved"):
+        rollout_table(_cfg(losses={"lightning": 1.0, "anchor_js": 0.1}), single, "x")
 
 
 # --- the shared layer: weights, routing, normalisers, schedule, run key ----------------------------------------------
@@ -298,14 +311,16 @@ def test_loss_schedule_phases_and_run_key():
     plain = _cfg()
     settings = {k: v for k, v in plain.model_dump(mode="json").items()
                 if k not in {"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                             "online", "loss_schedule", "rows", "methods"} | TrainConfig.EXECUTION_ONLY}
+                             "online", "loss_schedule", "rows", "methods", "akl_head_mass", "alpha_divergence"}
+                | TrainConfig.EXECUTION_ONLY}
     assert train_run_key(plain, "m", "d") == checkpoint.run_fingerprint({"settings": settings, "student": "m",
                                                                          "data": "d"})
     keys = {train_run_key(c, "m", "d") for c in (
         plain, cfg, _cfg(loss_schedule=[{"until_step": 3, "losses": {"forward_kl_topk": 1.0}}]),
         _cfg(rows={"sft": "correct"}), _cfg(methods={"paced": {}}), _cfg(methods={"paced": {"alpha": 2.0}}),
-        _cfg(methods={"position": {}}), _cfg(methods={"gopd": {}}))}
-    assert len(keys) == 8
+        _cfg(methods={"position": {}}), _cfg(methods={"gopd": {}}), _cfg(methods={"scope": {}}),
+        _cfg(akl_head_mass=0.3), _cfg(alpha_divergence=0.5))}
+    assert len(keys) == 11
 
 
 # --- PACED ---------------------------------------------------------------------------------------------------------
@@ -475,14 +490,182 @@ def test_diagnostics_against_full_logit_references(tiny_models):
     assert abs(m["diag/drift_kl"].item()) < 1e-6
 
 
+# --- SCOPE -----------------------------------------------------------------------------------------------------------
+
+
+def test_scope_weights_against_a_loop_reference_and_their_identities():
+    g = torch.Generator().manual_seed(4)
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    correct = torch.tensor([True, False, False, True, False, True, False, True, True])
+    teacher = -torch.rand(9, generator=g, dtype=torch.float64)
+    behavior = -torch.rand(9, generator=g, dtype=torch.float64)
+    for tau, sign in ((1.0, -1), (0.5, 1), (3.0, -1)):
+        w = scope_weights(group, correct, teacher, behavior, tau, sign)
+        for i in range(9):
+            mates = [j for j in range(9) if group[j] == group[i] and correct[j] == correct[i]]
+            score = [(sign * behavior[j] if correct[j] else teacher[j]).item() / tau for j in mates]
+            ref = len(mates) * math.exp(score[mates.index(i)]) / sum(math.exp(x) for x in score)
+            assert w[i].item() == pytest.approx(ref, rel=1e-12)
+        for gi in range(3):  # each prompt's incorrect and correct subsets average 1
+            for c in (True, False):
+                sel = (group == gi) & (correct == c)
+                if sel.any():
+                    assert w[sel].mean().item() == pytest.approx(1.0, rel=1e-12)
+    same = scope_weights(group, correct, torch.full((9,), -0.7, dtype=torch.float64),
+                         torch.full((9,), -0.2, dtype=torch.float64))
+    assert torch.equal(same, torch.ones(9, dtype=torch.float64))  # equal means: 1
+    flat = scope_weights(group, correct, teacher, behavior, tau=1e12)
+    torch.testing.assert_close(flat, torch.ones(9, dtype=torch.float64), rtol=0, atol=1e-10)  # tau -> inf
+
+
+def test_scope_routes_distillation_to_incorrect_and_mle_to_correct_rollouts(tiny_models, stats_shards):
+    """SCOPE on, losses lightning + sft: lightning reads only incorrect rollouts, weighted by teacher confidence and
+    normalised by their sequences; sft only correct ones, weighted by the rollout policy's, normalised by their
+    tokens: the loss equals the two terms computed by hand on the separate subsets (float64, full logits)."""
+    from pipeline.models import load_model
+
+    table = load_prompt_stats(stats_shards, "k")[0]
+    cfg = _cfg(losses={"lightning": 1.0, "sft": 0.5}, methods={"scope": {}})
+    assert (cfg.route("lightning"), cfg.route("sft"), cfg.route("anchor_js")) == ("incorrect", "correct", "solved")
+    rollouts = RolloutTable.from_table(table, (1.0, -1))
+    records = _records()
+    batch = collate(records, 0, rollouts)
+    mask = batch.mask_B_T.bool()
+    lm = load_model(tiny_models["student"]).double()
+    tok, seq = mask.sum().double(), mask.any(-1).sum().double()
+    norms = step_norms(cfg, tok, seq, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
+    loss, metrics = micro_batch_loss(StudentLM(lm), cfg, batch, tok, seq, norms)
+
+    logits = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1]
+    lth = torch.where(mask, logits.log_softmax(-1).gather(-1, batch.input_ids_B_L[:, 1:, None])[..., 0], 0.0).detach()
+    lt, lmu = batch.teacher_logprobs_B_T.double(), batch.behavior_logprobs_B_T.double()
+    keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))
+    tmean, bmean = table["teacher_mean"].to_numpy(), table["behavior_mean"].to_numpy()
+    ref_l = ref_s = 0.0
+    incorrect = [b for b, r in enumerate(records) if r.reward <= 0]
+    correct = [b for b, r in enumerate(records) if r.reward > 0]
+    n_tok_correct = sum(int(mask[b].sum()) for b in correct)
+    for b, r in enumerate(records):
+        mates = [i for i, k in enumerate(keys) if k[0] == r.prompt_id
+                 and (table["reward"][i].as_py() > 0) == (r.reward > 0)]
+        score = [(-bmean[i] if r.reward > 0 else tmean[i]) for i in mates]
+        me = keys.index((r.prompt_id, r.sample_index))
+        w = len(mates) * math.exp(score[mates.index(me)]) / sum(math.exp(x) for x in score)
+        n = int(mask[b].sum())
+        if b in incorrect:
+            adv = lt[b] - lth[b]
+            ref_l += w * float((-(adv * lth[b])[mask[b]]).sum()) / n / len(incorrect)
+        else:
+            ref_s += w * float((-lth[b][mask[b]]).sum()) / n_tok_correct
+    assert incorrect and correct
+    # SCOPE's weights are stored in float32 and the metrics are float32
+    assert metrics["loss/lightning"].item() == pytest.approx(ref_l, rel=1e-6)
+    assert metrics["loss/sft"].item() == pytest.approx(ref_s, rel=1e-6)
+    assert loss.item() == pytest.approx(ref_l + 0.5 * ref_s, rel=1e-6)
+
+
+# --- AKL, top-k alpha-divergence, DPH-RL anchors ------------------------------------------------------------------
+
+
+def _bucket_case(seed=0, N=6, K=4, equal=False):
+    g = torch.Generator().manual_seed(seed)
+    teacher = (2 * torch.randn(N, 12, generator=g, dtype=torch.float64)).log_softmax(-1).sort(-1, descending=True)[0]
+    student = teacher.clone() if equal else (2 * torch.randn(N, 12, generator=g, dtype=torch.float64)).log_softmax(-1)
+    t_topk, s_topk = teacher[:, :K], student[:, :K]
+    t_tail, s_tail = teacher[:, K:].logsumexp(-1), student[:, K:].logsumexp(-1)
+    mask = torch.ones(1, N, dtype=torch.bool)
+    return s_topk[None].requires_grad_(), s_tail[None], t_topk[None], t_tail[None], mask
+
+
+def _buckets(topk, tail):
+    return torch.cat([topk, tail.unsqueeze(-1)], -1).exp()
+
+
+def test_akl_against_a_loop_reference_and_zero_at_equality():
+    s_topk, s_tail, t_topk, t_tail, mask = _bucket_case()
+    for head_mass in (0.3, 0.5, 0.9):
+        loss, metrics = L.akl_topk(s_topk, s_tail, t_topk, t_tail, mask, head_mass=head_mass)
+        pt, ps = _buckets(t_topk, t_tail)[0], _buckets(s_topk, s_tail)[0].detach()
+        total, heads = 0.0, []
+        for n in range(pt.shape[0]):
+            cum, gh, gt = 0.0, 0.0, 0.0
+            for b in range(pt.shape[1]):
+                cum += pt[n, b].item()
+                if b == 0 or cum <= head_mass:
+                    gh += abs(pt[n, b] - ps[n, b]).item()
+                else:
+                    gt += abs(pt[n, b] - ps[n, b]).item()
+            fkl = sum((pt[n, b] * (pt[n, b] / ps[n, b]).log()).item() for b in range(pt.shape[1]))
+            rkl = sum((ps[n, b] * (ps[n, b] / pt[n, b]).log()).item() for b in range(pt.shape[1]))
+            total += (gh * fkl + gt * rkl) / (gh + gt)
+            heads.append(gh / (gh + gt))
+        assert loss.item() == pytest.approx(total / pt.shape[0], rel=1e-10)
+        assert metrics["akl/head_weight"].item() == pytest.approx(np.mean(heads), rel=1e-10)
+    equal = _bucket_case(equal=True)
+    loss, _ = L.akl_topk(*equal)
+    assert loss.item() == 0.0
+
+
+def test_alpha_divergence_limits_and_zero_at_equality():
+    case = _bucket_case(seed=1)
+    s_topk, s_tail, t_topk, t_tail, mask = case
+    forward, _ = L.forward_kl_topk(*case)
+    reverse, _ = L.reverse_kl_topk(*case)
+    near_one, _ = L.alpha_topk(*case, alpha=1 - 1e-7)
+    near_zero, _ = L.alpha_topk(*case, alpha=1e-7)
+    assert near_one.item() == pytest.approx(forward.item(), rel=1e-5)
+    assert near_zero.item() == pytest.approx(reverse.item(), rel=1e-5)
+    loss, _ = L.alpha_topk(*case, alpha=0.2)
+    pt, ps = _buckets(t_topk, t_tail)[0], _buckets(s_topk, s_tail)[0]
+    ref = ((1 - (pt**0.2 * ps**0.8).sum(-1)) / (0.2 * 0.8)).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    equal, _ = L.alpha_topk(*_bucket_case(equal=True), alpha=0.2)
+    assert abs(equal.item()) < 1e-14
+
+
+def test_anchor_generators_zero_at_the_rollout_policy_and_their_limits():
+    student, _, behavior, mask = _pg_case(seed=5)
+    u = (student - behavior).detach().exp()[mask]
+    refs = {"forward_kl": u - u.log() - 1, "js": u * u.log() - (u + 1) * ((u + 1) / 2).log(),
+            "alpha": (u**0.8 - 0.8 * u - 0.2) / (0.2 * -0.8)}
+    for generator, ref in refs.items():
+        loss, metrics = L.anchor_divergence(student, behavior, mask, generator=generator, alpha=0.2)
+        assert loss.item() == pytest.approx(ref.mean().item(), rel=1e-10) and loss.item() > 0
+        at_mu = behavior.clone().requires_grad_()
+        zero, _ = L.anchor_divergence(at_mu, behavior, mask, generator=generator, alpha=0.2)
+        (grad,) = torch.autograd.grad(zero, at_mu)
+        assert abs(zero.item()) < 1e-14 and torch.all(grad.abs() < 1e-14)
+    forward, _ = L.anchor_divergence(student, behavior, mask, generator="forward_kl")
+    near_one, _ = L.anchor_divergence(student, behavior, mask, generator="alpha", alpha=1 - 1e-7)
+    near_zero, _ = L.anchor_divergence(student, behavior, mask, generator="alpha", alpha=1e-7)
+    assert near_one.item() == pytest.approx(forward.item(), rel=1e-5)
+    assert near_zero.item() == pytest.approx((u * u.log() - u + 1).mean().item(), rel=1e-5)  # KL(theta || mu)
+
+
+def test_anchors_train_on_solved_prompts_only(tiny_models, stats_shards):
+    """An anchor term with the default routing reads only the rows of prompts the rollout policy always solves,
+    normalised by their tokens: equal to the anchor on those rows alone."""
+    rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
+    records = _records()
+    solved = [r for r in records if r.prompt_id == "q2"]  # pass rate 1
+    student = _double_student(tiny_models)
+    cfg = _cfg(losses={"anchor_js": 1.0})
+    routed = _step_grads(student, cfg, [collate(records, 0, rollouts)])
+    alone = _step_grads(student, _cfg(losses={"anchor_js": 1.0}, rows={"anchor_js": "all"}), [collate(solved, 0)])
+    assert abs(routed[0]) > 1e-6 and routed[0] == pytest.approx(alone[0], rel=1e-12)
+    for a, b in zip(routed[1], alone[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
 # --- end to end ------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.integration
 def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
     """Stages 1-3 with the arithmetic checker on the rollouts (rewards in the shards), then `lopd train` with the
-    loss schedule, routing, PACED, position weighting and G-OPD on: it trains, logs the diagnostics and weight
-    statistics every step, writes the prompt statistics beside the shards once and reuses them."""
+    loss schedule, SCOPE's routing, a DPH-RL anchor, PACED, position weighting and G-OPD on: it trains, logs the
+    diagnostics and weight statistics every step, writes the prompt statistics beside the shards once and reuses
+    them."""
     from pipeline.config import load_run_config
     from pipeline.stages.registry import run_stage
     from tests.test_stages import lopd, write_run
@@ -493,7 +676,7 @@ def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
         run_stage(stage, rc.stage(stage), show_progress=False)
     shards = tmp_path / "run" / "teacher_topk"
     assert all(r.reward is not None for r in _all(shards))
-    sets = ["--set", "train.losses={lightning: 1.0, sft: 0.1}", "--set", "train.rows.sft=correct",
+    sets = ["--set", "train.losses={lightning: 1.0, sft: 0.1, anchor_js: 0.05}", "--set", "train.methods.scope={}",
             "--set", "train.loss_schedule=[{until_step: 2, losses: {reverse_kl_topk: 1.0, lightning: 0.1}}]",
             "--set", "train.methods.paced={}", "--set", "train.methods.position.gamma=0.5",
             "--set", "train.methods.gopd={lam: 1.25, k3_guard: 0.01}"]
@@ -507,6 +690,10 @@ def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert "diag/student_topk_mass" in rows[0] and "diag/top1_agree" in rows[0]
     assert "rows/sft_frac" in rows[3] and 0.0 <= rows[3]["rows/sft_frac"] <= 1.0
+    for name in ("paced", "position", "scope"):
+        assert all(0.0 <= r[f"weights/{name}_kept"] <= 1.0 for r in rows)
+    assert "loss/anchor_js" in rows[3] and "rows/anchor_js_frac" in rows[3]
+    assert all(1.0 <= r["weights/position_mean"] <= r["weights/position_token_max"] <= 1.5 for r in rows)
     assert (tmp_path / "a" / "final" / "config.json").exists()
     res = lopd("train", "-c", str(cfg), "--set", f"train.out={tmp_path / 'b'}", "--set", "train.steps=1", *sets)
     assert "prompt statistics read from" in res.stderr

@@ -26,7 +26,7 @@ import torch
 from lopd.errors import LopdUserError
 from pipeline import checkpoint
 from pipeline import losses as L
-from pipeline.config import MethodsConfig, OnlineConfig, TrainConfig
+from pipeline.config import ANCHOR_LOSSES, MethodsConfig, OnlineConfig, TrainConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
 from pipeline.models import encode_prompt, load_tokenizer
@@ -61,7 +61,7 @@ from storage.reader import ReaderState, iter_batches
 from storage.records import TeacherRecord
 from storage.shardset import ShardSet, file_sha256
 
-TOPK_LOSSES = {"reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk"}
+TOPK_LOSSES = {"reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk", "alpha_topk"}
 
 
 @dataclass
@@ -78,6 +78,7 @@ class Batch:
     tail_logprob_B_T: torch.Tensor
     reward_B: torch.Tensor | None = None  # each rollout's reward, NaN where the shard holds none
     pass_rate_B: torch.Tensor | None = None  # its prompt's pass rate (only with prompt statistics)
+    row_weight_B: torch.Tensor | None = None  # fixed per-rollout method weights (SCOPE) from the statistics
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(None if (v := getattr(self, f)) is None else v.to(device) for f in self.__dataclass_fields__))
@@ -86,7 +87,7 @@ class Batch:
 def collate(records: list[TeacherRecord], pad_id: int, rollouts: RolloutTable | None = None) -> Batch:
     """Right-pad token ids; scatter each record's per-response-position arrays to target positions
     ``prompt_len-1 .. len-2`` of the shifted sequence (exactly where ``mask_B_T`` is true, row by row).
-    ``rollouts`` (the shard set's prompt statistics) adds each row's pass rate."""
+    ``rollouts`` (the shard set's prompt statistics) adds each row's pass rate and fixed method weight."""
     input_ids_B_L, attention_B_L, mask_B_T = pad_batch([r.token_ids for r in records],
                                                        [r.prompt_len for r in records], pad_id)
     B, T = mask_B_T.shape
@@ -106,9 +107,18 @@ def collate(records: list[TeacherRecord], pad_id: int, rollouts: RolloutTable | 
         scatter([r.topk_logprobs for r in records], -1e4, np.float32, (K,)),
         scatter([r.tail_logprob for r in records], -1e4, np.float32),
         torch.tensor([np.nan if r.reward is None else r.reward for r in records], dtype=torch.float32),
-        None if rollouts is None else
-        torch.from_numpy(rollouts.pass_rate_R[rollouts.rows([(r.prompt_id, r.sample_index) for r in records])]),
+        *_row_stats(records, rollouts),
     )
+
+
+def _row_stats(records: list[TeacherRecord], rollouts: RolloutTable | None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(pass_rate_B, row_weight_B) of these records from the prompt statistics (None without them)."""
+    if rollouts is None:
+        return None, None
+    rows = rollouts.rows([(r.prompt_id, r.sample_index) for r in records])
+    row_weight = None if rollouts.row_weight_R is None else torch.from_numpy(rollouts.row_weight_R[rows])
+    return torch.from_numpy(rollouts.pass_rate_R[rows]), row_weight
 
 
 @dataclass
@@ -162,7 +172,7 @@ class StepNorms:
 
 def _routes(cfg: TrainConfig) -> list[str]:
     """The row routes other than "all" that the step's loss terms use, in a fixed order."""
-    return sorted({cfg.rows.get(name, "all") for name, w in cfg.losses.items() if w != 0} - {"all"})
+    return sorted({cfg.route(name) for name, w in cfg.losses.items() if w != 0} - {"all"})
 
 
 def local_step_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]:
@@ -195,18 +205,30 @@ def step_norms(cfg: TrainConfig, token: torch.Tensor, seq: torch.Tensor, sums: t
     return StepNorms(token, seq, routed, paced_scale)
 
 
-def method_weights(cfg: TrainConfig, batch: Batch, paced_scale: torch.Tensor | None) -> torch.Tensor | None:
-    """The product of the on weighting methods' per-token weights ``[B, T]``; None when none is on."""
+def method_weights(cfg: TrainConfig, batch: Batch, paced_scale: torch.Tensor | None
+                   ) -> tuple[torch.Tensor | None, Metrics]:
+    """The product of the on weighting methods' per-token weights ``[B, T]`` (None when none is on), and each
+    method's weight statistics over the valid tokens: ``weights/<method>_mean``, ``_token_max`` and ``_kept`` (the
+    share of tokens with a non-zero weight)."""
     m = cfg.methods
-    weights_B_T = None
+    parts: dict[str, torch.Tensor] = {}
+    if batch.row_weight_B is not None:
+        parts["scope"] = batch.row_weight_B.unsqueeze(-1).expand_as(batch.mask_B_T).float()
     if m.paced is not None:
         kernel_B = paced_kernel(batch.pass_rate_B, m.paced.alpha, m.paced.beta) * paced_scale.to(batch.pass_rate_B)
-        weights_B_T = kernel_B.unsqueeze(-1).expand_as(batch.mask_B_T).float()
+        parts["paced"] = kernel_B.unsqueeze(-1).expand_as(batch.mask_B_T).float()
     if m.position is not None:
-        position_B_T = position_weights(batch.teacher_logprobs_B_T - batch.behavior_logprobs_B_T, batch.mask_B_T,
-                                        m.position.gamma)
-        weights_B_T = position_B_T if weights_B_T is None else weights_B_T * position_B_T
-    return weights_B_T
+        parts["position"] = position_weights(batch.teacher_logprobs_B_T - batch.behavior_logprobs_B_T,
+                                             batch.mask_B_T, m.position.gamma)
+    weights_B_T = None
+    stats: Metrics = {}
+    valid_B_T = batch.mask_B_T.bool()
+    for name, w_B_T in parts.items():
+        weights_B_T = w_B_T if weights_B_T is None else weights_B_T * w_B_T
+        stats[f"weights/{name}_mean"] = L._masked_mean(w_B_T, valid_B_T)
+        stats[f"weights/{name}_token_max"] = torch.where(valid_B_T, w_B_T, 0.0).max()
+        stats[f"weights/{name}_kept"] = L._masked_mean((w_B_T > 0).float(), valid_B_T)
+    return weights_B_T, stats
 
 
 def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor,
@@ -225,14 +247,15 @@ def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, m
     for name, weight in cfg.losses.items():
         if weight == 0:
             continue
-        route = cfg.rows.get(name, "all")
+        route = cfg.route(name)
         term_mask_B_T, tok_norm, seq_norm = mask_B_T, token_normalizer, seq_normalizer
         if route != "all":
             term_mask_B_T = mask_B_T.bool() & route_mask(route, targets.reward_N, targets.pass_rate_N)
             tok_norm, seq_norm = routed[route]
             routed_frac[f"rows/{name}_frac"] = L._masked_mean(term_mask_B_T.float(), mask_B_T.bool())
         if name in TOPK_LOSSES:
-            extra = {"beta": cfg.jsd_beta} if name == "jsd_topk" else {}
+            extra = {"jsd_topk": {"beta": cfg.jsd_beta}, "akl_topk": {"head_mass": cfg.akl_head_mass},
+                     "alpha_topk": {"alpha": cfg.alpha_divergence}}.get(name, {})
             terms[name] = getattr(L, name)(stats.topk_logprobs, stats.tail_logprob, targets.topk_logprobs_N_K,
                                            targets.tail_logprob_N, term_mask_B_T, tail_bucket=cfg.tail_bucket,
                                            normalizer=tok_norm, weights_B_T=weights_B_T, **extra)
@@ -251,6 +274,10 @@ def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, m
         elif name == "sft":
             terms[name] = L.sft_cross_entropy(stats.target_logprobs, term_mask_B_T, normalizer=tok_norm,
                                               weights_B_T=weights_B_T)
+        elif name in ANCHOR_LOSSES:
+            terms[name] = L.anchor_divergence(stats.target_logprobs, targets.behavior_logprobs_N, term_mask_B_T,
+                                              generator=name.removeprefix("anchor_"), alpha=cfg.alpha_divergence,
+                                              normalizer=tok_norm, weights_B_T=weights_B_T)
     loss, metrics = L.combined_loss(terms, {name: cfg.losses[name] for name in terms})
     return loss, {**metrics, **routed_frac, **diagnostics(stats, targets, mask_B_T)}
 
@@ -285,7 +312,8 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
     possibly wrapped by DDP / FSDP2). ``batch`` must be on the model's device. ``norms`` carries the step's
     routed counts and PACED scale (needed only with routing or PACED)."""
     select_B_T = batch.mask_B_T.bool()
-    targets = flatten_targets(batch, method_weights(cfg, batch, None if norms is None else norms.paced_scale))
+    weights_B_T, weight_stats = method_weights(cfg, batch, None if norms is None else norms.paced_scale)
+    targets = flatten_targets(batch, weights_B_T)
     need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
     routed = None if norms is None else norms.routed
 
@@ -294,9 +322,10 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
         return compute_losses(cfg, stats[None], targets.rows(start, end), valid_1_n, token_normalizer, seq_normalizer,
                               routed)
 
-    return model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
-                 topk_ids_N_K=targets.topk_ids_N_K if need_topk else None, chunk_tokens=cfg.logits_chunk_tokens,
-                 argmax=need_topk)
+    loss, metrics = model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
+                          topk_ids_N_K=targets.topk_ids_N_K if need_topk else None,
+                          chunk_tokens=cfg.logits_chunk_tokens, argmax=need_topk)
+    return loss, {**metrics, **weight_stats}
 
 
 def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
@@ -316,7 +345,8 @@ _NOT_IN_RUN_KEY = ({"out", "student", "shards", "steps", "checkpoint_every", "ke
 
 
 # Method settings whose default (off) is left out of the run key; when set they are part of it.
-_OFF_BY_DEFAULT = {"loss_schedule": [], "rows": {}, "methods": MethodsConfig().model_dump(mode="json")}
+_OFF_BY_DEFAULT = {"loss_schedule": [], "rows": {}, "methods": MethodsConfig().model_dump(mode="json"),
+                   "akl_head_mass": 0.5, "alpha_divergence": 0.2}
 
 
 def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: str | None) -> str:
@@ -474,11 +504,12 @@ def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> 
     table, computed = load_prompt_stats(shards, data_fingerprint)
     log.info("train: prompt statistics %s %s", "computed and written to" if computed else "read from",
              shards.root / "prompt_stats.parquet")
-    users = ([f"train.rows.{name}={route}" for name, route in sorted(cfg.rows.items()) if route != "all"]
-             + [f"train.methods.{name}" for name in ("paced",) if getattr(cfg.methods, name) is not None])
-    group_users = [u for u in users if u.endswith(("solved", "unsolved")) or u == "train.methods.paced"]
+    users = ([f"train.rows.{name}={cfg.route(name)}" for name in sorted(cfg.all_losses()) if cfg.route(name) != "all"]
+             + [f"train.methods.{name}" for name in ("paced", "scope") if getattr(cfg.methods, name) is not None])
+    group_users = [u for u in users if u.endswith(("solved", "unsolved", "paced", "scope"))]
     require_group_stats(table, shards.root, groups=bool(group_users), why=", ".join(group_users or users))
-    return RolloutTable.from_table(table)
+    scope = cfg.methods.scope
+    return RolloutTable.from_table(table, None if scope is None else (scope.tau, scope.student_ppl_sign))
 
 
 def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook | None = None,
@@ -488,8 +519,9 @@ def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: Ev
     if cfg.online is None:
         raise LopdUserError("online OPD needs a train.online section (teacher, prompts) in the run config")
     if cfg.needs_prompt_stats():
-        raise LopdUserError("train.rows and train.methods.paced read the prompt statistics of a shard set: "
-                            "offline training only (`lopd train`), not the online baseline")
+        raise LopdUserError("row routing (train.rows, the anchors), train.methods.paced and train.methods.scope "
+                            "read the prompt statistics of a shard set: offline training only (`lopd train`), not "
+                            "the online baseline")
     require_model_dir(cfg.student, field="train.student", made_by="lopd sft")
     require_model_dir(cfg.online.teacher, field="train.online.teacher")
     data = {"teacher": model_fingerprint(cfg.online.teacher), "prompts": file_sha256(Path(cfg.online.prompts))}
