@@ -460,7 +460,9 @@ def anchor_divergence(
 ) -> tuple[torch.Tensor, Metrics]:
     """An f-divergence anchor to the rollout policy mu on its own samples (DPH-RL, Li et al. 2025, "The
     Choice of Divergence: A Neglected Key to Mitigating Diversity Collapse in Reinforcement Learning with
-    Verifiable Reward"; generators as in their code). With u_t = p_theta(y_t) / mu(y_t):
+    Verifiable Reward", arXiv 2509.07430: mass-covering divergences to the initial policy on the prompts it
+    already solves, computed with generator functions on its samples; the generators below are the standard
+    ones of each divergence, not checked against the authors' code here). With u_t = p_theta(y_t) / mu(y_t):
 
         forward_kl  f(u) = u - log u - 1                       (k3: E_mu[f] = KL(mu || p_theta))
         js          f(u) = u log u - (u + 1) log((u + 1) / 2)

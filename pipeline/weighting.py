@@ -65,7 +65,8 @@ def position_weights(gap_B_T: torch.Tensor, mask_B_T: torch.Tensor, gamma: float
 
 def scope_weights(group_R: torch.Tensor, correct_R: torch.Tensor, teacher_mean_R: torch.Tensor,
                   behavior_mean_R: torch.Tensor, tau: float = 1.0, student_ppl_sign: int = -1) -> torch.Tensor:
-    """SCOPE's per-rollout weights, within each prompt's incorrect and correct rollouts separately:
+    """SCOPE's per-rollout weights (Zheng et al. 2026, "SCOPE: Signal-Calibrated On-Policy Distillation Enhancement
+    with Dual-Path Adaptive Weighting", arXiv 2604.10688), within each prompt's incorrect and correct rollouts:
 
         incorrect i:  w_i = |I_g| softmax_{j in I_g}(mean_t lT_j / tau)           (teacher perplexity)
         correct i:    w_i = |C_g| softmax_{j in C_g}(sign * mean_t lmu_j / tau)    (rollout-policy perplexity)
