@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -332,3 +333,67 @@ def test_lightning_only_run_reads_no_topk_and_trains_as_with_it(shards_run):
         outs[name] = tmp / name
     assert _curve(outs["lean"]) == _curve(outs["full"]) and len(_curve(outs["lean"])) == 4
     assert _same_weights(outs["lean"] / "final", outs["full"] / "final")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process_on_single_record_units(shards_run) -> tuple[list[str], Path, Path]:
+    """The run's top-k shards rewritten with one record per row group, and a one-process run on them (3 steps,
+    no stream shuffle): with single-record units, W ranks together read in each step exactly the records one
+    process reads (rank r takes units r, r + W, ... of the epoch's order). Returns (overrides, shards, run)."""
+    tmp, cfg = shards_run
+    src = ShardSet.open(tmp / "run" / "teacher_topk")
+    dst = ShardSet.create(tmp / "topk_one_record_units", "teacher_topk", src.metadata)
+    for i in src.complete_indices():
+        dst.write_shard(i, src.read_shard(i), row_group_size=1)
+    dst.finalize(expected_shards=len(src.complete_indices()))
+    overrides = ["--set", f"train.shards={dst.root}", "--set", "train.steps=3", "--set", "train.shuffle_buffer=1",
+                 "--set", "train.checkpoint_every=3"]
+    single = tmp / "single_process_units"
+    lopd("train", "-c", str(cfg), "-q", "--set", f"train.out={single}", *overrides)
+    return overrides, dst.root, single
+
+
+@pytest.mark.parametrize("shard_size", [None, 2], ids=["fsdp2", "hsdp"])
+def test_two_node_torchrun_on_localhost_matches_one_process(shards_run, one_process_on_single_record_units,
+                                                            shard_size):
+    """Two torchrun agents (--nnodes 2, 2 processes each, gloo) meet by c10d rendezvous on 127.0.0.1 and train
+    with FSDP2 over the 4 ranks, or HSDP (replicate 2 x shard 2): each step reads the records one process reads
+    and the loss is normalised by the step's global counts, so the loss curve is the one-process run's."""
+    tmp, cfg = shards_run
+    overrides, _, single = one_process_on_single_record_units
+    name = "hsdp" if shard_size else "fsdp2"
+    out = tmp / f"two_nodes_{name}"
+    mesh = ["--set", f"train.fsdp_shard_size={shard_size}"] if shard_size else []
+    torchrun = Path(sys.executable).with_name("torchrun")
+    port = _free_port()
+    agents, logs = [], []
+    for node in (0, 1):
+        logs.append(open(tmp / f"two_nodes_{name}_agent{node}.log", "w+"))
+        agents.append(subprocess.Popen(
+            [str(torchrun), "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node), "--rdzv-backend",
+             "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"lopd-{name}", "-m", "lopd.cli", "train",
+             "-c", str(cfg), "-q", "--set", f"train.out={out}", "--set", "train.fsdp=true", *mesh, *overrides],
+            cwd=REPO, stdout=logs[-1], stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}))
+    try:
+        codes = [agent.wait(timeout=480) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for node, log in enumerate(logs):
+        log.seek(0)
+        assert codes[node] == 0, f"agent {node}:\n" + log.read()[-3000:]
+    ref = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3]
+    assert [r["progress/tokens"] for r in got] == [r["progress/tokens"] for r in ref]
+    assert [r["loss/total"] for r in got] == pytest.approx([r["loss/total"] for r in ref], rel=1e-5)
+    assert len(list((out / "ckpt" / "step-000003").glob("rank-*.pt"))) == 4
+    a_sd, b_sd = load_model(single / "final").state_dict(), load_model(out / "final").state_dict()
+    assert all(torch.allclose(a_sd[k], b_sd[k], atol=1e-5) for k in a_sd)
