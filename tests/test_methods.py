@@ -258,20 +258,46 @@ def _step_grads(student, cfg, batches):
     return total, [p.grad.clone() for p in student.parameters()]
 
 
+class _ListSource:
+    """A batch source over a fixed list of records (the trainer's ``BatchSource`` protocol)."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def next_records(self, n: int, parts: int):
+        return self.records[:n]
+
+    def state_dict(self):
+        return {}
+
+
 def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_shards):
-    """Non-trivial weights (PACED, position) and routed terms: one micro-batch of 8 and 8 micro-batches of 1 give
-    the same loss and gradients (float64), because every normaliser and the PACED scale are the step's."""
+    """``train_step`` with non-trivial weights (PACED, position, G-OPD with its guard) and routed terms: one
+    micro-batch of 8 and 8 micro-batches of 1 give the same loss and the same update (float64, SGD with lr 1, so
+    the update is the gradient), because every normaliser and the PACED scale are the step's global sums."""
+    from pipeline.models import load_model
+    from pipeline.stages.train import train_step
+    from pipeline.training import DistInfo, StepMeter
+
     rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
-    records = _records()[:8]
-    cfg = _cfg(losses={"lightning": 1.0, "reverse_kl_topk": 0.5, "sft": 0.3},
-               rows={"sft": "correct", "reverse_kl_topk": "unsolved"},
-               methods={"paced": {}, "position": {"gamma": 0.5}, "gopd": {"lam": 1.25, "k3_guard": 0.1}})
-    student = _double_student(tiny_models)
-    one = _step_grads(student, cfg, [collate(records, 0, rollouts)])
-    many = _step_grads(student, cfg, [collate([r], 0, rollouts) for r in records])
-    assert abs(one[0]) > 1e-3
-    assert many[0] == pytest.approx(one[0], rel=1e-10)
-    for a, b in zip(one[1], many[1]):
+    records = _records()[4:]  # prompts with pass rates 0.5 and 1 (the latter weigh 0 under PACED)
+    results = []
+    for accum in (1, 8):
+        cfg = _cfg(losses={"lightning": 1.0, "reverse_kl_topk": 0.5, "sft": 0.3},
+                   rows={"sft": "correct", "reverse_kl_topk": "unsolved"}, batch_size=8, grad_accum=accum,
+                   optim={"grad_clip": None},
+                   methods={"paced": {}, "position": {"gamma": 0.5}, "gopd": {"lam": 1.25, "k3_guard": 0.1}})
+        student = StudentLM(load_model(tiny_models["student"]).double())
+        before = [p.detach().clone() for p in student.parameters()]
+        opt = torch.optim.SGD(student.parameters(), lr=1.0)
+        metrics, _ = train_step(student, opt, cfg, _ListSource(records), 8, 0, DistInfo(), torch.device("cpu"),
+                                StepMeter(1, 1), rollouts)
+        results.append((metrics, [b - p.detach() for b, p in zip(before, student.parameters())]))
+    (one, one_update), (many, many_update) = results
+    assert abs(one["loss/total"].item()) > 1e-3 and one["weights/paced_kept"].item() < 1.0 < one["weights/paced_token_max"]
+    for key in ("loss/total", "loss/lightning", "loss/reverse_kl", "loss/sft"):
+        assert many[key].item() == pytest.approx(one[key].item(), rel=1e-10), key
+    for a, b in zip(one_update, many_update):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
