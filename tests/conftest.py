@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 _CACHE = Path(tempfile.gettempdir()) / "lopd-test-cache"
 for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("HF_HOME", "hf"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
     os.environ.setdefault(var, str(_CACHE / sub))
@@ -100,3 +104,54 @@ def rollouts_in_parts_equal_one_process(tmp_path: Path, student: Path, runner: s
     for i in range(4):
         assert spread.read_shard(i).equals(ShardSet.open(tmp_path / "single").read_shard(i))
     return result
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS hands out as free (for torchrun, a Prefect server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_run(tmp: Path, models: dict[str, Path], extra: str = "", n_prompts: int = 48) -> Path:
+    """``tmp/run.yaml``: the four data stages over ``n_prompts`` 2-digit problems (with privileged context) on
+    ``models``, plus ``extra`` YAML."""
+    from pipeline.prompts import PromptRecord, write_prompts_jsonl
+    from pipeline.tasks.arithmetic import make_problems
+
+    problems = make_problems(n_prompts, 2, seed=3)
+    write_prompts_jsonl([PromptRecord(p.id, p.prompt, p.answer, privileged_context=f"{p.answer}|")
+                         for p in problems], tmp / "prompts.jsonl")
+    cfg = tmp / "run.yaml"
+    cfg.write_text(f"""
+run_dir: {tmp / 'run'}
+teacher_sft_data:
+  prompts: {tmp / 'prompts.jsonl'}
+  teacher: {models['teacher']}
+  sampling: {{n: 2, max_new_tokens: 12, seed: 0}}
+  checker: arithmetic
+  prompts_per_shard: 16
+sft:
+  student: {models['student']}
+  steps: 4
+  batch_size: 8
+rollouts:
+  prompts: {tmp / 'prompts.jsonl'}
+  sampling: {{n: 2, max_new_tokens: 12, seed: 1}}
+  prompts_per_shard: 8
+teacher_logprobs:
+  teacher: {models['teacher']}
+  k: 4
+  codec: compact
+{extra}
+""")
+    return cfg
+
+
+def lopd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``lopd`` CLI in a subprocess from the repository root; ``check``: assert it succeeded."""
+    res = subprocess.run([sys.executable, "-m", "lopd.cli", *args], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res

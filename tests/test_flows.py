@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from flows import caching, stages, tasks
 from pipeline.config import load_run_config
 from pipeline.fingerprint import model_fingerprint
 from storage.shardset import ShardSet
-from tests.conftest import rollouts_in_parts_equal_one_process, write_prompts, write_run_config
+from tests.conftest import free_port, rollouts_in_parts_equal_one_process, write_prompts, write_run_config
 
 
 @pytest.fixture()
@@ -224,12 +223,6 @@ def test_task_runner_choice_and_errors():
 # --- a real deployment run: local Prefect server, `lopd serve`, `prefect deployment run` ------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(url: str, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -257,7 +250,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_served_deployment_runs_the_eval_stage(tmp_path, eval_config):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",

@@ -16,53 +16,14 @@ import pytest
 
 from pipeline.config import load_run_config
 from pipeline.fingerprint import model_fingerprint, read_provenance
-from pipeline.prompts import PromptRecord, write_prompts_jsonl
 from pipeline.stages.registry import run_stage
-from pipeline.tasks.arithmetic import make_problems
 from storage.codecs import decode_table
 from storage.inspect import verify_shards
 from storage.shardset import ShardSet
+from tests.conftest import lopd, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
-
-
-def write_run(tmp: Path, models: dict[str, Path], extra: str = "", n_prompts: int = 48) -> Path:
-    problems = make_problems(n_prompts, 2, seed=3)
-    write_prompts_jsonl([PromptRecord(p.id, p.prompt, p.answer, privileged_context=f"{p.answer}|")
-                         for p in problems], tmp / "prompts.jsonl")
-    cfg = tmp / "run.yaml"
-    cfg.write_text(f"""
-run_dir: {tmp / 'run'}
-teacher_sft_data:
-  prompts: {tmp / 'prompts.jsonl'}
-  teacher: {models['teacher']}
-  sampling: {{n: 2, max_new_tokens: 12, seed: 0}}
-  checker: arithmetic
-  prompts_per_shard: 16
-sft:
-  student: {models['student']}
-  steps: 4
-  batch_size: 8
-rollouts:
-  prompts: {tmp / 'prompts.jsonl'}
-  sampling: {{n: 2, max_new_tokens: 12, seed: 1}}
-  prompts_per_shard: 8
-teacher_logprobs:
-  teacher: {models['teacher']}
-  k: 4
-  codec: compact
-{extra}
-""")
-    return cfg
-
-
-def lopd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "lopd.cli", *args], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    if check:
-        assert res.returncode == 0, res.stderr[-3000:]
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pipeline.stages.train import ShardBatches, batch_loss, collate, run_train
 from pipeline.training import DistInfo
 from storage.codecs import decode_table
 from storage.shardset import ShardSet
-from tests.test_stages import lopd, write_run
+from tests.conftest import free_port, lopd, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -117,8 +116,9 @@ def test_torchrun_ddp_two_processes_gloo(shards_run):
     tmp, cfg = shards_run
     out = tmp / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
-    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "lopd.cli",
-                          "train", "-c", str(cfg), "-q", "--set", f"train.out={out}", "--set", "train.steps=6"],
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+                          "lopd.cli", "train", "-c", str(cfg), "-q", "--set", f"train.out={out}",
+                          "--set", "train.steps=6"],
                          cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -170,9 +170,9 @@ def test_torchrun_fsdp2_two_processes_trains_and_resumes(shards_run):
                               cwd=REPO, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"})
 
-    first = run(4, 29541)
+    first = run(4, free_port())
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run(6, 29542)
+    second = run(6, free_port())
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stderr and "step-000004" in second.stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -275,7 +275,7 @@ def test_torchrun_sft_two_processes_match_one_process(shards_run, fsdp):
     lopd("sft", "-c", str(cfg), "-q", "--set", f"sft.out={single}", *common)
     multi = tmp / f"sft_multi_{name}"
     torchrun = Path(sys.executable).with_name("torchrun")
-    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29541" if fsdp else "29539",
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
                           "-m", "lopd.cli", "sft", "-c", str(cfg), "-q", "--set", f"sft.out={multi}", *common],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -335,12 +335,6 @@ def test_lightning_only_run_reads_no_topk_and_trains_as_with_it(shards_run):
     assert _same_weights(outs["lean"] / "final", outs["full"] / "final")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def one_process_on_single_record_units(shards_run) -> tuple[list[str], Path, Path]:
     """The run's top-k shards rewritten with one record per row group, and a one-process run on them (3 steps,
@@ -371,7 +365,7 @@ def test_two_node_torchrun_on_localhost_matches_one_process(shards_run, one_proc
     out = tmp / f"two_nodes_{name}"
     mesh = ["--set", f"train.fsdp_shard_size={shard_size}"] if shard_size else []
     torchrun = Path(sys.executable).with_name("torchrun")
-    port = _free_port()
+    port = free_port()
     agents, logs = [], []
     for node in (0, 1):
         logs.append(open(tmp / f"two_nodes_{name}_agent{node}.log", "w+"))
