@@ -320,8 +320,9 @@ def _consume(batches, consumer_tokens_per_s: float) -> dict:
 
 def read_path(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, *, consumer_tokens_per_s: float = 7500.0,
               codec: str = "compact", vocab_size: int = LONG_ROW_VOCAB, batch_rows: int = 1, prefetch_depth: int = 2) -> list[dict]:
-    """Per k: the reader's tokens/s (decode included, one row per row group, as long rollouts are), and the
-    stall fraction of a consumer at ``consumer_tokens_per_s`` without and with storage.prefetch."""
+    """Per k: the reader's tokens/s (decode included, one row per row group, as long rollouts are; for k > 0
+    also without the top-k columns, as a lightning-only trainer reads), and the stall fraction of a consumer at
+    ``consumer_tokens_per_s`` without and with storage.prefetch."""
     from storage.prefetch import prefetch_batches
 
     out = []
@@ -334,9 +335,15 @@ def read_path(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, *, con
         t0 = time.perf_counter()
         tokens = sum(r.num_response_tokens for batch, _ in iter_batches(shard_set.root, batch_rows, **kw) for r in batch)
         read_s = time.perf_counter() - t0
+        lean = {}
+        if k:  # a lightning-only trainer reads these shards without the top-k columns
+            t0 = time.perf_counter()
+            for _ in iter_batches(shard_set.root, batch_rows, need_topk=False, **kw):
+                pass
+            lean = {"read_tokens_per_s_without_topk": round(tokens / (time.perf_counter() - t0), 1)}
         sync = _consume(iter_batches(shard_set.root, batch_rows, **kw), consumer_tokens_per_s)
         ahead = _consume(prefetch_batches(shard_set.root, batch_rows, depth=prefetch_depth, **kw), consumer_tokens_per_s)
-        out.append({"k": k, "codec": codec, "response_tokens": tokens, "read_tokens_per_s": round(tokens / read_s, 1),
+        out.append({"k": k, "codec": codec, "response_tokens": tokens, "read_tokens_per_s": round(tokens / read_s, 1), **lean,
                     "consumer_tokens_per_s": consumer_tokens_per_s, "stall_fraction": sync["stall_fraction"],
                     "stall_fraction_prefetch": ahead["stall_fraction"]})
     return out

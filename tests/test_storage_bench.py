@@ -43,8 +43,8 @@ def test_truncate_k_keeps_the_head_and_recomputes_the_tail():
 
 
 def test_long_row_write_cost_read_speed_and_stall(tmp_path):
-    """The long-row measurements at a small size: k = 0 is the cheapest to write and read; a consumer slower
-    than the reader stalls less with prefetch than without."""
+    """The long-row measurements at a small size: k = 0 is the cheapest to write and read, and top-k shards read
+    faster without their top-k columns; a consumer slower than the reader stalls less with prefetch than without."""
     from storage.bench import long_row_records, read_path, write_path_cost
 
     records = long_row_records(16, 6, length=160, vocab_size=3000, prompt_len=16)
@@ -55,6 +55,8 @@ def test_long_row_write_cost_read_speed_and_stall(tmp_path):
     assert writes[16]["write_tokens_per_s_one_core"] > 0
     reads = {r["k"]: r for r in read_path(records, (0, 16), tmp_path, consumer_tokens_per_s=3000.0, vocab_size=3000)}
     assert reads[0]["read_tokens_per_s"] > reads[16]["read_tokens_per_s"] > 0
+    assert reads[16]["read_tokens_per_s_without_topk"] > reads[16]["read_tokens_per_s"]
+    assert "read_tokens_per_s_without_topk" not in reads[0]
     for r in reads.values():
         assert r["response_tokens"] == 6 * 144
         assert 0 <= r["stall_fraction_prefetch"] < r["stall_fraction"] < 1
