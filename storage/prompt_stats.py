@@ -19,7 +19,8 @@ columns of every shard once (no top-k, no token ids) and writes one row per roll
 It lives at ``<shards>/prompt_stats.parquet`` (the shard set's integrity checks look at ``shard-*`` files only)
 with the caller's ``key`` (a content fingerprint of the shard set) in its Parquet metadata: a file whose key
 differs, from a set that has changed since, is recomputed. Written atomically (temp file, fsync, rename), so
-concurrent ranks that compute it at once leave one complete file.
+concurrent ranks that compute it at once leave one complete file; a read-only shard directory only costs the
+recomputation on each run.
 """
 
 from __future__ import annotations
@@ -70,25 +71,29 @@ def compute_prompt_stats(shard_set: ShardSet) -> pa.Table:
     })
 
 
-def load_prompt_stats(shard_set: ShardSet, key: str) -> tuple[pa.Table, bool]:
-    """The set's statistics: read from ``<root>/prompt_stats.parquet`` when it was computed for ``key``,
-    else computed and written there. Returns ``(table, computed)``."""
+def load_prompt_stats(shard_set: ShardSet, key: str) -> tuple[pa.Table, str]:
+    """The set's statistics: read from ``<root>/prompt_stats.parquet`` when it was computed for ``key``, else
+    computed and written there. Returns ``(table, how)``, ``how`` one of "read", "computed" or, when the shard
+    directory is not writable (a shared read-only dataset), "computed (not stored: <reason>)"."""
     path = shard_set.root / STATS_FILE
     if path.exists():
         try:
             stored = pq.read_table(path)
             if (stored.schema.metadata or {}).get(KV_KEY) == key.encode():
-                return stored, False
+                return stored, "read"
         except (OSError, pa.ArrowInvalid):  # an unreadable file is recomputed like a stale one
             pass
-    table = compute_prompt_stats(shard_set)
-    table = table.replace_schema_metadata({KV_KEY: key.encode()})
+    table = compute_prompt_stats(shard_set).replace_schema_metadata({KV_KEY: key.encode()})
     tmp = path.with_name(f".{STATS_FILE}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return table, True
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        return table, f"computed (not stored: {err.strerror or err})"
+    return table, "computed"
 
 
 def require_group_stats(table: pa.Table, root: Path, *, groups: bool, why: str) -> None:

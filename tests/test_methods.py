@@ -203,16 +203,28 @@ def test_prompt_stats_values_against_the_records(stats_shards):
 def test_prompt_stats_are_written_once_reused_and_recomputed_for_a_changed_set(tmp_path):
     shards = _shard_set(tmp_path / "s", _records())
     cfg = _cfg(methods={"paced": {}})
-    table, computed = load_prompt_stats(shards, "data-1")
-    assert computed and (tmp_path / "s" / STATS_FILE).exists()
+    table, how = load_prompt_stats(shards, "data-1")
+    assert how == "computed" and (tmp_path / "s" / STATS_FILE).exists()
     assert pq.read_table(tmp_path / "s" / STATS_FILE).schema.metadata[b"lopd.prompt_stats_key"] == b"data-1"
     mtime = (tmp_path / "s" / STATS_FILE).stat().st_mtime_ns
-    again, computed = load_prompt_stats(shards, "data-1")
-    assert not computed and again.equals(table) and (tmp_path / "s" / STATS_FILE).stat().st_mtime_ns == mtime
-    assert load_prompt_stats(shards, "data-2")[1]  # another fingerprint: recomputed
+    again, how = load_prompt_stats(shards, "data-1")
+    assert how == "read" and again.equals(table) and (tmp_path / "s" / STATS_FILE).stat().st_mtime_ns == mtime
+    assert load_prompt_stats(shards, "data-2")[1] == "computed"  # another fingerprint: recomputed
     assert shards.problems() == []  # the stats file does not disturb the set's integrity checks
     assert rollout_table(cfg, shards, "data-2").pass_rate_R.shape == (12,)
     assert rollout_table(_cfg(), shards, "data-2") is None  # nothing reads them: not even opened
+
+
+def test_prompt_stats_that_cannot_be_stored_are_computed_and_used(tmp_path):
+    """Where the file cannot be written (here a directory occupies its name, which fails for any user, root
+    included; a read-only shard directory fails the same way for others), the statistics are still returned."""
+    shards = _shard_set(tmp_path / "s", _records())
+    (tmp_path / "s" / STATS_FILE).mkdir()
+    (tmp_path / "s" / STATS_FILE / "not-parquet").write_text("x")
+    table, how = load_prompt_stats(shards, "data-1")
+    assert how.startswith("computed (not stored: ")
+    assert table.equals(compute_prompt_stats(shards).replace_schema_metadata(table.schema.metadata))
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "s").iterdir())
 
 
 def test_methods_that_read_rewards_refuse_null_rewards_and_single_rollout_prompts(tmp_path):
@@ -232,6 +244,25 @@ def test_methods_that_read_rewards_refuse_null_rewards_and_single_rollout_prompt
         rollout_table(_cfg(methods={"scope": {}}), single, "x")
     with pytest.raises(LopdUserError, match=r"train.rows.anchor_js=solved"):
         rollout_table(_cfg(losses={"lightning": 1.0, "anchor_js": 0.1}), single, "x")
+
+
+def test_lopd_train_refuses_them_in_one_line_before_any_work(tmp_path, tiny_models):
+    """Through the CLI: exit code 2, one line naming the shard set, the option and the fix; no run directory."""
+    from tests.test_errors import assert_one_line_error, write_config
+    from tests.test_errors import lopd as lopd_in_process
+
+    null = _shard_set(tmp_path / "null", _records(reward=False))
+    single = _shard_set(tmp_path / "single", _records(n_prompts=4, per_prompt=1))
+    cases = [(null, "{paced: {}}", ["train.methods.paced needs each rollout's reward", "12 of 12 rollouts have none",
+                                    "rollouts.checker"]),
+             (single, "{scope: {}}", ["train.methods.scope compares the rollouts of each prompt",
+                                      "4 prompt(s) have fewer than 2", "rollouts.sampling.n >= 2"])]
+    for shards, methods, parts in cases:
+        cfg = write_config(tmp_path, f"train:\n  student: {tiny_models['student']}\n  shards: {shards.root}\n"
+                                     f"  steps: 2\n  batch_size: 4\n  methods: {methods}\n")
+        code, err = lopd_in_process("train", "-c", cfg, "-q")
+        assert_one_line_error(code, err, f"{shards.root}:", *parts)
+        assert not (tmp_path / "run" / "train").exists()
 
 
 # --- the shared layer: weights, routing, normalisers, schedule, run key ----------------------------------------------
@@ -708,7 +739,7 @@ def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
             "--set", "train.methods.paced={}", "--set", "train.methods.position.gamma=0.5",
             "--set", "train.methods.gopd={lam: 1.25, k3_guard: 0.01}"]
     res = lopd("train", "-c", str(cfg), "--set", f"train.out={tmp_path / 'a'}", *sets)
-    assert "prompt statistics computed and written to" in res.stderr
+    assert f"prompt statistics of {shards}: computed" in " ".join(res.stderr.split())
     assert (shards / STATS_FILE).exists() and ShardSet.open(shards).problems() == []
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -723,7 +754,7 @@ def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
     assert all(1.0 <= r["weights/position_mean"] <= r["weights/position_token_max"] <= 1.5 for r in rows)
     assert (tmp_path / "a" / "final" / "config.json").exists()
     res = lopd("train", "-c", str(cfg), "--set", f"train.out={tmp_path / 'b'}", "--set", "train.steps=1", *sets)
-    assert "prompt statistics read from" in res.stderr
+    assert f"prompt statistics of {shards}: read" in " ".join(res.stderr.split())
 
 
 def _all(shards):

@@ -501,13 +501,12 @@ def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> 
     reward is missing, or when a prompt has fewer than 2 rollouts and a method compares a prompt's rollouts."""
     if not cfg.needs_prompt_stats():
         return None
-    table, computed = load_prompt_stats(shards, data_fingerprint)
-    log.info("train: prompt statistics %s %s", "computed and written to" if computed else "read from",
-             shards.root / "prompt_stats.parquet")
+    table, how = load_prompt_stats(shards, data_fingerprint)
     users = ([f"train.rows.{name}={cfg.route(name)}" for name in sorted(cfg.all_losses()) if cfg.route(name) != "all"]
              + [f"train.methods.{name}" for name in ("paced", "scope") if getattr(cfg.methods, name) is not None])
     group_users = [u for u in users if u.endswith(("solved", "unsolved", "paced", "scope"))]
     require_group_stats(table, shards.root, groups=bool(group_users), why=", ".join(group_users or users))
+    log.info("train: prompt statistics of %s: %s", shards.root, how)
     scope = cfg.methods.scope
     return RolloutTable.from_table(table, None if scope is None else (scope.tau, scope.student_ppl_sign))
 
