@@ -335,6 +335,54 @@ def test_lightning_only_run_reads_no_topk_and_trains_as_with_it(shards_run):
     assert _same_weights(outs["lean"] / "final", outs["full"] / "final")
 
 
+def _torchrun_stage(stage: str, cfg: Path, stop: int, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", str(nproc), "-m",
+                           "tests.scale_helpers.stage_worker", stage, str(cfg), str(stop), *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_fsdp2_stopped_and_resumed_run_equals_an_uninterrupted_one(shards_run):
+    """FSDP2 on 2 processes: a run that ends after step 3 (sharded checkpoint at step 2) and is started again
+    has the loss curve and final weights of a run that never stopped, bit for bit."""
+    tmp, cfg = shards_run
+    common = ["train.steps=6", "train.checkpoint_every=2", "train.fsdp=true"]
+    ref = _torchrun_stage("train", cfg, 0, f"train.out={tmp / 'fsdp_ref'}", *common)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cut = tmp / "fsdp_cut"
+    first = _torchrun_stage("train", cfg, 3, f"train.out={cut}", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (cut / "ckpt" / "latest").read_text() == "step-000002"
+    assert sorted(p.name for p in (cut / "ckpt" / "step-000002").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    second = _torchrun_stage("train", cfg, 0, f"train.out={cut}", *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    assert len(_curve(tmp / "fsdp_ref")) == 6 and _curve(cut) == _curve(tmp / "fsdp_ref")
+    assert _same_weights(tmp / "fsdp_ref" / "final", cut / "final")
+
+
+def test_sft_crashed_on_two_processes_resumes_on_one(shards_run):
+    """SFT reads one global example stream, so a run that crashed on 2 FSDP2 processes (sharded checkpoint at
+    step 4) resumes on 1 process: DCP re-shards model and optimiser, and the curve and weights match a
+    one-process run that never stopped (to the rounding of the 2-process gradient reduction)."""
+    tmp, cfg = shards_run
+    common = ["sft.steps=8", "sft.batch_size=8", "sft.log_every=1", "sft.checkpoint_every=2", "sft.keep_checkpoints=1"]
+    ref_cfg = load_run_config(cfg, [f"sft.out={tmp / 'sft_1proc'}", *common]).stage("sft")
+    run_stage("sft", ref_cfg, show_progress=False)
+    cut = tmp / "sft_2to1"
+    crashed = _torchrun_stage("sft", cfg, 5, f"sft.out={cut}", "sft.fsdp=true", *common)
+    assert crashed.returncode != 0 and "simulated crash in step 5" in crashed.stderr
+    ckpt = tmp / "sft_2to1_logs" / "ckpt"
+    assert (ckpt / "latest").read_text() == "step-000004" and len(list((ckpt / "step-000004").glob("*.distcp"))) == 2
+    run_stage("sft", load_run_config(cfg, [f"sft.out={cut}", *common]).stage("sft"), show_progress=False)
+    ref = [json.loads(x) for x in (tmp / "sft_1proc_logs" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (tmp / "sft_2to1_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["loss/sft"] for r in got] == pytest.approx([r["loss/sft"] for r in ref], rel=1e-4)
+    a_sd, b_sd = load_model(tmp / "sft_1proc").state_dict(), load_model(cut).state_dict()
+    assert all(torch.allclose(a_sd[k], b_sd[k], atol=1e-5) for k in a_sd)
+
+
 @pytest.fixture(scope="module")
 def one_process_on_single_record_units(shards_run) -> tuple[list[str], Path, Path]:
     """The run's top-k shards rewritten with one record per row group, and a one-process run on them (3 steps,
