@@ -242,7 +242,7 @@ def test_methods_that_read_rewards_refuse_null_rewards_and_single_rollout_prompt
     assert rollout_table(correctness, single, "x") is not None  # correctness needs no group
     with pytest.raises(LopdUserError, match=r"train.methods.scope compares"):
         rollout_table(_cfg(methods={"scope": {}}), single, "x")
-    with pytest.raises(LopdUserError, match=r"train.rows.anchor_js=solved"):
+    with pytest.raises(LopdUserError, match=r"anchor_js \(on solved rows\) compares"):
         rollout_table(_cfg(losses={"lightning": 1.0, "anchor_js": 0.1}), single, "x")
 
 

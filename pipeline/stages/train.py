@@ -502,9 +502,11 @@ def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> 
     if not cfg.needs_prompt_stats():
         return None
     table, how = load_prompt_stats(shards, data_fingerprint)
-    users = ([f"train.rows.{name}={cfg.route(name)}" for name in sorted(cfg.all_losses()) if cfg.route(name) != "all"]
+    routed = [name for name in sorted(cfg.all_losses()) if cfg.route(name) != "all"]
+    users = ([f"train.rows.{name}={cfg.route(name)}" if name in cfg.rows else f"{name} (on {cfg.route(name)} rows)"
+              for name in routed]
              + [f"train.methods.{name}" for name in ("paced", "scope") if getattr(cfg.methods, name) is not None])
-    group_users = [u for u in users if u.endswith(("solved", "unsolved", "paced", "scope"))]
+    group_users = [u for u in users if "solved" in u or u.endswith(("paced", "scope"))]  # solved, unsolved
     require_group_stats(table, shards.root, groups=bool(group_users), why=", ".join(group_users or users))
     log.info("train: prompt statistics of %s: %s", shards.root, how)
     scope = cfg.methods.scope
