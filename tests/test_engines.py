@@ -136,7 +136,6 @@ def test_hf_greedy_and_scoring_shapes(hf_teacher):
         assert (s.topk_ids[:, 0] == np.asarray(g.response_ids)).all()  # greedy = top-1
 
 
-
 def test_hf_samples_depend_only_on_the_seed_when_threads_sample_at_once(tiny_models, hf_teacher):
     """A thread-pool task runner samples several shards at once; each shard must still be what its seed gives."""
     import threading
@@ -144,17 +143,19 @@ def test_hf_samples_depend_only_on_the_seed_when_threads_sample_at_once(tiny_mod
     other = HFEngine(str(tiny_models["teacher"]), EngineConfig(dtype="float32"))
     sampling = [SamplingConfig(n=2, max_new_tokens=12, seed=s) for s in (11, 12)]
     alone = [hf_teacher.generate(PROMPTS, s) for s in sampling]
+
+    def sample(out: list, i: int, engine: HFEngine) -> None:
+        out[i] = engine.generate(PROMPTS, sampling[i])
+
     for _ in range(5):
         together: list = [None, None]
-        threads = [
-            threading.Thread(target=lambda i=i, e=e: together.__setitem__(i, e.generate(PROMPTS, sampling[i])))
-            for i, e in enumerate((hf_teacher, other))
-        ]
+        threads = [threading.Thread(target=sample, args=(together, i, e)) for i, e in enumerate((hf_teacher, other))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert together == alone
+
 
 def test_token_batches_bound_tokens_and_keep_order():
     lengths = [3, 3, 3, 10, 1, 1, 2]

@@ -7,14 +7,14 @@ and ``VLLMEngine`` (vLLM's offline ``LLM`` API, the production engine). ``make_e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
-
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.config import SamplingConfig
 
 
 @dataclass
