@@ -41,10 +41,13 @@ _COLUMNS = ["prompt_id", "sample_index", "reward", "num_response_tokens", "teach
 
 
 def compute_prompt_stats(shard_set: ShardSet) -> pa.Table:
-    """One row per rollout of the set's complete shards, with its prompt's statistics (see module docstring)."""
-    table = pa.concat_tables([shard_set.read_shard(i, columns=_COLUMNS) for i in shard_set.complete_indices()])
+    """One row per rollout of the set's complete shards, with its prompt's statistics (see module docstring).
+    Reads one row group at a time and keeps only per-rollout numbers, so memory grows with the rollouts, not
+    with their tokens."""
+    parts = [_rollout_means(group) for i in shard_set.complete_indices()
+             for group in shard_set.iter_row_groups(i, columns=_COLUMNS)]
+    table = pa.concat_tables(parts)
     reward = table["reward"].to_numpy(zero_copy_only=False).astype(np.float64)  # null -> NaN
-    n_tokens = table["num_response_tokens"].to_numpy().astype(np.int64)
     _, group_of_row = np.unique(np.asarray(table["prompt_id"].to_pylist(), dtype=str), return_inverse=True)
     n_rollouts = np.bincount(group_of_row)
     # NaN rewards propagate: a prompt with a null reward has no pass rate
@@ -53,22 +56,30 @@ def compute_prompt_stats(shard_set: ShardSet) -> pa.Table:
     reward_std = np.sqrt(np.bincount(group_of_row, weights=deviation**2) / n_rollouts)
     correct = np.where(np.isnan(reward), np.nan, reward > 0)
     pass_rate = np.bincount(group_of_row, weights=correct) / n_rollouts
+    per_prompt = {"n_rollouts": pa.array(n_rollouts[group_of_row].astype(np.int32), pa.int32()),
+                  "pass_rate": _f32(pass_rate[group_of_row]), "reward_mean": _f32(reward_mean[group_of_row]),
+                  "reward_std": _f32(reward_std[group_of_row])}
+    for name, column in per_prompt.items():
+        table = table.append_column(name, column)
+    return table
 
-    def f32(x: np.ndarray) -> pa.Array:
-        return pa.array(x.astype(np.float32), pa.float32())
 
+def _rollout_means(group: pa.Table) -> pa.Table:
+    """The per-rollout columns of one row group: ids, reward (null -> NaN), tokens, mean teacher and behaviour
+    log-probs."""
+    n_tokens = group["num_response_tokens"].to_numpy().astype(np.int64)
     return pa.table({
-        "prompt_id": table["prompt_id"].combine_chunks(),
-        "sample_index": table["sample_index"].combine_chunks(),
-        "reward": f32(reward),
-        "num_tokens": table["num_response_tokens"].combine_chunks(),
-        "teacher_mean": f32(_row_means(table["teacher_logprobs"], n_tokens)),
-        "behavior_mean": f32(_row_means(table["behavior_logprobs"], n_tokens)),
-        "n_rollouts": pa.array(n_rollouts[group_of_row].astype(np.int32), pa.int32()),
-        "pass_rate": f32(pass_rate[group_of_row]),
-        "reward_mean": f32(reward_mean[group_of_row]),
-        "reward_std": f32(reward_std[group_of_row]),
+        "prompt_id": group["prompt_id"].combine_chunks(),
+        "sample_index": group["sample_index"].combine_chunks(),
+        "reward": _f32(group["reward"].to_numpy(zero_copy_only=False).astype(np.float64)),
+        "num_tokens": group["num_response_tokens"].combine_chunks(),
+        "teacher_mean": _f32(_row_means(group["teacher_logprobs"], n_tokens)),
+        "behavior_mean": _f32(_row_means(group["behavior_logprobs"], n_tokens)),
     })
+
+
+def _f32(x: np.ndarray) -> pa.Array:
+    return pa.array(x.astype(np.float32), pa.float32())
 
 
 def load_prompt_stats(shard_set: ShardSet, key: str) -> tuple[pa.Table, str]:
