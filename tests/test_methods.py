@@ -58,9 +58,10 @@ def _records(n_prompts: int = 3, per_prompt: int = 4, seed: int = 0, reward: boo
 
 
 def _shard_set(root, records, per_shard: int = 5) -> ShardSet:
+    """A finished teacher top-k set of these records, ``per_shard`` per shard in row groups of 2."""
     s = ShardSet.create(root, "teacher_topk", {"k": K})
     for i in range(0, len(records), per_shard):
-        s.write_shard(i // per_shard, encode_records(records[i: i + per_shard], "plain", K, VOCAB))
+        s.write_shard(i // per_shard, encode_records(records[i: i + per_shard], "plain", K, VOCAB), row_group_size=2)
     s.finalize(expected_shards=math.ceil(len(records) / per_shard))
     return s
 
