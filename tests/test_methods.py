@@ -8,6 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -249,8 +253,9 @@ def test_methods_that_read_rewards_refuse_null_rewards_and_single_rollout_prompt
 
 def test_lopd_train_refuses_them_in_one_line_before_any_work(tmp_path, tiny_models):
     """Through the CLI: exit code 2, one line naming the shard set, the option and the fix; no run directory."""
-    from tests.test_errors import assert_one_line_error, write_config
-    from tests.test_errors import lopd as lopd_in_process
+    from typer.testing import CliRunner
+
+    from lopd.cli import app
 
     null = _shard_set(tmp_path / "null", _records(reward=False))
     single = _shard_set(tmp_path / "single", _records(n_prompts=4, per_prompt=1))
@@ -259,10 +264,13 @@ def test_lopd_train_refuses_them_in_one_line_before_any_work(tmp_path, tiny_mode
              (single, "{scope: {}}", ["train.methods.scope compares the rollouts of each prompt",
                                       "4 prompt(s) have fewer than 2", "rollouts.sampling.n >= 2"])]
     for shards, methods, parts in cases:
-        cfg = write_config(tmp_path, f"train:\n  student: {tiny_models['student']}\n  shards: {shards.root}\n"
-                                     f"  steps: 2\n  batch_size: 4\n  methods: {methods}\n")
-        code, err = lopd_in_process("train", "-c", cfg, "-q")
-        assert_one_line_error(code, err, f"{shards.root}:", *parts)
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(f"run_dir: {tmp_path / 'run'}\ntrain:\n  student: {tiny_models['student']}\n"
+                       f"  shards: {shards.root}\n  steps: 2\n  batch_size: 4\n  methods: {methods}\n")
+        result = CliRunner().invoke(app, ["train", "-c", str(cfg), "-q"])
+        err = " ".join(result.stderr.split())
+        assert result.exit_code == 2 and err.startswith(f"error: {shards.root}:") and "Traceback" not in err, err
+        assert all(part in err for part in parts), err
         assert not (tmp_path / "run" / "train").exists()
 
 
@@ -727,7 +735,7 @@ def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
     them."""
     from pipeline.config import load_run_config
     from pipeline.stages.registry import run_stage
-    from tests.conftest import lopd, write_run
+    from tests.conftest import free_port, lopd, write_run
 
     cfg = write_run(tmp_path, trained_models, "train: {steps: 4, batch_size: 8, log_every: 1, shuffle_buffer: 16}")
     rc = load_run_config(cfg, ["rollouts.checker=arithmetic"])
@@ -756,6 +764,16 @@ def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
     assert (tmp_path / "a" / "final" / "config.json").exists()
     res = lopd("train", "-c", str(cfg), "--set", f"train.out={tmp_path / 'b'}", "--set", "train.steps=1", *sets)
     assert f"promptstatisticsof{shards}:read" in "".join(res.stderr.split())
+    # two ranks under torchrun (gloo): the methods' step sums are all-reduced with the token counts
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "lopd.cli",
+                          "train", "-c", str(cfg), "-q", "--set", f"train.out={tmp_path / 'ddp'}", "--set",
+                          "train.steps=2", *sets], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/total"]) for r in rows)
+    assert all(math.isfinite(r["weights/paced_mean"]) for r in rows)
 
 
 def _all(shards):
