@@ -7,7 +7,7 @@ Layout of a shard set directory::
     manifest.json         kind, metadata, shard list, totals, complete flag (a summary)
 
 The sidecars are the truth: a shard is complete iff its sidecar exists, so a writer killed at any
-moment leaves at worst a shard without a sidecar (redone on resume) and `*.tmp-<pid>` files
+moment leaves at worst a shard without a sidecar (redone on resume) and `*.tmp-<pid>-<thread>` files
 (removed by the next `create()`). manifest.json is rebuilt from all sidecars after each shard and by
 `finalize()`, so writers of different shards of one directory (e.g. parallel Prefect workers) do not
 lose each other's shards.
@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -52,7 +53,7 @@ DEFAULT_ZSTD_LEVEL = 3
 TARGET_ROW_GROUP_BYTES = 4 << 20
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.json$")
 _PARQUET_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
-_TMP_RE = re.compile(r"\.tmp-(\d+)$")
+_TMP_RE = re.compile(r"\.tmp-(\d+)(?:-\d+)?$")  # <name>.tmp-<pid>-<thread id> (before: <name>.tmp-<pid>)
 PROVENANCE = "provenance"  # metadata key whose value is provenance only (paths): not part of resume identity
 _MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
     "format_version": (int,), "kind": (str,), "metadata": (dict,), "shards": (list,), "totals": (dict,),
@@ -119,8 +120,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp_path(path: Path) -> Path:
+    # One per writing thread: threads of one process (a thread-pool task runner's parts) write the same
+    # manifest, and a shared temp name would be renamed away under another writer.
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -325,7 +332,7 @@ class ShardSet:
         schema = table.schema.with_metadata({**(table.schema.metadata or {}), **self._kv_metadata()})
         table = table.replace_schema_metadata(schema.metadata)
         rows_per_group = row_group_size or _default_row_group_size(table)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp = _tmp_path(path)
         with open(tmp, "wb") as f:
             with pq.ParquetWriter(
                 f,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,12 +123,37 @@ def test_open_fails_clearly_without_a_shard_set(tmp_path):
 def test_create_removes_temp_files_of_dead_writers_only(tmp_path):
     shard_set = _write(tmp_path / "s", shards=1)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / "s" / f"shard-00001.parquet.tmp-{int(dead.stdout)}"
-    live = tmp_path / "s" / f"shard-00002.parquet.tmp-{os.getpid()}"
-    stale.write_bytes(b"partial")
-    live.write_bytes(b"in progress")
+    stale = tmp_path / "s" / f"shard-00001.parquet.tmp-{int(dead.stdout)}-7"
+    stale_old_name = tmp_path / "s" / f"manifest.json.tmp-{int(dead.stdout)}"  # written before thread ids
+    live = tmp_path / "s" / f"shard-00002.parquet.tmp-{os.getpid()}-{threading.get_ident()}"
+    for path in (stale, stale_old_name, live):
+        path.write_bytes(b"partial")
     ShardSet.create(shard_set.root, "teacher_topk", META)
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and not stale_old_name.exists() and live.exists()
+
+
+def test_threads_of_one_process_write_shards_of_one_set_at_once(tmp_path):
+    """A thread-pool task runner writes the parts of one shard set from one process: every writer rebuilds
+    the manifest after each shard, and no writer may rename another's temp file away."""
+    table = encode_records(make_records(20, 8, num_rollouts=2, response_len=3), "plain", 8, 20)
+    errors: list[Exception] = []
+
+    def write_part(part: int) -> None:
+        try:
+            shard_set = ShardSet.create(tmp_path / "s", "teacher_topk", META)
+            for index in range(part, 32, 4):
+                shard_set.write_shard(index, table)
+        except Exception as err:  # collected: an exception in a thread would not fail the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=write_part, args=(part,)) for part in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert ShardSet.open(tmp_path / "s").finalize(expected_shards=32)["complete"]
+    assert verify_shards(tmp_path / "s") == [] and not list((tmp_path / "s").glob("*.tmp-*"))
 
 
 def test_sigkill_mid_shard_then_rerun_matches_uninterrupted_run(tmp_path):
