@@ -75,7 +75,7 @@ def lightning_opd(config_path: str, overrides: list[str] | None = None, run_dir:
         return {name: run_stage_task(cfg, name) for name in STAGES if name in cfg.sections}
     started = time.perf_counter()
     world = demo_world(cfg)
-    plan = demo_plan(cfg, world)  # every stage run of the demo, in order: Lightning OPD, ablations, evals
+    plan = demo_plan(cfg, world)  # every stage run of the demo, in order: offline OPD, ablations, controls, evals
     results = {name: demo_step(plan, name) for name in plan.steps}
     report = demo_report(plan, world, results, started)
     publish_report(plan.run_dir / "demo.md")

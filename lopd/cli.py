@@ -219,8 +219,9 @@ def demo(
     seed: Annotated[Optional[int], typer.Option(help="reseed the whole world: prompts, teachers, sampling, SFT, OPD")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """The whole method on the built-in CPU world: bootstrap teachers, SFT, rollouts, shards, offline OPD,
-    eval, plus the ablations (inconsistent teacher, online OPD, SFT-continued control)."""
+    """The whole method on the built-in CPU world: bootstrap teachers, SFT, rollouts, shards, offline OPD
+    (lopd's top-k loss), eval, plus the published Lightning OPD loss, the ablations (inconsistent teacher,
+    online OPD) and two SFT controls (continued SFT, SFT on teacher answers to the OPD prompts)."""
     from pipeline.config import load_run_config
 
     if seed is not None:

@@ -398,7 +398,9 @@ class DemoConfig(Strict):
     probe_prompts: int = Field(200, ge=1, description="test prompts in the accuracy probe during training")
     probe_every: int = Field(25, ge=1, description="steps between accuracy probes during training")
     online_steps_factor: float = Field(2.0, ge=1.0, description="online OPD gets this many times the offline steps, "
-                                       "so that its time to Lightning OPD's accuracy can be measured")
+                                       "so that its time to the top-k row's accuracy can be measured")
+    pg_lr: float = Field(1e-4, gt=0, description="learning rate of the published Lightning OPD loss row (the "
+                         "sampled-token policy gradient family); the top-k rows use train.optim.lr")
     seed: int = 0
 
 

@@ -1,13 +1,16 @@
-"""`lopd demo`: the whole Lightning OPD method on the built-in CPU world, with the ablations that make the
-paper's points visible, and a control that keeps the comparison honest.
+"""`lopd demo`: the whole offline OPD method on the built-in CPU world, with the ablations that make the
+Lightning OPD paper's points visible, and controls that keep the comparison honest.
 
 1. World: prompt files, tokenizer, models; two demo teachers trained from scratch on correct solutions in two
    solution styles (A is the real teacher; B, equally accurate, is the "other teacher" of the ablation).
-2. Lightning OPD: teacher-A SFT data -> SFT student -> rollouts -> teacher-A top-k shards -> offline OPD -> eval.
-3. Ablations from the same SFT student and the same rollouts: (a) shards scored by teacher B (teacher
-   inconsistency); (b) online OPD with a live teacher, same steps and batch; (c) SFT continued on teacher A's
-   data for the same number of steps (the control at equal training steps).
-4. Report: accuracies, stage wall times, time to reach Lightning OPD's final accuracy offline vs online.
+2. Offline OPD: teacher-A SFT data -> SFT student -> rollouts -> teacher-A top-k shards -> offline OPD with
+   lopd's top-k + tail loss (``train.losses`` of the run config) -> eval.
+3. Ablations from the same SFT student and the same rollouts: (a) the published Lightning OPD loss (sampled-token
+   policy gradient on the same shards' per-token teacher log-probs); (b) shards scored by teacher B (teacher
+   inconsistency); (c) online OPD with a live teacher, same batch and losses; (d) SFT continued on teacher A's
+   data for the same number of steps (the control at equal training steps); (e) SFT on teacher A's answers to
+   the OPD prompts (as many answers per prompt as rollouts: the same number of teacher calls as the scoring).
+4. Report: accuracies, stage wall times, time to reach the top-k row's final accuracy offline vs online.
 
 The steps are plain functions (``demo_world``, ``demo_plan``, ``run_demo_step``, ``demo_report``): ``run_demo``
 calls them in order for the CLI, and the ``lightning-opd`` flow calls each as a Prefect task.
@@ -25,7 +28,8 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import run_fingerprint
-from pipeline.config import DemoConfig, EngineConfig, EvalConfig, OnlineConfig, RunConfig, SftConfig, TrainConfig
+from pipeline.config import (DemoConfig, EngineConfig, EvalConfig, LightningLossConfig, OnlineConfig, RunConfig,
+                             SftConfig, TeacherSftDataConfig, TrainConfig)
 from pipeline.demo_world import make_models
 from pipeline.engines.hf import HFEngine
 from pipeline.fingerprint import read_provenance
@@ -194,6 +198,28 @@ class DemoPlan:
     test_prompts: Path
     steps: dict[str, DemoStep]
     evals: dict[str, str]  # row of the accuracy table -> its eval step
+    labels: dict[str, str]  # row -> what it is, for tables and plots
+
+
+def published_lightning_config(train_cfg: TrainConfig, lr: float, out: Path) -> TrainConfig:
+    """The Lightning OPD paper's loss on lopd shards: ``lightning`` alone (sampled-token policy gradient,
+    no importance ratio, sequence normalisation), reading only the sampled token's teacher log-prob (what the
+    paper stores); same student, shards, steps and batch as ``train_cfg``, its own learning rate (the policy
+    gradient family's)."""
+    return train_cfg.model_copy(update={
+        "losses": {"lightning": 1.0}, "loss_schedule": [], "rows": {},
+        "lightning": LightningLossConfig(importance="none", normalization="sequence"),
+        "optim": train_cfg.optim.model_copy(update={"lr": lr}), "out": out})
+
+
+def loss_label(cfg: TrainConfig) -> str:
+    """What a train config optimises, in words: lopd's top-k losses name k and the tail bucket, so that a top-k
+    row is never read as the published Lightning OPD loss."""
+    if cfg.all_losses() == {"lightning"}:
+        return "Lightning OPD (published loss)"
+    terms = " + ".join(f"{w:g} {name}" if w != 1 else name for name, w in cfg.losses.items() if w != 0)
+    tail = " + tail" if cfg.tail_bucket and any(n.endswith("_topk") for n in cfg.losses) else ""
+    return f"lopd top-k{tail} ({terms})"
 
 
 def demo_world(cfg: RunConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -206,12 +232,15 @@ def demo_world(cfg: RunConfig, show_progress: bool = True) -> dict[str, Any]:
 
 
 def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
-    """The demo's stage runs in order: Lightning OPD, the three ablations, then an eval of every model."""
+    """The demo's stage runs in order: offline OPD (lopd's top-k loss), the ablations and controls, then an
+    eval of every model."""
     demo = cfg.demo()
     ablations = Path(cfg.run_dir) / "ablations"
     sft_cfg: SftConfig = cfg.stage("sft")
     roll_cfg, tl_cfg = cfg.stage("rollouts"), cfg.stage("teacher_logprobs")
     train_cfg: TrainConfig = cfg.stage("train")
+    # (a) the published Lightning OPD loss from the same shards
+    train_pub = published_lightning_config(train_cfg, demo.pg_lr, ablations / "train_lightning_published")
     # (a) teacher inconsistency: same rollouts, scored by teacher B
     tl_b = tl_cfg.model_copy(update={"teacher": world["teachers"]["B"]["dir"], "out": ablations / "teacher_topk_B",
                                      "allow_teacher_mismatch": True})
@@ -225,26 +254,45 @@ def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
     # (c) control: SFT continued on the teacher's data for the same number of steps
     control = sft_cfg.model_copy(update={"student": sft_cfg.out, "out": ablations / "sft_continued",
                                          "steps": train_cfg.steps, "batch_size": train_cfg.batch_size})
+    # (e) control: the teacher answers the OPD prompts (n answers each, n = the rollouts' samples per prompt: as
+    # many teacher calls as the scoring pass), the SFT student learns them for OPD's steps and batch
+    tsd_cfg: TeacherSftDataConfig = cfg.stage("teacher_sft_data")
+    tsd_opd = tsd_cfg.model_copy(update={
+        "prompts": roll_cfg.prompts, "limit": roll_cfg.limit, "out": ablations / "teacher_sft_data_opd_prompts",
+        "sampling": tsd_cfg.sampling.model_copy(update={"n": roll_cfg.sampling.n})})
+    sft_opd = control.model_copy(update={"data": tsd_opd.out, "out": ablations / "sft_opd_prompts"})
     steps = {
-        "teacher_sft_data": DemoStep("teacher_sft_data", cfg.stage("teacher_sft_data")), "sft": DemoStep("sft", sft_cfg),
+        "teacher_sft_data": DemoStep("teacher_sft_data", tsd_cfg), "sft": DemoStep("sft", sft_cfg),
         "rollouts": DemoStep("rollouts", roll_cfg), "teacher_logprobs": DemoStep("teacher_logprobs", tl_cfg),
-        "train_lightning": DemoStep("train", train_cfg),
+        "train_topk": DemoStep("train", train_cfg),
+        "train_lightning_published": DemoStep("train", train_pub),
         "teacher_logprobs_B": DemoStep("teacher_logprobs", tl_b),
         "train_inconsistent": DemoStep("train", train_b),
         "train_online": DemoStep("train", train_online),
         "sft_continued": DemoStep("sft", control),
+        "teacher_sft_data_opd_prompts": DemoStep("teacher_sft_data", tsd_opd),
+        "sft_opd_prompts": DemoStep("sft", sft_opd),
     }
     # eval everything on the full held-out set
     models = {"teacher": world["teachers"]["A"]["dir"], "teacher_B": world["teachers"]["B"]["dir"],
-              "sft": sft_cfg.out, "lightning_opd": train_cfg.out / "final",
+              "sft": sft_cfg.out, "topk_opd": train_cfg.out / "final",
+              "lightning_published": train_pub.out / "final",
               "inconsistent_teacher": train_b.out / "final", "online_opd": train_online.out / "final",
-              "sft_continued": control.out}
+              "sft_continued": control.out, "sft_opd_prompts": sft_opd.out}
+    topk = loss_label(train_cfg)
+    labels = {"teacher": "teacher A", "teacher_B": "teacher B (other style)", "sft": "SFT student",
+              "topk_opd": f"{topk}, offline", "lightning_published": loss_label(train_pub) + ", offline",
+              "inconsistent_teacher": f"{topk}, shards scored by teacher B (inconsistent teacher)",
+              "online_opd": f"online OPD, {topk}, live teacher",
+              "sft_continued": "SFT continued on the teacher's SFT answers (control)",
+              "sft_opd_prompts": "SFT on teacher answers to the OPD prompts (control)"}
     for name, model_dir in models.items():
         steps[f"eval_{name}"] = DemoStep("eval", EvalConfig(
             model=model_dir, prompts=world["prompts"]["test"], out=Path(cfg.run_dir) / "eval" / name,
             max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512)))
     return DemoPlan(run_dir=Path(cfg.run_dir), demo=demo, probe_model=sft_cfg.out,
-                    test_prompts=world["prompts"]["test"], steps=steps, evals={m: f"eval_{m}" for m in models})
+                    test_prompts=world["prompts"]["test"], steps=steps, evals={m: f"eval_{m}" for m in models},
+                    labels=labels)
 
 
 def run_demo_step(plan: DemoPlan, name: str, show_progress: bool = True) -> StageResult:
@@ -278,10 +326,11 @@ def _keep_timing(run_dir: Path, name: str, seconds: float) -> None:
 
 def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageResult],
                 started: float) -> dict[str, Any]:
-    """The last step: accuracies, time to Lightning OPD's accuracy offline vs online, plots; writes demo.json
-    and demo.md. ``started``: ``time.perf_counter()`` when the demo began."""
+    """The last step: accuracies, time to the top-k row's final accuracy offline vs online, plots; writes
+    demo.json and demo.md. ``started``: ``time.perf_counter()`` when the demo began."""
     run_dir = plan.run_dir
-    train_cfg, train_b = plan.steps["train_lightning"].cfg, plan.steps["train_inconsistent"].cfg
+    train_cfg, train_b = plan.steps["train_topk"].cfg, plan.steps["train_inconsistent"].cfg
+    train_pub = plan.steps["train_lightning_published"].cfg
     train_online, control = plan.steps["train_online"].cfg, plan.steps["sft_continued"].cfg
     wall = {"world": world["seconds"], **{f"bootstrap_teacher_{s}": round(t["seconds"], 2)
                                           for s, t in world["teachers"].items()}}
@@ -293,8 +342,9 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
     timings_path = run_dir / "demo_timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
-    # time to Lightning OPD's final accuracy (on the probe set), offline including its one-time precompute
+    # time to the top-k row's final accuracy (on the probe set), offline including its one-time precompute
     offline_curve = accuracy_curve(train_cfg.out / "metrics.jsonl")
+    published_curve = accuracy_curve(train_pub.out / "metrics.jsonl")
     online_curve = accuracy_curve(train_online.out / "metrics.jsonl")
     inconsistent_curve = accuracy_curve(train_b.out / "metrics.jsonl")
     target = offline_curve[-1][2] if offline_curve else None
@@ -302,17 +352,20 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
     t_off = time_to_accuracy(offline_curve, target, precompute) if target is not None else None
     t_on = time_to_accuracy(online_curve, target) if target is not None else None
     online_total = online_curve[-1][1]
+    labels = plan.labels
     plots = {
         "accuracy_vs_time": str(plot_demo({
-            "Lightning OPD (offline)": (offline_curve, precompute),
-            "online OPD": (online_curve, 0.0),
+            labels["topk_opd"]: (offline_curve, precompute),
+            labels["lightning_published"]: (published_curve, precompute),
+            labels["online_opd"]: (online_curve, 0.0),
             "inconsistent teacher (offline)": (inconsistent_curve, precompute),
         }, run_dir / "demo_accuracy.png")),
-        "lightning_training_curves": str(train_cfg.out / "curves.png"),
+        "topk_training_curves": str(train_cfg.out / "curves.png"),
         "online_training_curves": str(train_online.out / "curves.png"),
     }
     result = {
         "accuracy": {row: evals[row]["pass@1"] for row in plan.evals},
+        "labels": labels,
         "time_to_accuracy": {
             "target_probe_accuracy": target, "offline_seconds": t_off, "online_seconds": t_on,
             "offline_precompute_seconds": round(precompute, 2),
@@ -322,10 +375,13 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
         },
         "probe_accuracy_at_equal_steps": {
             name: _at_step(curve, train_cfg.steps) for name, curve in (
-                ("lightning_opd", offline_curve), ("online_opd", online_curve),
+                ("topk_opd", offline_curve), ("lightning_published", published_curve), ("online_opd", online_curve),
                 ("inconsistent_teacher", inconsistent_curve))},
         "budgets": {"offline_steps": train_cfg.steps, "online_steps": train_online.steps,
-                    "sft_continued_steps": control.steps, "batch_size": train_cfg.batch_size},
+                    "sft_continued_steps": control.steps, "batch_size": train_cfg.batch_size,
+                    "topk_lr": train_cfg.optim.lr, "lightning_published_lr": train_pub.optim.lr,
+                    "sft_opd_prompts_teacher_answers": _rows(results["teacher_sft_data_opd_prompts"]),
+                    "teacher_scored_rollouts": _rows(results["rollouts"])},
         "wall_seconds": {**wall, "total": round(time.perf_counter() - started, 2)},
         "reused_stages": reused,
         "sft_data": results["teacher_sft_data"].summary,
@@ -334,7 +390,7 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
         "run_dir": str(run_dir),
     }
     (run_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str))
-    (run_dir / "demo.md").write_text(_markdown(result, evals))
+    (run_dir / "demo.md").write_text(_markdown(result, {labels[row]: r for row, r in evals.items()}))
     return result
 
 
@@ -354,8 +410,13 @@ def run_demo(cfg: RunConfig, show_progress: bool = True, print_table: bool = Tru
     return result
 
 
+def _rows(result: StageResult) -> int | None:
+    """Rows a sampling stage holds: counted when it ran, read from its manifest when it was reused."""
+    return result.summary.get("kept", result.summary.get("rows"))
+
+
 def _markdown(result: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:
-    lines = ["# lopd demo", "", markdown_table(evals), "", "## Time to Lightning OPD's final accuracy", "",
+    lines = ["# lopd demo", "", markdown_table(evals), "", "## Time to the top-k row's final probe accuracy", "",
              "```json", json.dumps(result["time_to_accuracy"], indent=2), "```", "",
              "## Wall seconds per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in result["wall_seconds"].items()]
@@ -370,11 +431,11 @@ def print_demo_table(result: dict[str, Any]) -> None:
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     for name, acc in result["accuracy"].items():
-        table.add_row(name, f"{acc:.3f}")
+        table.add_row(result["labels"].get(name, name), f"{acc:.3f}")
     console = Console()
     console.print(table)
     tta = result["time_to_accuracy"]
-    console.print(f"time to Lightning OPD's final probe accuracy {tta['target_probe_accuracy']}: offline "
+    console.print(f"time to the top-k row's final probe accuracy {tta['target_probe_accuracy']}: offline "
                   f"{tta['offline_seconds']} s (incl. {tta['offline_precompute_seconds']} s rollouts+scoring), "
                   f"online {tta['online_seconds']} s -> speed-up {tta['speedup'] or tta['speedup_lower_bound']}")
     console.print(f"total {result['wall_seconds']['total']} s; reused: {', '.join(result['reused_stages']) or 'none'}")

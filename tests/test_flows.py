@@ -184,11 +184,16 @@ def test_demo_flow_runs_each_step_as_a_task_and_equals_the_cli_demo(prefect_api,
     world = {"prompts": {"test": run_dir / "world/prompts/test.jsonl"},
              "teachers": {s: {"dir": run_dir / f"world/teacher_{s}"} for s in "AB"}}
     steps = list(demo_plan(cfg, world).steps)
-    assert steps[:5] == ["teacher_sft_data", "sft", "rollouts", "teacher_logprobs", "train_lightning"]
+    assert steps[:5] == ["teacher_sft_data", "sft", "rollouts", "teacher_logprobs", "train_topk"]
     assert task_names == ["world", *steps, "report", "publish_report", "publish_plots"]
     assert artifacts["lopd-report"] == (run_dir / "demo.md").read_text()
     assert "demo_accuracy.png" in artifacts["plots"]
     assert report["reused_stages"] == [] and list(report["wall_seconds"])[3:-1] == steps
+    # the published Lightning OPD loss and the SFT-on-OPD-prompts control are rows of their own; only the
+    # published loss is called Lightning OPD; the control's teacher answers as many times as the scoring pass
+    assert {"topk_opd", "lightning_published", "sft_opd_prompts"} <= set(report["accuracy"]) == set(report["labels"])
+    assert [row for row, label in report["labels"].items() if "Lightning OPD" in label] == ["lightning_published"]
+    assert report["budgets"]["sft_opd_prompts_teacher_answers"] == report["budgets"]["teacher_scored_rollouts"] > 0
 
     again = run_demo(cfg, show_progress=False, print_table=False)
     trained = [s for s in steps if not s.startswith("eval_")]  # an eval always runs (greedy: same accuracy)
