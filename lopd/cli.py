@@ -248,6 +248,31 @@ def demo(
     _run(go)
 
 
+@app.command("ablate")
+def ablate(
+    config: ConfigOpt = REPO_CONFIGS / "ablate.yaml",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a field of the ablation "
+                    "YAML, e.g. --set 'seeds=[0]' --set steps=50 (repeatable)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="the demo run dir to reuse (default: the demo config's)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print only the result JSON on stdout")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Every method and base loss from the demo's SFT student and shards, several seeds each: mean and spread of
+    greedy accuracy, pass@k and training seconds per row (<run_dir>/ablate/ablate.md, .json, .png). Builds the
+    demo world and its stages 1-3 when missing; a rerun reuses every finished row x seed."""
+    from pipeline.ablate import load_ablate_config, run_ablation
+
+    def go() -> None:
+        result = run_ablation(load_ablate_config(config, set_, run_dir), show_progress=not (quiet or json_out))
+        if json_out:
+            print(json.dumps(result, default=str))
+        else:
+            Console().print(Path(result["table"]).read_text())
+            console.print(f"results: {result['table']}, ablate.json, ablate.png")
+
+    _run(go)
+
+
 @app.command("serve")
 def serve(
     name: Annotated[str, typer.Option(help="deployment name suffix")] = "demo",

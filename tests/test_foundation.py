@@ -149,21 +149,27 @@ def test_config_range_check_and_overrides(tmp_path):
 
 
 def test_shipped_configs_validate():
+    from pipeline.ablate import demo_run_config, load_ablate_config
+
     for path in (REPO / "configs").glob("*.yaml"):
-        load_run_config(path)
+        if path.name == "ablate.yaml":  # an ablation config, over the demo's run config
+            demo_run_config(load_ablate_config(path))
+        else:
+            load_run_config(path)
 
 
 def test_cli_help_lists_every_stage():
     res = run_cli("--help")
     assert res.returncode == 0
     for cmd in ("make-models", "teacher-sft-data", "sft", "rollouts", "teacher-logprobs", "train", "eval", "run",
-                "demo", "serve", "shards", "bench"):
+                "demo", "ablate", "serve", "shards", "bench"):
         assert cmd in res.stdout, cmd
 
 
 def test_pipeline_imports_without_prefect():
     code = ("import sys, importlib; sys.modules['prefect'] = None\n"
-            "for m in ['pipeline.config', 'pipeline.demo', 'pipeline.stages.registry', 'pipeline.stages.train',\n"
+            "for m in ['pipeline.config', 'pipeline.demo', 'pipeline.ablate', 'pipeline.stages.registry',\n"
+            "          'pipeline.stages.train',\n"
             "          'pipeline.stages.teacher_logprobs', 'pipeline.stages.sampling', 'storage']:\n"
             "    importlib.import_module(m)\nprint('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -1,0 +1,288 @@
+"""`lopd ablate`: every offline OPD method and base loss, trained from the demo world's SFT student and teacher
+shards, several seeds each; the mean and spread of greedy accuracy, pass@k on sampled answers and training
+seconds per row, as a Markdown table, a JSON object and a bar chart in ``<run_dir>/ablate/``.
+
+The rows are one dict in the ablation YAML (``configs/ablate.yaml``): row name -> ``--set`` overrides of the
+demo's ``train`` section. Each row x seed is a ``train`` stage run plus an ``eval`` stage run in its own
+directory, keyed by the row's settings: a rerun finds finished training complete (the train stage's own resume)
+and reuses its eval when the eval settings are unchanged. The world and stages 1-3 (teacher SFT data, SFT,
+rollouts, teacher shards) are the demo's (``pipeline.demo.demo_plan``), built when missing.
+
+No per-row tuning: every row trains with the demo's train settings, the ablation's step count, its seed, and the
+learning rate of its loss family (``lr``): ``policy_gradient`` for rows without a top-k loss (the published
+``lightning`` loss and the methods built on it), ``topk`` for rows with one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from pipeline.checkpoint import run_fingerprint
+from pipeline.config import (ConfigError, EngineConfig, EvalConfig, RunConfig, SamplingConfig, Strict, TrainConfig,
+                             _format_error, load_run_config, set_dotted)
+from pipeline.progress import log
+from pipeline.prompts import load_prompts
+from pipeline.stages import registry
+from pipeline.stages.train import TOPK_LOSSES
+from pipeline.training import read_metrics
+
+STAGES_1_3 = ("teacher_sft_data", "sft", "rollouts", "teacher_logprobs")
+
+
+class AblateConfig(Strict):
+    """The ablation: which demo world, which rows, how many seeds, steps and eval prompts."""
+
+    demo_config: Path = Field(Path("demo.yaml"), description="the demo's run YAML (relative to this file): world, "
+                              "SFT student, shards and the train settings every row starts from")
+    demo_set: list[str] = Field(default_factory=list, description="--set overrides of the demo config (e.g. a "
+                                "smaller world for a quick check); part of the world, so they change every row")
+    run_dir: Path | None = Field(None, description="the demo's run dir to reuse (default: the demo config's)")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="train.seed of each run of a row")
+    steps: int = Field(200, ge=1, description="optimiser steps of every row (the demo's OPD runs 400)")
+    eval_prompts: int | None = Field(200, ge=1, description="the first N held-out prompts (null: all)")
+    pass_k: int = Field(4, ge=1, description="answers sampled per prompt for pass@k (temperature 1)")
+    lr: dict[str, float] = Field(default_factory=lambda: {"policy_gradient": 1e-4, "topk": 3e-4},
+                                 description="one learning rate per loss family: policy_gradient, topk")
+    rows: dict[str, list[str]] = Field(min_length=1, description="row name -> --set overrides of the train "
+                                       "section; '{half_steps}' in a value becomes steps // 2")
+
+    @field_validator("lr")
+    @classmethod
+    def _families(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"policy_gradient", "topk"}:
+            raise ValueError(f"lr needs exactly the families policy_gradient and topk, got {sorted(v)}")
+        return v
+
+    @field_validator("rows")
+    @classmethod
+    def _train_overrides(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, overrides in v.items():
+            bad = [o for o in overrides if not o.startswith("train.") or "=" not in o]
+            if bad:
+                raise ValueError(f"row {name!r}: overrides must be train.<field>=<value>, got {bad}")
+        return v
+
+
+def load_ablate_config(path: str | Path, overrides: list[str] | None = None,
+                       run_dir: str | Path | None = None) -> AblateConfig:
+    """Read an ablation YAML with ``key=value`` overrides (values parsed as YAML); ``demo_config`` resolves
+    against the YAML's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: ablation config not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov}: expected field=value, e.g. --set seeds=[0] or --set steps=50")
+        key, val = ov.split("=", 1)
+        set_dotted(data, key, yaml.safe_load(val))
+    if run_dir is not None:
+        data["run_dir"] = str(run_dir)
+    try:
+        cfg = AblateConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(str(path), "ablate", e)) from None
+    return cfg.model_copy(update={"demo_config": (path.parent / cfg.demo_config).resolve()})
+
+
+# --- the math of the table ------------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean and spread of one row's per-seed values (S seeds):
+    mean = sum_s x_s / S;  std = sqrt(sum_s (x_s - mean)^2 / (S - 1)) (0 for S = 1);  min, max."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def loss_family(cfg: TrainConfig) -> str:
+    """``topk`` when any step of the run uses a top-k loss, else ``policy_gradient`` (lightning, sft, anchors)."""
+    return "topk" if cfg.all_losses() & TOPK_LOSSES else "policy_gradient"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-")
+
+
+# --- the runs ---------------------------------------------------------------------------------------------------
+
+
+def demo_run_config(cfg: AblateConfig) -> RunConfig:
+    return load_run_config(cfg.demo_config, cfg.demo_set, cfg.run_dir)
+
+
+def ensure_demo_shards(run_cfg: RunConfig, show_progress: bool = True) -> dict[str, Any]:
+    """The demo world and its stages 1-3 (each reused when complete); returns the demo's plan."""
+    from pipeline.demo import demo_plan, demo_world, run_demo_step
+
+    world = demo_world(run_cfg, show_progress)
+    plan = demo_plan(run_cfg, world)
+    for name in STAGES_1_3:
+        run_demo_step(plan, name, show_progress)
+    return {"plan": plan, "world": world}
+
+
+def row_train_config(cfg: AblateConfig, run_cfg: RunConfig, row: str, seed: int, root: Path) -> TrainConfig:
+    """The train config of one row x seed: the demo's train section, the row's overrides, the ablation's steps,
+    the seed, the family's learning rate, and an output dir named after the row and a hash of its settings (a
+    changed row trains afresh instead of meeting its old checkpoints)."""
+    overrides = [o.replace("{half_steps}", str(max(cfg.steps // 2, 1))) for o in cfg.rows[row]]
+    base = load_run_config(cfg.demo_config, [*cfg.demo_set, *overrides, f"train.steps={cfg.steps}",
+                                             f"train.seed={seed}"], run_cfg.run_dir).stage("train")
+    lr = cfg.lr[loss_family(base)]
+    key = run_fingerprint({"overrides": overrides, "steps": cfg.steps, "lr": lr})[:8]
+    return base.model_copy(update={"optim": base.optim.model_copy(update={"lr": lr}),
+                                   "out": root / f"{_slug(row)}-{key}" / f"seed-{seed}" / "train"})
+
+
+def eval_config(cfg: AblateConfig, model: Path, prompts: Path, out: Path, seed: int, max_new_tokens: int) -> EvalConfig:
+    return EvalConfig(model=model, prompts=prompts, out=out, limit=cfg.eval_prompts, max_new_tokens=max_new_tokens,
+                      samples=SamplingConfig(n=cfg.pass_k, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed),
+                      engine=EngineConfig(batch_size=512))
+
+
+def run_eval_once(ecfg: EvalConfig, reuse: bool) -> tuple[dict[str, Any], bool]:
+    """The eval of a cell; reused when ``reuse`` (its model did not change) and it ran with the same settings."""
+    settings = ecfg.out / "eval_config.json"
+    wanted = ecfg.model_dump(mode="json")
+    if reuse and (ecfg.out / "eval.json").exists() and settings.exists() and json.loads(settings.read_text()) == wanted:
+        return json.loads((ecfg.out / "eval.json").read_text()), True
+    registry.run_stage("eval", ecfg, show_progress=False)
+    settings.write_text(json.dumps(wanted, indent=2))
+    return json.loads((ecfg.out / "eval.json").read_text()), False
+
+
+def train_seconds(train_out: Path) -> float:
+    """Training seconds of a finished run (its last metrics record; excludes checkpoint writes and evals)."""
+    return float([r for r in read_metrics(train_out / "metrics.jsonl") if "perf/train_seconds" in r][-1]
+                 ["perf/train_seconds"])
+
+
+def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Every row x seed (train + eval), then the table, JSON and plot in ``<run_dir>/ablate/``."""
+    started = time.perf_counter()
+    run_cfg = demo_run_config(cfg)
+    demo = ensure_demo_shards(run_cfg, show_progress)
+    plan = demo["plan"]
+    root = Path(run_cfg.run_dir) / "ablate"
+    max_new = plan.demo.max_new_tokens
+    pass_key = f"pass@{cfg.pass_k}"
+    sft_dir = plan.steps["sft"].cfg.out
+
+    rows: dict[str, dict[str, Any]] = {}
+    # the starting point, with the same eval settings (no training)
+    start: dict[str, Any] = {}
+    for seed in cfg.seeds:
+        result, reused = run_eval_once(eval_config(cfg, sft_dir, plan.test_prompts, root / "sft-student" /
+                                                   f"seed-{seed}" / "eval", seed, max_new), reuse=True)
+        start[str(seed)] = {"accuracy": result["pass@1"], pass_key: result[pass_key], "train_seconds": 0.0,
+                            "reused": reused}
+    rows["SFT student (start)"] = {"overrides": [], "family": None, "lr": None, "seeds": start}
+
+    cells = [(row, seed) for row in cfg.rows for seed in cfg.seeds]
+    for i, (row, seed) in enumerate(cells, 1):
+        tcfg = row_train_config(cfg, run_cfg, row, seed, root)
+        log.info("ablate [%d/%d]: %s, seed %d", i, len(cells), row, seed)
+        trained = registry.run_stage("train", tcfg, show_progress=show_progress)
+        ecfg = eval_config(cfg, tcfg.out / "final", plan.test_prompts, tcfg.out.parent / "eval", seed, max_new)
+        result, eval_reused = run_eval_once(ecfg, reuse=trained.skipped)
+        entry = rows.setdefault(row, {"overrides": cfg.rows[row], "family": loss_family(tcfg), "lr": tcfg.optim.lr,
+                                      "dir": str(tcfg.out.parent.parent), "seeds": {}})
+        entry["seeds"][str(seed)] = {"accuracy": result["pass@1"], pass_key: result[pass_key],
+                                     "train_seconds": round(train_seconds(tcfg.out), 2),
+                                     "reused": trained.skipped and eval_reused}
+    for entry in rows.values():
+        per_seed = list(entry["seeds"].values())
+        for metric in ("accuracy", pass_key, "train_seconds"):
+            entry[metric] = spread([s[metric] for s in per_seed])
+
+    n_test = len(load_prompts(plan.test_prompts))
+    result = {
+        "rows": rows,
+        "settings": {"steps": cfg.steps, "seeds": cfg.seeds, "eval_prompts": min(cfg.eval_prompts or n_test, n_test),
+                     "held_out_prompts": n_test, "pass_k": cfg.pass_k, "lr": cfg.lr,
+                     "demo_train_steps": plan.steps["train_topk"].cfg.steps,
+                     "batch_size": plan.steps["train_topk"].cfg.batch_size, "demo_config": str(cfg.demo_config),
+                     "demo_set": cfg.demo_set},
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "reused_cells": sum(s["reused"] for e in rows.values() for s in e["seeds"].values()),
+        "run_dir": str(run_cfg.run_dir),
+        "table": str(root / "ablate.md"),
+        "plot": str(root / "ablate.png"),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ablate.json").write_text(json.dumps(result, indent=2, default=str))
+    (root / "ablate.md").write_text(markdown(result))
+    plot_ablation(result, root / "ablate.png")
+    return result
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def _cell(s: dict[str, float], fmt: str) -> str:
+    return f"{s['mean']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table: one line per row, mean [min, max] over the seeds."""
+    st = result["settings"]
+    pass_key = f"pass@{st['pass_k']}"
+    lines = [
+        "# lopd ablate",
+        "",
+        f"From the demo world's SFT student and teacher shards; {st['steps']} optimiser steps of "
+        f"{st['batch_size']} rollouts per row (the demo's OPD runs {st['demo_train_steps']}); seeds "
+        f"{', '.join(map(str, st['seeds']))} (the train seed); greedy accuracy and {pass_key} ({st['pass_k']} "
+        f"answers sampled at temperature 1) on the first {st['eval_prompts']} of {st['held_out_prompts']} held-out "
+        f"prompts; learning rate per loss family: policy gradient {st['lr']['policy_gradient']:g}, top-k "
+        f"{st['lr']['topk']:g}. Each cell: mean [min, max] over the seeds. Wall time {result['wall_seconds']:.0f} s "
+        f"({result['reused_cells']} row x seed runs reused).",
+        "",
+        f"| row | train settings | lr | greedy accuracy | {pass_key} | training seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in result["rows"].items():
+        settings = "; ".join(o.removeprefix("train.") for o in e["overrides"]) or "-"
+        lr = f"{e['lr']:g}" if e["lr"] is not None else "-"
+        lines.append(f"| {name} | `{settings}` | {lr} | {_cell(e['accuracy'], '.3f')} | "
+                     f"{_cell(e[pass_key], '.3f')} | {_cell(e['train_seconds'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(result: dict[str, Any], out: Path) -> Path:
+    """Horizontal bars of greedy accuracy and pass@k per row (mean), with min-max whiskers over the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pass_key = f"pass@{result['settings']['pass_k']}"
+    names = list(result["rows"])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
+    for j, (metric, label) in enumerate((("accuracy", "greedy accuracy"), (pass_key, pass_key))):
+        stats = [result["rows"][n][metric] for n in names]
+        ys = [i + (j - 0.5) * 0.38 for i in range(len(names))]
+        means = [s["mean"] for s in stats]
+        err = [[s["mean"] - s["min"] for s in stats], [s["max"] - s["mean"] for s in stats]]
+        ax.barh(ys, means, height=0.36, xerr=err, capsize=2, label=label)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"held-out accuracy (mean over seeds {result['settings']['seeds']}; whiskers: min-max)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
