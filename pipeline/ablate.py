@@ -26,6 +26,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.checkpoint import run_fingerprint
+from pipeline.demo import DemoPlan, demo_plan, demo_world, run_demo_step
 from pipeline.config import (ConfigError, EngineConfig, EvalConfig, RunConfig, SamplingConfig, Strict, TrainConfig,
                              _format_error, load_run_config, set_dotted)
 from pipeline.progress import log
@@ -121,15 +122,13 @@ def demo_run_config(cfg: AblateConfig) -> RunConfig:
     return load_run_config(cfg.demo_config, cfg.demo_set, cfg.run_dir)
 
 
-def ensure_demo_shards(run_cfg: RunConfig, show_progress: bool = True) -> dict[str, Any]:
-    """The demo world and its stages 1-3 (each reused when complete); returns the demo's plan."""
-    from pipeline.demo import demo_plan, demo_world, run_demo_step
-
+def ensure_demo_shards(run_cfg: RunConfig, show_progress: bool = True) -> DemoPlan:
+    """The demo world and its stages 1-3, each reused when complete; returns the demo's plan."""
     world = demo_world(run_cfg, show_progress)
     plan = demo_plan(run_cfg, world)
     for name in STAGES_1_3:
         run_demo_step(plan, name, show_progress)
-    return {"plan": plan, "world": world}
+    return plan
 
 
 def row_train_config(cfg: AblateConfig, run_cfg: RunConfig, row: str, seed: int, root: Path) -> TrainConfig:
@@ -172,8 +171,7 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
     """Every row x seed (train + eval), then the table, JSON and plot in ``<run_dir>/ablate/``."""
     started = time.perf_counter()
     run_cfg = demo_run_config(cfg)
-    demo = ensure_demo_shards(run_cfg, show_progress)
-    plan = demo["plan"]
+    plan = ensure_demo_shards(run_cfg, show_progress)
     root = Path(run_cfg.run_dir) / "ablate"
     max_new = plan.demo.max_new_tokens
     pass_key = f"pass@{cfg.pass_k}"
