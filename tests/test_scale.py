@@ -224,24 +224,33 @@ def test_token_budget_micro_batches_give_the_same_update(tiny_models):
 
     cfg = _cfg("mixed")
     records = _batch(load_model(tiny_models["student"]).config.vocab_size)
-    full = collate(records, pad_id=0)
-    mask = full.mask_B_T.bool()
+    lengths = [len(r.token_ids) for r in records]
+    assert len(split_by_token_budget(lengths, 26)) > 2
+    one = _accumulated_step(tiny_models["student"], cfg, records, split_by_token_budget(lengths, None))
+    split = _accumulated_step(tiny_models["student"], cfg, records, split_by_token_budget(lengths, 26))
+    _assert_same_step(one, split)
+
+
+def _accumulated_step(model_dir, cfg, records, groups) -> tuple[float, list[torch.Tensor]]:
+    """Loss and accumulated gradients of one step over ``records`` in micro-batches ``groups``, each normalised
+    by the counts of all the records (as the trainer's global normalisers)."""
+    from pipeline.models import load_model
+
+    mask = collate(records, pad_id=0).mask_B_T.bool()
     norms = (mask.sum().float(), mask.any(-1).sum().float())
-    results = []
-    for budget in (None, 26):
-        lm = load_model(tiny_models["student"])
-        student = StudentLM(lm)
-        groups = split_by_token_budget([len(r.token_ids) for r in records], budget)
-        assert len(groups) == (1 if budget is None else len(groups)) and (budget is None or len(groups) > 2)
-        total = 0.0
-        for g in groups:
-            loss, _ = micro_batch_loss(student, cfg, collate([records[i] for i in g], pad_id=0), *norms)
-            loss.backward()
-            total += loss.item()
-        results.append((total, [p.grad.clone() for p in student.parameters()]))
-    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    student = StudentLM(load_model(model_dir))
+    total = 0.0
+    for g in groups:
+        loss, _ = micro_batch_loss(student, cfg, collate([records[i] for i in g], pad_id=0), *norms)
+        loss.backward()
+        total += loss.item()
+    return total, [p.grad.clone() for p in student.parameters()]
+
+
+def _assert_same_step(a: tuple[float, list[torch.Tensor]], b: tuple[float, list[torch.Tensor]]) -> None:
+    assert b[0] == pytest.approx(a[0], rel=1e-5)
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
 def test_fsdp2_ranks_but_0_start_on_meta_and_hold_only_their_shards(tiny_models, tmp_path):
@@ -298,33 +307,19 @@ def test_pack_padded_keeps_the_targets_and_restarts_positions():
 def test_packed_micro_batches_give_the_same_update_as_padded_ones(tiny_models, name):
     """Packing each micro-batch into one padding-free row changes neither the loss nor the gradients (fp32): the
     same targets in the same order, attention confined to each sequence; a packed token budget counts real
-    tokens, so it forms fewer micro-batches than the padded one."""
+    tokens, so it forms no more micro-batches than the padded one."""
     from pipeline.models import load_model
 
-    vocab = load_model(tiny_models["student"]).config.vocab_size
-    records = _batch(vocab)
+    records = _batch(load_model(tiny_models["student"]).config.vocab_size)
     lengths = [len(r.token_ids) for r in records]
-    full = collate(records, pad_id=0)
-    mask = full.mask_B_T.bool()
-    norms = (mask.sum().float(), mask.any(-1).sum().float())
-    results = []
-    for packing, budget in ((False, None), (True, None), (True, 26)):
-        cfg = _cfg(name).model_copy(update={"packing": packing})
-        student = StudentLM(load_model(tiny_models["student"]))
-        groups = split_by_token_budget(lengths, budget, packed=packing)
+    padded = _accumulated_step(tiny_models["student"], _cfg(name), records, split_by_token_budget(lengths, None))
+    packed_cfg = _cfg(name).model_copy(update={"packing": True})
+    for budget in (None, 26):
+        groups = split_by_token_budget(lengths, budget, packed=True)
         if budget:
             assert all(sum(lengths[i] for i in g) <= budget for g in groups)
             assert 1 < len(groups) <= len(split_by_token_budget(lengths, budget))
-        total = 0.0
-        for g in groups:
-            loss, _ = micro_batch_loss(student, cfg, collate([records[i] for i in g], pad_id=0), *norms)
-            loss.backward()
-            total += loss.item()
-        results.append((total, [p.grad.clone() for p in student.parameters()]))
-    for total, grads in results[1:]:
-        assert total == pytest.approx(results[0][0], rel=1e-5)
-        for a, b in zip(results[0][1], grads):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        _assert_same_step(padded, _accumulated_step(tiny_models["student"], packed_cfg, records, groups))
 
 
 def test_packed_sft_takes_the_same_steps_as_padded_sft(tiny_models):
