@@ -76,7 +76,8 @@ def _fidelity(exact: Sequence[TeacherRecord], decoded: Sequence[TeacherRecord]) 
     err = np.abs(lp_x - lp_d)
     visible = lp_x >= np.log(1e-3)
     p, q = np.exp(lp_x), np.exp(lp_d)
-    kl = (p / p.sum(1, keepdims=True) * (np.log(p / p.sum(1, keepdims=True)) - np.log(q / q.sum(1, keepdims=True)))).sum(1)
+    kl = (p / p.sum(1, keepdims=True)
+          * (np.log(p / p.sum(1, keepdims=True)) - np.log(q / q.sum(1, keepdims=True)))).sum(1)
     tail_x = np.concatenate([r.tail_logprob for r in exact]).astype(np.float64)
     tail_d = np.concatenate([r.tail_logprob for r in decoded]).astype(np.float64)
     # KL over the k+1 buckets a tail-aware loss sees (the decoded side renormalised)
@@ -137,11 +138,13 @@ def _run_case(case: dict, variant: str, records: list[TeacherRecord], tmp: Path,
     write_s = time.perf_counter() - t0
     speed_set.finalize(expected_shards=-(-len(tiled) // per_shard))  # the reader reads finished sets only
     t0 = time.perf_counter()
-    read_tokens = sum(r.num_response_tokens for batch, _ in iter_batches(speed_set.root, 16, num_epochs=1) for r in batch)
+    read_tokens = sum(r.num_response_tokens
+                      for batch, _ in iter_batches(speed_set.root, 16, num_epochs=1) for r in batch)
     read_s = time.perf_counter() - t0
     topk_bytes = sum(columns.get(c, 0) for c in TOPK_COLUMNS[codec])
     result = {
-        "case": case["name"], "codec": codec, "grid": grid or ("fine" if codec == "compact" else None), "k": k, "vocab_size": vocab, "response_tokens": tokens,
+        "case": case["name"], "codec": codec, "grid": grid or ("fine" if codec == "compact" else None), "k": k,
+        "vocab_size": vocab, "response_tokens": tokens,
         "bytes_per_token": shard["bytes"] / tokens,
         "topk_bytes_per_token": topk_bytes / tokens,
         "bytes_per_token_by_column": {name: round(b / tokens, 3) for name, b in columns.items()},
@@ -177,7 +180,8 @@ def _stream_rss(root: str, shuffle_buffer: int, load_all: bool) -> dict:
         peak = max(peak, process.memory_info().rss)
         if quarter is None and rows >= total // 4:
             quarter = peak
-    return {"rows": rows, "rss_growth_mb": (peak - baseline) / 2**20, "rss_growth_first_quarter_mb": ((quarter or peak) - baseline) / 2**20}
+    return {"rows": rows, "rss_growth_mb": (peak - baseline) / 2**20,
+            "rss_growth_first_quarter_mb": ((quarter or peak) - baseline) / 2**20}
 
 
 def _in_fresh_process(root: Path, shuffle_buffer: int, load_all: bool) -> dict:
@@ -197,7 +201,8 @@ def reader_memory_check(records: list[TeacherRecord], tmp: Path, *, codec: str, 
     shard_set = ShardSet.create(tmp / "reader-memory", "teacher_topk", codec_info(codec, k, vocab_size))
     per_shard = max(1, len(tiled) // 3)
     for i in range(0, len(tiled), per_shard):
-        shard_set.write_shard(i // per_shard, encode_records(tiled[i : i + per_shard], codec, k, vocab_size), row_group_size=rows_per_group)
+        shard_set.write_shard(i // per_shard, encode_records(tiled[i : i + per_shard], codec, k, vocab_size),
+                              row_group_size=rows_per_group)
     shard_set.finalize(expected_shards=-(-len(tiled) // per_shard))
     per_row_mb = sum(r.token_ids.nbytes + r.topk_ids.nbytes + r.topk_logprobs.nbytes + 3 * r.teacher_logprobs.nbytes
                      for r in records) / len(records) / 2**20
@@ -205,7 +210,8 @@ def reader_memory_check(records: list[TeacherRecord], tmp: Path, *, codec: str, 
     loaded = _in_fresh_process(shard_set.root, shuffle_buffer, load_all=True)
     return {
         "codec": codec, "k": k, "rows": streamed["rows"], "shard_set_mb": shard_set.manifest["totals"]["bytes"] / 2**20,
-        "decoded_dataset_mb": per_row_mb * len(tiled), "shuffle_buffer_rows": shuffle_buffer, "row_group_rows": rows_per_group,
+        "decoded_dataset_mb": per_row_mb * len(tiled), "shuffle_buffer_rows": shuffle_buffer,
+        "row_group_rows": rows_per_group,
         "decoded_buffer_plus_row_group_mb": per_row_mb * (shuffle_buffer + rows_per_group),
         "rss_growth_streaming_mb": streamed["rss_growth_mb"],
         "rss_growth_streaming_first_quarter_mb": streamed["rss_growth_first_quarter_mb"],
@@ -213,10 +219,10 @@ def reader_memory_check(records: list[TeacherRecord], tmp: Path, *, codec: str, 
     }
 
 
-def run_storage_bench(cases: Sequence[dict] = DEFAULT_CASES, *, codecs: Sequence[str] = CODEC_NAMES, positions: int = 2048,
-                      throughput_tokens: int = 16384, id_noise: float = 2.5, seed: int = 0, reader_memory: bool = True,
-                      read_ks: Sequence[int] = (0, 20, 128), read_rows: int = 16, read_length: int = LONG_ROW_TOKENS,
-                      consumer_tokens_per_s: float = 7500.0) -> dict:
+def run_storage_bench(cases: Sequence[dict] = DEFAULT_CASES, *, codecs: Sequence[str] = CODEC_NAMES,
+                      positions: int = 2048, throughput_tokens: int = 16384, id_noise: float = 2.5, seed: int = 0,
+                      reader_memory: bool = True, read_ks: Sequence[int] = (0, 20, 128), read_rows: int = 16,
+                      read_length: int = LONG_ROW_TOKENS, consumer_tokens_per_s: float = 7500.0) -> dict:
     """One JSON-able object: per (case, codec) size, fidelity and throughput; generator summary; reader memory;
     per k in ``read_ks``, the read speed and consumer stall (with and without prefetch) on ``read_rows``
     rollouts of ``read_length`` tokens at vocab 151,936 (none if read_ks is empty)."""
@@ -291,8 +297,10 @@ def write_path_cost(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, 
             t1 = time.perf_counter()
             info = shard_set.write_shard(0, table)
             t2 = time.perf_counter()
-            out.append({"k": k, "codec": codec, "response_tokens": tokens, "encode_us_per_token": round((t1 - t0) / tokens * 1e6, 3),
-                        "write_tokens_per_s_one_core": round(tokens / (t2 - t0), 1), "bytes_per_token": round(info["bytes"] / tokens, 2)})
+            out.append({"k": k, "codec": codec, "response_tokens": tokens,
+                        "encode_us_per_token": round((t1 - t0) / tokens * 1e6, 3),
+                        "write_tokens_per_s_one_core": round(tokens / (t2 - t0), 1),
+                        "bytes_per_token": round(info["bytes"] / tokens, 2)})
     finally:
         pa.set_cpu_count(cpu)
         pa.set_io_thread_count(io)
@@ -319,7 +327,8 @@ def _consume(batches, consumer_tokens_per_s: float) -> dict:
 
 
 def read_path(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, *, consumer_tokens_per_s: float = 7500.0,
-              codec: str = "compact", vocab_size: int = LONG_ROW_VOCAB, batch_rows: int = 1, prefetch_depth: int = 2) -> list[dict]:
+              codec: str = "compact", vocab_size: int = LONG_ROW_VOCAB, batch_rows: int = 1,
+              prefetch_depth: int = 2) -> list[dict]:
     """Per k: the reader's tokens/s (decode included, one row per row group, as long rollouts are; for k > 0
     also without the top-k columns, as a lightning-only trainer reads), and the stall fraction of a consumer at
     ``consumer_tokens_per_s`` without and with storage.prefetch."""
@@ -333,7 +342,8 @@ def read_path(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, *, con
         shard_set.finalize(expected_shards=1)
         kw = dict(shuffle_buffer=1, num_epochs=1)
         t0 = time.perf_counter()
-        tokens = sum(r.num_response_tokens for batch, _ in iter_batches(shard_set.root, batch_rows, **kw) for r in batch)
+        tokens = sum(r.num_response_tokens
+                     for batch, _ in iter_batches(shard_set.root, batch_rows, **kw) for r in batch)
         read_s = time.perf_counter() - t0
         lean = {}
         if k:  # a lightning-only trainer reads these shards without the top-k columns
@@ -342,8 +352,10 @@ def read_path(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, *, con
                 pass
             lean = {"read_tokens_per_s_without_topk": round(tokens / (time.perf_counter() - t0), 1)}
         sync = _consume(iter_batches(shard_set.root, batch_rows, **kw), consumer_tokens_per_s)
-        ahead = _consume(prefetch_batches(shard_set.root, batch_rows, depth=prefetch_depth, **kw), consumer_tokens_per_s)
-        out.append({"k": k, "codec": codec, "response_tokens": tokens, "read_tokens_per_s": round(tokens / read_s, 1), **lean,
+        ahead = _consume(prefetch_batches(shard_set.root, batch_rows, depth=prefetch_depth, **kw),
+                         consumer_tokens_per_s)
+        out.append({"k": k, "codec": codec, "response_tokens": tokens, "read_tokens_per_s": round(tokens / read_s, 1),
+                    **lean,
                     "consumer_tokens_per_s": consumer_tokens_per_s, "stall_fraction": sync["stall_fraction"],
                     "stall_fraction_prefetch": ahead["stall_fraction"]})
     return out

@@ -66,7 +66,8 @@ def table_codec_info(table_or_schema: pa.Table | pa.Schema) -> dict:
     schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
     raw = (schema.metadata or {}).get(KV_CODEC)
     if raw is None:
-        raise ValueError("table has no 'lopd.codec' schema metadata: it was not written by storage.codecs.encode_records")
+        raise ValueError("table has no 'lopd.codec' schema metadata: it was not written by "
+                         "storage.codecs.encode_records")
     return json.loads(raw)
 
 
@@ -76,7 +77,8 @@ def _list_array(parts: Sequence[np.ndarray], value_type: pa.DataType) -> pa.Arra
     offsets = np.zeros(len(parts) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate(parts) if parts else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype(), copy=False)))
+    return pa.ListArray.from_arrays(pa.array(offsets),
+                                    pa.array(values.astype(value_type.to_pandas_dtype(), copy=False)))
 
 
 def _binary_array(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
@@ -189,7 +191,8 @@ def _compact_columns(records: Sequence[TeacherRecord], k: int, params: ck.Compac
 
 
 def _id_columns(records: Sequence[TeacherRecord], ids: np.ndarray, codes: np.ndarray, sampled: np.ndarray,
-                pos_off: np.ndarray, row_of_pos: np.ndarray, run_bits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, pa.Array]:
+                pos_off: np.ndarray, row_of_pos: np.ndarray,
+                run_bits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, pa.Array]:
     """ck_sampled, ck_abs, ck_gap*, ck_bits from canonically ordered ids [T, K] (see SCHEMA.md).
     run_bits = (raw, width, row) of the ck_runx symbols, whose raw bits open each row of ck_bits."""
     k, n_rows = ids.shape[1], len(records)
@@ -201,7 +204,8 @@ def _id_columns(records: Sequence[TeacherRecord], ids: np.ndarray, codes: np.nda
     value = np.where(start, ids, ids - prev - 1)
     if (value < 0).any():
         record = records[int(row_of_pos[np.flatnonzero((value < 0).any(axis=1))[0]])]
-        raise ValueError(f"record prompt_id={record.prompt_id!r} sample_index={record.sample_index}: a top-k id repeats within one position")
+        raise ValueError(f"record prompt_id={record.prompt_id!r} sample_index={record.sample_index}: a top-k id "
+                         "repeats within one position")
     coded = ~is_sampled
     sym, width, raw = ck.int_to_symbols(value[coded])
     entry_row = np.broadcast_to(row_of_pos[:, None], ids.shape)[coded]
@@ -238,7 +242,8 @@ def _pack_row_bits(groups: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], 
     return _binary_array(packed, byte_off)
 
 
-def _row_fields(width: np.ndarray, entry_row: np.ndarray, n_rows: int, row_start_bit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _row_fields(width: np.ndarray, entry_row: np.ndarray, n_rows: int,
+                row_start_bit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bit offsets of consecutive fields per row (entry_row non-decreasing), each row's first field at
     row_start_bit[row]; and the bits per row."""
     row_bits = np.bincount(entry_row, weights=width, minlength=n_rows).astype(np.int64)
@@ -280,7 +285,8 @@ def _check_codec_version(info: dict) -> None:
         older = isinstance(version, int) and version < CODEC_VERSIONS[codec]
         raise ValueError(
             f"codec {codec!r} version {version}: this lopd reads version {CODEC_VERSIONS[codec]} only; "
-            + ("the shard was written by an older lopd (re-encode it, or read it with that lopd)" if older else "upgrade lopd")
+            + ("the shard was written by an older lopd (re-encode it, or read it with that lopd)" if older
+               else "upgrade lopd")
         )
 
 
@@ -367,7 +373,8 @@ def _decode_codes(table: pa.Table, k: int, params: ck.CompactParams, pos_off: np
         raise ValueError("compact codec: column ck_bits is too short for its rows (corrupt data)")
     extra = ck.symbols_to_int(extra_sym, ck.unpack_bits(bits, width, offsets))
     codes, length = ck.decode_runs(run_byte, extra, int(pos_off[-1]), k, params.max_code)
-    if not np.array_equal(np.bincount(run_row, weights=length, minlength=n_rows).astype(np.int64), np.diff(pos_off) * k):
+    if not np.array_equal(np.bincount(run_row, weights=length, minlength=n_rows).astype(np.int64),
+                          np.diff(pos_off) * k):
         raise ValueError("compact codec: the runs of a ck_runs row do not cover its positions (corrupt data)")
     return codes, run_bits
 
@@ -376,14 +383,16 @@ def _decode_ids(table: pa.Table, codes: np.ndarray, pos_off: np.ndarray, sampled
                 bits: np.ndarray, run_bits: np.ndarray) -> np.ndarray:
     t, k = codes.shape
     start, ctx = ck.run_structure(codes)
-    sampled_index = np.frombuffer(_binary_parts(table["ck_sampled"])[1].tobytes(), dtype=_sampled_dtype(k)).astype(np.int64)
+    sampled_index = np.frombuffer(_binary_parts(table["ck_sampled"])[1].tobytes(),
+                                  dtype=_sampled_dtype(k)).astype(np.int64)
     is_sampled = np.arange(k)[None, :] == sampled_index[:, None]
     coded = ~is_sampled
     sym = np.zeros((t, k), dtype=np.uint8)
     for name, mask in _symbol_streams(start, ctx, coded).items():
         stream = _binary_parts(table[name])[1]
         if stream.size != int(mask.sum()):
-            raise ValueError(f"compact codec: column {name} holds {stream.size} symbols, the structure needs {int(mask.sum())} (corrupt data)")
+            raise ValueError(f"compact codec: column {name} holds {stream.size} symbols, the structure needs "
+                             f"{int(mask.sum())} (corrupt data)")
         sym[mask] = stream
     coded_sym = sym[coded]
     row_of_pos = np.repeat(np.arange(len(pos_off) - 1), np.diff(pos_off))

@@ -175,7 +175,9 @@ def unpack_bits(buf: np.ndarray, width: np.ndarray, bit_offset: np.ndarray) -> n
     word = bit_offset >> 6
     shift = (bit_offset & 63).astype(np.uint64)
     low = words[word] >> shift
-    spill = np.where(shift > 0, words[np.minimum(word + 1, words.size - 1)] << ((np.uint64(64) - shift) & np.uint64(63)), np.uint64(0))
+    spill = np.where(shift > 0,
+                     words[np.minimum(word + 1, words.size - 1)] << ((np.uint64(64) - shift) & np.uint64(63)),
+                     np.uint64(0))
     mask = (np.uint64(1) << width.astype(np.uint64)) - np.uint64(1)
     return ((low | spill) & mask).astype(np.int64)
 
@@ -233,13 +235,15 @@ def run_extra_counts(run_byte: np.ndarray) -> np.ndarray:
     return ((b >> RUN_LEN_BITS) == STEP_CAP).astype(np.int64) + ((b & LEN_CAP) == LEN_CAP)
 
 
-def decode_runs(run_byte: np.ndarray, extra: np.ndarray, t: int, k: int, max_code: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_runs(run_byte: np.ndarray, extra: np.ndarray, t: int, k: int,
+                max_code: int) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of encode_runs: (codes [T, K], run lengths [R]). Raises ValueError when the runs do not tile T x K."""
     b = run_byte.astype(np.int64)
     fields = np.stack([b >> RUN_LEN_BITS, b & LEN_CAP], axis=1)
     has_extra = fields == np.array([STEP_CAP, LEN_CAP])
     if extra.size != int(has_extra.sum()):
-        raise ValueError(f"compact codec: ck_runx holds {extra.size} values, ck_runs announces {int(has_extra.sum())} (corrupt data)")
+        raise ValueError(f"compact codec: ck_runx holds {extra.size} values, ck_runs announces "
+                         f"{int(has_extra.sum())} (corrupt data)")
     fields[has_extra] += extra
     step, length = fields[:, 0], fields[:, 1]
     last = length == 0

@@ -98,7 +98,8 @@ class _BufferShuffle:
         return pending
 
 
-def _check_args(batch_size: int, shuffle_buffer: int, rank: int, world_size: int, worker: int, num_workers: int) -> None:
+def _check_args(batch_size: int, shuffle_buffer: int, rank: int, world_size: int, worker: int,
+                num_workers: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if shuffle_buffer < 1:
@@ -177,7 +178,8 @@ def iter_batches(
     if len(units.units) < readers:
         raise LopdUserError(
             f"{shard_set.root} has {len(units.units)} row groups for {readers} readers (world_size x num_workers): "
-            "every reader needs at least one; write smaller row groups (ShardSet.write_shard row_group_size) or more shards"
+            "every reader needs at least one; write smaller row groups (ShardSet.write_shard row_group_size) or more "
+            "shards"
         )
     state = ReaderState(0, 0, seed, rank, world_size, worker, num_workers, shuffle_buffer, len(units.units))
     if start is not None:
@@ -202,7 +204,8 @@ def _check_resume(start: ReaderState, current: ReaderState) -> None:
             )
 
 
-def _epoch_batches(units: _Units, state: ReaderState, batch_size: int, drop_last: bool) -> Iterator[tuple[list[TeacherRecord], ReaderState]]:
+def _epoch_batches(units: _Units, state: ReaderState, batch_size: int,
+                   drop_last: bool) -> Iterator[tuple[list[TeacherRecord], ReaderState]]:
     readers = state.world_size * state.num_workers
     order = np.random.default_rng([state.seed, state.epoch]).permutation(len(units.units))
     mine = [int(u) for u in order[state.rank * state.num_workers + state.worker :: readers]]

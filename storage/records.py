@@ -48,13 +48,15 @@ class TeacherRecord:
         r = length - self.prompt_len
         for name in ("teacher_logprobs", "behavior_logprobs", "tail_logprob"):
             if getattr(self, name).shape != (r,):
-                raise ValueError(f"{where}: {name} has shape {getattr(self, name).shape}, expected ({r},) (R = len(token_ids) - prompt_len)")
+                raise ValueError(f"{where}: {name} has shape {getattr(self, name).shape}, expected ({r},) "
+                                 "(R = len(token_ids) - prompt_len)")
         for name in ("topk_ids", "topk_logprobs"):
             shape = getattr(self, name).shape
             if len(shape) != 2 or shape[0] != r or (k is not None and shape[1] != k):
                 raise ValueError(f"{where}: {name} has shape {shape}, expected ({r}, {k if k is not None else 'K'})")
         if self.topk_ids.shape != self.topk_logprobs.shape:
-            raise ValueError(f"{where}: topk_ids {self.topk_ids.shape} and topk_logprobs {self.topk_logprobs.shape} differ")
+            raise ValueError(f"{where}: topk_ids {self.topk_ids.shape} and topk_logprobs {self.topk_logprobs.shape} "
+                             "differ")
         if vocab_size is not None and self.topk_ids.size:
             lo, hi = int(self.topk_ids.min()), int(self.topk_ids.max())
             if lo < 0 or hi >= vocab_size:

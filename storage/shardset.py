@@ -101,7 +101,8 @@ def normalise(value: Any) -> Any:
     try:
         return json.loads(json.dumps(value, sort_keys=True))
     except TypeError as err:
-        raise ValueError(f"shard set metadata must be JSON-serialisable (convert paths and numpy values first): {err}") from err
+        raise ValueError("shard set metadata must be JSON-serialisable (convert paths and numpy values first): "
+                         f"{err}") from err
 
 
 def file_sha256(path: Path) -> str:
@@ -187,11 +188,13 @@ def read_manifest(root: Path) -> dict:
     if not path.exists():
         if not root.is_dir():
             what = "is not a directory" if root.exists() else "does not exist"
-            raise ShardSetNotFoundError(f"{root} {what}: not a lopd shard set. Check the path, or run the stage that writes it.")
+            raise ShardSetNotFoundError(f"{root} {what}: not a lopd shard set. Check the path, or run the stage that "
+                                        "writes it.")
         if any(_SHARD_RE.match(p.name) for p in root.iterdir()):
             raise ShardSetNotFoundError(f"{path} is missing: rerun the stage that wrote {root}; it rebuilds the "
                                         "manifest from the sidecars and redoes nothing else")
-        raise ShardSetNotFoundError(f"{root} has no {MANIFEST}: not a lopd shard set. Check the path, or run the stage that writes it.")
+        raise ShardSetNotFoundError(f"{root} has no {MANIFEST}: not a lopd shard set. Check the path, or run the stage "
+                                    "that writes it.")
     fix = f"delete {MANIFEST} and rerun the stage that wrote {root}: it rebuilds the manifest from the sidecars"
     return _read_json_object(path, "manifest", _MANIFEST_FIELDS, {}, fix)
 
@@ -199,7 +202,8 @@ def read_manifest(root: Path) -> dict:
 def read_sidecar(root: Path, index: int) -> dict:
     """shard-NNNNN.json, parsed and checked field by field (CorruptShardError)."""
     path = Path(root) / sidecar_name(index)
-    fix = f"delete {shard_name(index)} and {path.name} and rerun the stage that wrote {path.parent}: it redoes only that shard"
+    fix = (f"delete {shard_name(index)} and {path.name} and rerun the stage that wrote {path.parent}: it redoes only "
+           "that shard")
     info = _read_json_object(path, "sidecar", _SIDECAR_FIELDS, _SIDECAR_OPTIONAL, fix)
     if info["index"] != index or info["name"] != shard_name(index):
         raise CorruptShardError(f"{path}: damaged sidecar (it names shard {info['index']} / {info['name']!r}); {fix}")
@@ -271,7 +275,8 @@ class ShardSet:
         manifest = read_manifest(root)
         shard_set = cls(root, manifest["kind"], manifest["metadata"])
         if not shard_set.complete_indices():
-            raise ShardSetNotFoundError(f"{root} holds no complete shard (no shard-*.json sidecar): run the stage that writes it.")
+            raise ShardSetNotFoundError(f"{root} holds no complete shard (no shard-*.json sidecar): run the stage "
+                                        "that writes it.")
         return shard_set
 
     def _remove_stale_tmp_files(self) -> None:
@@ -314,7 +319,8 @@ class ShardSet:
                  if finished or error is CorruptShardError]
         if found:
             error, message = found[0]
-            more = f" ({len(found) - 1} more problem(s): `lopd shards verify {self.root}` lists them)" if len(found) > 1 else ""
+            more = (f" ({len(found) - 1} more problem(s): `lopd shards verify {self.root}` lists them)"
+                    if len(found) > 1 else "")
             raise error(message + more)
 
     # ---------------------------------------------------------------- writing
@@ -408,9 +414,11 @@ class ShardSet:
             raise CorruptShardError(corrupt_shard_message(path, "the file is missing although its sidecar exists"))
         size = path.stat().st_size
         if size != info["bytes"]:
-            raise CorruptShardError(corrupt_shard_message(path, f"{size} bytes on disk, {info['bytes']} recorded (truncated or overwritten)"))
+            raise CorruptShardError(corrupt_shard_message(
+                path, f"{size} bytes on disk, {info['bytes']} recorded (truncated or overwritten)"))
         if file_sha256(path) != info["sha256"]:
-            raise CorruptShardError(corrupt_shard_message(path, "sha256 differs from the sidecar (the bytes were modified)"))
+            raise CorruptShardError(corrupt_shard_message(
+                path, "sha256 differs from the sidecar (the bytes were modified)"))
 
     def parquet_file(self, index: int, verify: bool = True) -> pq.ParquetFile:
         if verify:
@@ -442,7 +450,8 @@ def _existing_kind_and_metadata(root: Path) -> tuple[str, dict] | None:
     if (root / MANIFEST).exists():
         manifest = read_manifest(root)
         return manifest["kind"], manifest["metadata"]
-    indices = sorted(int(m.group(1)) for m in (_SHARD_RE.match(p.name) for p in root.iterdir()) if m) if root.is_dir() else []
+    indices = (sorted(int(m.group(1)) for m in (_SHARD_RE.match(p.name) for p in root.iterdir()) if m)
+               if root.is_dir() else [])
     if not indices:
         return None
     kv = _footer_kv(root / shard_name(indices[0]))
@@ -517,14 +526,17 @@ def _shard_problems(root: Path, index: int, info: dict, manifest: dict, checksum
         problems.append(f"{path}: {meta.num_rows} rows in {meta.num_row_groups} row groups, the sidecar says "
                         f"{info['rows']} in {info['row_groups']}; {fix}")
     if kv[KV_KIND].decode(errors="replace") != manifest["kind"]:
-        problems.append(f"{path}: Parquet metadata kind {kv[KV_KIND].decode(errors='replace')!r} differs from the manifest's {manifest['kind']!r}; {fix}")
+        problems.append(f"{path}: Parquet metadata kind {kv[KV_KIND].decode(errors='replace')!r} differs from the "
+                        f"manifest's {manifest['kind']!r}; {fix}")
     shard_meta = json.loads(kv[KV_METADATA])
     if shard_meta != manifest["metadata"]:
-        keys = sorted(k for k in set(shard_meta) | set(manifest["metadata"]) if shard_meta.get(k) != manifest["metadata"].get(k))
+        keys = sorted(k for k in set(shard_meta) | set(manifest["metadata"])
+                      if shard_meta.get(k) != manifest["metadata"].get(k))
         problems.append(f"{path}: Parquet metadata differs from the manifest in {', '.join(keys)} (fingerprints must "
                         f"match across shards); {fix}")
     if kv[KV_FORMAT] != str(FORMAT_VERSION).encode():
-        problems.append(f"{path}: lopd.format_version {kv[KV_FORMAT]!r} in the Parquet metadata, this lopd reads {FORMAT_VERSION}; {fix}")
+        problems.append(f"{path}: lopd.format_version {kv[KV_FORMAT]!r} in the Parquet metadata, this lopd reads "
+                        f"{FORMAT_VERSION}; {fix}")
     return problems
 
 
@@ -537,34 +549,37 @@ def _manifest_problems(root: Path, manifest: dict, sidecars: dict[int, dict],
     expected = manifest["expected_shards"]
     missing: list[int] = []
     if not manifest["complete"]:
-        found.append((IncompleteShardSetError, f"{root}: the manifest is not marked complete (the writing stage did not "
-                      "finish); rerun the stage that wrote it to finish it"))
+        found.append((IncompleteShardSetError, f"{root}: the manifest is not marked complete (the writing stage did "
+                      "not finish); rerun the stage that wrote it to finish it"))
     elif expected is None or expected < 1:
         found.append((CorruptShardError, f"{path}: marked complete with expected_shards {expected}; {rebuild}"))
     else:
         missing = sorted(set(range(expected)) - present)
         extra = sorted(present - set(range(expected)))
         if missing:
-            found.append((IncompleteShardSetError, f"{root}: {len(missing)} of {expected} expected shards missing (first: "
-                          f"{shard_name(missing[0])}, no sidecar {sidecar_name(missing[0])}); rerun the stage that "
-                          "wrote it to finish it"))
+            found.append((IncompleteShardSetError, f"{root}: {len(missing)} of {expected} expected shards missing "
+                          f"(first: {shard_name(missing[0])}, no sidecar {sidecar_name(missing[0])}); rerun the "
+                          "stage that wrote it to finish it"))
         if extra:
-            found.append((CorruptShardError, f"{root}: shards {extra} lie beyond the {expected} the manifest expects; {rebuild}"))
+            found.append((CorruptShardError, f"{root}: shards {extra} lie beyond the {expected} the manifest expects; "
+                          f"{rebuild}"))
     if manifest["format_version"] != FORMAT_VERSION:
-        found.append((CorruptShardError, f"{path}: format_version {manifest['format_version']}, this lopd reads {FORMAT_VERSION}; {rebuild}"))
+        found.append((CorruptShardError, f"{path}: format_version {manifest['format_version']}, this lopd reads "
+                      f"{FORMAT_VERSION}; {rebuild}"))
     if not present:
-        found.append((ShardSetNotFoundError, f"{root} holds no complete shard (no shard-*.json sidecar): run the stage that writes it"))
+        found.append((ShardSetNotFoundError, f"{root} holds no complete shard (no shard-*.json sidecar): run the "
+                      "stage that writes it"))
     listed = {s.get("index"): s for s in manifest["shards"] if isinstance(s, dict)}
     unexplained = set(listed) - present - set(missing)
     if len(listed) != len(manifest["shards"]) or unexplained or present - set(listed):
         found.append((IncompleteShardSetError if unexplained else CorruptShardError,
-                      f"{path}: lists shards {sorted(listed, key=str)}, the sidecars say {sorted(present)}; a listed shard "
-                      f"without its sidecar is incomplete: {rebuild}; it redoes the missing shards"))
+                      f"{path}: lists shards {sorted(listed, key=str)}, the sidecars say {sorted(present)}; a listed "
+                      f"shard without its sidecar is incomplete: {rebuild}; it redoes the missing shards"))
     elif not set(listed) - present:
         differ = sorted(i for i in sidecars if listed[i] != sidecars[i])
         if differ:
-            found.append((CorruptShardError, f"{path}: its entry for shard {differ[0]} differs from {sidecar_name(differ[0])} "
-                          f"(one of the two was modified); {rebuild}"))
+            found.append((CorruptShardError, f"{path}: its entry for shard {differ[0]} differs from "
+                          f"{sidecar_name(differ[0])} (one of the two was modified); {rebuild}"))
         if not damaged and manifest["totals"] != _totals(list(sidecars.values())):
             found.append((CorruptShardError, f"{path}: totals {manifest['totals']} differ from the sidecars' "
                           f"{_totals(list(sidecars.values()))}; {rebuild}"))

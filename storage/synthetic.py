@@ -64,7 +64,8 @@ def _log_prior(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
     return lp - np.logaddexp.reduce(lp)
 
 
-def _position_logprobs(cfg: SyntheticConfig, rng: np.random.Generator, log_prior: np.ndarray, prior: np.ndarray, topics: list[np.ndarray]) -> np.ndarray:
+def _position_logprobs(cfg: SyntheticConfig, rng: np.random.Generator, log_prior: np.ndarray, prior: np.ndarray,
+                       topics: list[np.ndarray]) -> np.ndarray:
     """Full log-distributions, float32 [len(topics), V]; topics[i] is position i's rollout topic."""
     m, v = len(topics), cfg.vocab_size
     z = rng.standard_normal((m, v), dtype=np.float32)
@@ -88,7 +89,8 @@ def _position_logprobs(cfg: SyntheticConfig, rng: np.random.Generator, log_prior
     return z
 
 
-def _sample_tokens(cfg: SyntheticConfig, rng: np.random.Generator, z: np.ndarray, top_ids: np.ndarray, top_lp: np.ndarray, prior: np.ndarray) -> np.ndarray:
+def _sample_tokens(cfg: SyntheticConfig, rng: np.random.Generator, z: np.ndarray, top_ids: np.ndarray,
+                   top_lp: np.ndarray, prior: np.ndarray) -> np.ndarray:
     """One sampled token per position: from the top-k by probability, else (the tail) by the prior."""
     p_top = np.exp(top_lp.astype(np.float64))
     u = rng.random(len(z)) * np.maximum(p_top.sum(axis=1), 1.0)
@@ -112,7 +114,8 @@ def generate(cfg: SyntheticConfig) -> tuple[list[TeacherRecord], dict]:
     prior = np.exp(log_prior)
     prior /= prior.sum()
     n_pos = cfg.num_rollouts * cfg.response_len
-    topic_of_rollout = [rng.choice(cfg.vocab_size, size=min(cfg.topic_size, cfg.vocab_size), p=prior) for _ in range(cfg.num_rollouts)]
+    topic_of_rollout = [rng.choice(cfg.vocab_size, size=min(cfg.topic_size, cfg.vocab_size), p=prior)
+                        for _ in range(cfg.num_rollouts)]
     ids_T_K = np.empty((n_pos, cfg.k), np.int32)
     lp_T_K = np.empty((n_pos, cfg.k), np.float32)
     sampled_T = np.empty(n_pos, np.int64)
@@ -120,9 +123,11 @@ def generate(cfg: SyntheticConfig) -> tuple[list[TeacherRecord], dict]:
     entropy_T = np.empty(n_pos)
     for a in range(0, n_pos, cfg.chunk):
         b = min(n_pos, a + cfg.chunk)
-        z = _position_logprobs(cfg, rng, log_prior, prior, [topic_of_rollout[i // cfg.response_len] for i in range(a, b)])
+        z = _position_logprobs(cfg, rng, log_prior, prior,
+                               [topic_of_rollout[i // cfg.response_len] for i in range(a, b)])
         entropy_T[a:b] = -(np.exp(z.astype(np.float64)) * z).sum(axis=1)
-        part = np.argpartition(-z, cfg.k - 1, axis=1)[:, : cfg.k] if cfg.k < cfg.vocab_size else np.tile(np.arange(cfg.k), (b - a, 1))
+        part = (np.argpartition(-z, cfg.k - 1, axis=1)[:, : cfg.k] if cfg.k < cfg.vocab_size
+                else np.tile(np.arange(cfg.k), (b - a, 1)))
         vals = np.take_along_axis(z, part, axis=1)
         order = np.argsort(-vals, axis=1, kind="stable")
         ids_T_K[a:b] = np.take_along_axis(part, order, axis=1)
@@ -140,7 +145,8 @@ def _records(cfg, rng, prior, ids_T_K, lp_T_K, sampled_T, teacher_T) -> list[Tea
     for i in range(cfg.num_rollouts):
         sl = slice(i * r, (i + 1) * r)
         prompt = rng.choice(cfg.vocab_size, size=cfg.prompt_len, p=prior).astype(np.int32)
-        behavior = np.minimum(teacher_T[sl] + rng.normal(0, cfg.behavior_noise, r).astype(np.float32), 0).astype(np.float32)
+        behavior = np.minimum(teacher_T[sl] + rng.normal(0, cfg.behavior_noise, r).astype(np.float32),
+                              0).astype(np.float32)
         records.append(
             TeacherRecord(
                 prompt_id=f"p{i:05d}",
@@ -163,7 +169,8 @@ def _summary(cfg, ids_T_K, lp_T_K, sampled_T, entropy_T) -> dict:
     q = np.quantile(entropy_T, [0.5, 0.8, 0.9])
     return {
         "positions": int(len(entropy_T)),
-        "entropy_nats": {"mean": float(entropy_T.mean()), "median": float(q[0]), "p80": float(q[1]), "p90": float(q[2])},
+        "entropy_nats": {"mean": float(entropy_T.mean()), "median": float(q[0]), "p80": float(q[1]),
+                         "p90": float(q[2])},
         "frac_entropy_below_0.01": float((entropy_T < 0.01).mean()),
         "frac_entropy_above_0.672": float((entropy_T > 0.672).mean()),
         "top1_prob_median": float(np.median(np.exp(lp_T_K[:, 0]))),
@@ -174,7 +181,8 @@ def _summary(cfg, ids_T_K, lp_T_K, sampled_T, entropy_T) -> dict:
     }
 
 
-def make_records(vocab_size: int, k: int, num_rollouts: int = 8, response_len: int = 32, prompt_len: int = 4, seed: int = 0, **overrides) -> list[TeacherRecord]:
+def make_records(vocab_size: int, k: int, num_rollouts: int = 8, response_len: int = 32, prompt_len: int = 4,
+                 seed: int = 0, **overrides) -> list[TeacherRecord]:
     """Small records for tests; topic and head sizes shrink with the vocabulary."""
     topic = max(1, min(200, vocab_size // 4))
     cfg = SyntheticConfig(

@@ -18,7 +18,8 @@ COMMON_EXACT = ("token_ids", "teacher_logprobs", "behavior_logprobs")
 
 
 def _assert_common_exact(a: TeacherRecord, b: TeacherRecord) -> None:
-    assert (a.prompt_id, a.sample_index, a.prompt_len, a.reward) == (b.prompt_id, b.sample_index, b.prompt_len, b.reward)
+    assert ((a.prompt_id, a.sample_index, a.prompt_len, a.reward)
+            == (b.prompt_id, b.sample_index, b.prompt_len, b.reward))
     for name in COMMON_EXACT:
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name  # bit-exact float32 / int32
@@ -91,7 +92,8 @@ def test_compact_handles_absent_sampled_tokens_empty_and_null(records_large_voca
     empty = dataclasses.replace(
         records_large_vocab[0], prompt_id="empty", token_ids=records_large_vocab[0].token_ids[:4], prompt_len=4,
         teacher_logprobs=np.zeros(0, np.float32), behavior_logprobs=np.zeros(0, np.float32),
-        topk_ids=np.zeros((0, 32), np.int32), topk_logprobs=np.zeros((0, 32), np.float32), tail_logprob=np.zeros(0, np.float32),
+        topk_ids=np.zeros((0, 32), np.int32), topk_logprobs=np.zeros((0, 32), np.float32),
+        tail_logprob=np.zeros(0, np.float32),
     )
     recs = [*records_large_vocab, empty]
     out = decode_table(encode_records(recs, "compact", 32, 5000))
@@ -123,7 +125,8 @@ def _record(ids: np.ndarray, lp: np.ndarray, sampled: np.ndarray, prompt_id: str
     )
 
 
-def _edge_records(rng: np.random.Generator, k: int, vocab: int, positions: int, lp_rows: np.ndarray) -> list[TeacherRecord]:
+def _edge_records(rng: np.random.Generator, k: int, vocab: int, positions: int,
+                  lp_rows: np.ndarray) -> list[TeacherRecord]:
     ids = np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(positions)])
     if vocab > 2**20:  # the largest ids the format holds
         ids[:, -1] = vocab - 1 - np.arange(positions)
@@ -138,13 +141,15 @@ def test_compact_run_coding_edge_cases_round_trip(case):
     and steps past the nibble cap, ids up to 2^31 - 2) decode exactly, and match the reference decoder."""
     rng = np.random.default_rng(7)
     positions = 20
-    k, vocab = {"k1": (1, 50), "all_equal": (40, 5000), "long_runs": (64, 5000), "max_ids": (16, 2**31 - 1), "k300": (300, 400)}[case]
+    k, vocab = {"k1": (1, 50), "all_equal": (40, 5000), "long_runs": (64, 5000), "max_ids": (16, 2**31 - 1),
+                "k300": (300, 400)}[case]
     if case == "k1":
         lp = -rng.uniform(0, 60, (positions, 1))
     elif case == "all_equal":
         lp = np.full((positions, k), -9.0)
     elif case == "long_runs":  # a few long plateaus, the first far from the top (big steps), lengths 1..40
-        lp = np.concatenate([np.full((positions, 40), -12.0), np.full((positions, 17), -25.0), -rng.uniform(0, 69, (positions, 7))], 1)
+        lp = np.concatenate([np.full((positions, 40), -12.0), np.full((positions, 17), -25.0),
+                             -rng.uniform(0, 69, (positions, 7))], 1)
     else:
         lp = -rng.exponential(8.0, (positions, k))
     recs = _edge_records(rng, k, vocab, positions, lp)
@@ -158,7 +163,8 @@ def test_compact_run_coding_edge_cases_round_trip(case):
         order_a, order_b = np.argsort(a.topk_ids, 1), np.argsort(b.topk_ids, 1)
         assert np.array_equal(ck.quantize_logprobs(np.take_along_axis(a.topk_logprobs, order_a, 1), params),
                               ck.quantize_logprobs(np.take_along_axis(b.topk_logprobs, order_b, 1), params))
-        assert np.array_equal(ck.quantize_logprobs(a.tail_logprob, params), ck.quantize_logprobs(b.tail_logprob, params))
+        assert np.array_equal(ck.quantize_logprobs(a.tail_logprob, params),
+                              ck.quantize_logprobs(b.tail_logprob, params))
         ids, lp_ref, tail = decode_row_numpy_only({name: table[name][i].as_py() for name in table.column_names}, meta)
         assert np.array_equal(ids, b.topk_ids)
         assert np.allclose(lp_ref, b.topk_logprobs, atol=1e-5) and np.allclose(tail, b.tail_logprob, atol=1e-5)
@@ -202,7 +208,8 @@ def test_compact_is_much_smaller_than_plain_at_large_vocab(records_large_vocab):
     sizes = {}
     for codec in ("plain", "compact"):
         buf = io.BytesIO()
-        pq.write_table(encode_records(records_large_vocab, codec, 32, 5000), buf, compression="zstd", write_statistics=False)
+        pq.write_table(encode_records(records_large_vocab, codec, 32, 5000), buf, compression="zstd",
+                       write_statistics=False)
         sizes[codec] = len(buf.getvalue())
     assert sizes["compact"] < 0.5 * sizes["plain"]
 

@@ -58,7 +58,8 @@ def test_ranks_and_workers_are_disjoint_and_cover_everything(shards, world_size,
             for worker in range(num_workers):
                 stream = iter_batches(shards.root, 5, seed=1, shuffle_buffer=6, rank=rank, world_size=world_size,
                                       worker=worker, num_workers=num_workers, num_epochs=epoch + 1)
-                seen.append([pid for batch, state in stream if state.epoch == epoch for pid in (r.prompt_id for r in batch)])
+                seen.append([pid for batch, state in stream if state.epoch == epoch
+                             for pid in (r.prompt_id for r in batch)])
         flat = [pid for part in seen for pid in part]
         assert len(flat) == len(set(flat)) == SHARDS * ROWS_PER_SHARD
         assert all(part for part in seen)
@@ -155,7 +156,8 @@ def _records(root) -> list[str]:
 
 
 @pytest.mark.parametrize("damage, error, names", [
-    ("sidecar", IncompleteShardSetError, "1 of 3 expected shards missing (first: shard-00001.parquet, no sidecar shard-00001.json)"),
+    ("sidecar", IncompleteShardSetError,
+     "1 of 3 expected shards missing (first: shard-00001.parquet, no sidecar shard-00001.json)"),
     ("both", IncompleteShardSetError, "1 of 3 expected shards missing (first: shard-00001.parquet"),
     ("parquet", CorruptShardError, "shard-00001.parquet: missing although its sidecar exists"),
     ("unfinished", IncompleteShardSetError, "not marked complete"),

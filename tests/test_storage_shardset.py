@@ -56,7 +56,8 @@ def test_write_read_round_trip_and_files(tmp_path):
     assert manifest["complete"] and manifest["kind"] == "teacher_topk" and manifest["metadata"] == META
     assert manifest["totals"]["rows"] == 18 and [s["index"] for s in manifest["shards"]] == [0, 1, 2]
     records = decode_table(shard_set.read_shard(1))
-    assert [r.prompt_id for r in records] == [r.prompt_id for r in make_records(20, 8, num_rollouts=6, response_len=5, seed=1)]
+    assert [r.prompt_id for r in records] == [r.prompt_id
+                                              for r in make_records(20, 8, num_rollouts=6, response_len=5, seed=1)]
     assert sum(t.num_rows for t in shard_set.iter_row_groups(1)) == 6
 
 
@@ -91,7 +92,8 @@ def test_resume_keeps_complete_shards_and_redoes_the_rest(tmp_path):
     todo = [i for i in range(4) if not resumed.is_complete(i)]
     assert todo == [2, 3]
     for i in todo:
-        resumed.write_shard(i, encode_records(make_records(20, 8, num_rollouts=6, response_len=5, seed=i), "compact", 8, 20))
+        resumed.write_shard(i, encode_records(make_records(20, 8, num_rollouts=6, response_len=5, seed=i),
+                                              "compact", 8, 20))
     assert resumed.finalize(expected_shards=4)["complete"]
     assert {i: shard_set.shard_path(i).stat().st_mtime_ns for i in (0, 1)} == before
 
@@ -230,7 +232,8 @@ def test_inspect_summarises_the_shard_set(tmp_path):
     assert summary["fingerprints"] == {"teacher_fingerprint": "abc", "student_fingerprint": "def"}
     total_bytes = sum(shard_set.sidecar(i)["bytes"] for i in range(3))
     assert summary["bytes_per_token"] == pytest.approx(total_bytes / 90)
-    assert "token_ids: list<element: int32>" in summary["schema"] or any(s.startswith("token_ids") for s in summary["schema"])
+    assert ("token_ids: list<element: int32>" in summary["schema"]
+            or any(s.startswith("token_ids") for s in summary["schema"]))
     assert set(summary["column_bytes_per_token"]) >= {"token_ids", "ck_bits", "ck_abs"}
     json.dumps(summary)  # JSON-able
     assert np.isfinite(sum(summary["column_bytes_per_token"].values()))
