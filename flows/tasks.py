@@ -18,8 +18,16 @@ from pydantic import BaseModel
 from flows.artifacts import publish_eval_table, publish_plots
 from flows.caching import CACHED, refresh, result_storage
 from pipeline import demo
-from pipeline.config import (EngineConfig, EvalConfig, RolloutsConfig, RunConfig, SftConfig,
-                             TeacherLogprobsConfig, TeacherSftDataConfig, TrainConfig)
+from pipeline.config import (
+    EngineConfig,
+    EvalConfig,
+    RolloutsConfig,
+    RunConfig,
+    SftConfig,
+    TeacherLogprobsConfig,
+    TeacherSftDataConfig,
+    TrainConfig,
+)
 from pipeline.engines import engine_gpus
 from pipeline.stages.common import StageResult
 from pipeline.stages.registry import online_train_config, run_stage
@@ -116,7 +124,8 @@ def make_task_runner(kind: str, num_parts: int, address: str | None = None) -> T
         try:
             from prefect_ray import RayTaskRunner
         except ImportError as err:
-            raise RuntimeError("task runner 'ray' needs prefect-ray: pip install 'lopd[ray]' (or pip install prefect-ray)") from err
+            raise RuntimeError("task runner 'ray' needs prefect-ray: pip install 'lopd[ray]' "
+                               "(or pip install prefect-ray)") from err
         return RayTaskRunner(address=address) if address else RayTaskRunner()
     raise ValueError(f"unknown task runner {kind!r}: choose one of {', '.join(TASK_RUNNERS)}")
 

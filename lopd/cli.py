@@ -34,7 +34,8 @@ console = Console(stderr=True)
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="run YAML file (see configs/)")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. --set train.steps=50 (repeatable)")]
+SetOpt = Annotated[Optional[list[str]],
+                   typer.Option("--set", "-s", help="override, e.g. --set train.steps=50 (repeatable)")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="override the run_dir of the config")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
@@ -140,7 +141,8 @@ def bootstrap_teacher(
 
 
 @app.command("teacher-sft-data")
-def teacher_sft_data(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
+def teacher_sft_data(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None,
+                     quiet: QuietOpt = False) -> None:
     """Stage 1: the teacher answers the training prompts -> SFT data shards stamped with its fingerprint."""
     _stage("teacher_sft_data", config, set_, run_dir, quiet)
 
@@ -204,19 +206,22 @@ def run_all(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, q
         cfg = load_run_config(config, set_, run_dir)
         for name in STAGES:
             if name in cfg.sections:
-                print(json.dumps(registry.run_stage(name, cfg.stage(name), show_progress=not quiet).to_dict(), default=str))
+                print(json.dumps(registry.run_stage(name, cfg.stage(name), show_progress=not quiet).to_dict(),
+                                 default=str))
 
     _run(go)
 
 
 @app.command("demo")
 def demo(
-    run_dir: Annotated[Path, typer.Option(help="where everything is written; a rerun reuses finished stages")] = Path("runs/demo"),
+    run_dir: Annotated[Path, typer.Option(help="where everything is written; a rerun reuses finished "
+                                               "stages")] = Path("runs/demo"),
     config: ConfigOpt = REPO_CONFIGS / "demo.yaml",
     set_: SetOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="print only the result JSON on stdout")] = False,
     prefect: Annotated[bool, typer.Option("--prefect/--no-prefect", help="run the stages as a Prefect flow")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="reseed the whole world: prompts, teachers, sampling, SFT, OPD")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="reseed the whole world: prompts, teachers, "
+                                                     "sampling, SFT, OPD")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """The whole method on the built-in CPU world: bootstrap teachers, SFT, rollouts, shards, offline OPD
@@ -253,7 +258,8 @@ def ablate(
     config: ConfigOpt = REPO_CONFIGS / "ablate.yaml",
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a field of the ablation "
                     "YAML, e.g. --set 'seeds=[0]' --set steps=50 (repeatable)")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="the demo run dir to reuse (default: the demo config's)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="the demo run dir to reuse "
+                                                         "(default: the demo config's)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print only the result JSON on stdout")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -313,7 +319,8 @@ def shards_verify(path: Path) -> None:
 @bench_app.command("storage")
 def bench_storage(
     json_out: Annotated[bool, typer.Option("--json")] = True,
-    consumer_tokens_per_s: Annotated[float, typer.Option(help="training rate per rank the reader must keep up with")] = 7500.0,
+    consumer_tokens_per_s: Annotated[float, typer.Option(help="training rate per rank the reader "
+                                                              "must keep up with")] = 7500.0,
 ) -> None:
     """Bytes/token, decode error and read/write speed of the top-k codecs (demo and 151,936-vocab cases)."""
     from storage.bench import run_storage_bench

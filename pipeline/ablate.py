@@ -26,9 +26,19 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.checkpoint import run_fingerprint
+from pipeline.config import (
+    ConfigError,
+    EngineConfig,
+    EvalConfig,
+    RunConfig,
+    SamplingConfig,
+    Strict,
+    TrainConfig,
+    _format_error,
+    load_run_config,
+    set_dotted,
+)
 from pipeline.demo import DemoPlan, demo_plan, demo_world, run_demo_step
-from pipeline.config import (ConfigError, EngineConfig, EvalConfig, RunConfig, SamplingConfig, Strict, TrainConfig,
-                             _format_error, load_run_config, set_dotted)
 from pipeline.progress import log
 from pipeline.prompts import load_prompts
 from pipeline.stages import registry

@@ -12,8 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import (DemoConfig, EngineConfig, OnlineConfig, RolloutsConfig, SamplingConfig,
-                             TeacherLogprobsConfig, TrainConfig)
+from pipeline.config import (
+    DemoConfig,
+    EngineConfig,
+    OnlineConfig,
+    RolloutsConfig,
+    SamplingConfig,
+    TeacherLogprobsConfig,
+    TrainConfig,
+)
 from pipeline.demo_world import make_models
 from pipeline.training import read_metrics
 
@@ -26,7 +33,8 @@ def _demo_models(tmp: Path) -> dict[str, Path]:
 def bench_extract(engine: str = "hf", model_dir: Path | None = None, sequences: int = 512, length: int = 40,
                   prompt_len: int = 9, k: int = 8, repeats: int = 3, codec: str = "compact",
                   shards: int = 4, write_ks: tuple[int, ...] = (0, 20, 50, 128), write_rows: int = 2,
-                  memory_ks: tuple[int, ...] = (20, 128), memory_rows: int = 1024, memory_length: int = 4096) -> dict[str, Any]:
+                  memory_ks: tuple[int, ...] = (20, 128), memory_rows: int = 1024,
+                  memory_length: int = 4096) -> dict[str, Any]:
     """Teacher scoring throughput: bare engine scoring vs the stage's full write path (top-k records, codec,
     Parquet shard write behind the next shard's scoring, as in ``teacher_logprobs``), on the same
     ``shards`` batches, alternating the two ``repeats`` times and taking medians; once with torch's default
@@ -47,7 +55,8 @@ def bench_extract(engine: str = "hf", model_dir: Path | None = None, sequences: 
         result = _scoring_overhead(engine, model_dir, tmp, sequences, length, prompt_len, k, repeats, codec, shards)
         torch.set_num_threads(1)
         try:
-            one = _scoring_overhead(engine, model_dir, tmp / "one", sequences, length, prompt_len, k, repeats, codec, shards)
+            one = _scoring_overhead(engine, model_dir, tmp / "one", sequences, length, prompt_len, k, repeats, codec,
+                                    shards)
         finally:
             torch.set_num_threads(threads)
         result.update({"torch_threads": threads, "tokens_per_s_bare_torch_one_thread": one["tokens_per_s_bare"],
@@ -125,8 +134,10 @@ class _StandInLLM:
             flat_lps = np.concatenate([self.top_lps[rows, k - 1 : k] if k else np.full((n, 1), -1.0, np.float32),
                                        self.top_lps[rows, :k]], axis=1).ravel()
             entries = flat_ids.size
-            pl = FlatLogprobs(start_indices=[0] + list(range(0, entries, k + 1)), end_indices=[0] + list(range(k + 1, entries + 1, k + 1)),
-                              token_ids=flat_ids.tolist(), logprobs=flat_lps.tolist(), ranks=[1] * entries, decoded_tokens=[None] * entries)
+            pl = FlatLogprobs(start_indices=[0] + list(range(0, entries, k + 1)),
+                              end_indices=[0] + list(range(k + 1, entries + 1, k + 1)),
+                              token_ids=flat_ids.tolist(), logprobs=flat_lps.tolist(), ranks=[1] * entries,
+                              decoded_tokens=[None] * entries)
             outs.append(SimpleNamespace(prompt_logprobs=pl, outputs=[]))
         return outs
 
@@ -230,4 +241,5 @@ def bench_train(steps: int = 20, batch_size: int = 64) -> dict[str, Any]:
             "online_seconds_sampling": rows["on"].get("perf/sample_seconds"),
             "online_seconds_scoring": rows["on"].get("perf/score_seconds"),
             "offline_precompute_seconds": {"rollouts": round(t1 - t0, 2), "teacher_logprobs": round(t2 - t1, 2)},
-            "offline_train_seconds": off.summary.get("train_seconds"), "online_train_seconds": on.summary.get("train_seconds")}
+            "offline_train_seconds": off.summary.get("train_seconds"),
+            "online_train_seconds": on.summary.get("train_seconds")}

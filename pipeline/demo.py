@@ -28,8 +28,17 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import run_fingerprint
-from pipeline.config import (DemoConfig, EngineConfig, EvalConfig, LightningLossConfig, OnlineConfig, RunConfig,
-                             SftConfig, TeacherSftDataConfig, TrainConfig)
+from pipeline.config import (
+    DemoConfig,
+    EngineConfig,
+    EvalConfig,
+    LightningLossConfig,
+    OnlineConfig,
+    RunConfig,
+    SftConfig,
+    TeacherSftDataConfig,
+    TrainConfig,
+)
 from pipeline.demo_world import make_models
 from pipeline.engines.hf import HFEngine
 from pipeline.fingerprint import read_provenance
@@ -55,7 +64,8 @@ def write_demo_prompts(out: Path, demo: DemoConfig) -> dict[str, Path]:
         return paths
     test = arithmetic.make_problems(demo.test_prompts, demo.digits, seed=demo.seed + 101, prefix="test-")
     used = {(p.a, p.b) for p in test}
-    train = arithmetic.make_problems(demo.train_prompts, demo.digits, seed=demo.seed + 202, exclude=used, prefix="train-")
+    train = arithmetic.make_problems(demo.train_prompts, demo.digits, seed=demo.seed + 202, exclude=used,
+                                     prefix="train-")
     used |= {(p.a, p.b) for p in train}
     opd = arithmetic.make_problems(demo.opd_prompts, demo.digits, seed=demo.seed + 303, exclude=used, prefix="opd-")
     for name, problems in (("train", train), ("opd", opd), ("test", test)):
@@ -120,7 +130,8 @@ def ensure_world(cfg: RunConfig, styles: tuple[str, ...] = ("A", "B"), show_prog
 # --- accuracy curves during training ------------------------------------------------------------------
 
 
-def accuracy_probe(model_dir: Path, prompts: list[PromptRecord], max_new_tokens: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+def accuracy_probe(model_dir: Path, prompts: list[PromptRecord],
+                   max_new_tokens: int) -> Callable[[torch.nn.Module], dict[str, float]]:
     """A train-time eval hook: greedy accuracy of the in-memory model on a fixed prompt subset."""
     tokenizer = load_tokenizer(model_dir)
 

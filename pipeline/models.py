@@ -27,7 +27,8 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
     """A causal LM from an HF model directory; ``attn_implementation`` (e.g. "flash_attention_2") overrides the
     model's default (sdpa)."""
     if not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json); run `lopd make-models` or point to an HF model dir")
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json); run `lopd make-models` or point to "
+                                "an HF model dir")
     with _LOAD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype],
                                                      attn_implementation=attn_implementation)
@@ -48,7 +49,8 @@ def model_skeleton(path: str | Path, attn_implementation: str | None = None) -> 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, use_chat_template: bool = True) -> list[int]:
     """Token ids of a prompt, rendered by the tokenizer's own chat template when it has one."""
     if use_chat_template and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

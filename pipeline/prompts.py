@@ -69,7 +69,8 @@ def _jsonl_rows(path: Path) -> list[tuple[int, object]]:
             try:
                 rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise PromptFileError(f"{path}: line {lineno}: invalid JSON ({e.msg}); one JSON object per line") from None
+                raise PromptFileError(f"{path}: line {lineno}: invalid JSON ({e.msg}); one JSON object per "
+                                      "line") from None
     return rows
 
 

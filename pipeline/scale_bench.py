@@ -170,12 +170,14 @@ def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tu
                 if "full" in results:
                     full, full_data = results["full"]
                     chunk_data = results["chunked"][1]
-                    num = sum(float((full_data["grads"][k] - chunk_data["grads"][k]).pow(2).sum()) for k in full_data["grads"])
+                    num = sum(float((full_data["grads"][k] - chunk_data["grads"][k]).pow(2).sum())
+                              for k in full_data["grads"])
                     den = sum(float(full_data["grads"][k].pow(2).sum()) for k in full_data["grads"])
                     row.update({"peak_bytes_full": full["peak_bytes"],
                                 "ratio": round(chunked["peak_bytes"] / full["peak_bytes"], 4),
                                 "ratio_ckpt": round(ckpt["peak_bytes"] / full["peak_bytes"], 4),
-                                "loss_rel_diff": abs(chunk_data["loss"] - full_data["loss"]) / max(abs(full_data["loss"]), 1e-12),
+                                "loss_rel_diff": (abs(chunk_data["loss"] - full_data["loss"])
+                                                  / max(abs(full_data["loss"]), 1e-12)),
                                 "grad_rel_diff": (num / max(den, 1e-30)) ** 0.5,
                                 "tokens_per_s_full": round(full["tokens"] / full["seconds"], 1),
                                 "speed_ratio": round(full["seconds"] / chunked["seconds"], 3)})
@@ -252,7 +254,8 @@ def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: 
            "step_seconds": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 1),
            "params": sum(p.numel() for p in lm.parameters()),
            "mfu": round(6 * count_flop_params(lm) * tokens / step_s / (peak * 1e12), 4) if peak else None,
-           "max_memory_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}
+           "max_memory_allocated_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda"
+                                       else None)}
     del student, opt, lm
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -284,7 +284,8 @@ def prepare_student(lm: torch.nn.Module, info: DistInfo, *, fsdp: bool, precisio
             from torch.distributed.device_mesh import init_device_mesh
 
             if info.world_size % fsdp_shard_size:
-                raise ValueError(f"train.fsdp_shard_size={fsdp_shard_size} must divide the world size {info.world_size}")
+                raise ValueError(f"train.fsdp_shard_size={fsdp_shard_size} must divide the world size "
+                                 f"{info.world_size}")
             kwargs["mesh"] = init_device_mesh(device_for(info).type,
                                               (info.world_size // fsdp_shard_size, fsdp_shard_size),
                                               mesh_dim_names=("replicate", "shard"))
@@ -507,7 +508,8 @@ def sft_train(model: torch.nn.Module, examples: Iterator[Example], *, steps: int
             micro = [pad_batch([batch[i][0] for i in g], [batch[i][1] for i in g], pad_id) for g in groups]
             meter.data_seconds += time.perf_counter() - t0
             counts = all_reduce_sum(torch.tensor([float(sum(int(m[2].sum()) for m in micro)),
-                                                  float(sum(int(m[1].sum()) for m in micro))], dtype=torch.float64), info)
+                                                  float(sum(int(m[1].sum()) for m in micro))], dtype=torch.float64),
+                                    info)
             normalizer = counts[0].clamp_min(1).float().to(device)
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64)

@@ -15,8 +15,8 @@ import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.engines.base import Generation, ScoredSequence, make_engine, token_batches
-from storage.records import compute_tail_logprob
 from pipeline.engines.hf import HFEngine
+from storage.records import compute_tail_logprob
 
 BOS, EOS = 1, 2
 FP32_TOL = 1e-4  # vLLM vs HF in float32 (measured: <= 1e-6)
@@ -45,7 +45,8 @@ def sampled_sequences(prompts: list[list[int]], gens: list[list[Generation]]) ->
 
 
 @torch.no_grad()
-def processed_logprobs(model: torch.nn.Module, seq: list[int], start: int, temperature: float, top_p: float) -> np.ndarray:
+def processed_logprobs(model: torch.nn.Module, seq: list[int], start: int, temperature: float,
+                       top_p: float) -> np.ndarray:
     """log p(seq[t]) for t >= start under HF's sampling distribution: logits / T, then top-p (HF's rule:
     drop the smallest tokens whose cumulative mass is <= 1 - top_p, keep at least one), log_softmax."""
     logits = model(torch.tensor([seq])).logits[0, start - 1 : len(seq) - 1].float() / temperature
@@ -68,7 +69,8 @@ def check_generation_shape(gens: list[list[Generation]], n: int, max_new_tokens:
             if g.finish_reason == "stop":
                 assert g.response_ids[-1] == EOS
             else:
-                assert g.finish_reason == "length" and len(g.response_ids) == max_new_tokens and g.response_ids[-1] != EOS
+                assert (g.finish_reason == "length" and len(g.response_ids) == max_new_tokens
+                        and g.response_ids[-1] != EOS)
 
 
 def check_scored(s: ScoredSequence, R: int, K: int) -> None:
@@ -95,7 +97,8 @@ def full_logprobs(hf: HFEngine, seqs: list[list[int]], starts: list[int]) -> lis
 def diff_stats(a: list[ScoredSequence], b: list[ScoredSequence]) -> dict[str, float]:
     tok = np.concatenate([np.abs(x.token_logprobs - y.token_logprobs) for x, y in zip(a, b)])
     top = np.concatenate([np.abs(x.topk_logprobs - y.topk_logprobs).ravel() for x, y in zip(a, b)])
-    return {"token_max": float(tok.max()), "token_mean": float(tok.mean()), "topk_max": float(top.max()), "topk_mean": float(top.mean())}
+    return {"token_max": float(tok.max()), "token_mean": float(tok.mean()), "topk_max": float(top.max()),
+            "topk_mean": float(top.mean())}
 
 
 # ----------------------------------------------------------------------------------------------- HF engine
@@ -120,8 +123,10 @@ def test_hf_tempered_top_p_logprobs_are_the_sampling_distribution(hf_teacher):
     seqs, starts = sampled_sequences(PROMPTS, gens)
     untempered = hf_teacher.score(seqs, starts, 1)
     for g, seq, start, raw in zip(flat(gens), seqs, starts, untempered):
-        np.testing.assert_allclose(g.logprobs, processed_logprobs(hf_teacher.model, seq, start, 0.7, 0.9), atol=HF_TOL, rtol=0)
-        assert not np.allclose(g.logprobs, raw.token_logprobs, atol=1e-3), "tempered log-probs must differ from score()'s"
+        np.testing.assert_allclose(g.logprobs, processed_logprobs(hf_teacher.model, seq, start, 0.7, 0.9),
+                                   atol=HF_TOL, rtol=0)
+        assert not np.allclose(g.logprobs, raw.token_logprobs, atol=1e-3), ("tempered log-probs must differ from "
+                                                                             "score()'s")
 
 
 def test_hf_greedy_and_scoring_shapes(hf_teacher):
@@ -242,7 +247,8 @@ def test_vllm_score_matches_hf_fp32(vllm_teacher, hf_teacher):
             np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=FP32_TOL, rtol=0)
             np.testing.assert_allclose(a.tail_logprob, b.tail_logprob, atol=1e-3, rtol=0)
             # ids agree up to ties: every id vLLM picked has (under HF) the log-prob vLLM reports
-            np.testing.assert_allclose(np.take_along_axis(f, a.topk_ids.astype(np.int64), -1), a.topk_logprobs, atol=FP32_TOL, rtol=0)
+            np.testing.assert_allclose(np.take_along_axis(f, a.topk_ids.astype(np.int64), -1), a.topk_logprobs,
+                                       atol=FP32_TOL, rtol=0)
         same = np.mean([(a.topk_ids == b.topk_ids).mean() for a, b in zip(v, h)])
         assert same > 0.99
         print(f"k={k} vLLM vs HF float32: {diff_stats(v, h)}, top-k ids equal: {same:.4f}")
@@ -286,7 +292,8 @@ def test_vllm_sampled_logprobs_equal_hf_rescore(vllm_teacher, hf_teacher):
     check_generation_shape(gens, 3, 24)
     assert {g.finish_reason for g in flat(gens)} == {"stop", "length"}  # both kinds exercised
     seqs, starts = sampled_sequences(PROMPTS, gens)
-    diffs = [np.abs(np.asarray(g.logprobs) - s.token_logprobs).max() for g, s in zip(flat(gens), hf_teacher.score(seqs, starts, 1))]
+    diffs = [np.abs(np.asarray(g.logprobs) - s.token_logprobs).max()
+             for g, s in zip(flat(gens), hf_teacher.score(seqs, starts, 1))]
     print(f"vLLM sampled vs HF re-score (T=1): max {max(diffs):.2e}")
     assert max(diffs) <= FP32_TOL
 
@@ -373,7 +380,8 @@ def test_vllm_data_parallel_reproduces_single_engine(tiny_models, vllm_teacher):
     prompts = PROMPTS + PROMPTS[:1]  # 5 prompts: uneven split
     seqs = random_sequences(5, seed=3)
     starts = [2] * len(seqs)
-    with VLLMEngine(str(tiny_models["teacher"]), EngineConfig(name="vllm", dtype="float32", data_parallel_size=2), seed=0) as dp:
+    with VLLMEngine(str(tiny_models["teacher"]), EngineConfig(name="vllm", dtype="float32", data_parallel_size=2),
+                    seed=0) as dp:
         print(f"\nvLLM data_parallel_size=2 init: {dp.init_seconds:.1f} s")
         assert (dp.vocab_size, dp.max_model_len) == (vllm_teacher.vocab_size, vllm_teacher.max_model_len)
         g_dp, s_dp = dp.generate(prompts, sampling), dp.score(seqs, starts, 4)

@@ -120,7 +120,8 @@ def test_bad_prompts_via_cli_exit_nonzero_and_write_nothing(tmp_path, tiny_model
     bad.write_text('{"id": "a", "prompt": "1+1="}\n{"id": "b", "prompt": ""}\n')
     cfg = tmp_path / "run.yaml"
     out = tmp_path / "run" / "teacher_sft_data"
-    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nteacher_sft_data:\n  prompts: {bad}\n  teacher: {tiny_models['teacher']}\n")
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nteacher_sft_data:\n  prompts: {bad}\n"
+                   f"  teacher: {tiny_models['teacher']}\n")
     res = run_cli("teacher-sft-data", "--config", str(cfg), "--quiet")
     assert res.returncode == 2
     assert "line 2" in res.stderr and "prompt" in res.stderr and str(bad) in res.stderr.replace("\n", "")

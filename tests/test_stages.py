@@ -108,9 +108,10 @@ def test_teacher_mismatch_is_refused_then_allowed_and_recorded(pipeline_run, tin
 
 
 def test_tokenizer_mismatch_is_reported_before_work(pipeline_run, tmp_path):
-    from pipeline.stages.teacher_logprobs import TokenizerMismatchError
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.stages.teacher_logprobs import TokenizerMismatchError
 
     tmp, cfg, _ = pipeline_run
     vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "a", "b"])}
@@ -136,7 +137,8 @@ def test_privileged_context_scores_student_tokens_with_teacher_only_context(pipe
     from pipeline.prompts import load_prompts
 
     tmp, cfg, _ = pipeline_run
-    rc = load_run_config(cfg, ["teacher_logprobs.privileged_context=true", f"teacher_logprobs.prompts={tmp / 'prompts.jsonl'}",
+    rc = load_run_config(cfg, ["teacher_logprobs.privileged_context=true",
+                               f"teacher_logprobs.prompts={tmp / 'prompts.jsonl'}",
                                f"teacher_logprobs.out={tmp_path / 'priv'}"])
     run_stage("teacher_logprobs", rc.stage("teacher_logprobs"), show_progress=False)
     rec = decode_table(ShardSet.open(tmp_path / "priv").read_shard(0))[0]
@@ -272,4 +274,5 @@ def test_bench_extract_runs_the_stage_write_path(tmp_path):
     res = bench_extract(sequences=24, length=12, prompt_len=4, repeats=1, shards=3, write_ks=(), memory_ks=())
     assert res["shards"] == 3 and res["response_tokens"] == 24 * 8
     assert res["tokens_per_s_bare"] > 0 and res["tokens_per_s_with_write"] > 0
-    assert res["overhead_ratio"] == pytest.approx(res["tokens_per_s_bare"] / res["tokens_per_s_with_write"] - 1, abs=0.01)
+    assert res["overhead_ratio"] == pytest.approx(res["tokens_per_s_bare"] / res["tokens_per_s_with_write"] - 1,
+                                                  abs=0.01)

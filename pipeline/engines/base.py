@@ -54,7 +54,8 @@ class Engine(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-def token_batches(lengths: Sequence[int], budget: int, *, max_items: int | None = None, padded: bool = False) -> list[slice]:
+def token_batches(lengths: Sequence[int], budget: int, *, max_items: int | None = None,
+                  padded: bool = False) -> list[slice]:
     """Contiguous slices of items (in order) holding at most ``budget`` tokens each, counted as the sum of
     ``lengths`` or, ``padded``, as items x the longest (a padded batch); at most ``max_items`` items. An item
     longer than the budget goes alone. Scoring in these sub-batches bounds an engine's memory per call."""

@@ -155,7 +155,8 @@ class HFEngine:
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=self.device)
         hidden_B_L_H = self.model.get_decoder()(input_ids=ids_B_L, attention_mask=attention).last_hidden_state
         # position t-1 predicts token t: gather the scored positions of all rows, N in total
-        rows_N = torch.cat([torch.full((len(s) - st,), b) for b, (s, st) in enumerate(zip(sequences, starts))]).to(self.device)
+        rows_N = torch.cat([torch.full((len(s) - st,), b)
+                            for b, (s, st) in enumerate(zip(sequences, starts))]).to(self.device)
         cols_N = torch.cat([torch.arange(st - 1, len(s) - 1) for s, st in zip(sequences, starts)]).to(self.device)
         hidden_N_H, target_N = hidden_B_L_H[rows_N, cols_N], ids_B_L[rows_N, cols_N + 1]
         del hidden_B_L_H

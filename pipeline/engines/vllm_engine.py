@@ -209,7 +209,8 @@ class VLLMEngine:
         if not sequences:
             return []
         if k > self.max_logprobs:
-            raise ValueError(f"k={k} exceeds the engine's max_logprobs={self.max_logprobs}; build it with a larger max_logprobs")
+            raise ValueError(f"k={k} exceeds the engine's max_logprobs={self.max_logprobs}; build it with a larger "
+                             "max_logprobs")
         for s, st in zip(sequences, starts):
             if not 1 <= st <= len(s):
                 raise ValueError(f"start {st} out of range for a sequence of length {len(s)} (need 1 <= start <= len)")
@@ -252,7 +253,8 @@ class VLLMEngine:
             ids = np.asarray(pl.token_ids, dtype=np.int64)
             lps = np.asarray(pl.logprobs, dtype=np.float32)
             if len(pl) != n_prompt or ids.size != (n_prompt - 1) * (K + 1):
-                raise RuntimeError(f"unexpected prompt_logprobs layout: {len(pl)} positions, {ids.size} entries for L={n_prompt}, K={K}")
+                raise RuntimeError(f"unexpected prompt_logprobs layout: {len(pl)} positions, {ids.size} entries for "
+                                   f"L={n_prompt}, K={K}")
             ids, lps = ids.reshape(n_prompt - 1, K + 1), lps.reshape(n_prompt - 1, K + 1)
             if f:
                 sl = out.outputs[0].logprobs  # [sampled token, top-1 .. top-K]
@@ -266,8 +268,10 @@ class VLLMEngine:
                 lps = np.vstack([lps, np.concatenate([[actual], top_lps]).astype(np.float32)[None]])
             rows.append((ids, lps))
         if missing:
-            only = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[sequences[i][-1]], flat_logprobs=True, detokenize=False) for i in missing]
-            extra = self.llm.generate([TokensPrompt(prompt_token_ids=list(sequences[i][:-1])) for i in missing], only, use_tqdm=False)
+            only = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[sequences[i][-1]],
+                                   flat_logprobs=True, detokenize=False) for i in missing]
+            extra = self.llm.generate([TokensPrompt(prompt_token_ids=list(sequences[i][:-1])) for i in missing], only,
+                                      use_tqdm=False)
             for i, out in zip(missing, extra):
                 sl = out.outputs[0].logprobs  # [sampled token, the requested token]
                 rows[i][1][-1, 0] = sl.logprobs[1]
@@ -313,7 +317,8 @@ class VLLMEngine:
 
 
 # --------------------------------------------------------------------------- data parallel
-def _dp_worker(rank: int, conn: Any, model_dir: str, cfg_data: dict, seed: int, max_logprobs: int, env: dict[str, str]) -> None:
+def _dp_worker(rank: int, conn: Any, model_dir: str, cfg_data: dict, seed: int, max_logprobs: int,
+               env: dict[str, str]) -> None:
     """One data-parallel rank: its own single-instance VLLMEngine, serving calls from the parent's pipe."""
     os.environ.update(env)
     try:
@@ -321,7 +326,8 @@ def _dp_worker(rank: int, conn: Any, model_dir: str, cfg_data: dict, seed: int, 
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
-    conn.send(("ready", {"init_seconds": engine.init_seconds, "vocab_size": engine.vocab_size, "max_model_len": engine.max_model_len}))
+    conn.send(("ready", {"init_seconds": engine.init_seconds, "vocab_size": engine.vocab_size,
+                         "max_model_len": engine.max_model_len}))
     try:
         while True:
             try:
@@ -355,7 +361,8 @@ class _DataParallelPool:
         for rank in range(dp):
             parent, child = ctx.Pipe()
             # not a daemon: a worker has to start vLLM's own engine processes
-            p = ctx.Process(target=_dp_worker, args=(rank, child, model_dir, single, seed, max_logprobs, envs[rank]), name=f"lopd-vllm-dp{rank}")
+            p = ctx.Process(target=_dp_worker, args=(rank, child, model_dir, single, seed, max_logprobs, envs[rank]),
+                            name=f"lopd-vllm-dp{rank}")
             p.start()
             child.close()
             self.conns.append(parent)
@@ -380,11 +387,13 @@ class _DataParallelPool:
                 return [{} for _ in range(dp)]  # the user bound cores: leave it to them
             cpus = sorted(os.sched_getaffinity(0))
             if len(cpus) < dp * tp:
-                raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} cores, have {len(cpus)}")
+                raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} cores, "
+                                 f"have {len(cpus)}")
             envs = []
             for rank_slice in _chunks(len(cpus), dp):
                 mine = cpus[rank_slice]
-                envs.append({"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, mine[s])) for s in _chunks(len(mine), tp))})
+                envs.append({"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, mine[s]))
+                                                                   for s in _chunks(len(mine), tp))})
             return envs
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible:
@@ -394,7 +403,8 @@ class _DataParallelPool:
 
             devices = [str(i) for i in range(torch.cuda.device_count())]
         if len(devices) < dp * tp:
-            raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} GPUs, {len(devices)} visible")
+            raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} GPUs, "
+                             f"{len(devices)} visible")
         return [{"CUDA_VISIBLE_DEVICES": ",".join(devices[r * tp : (r + 1) * tp])} for r in range(dp)]
 
     def _recv(self, rank: int, conn: Any) -> tuple[str, Any]:

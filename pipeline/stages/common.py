@@ -44,7 +44,8 @@ def require_model_dir(path: Path, *, field: str, made_by: str | None = None) -> 
     lacks = [name for name, ok in (
         ("config.json", (path / "config.json").is_file()),
         ("weight files (*.safetensors / *.bin)", any(p.suffix in (".safetensors", ".bin") for p in path.iterdir())),
-        ("tokenizer files", any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))),
+        ("tokenizer files", any((path / n).is_file()
+                                for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))),
     ) if not ok]
     if lacks:
         raise MissingInputError(f"{field}: {path} is not a model directory (no {', no '.join(lacks)}); {fix}")

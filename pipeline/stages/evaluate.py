@@ -79,4 +79,5 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> StageResult:
     (cfg.out / "eval.md").write_text(markdown_table({Path(cfg.model).name: result}))
     log.info("eval: %s pass@1 %.3f (%d/%d)", cfg.model, result["pass@1"], result["greedy"]["correct"],
              result["greedy"]["samples"])
-    return StageResult("eval", cfg.out, wall_seconds=t["seconds"], summary={k: v for k, v in result.items() if "@" in k})
+    return StageResult("eval", cfg.out, wall_seconds=t["seconds"],
+                       summary={k: v for k, v in result.items() if "@" in k})

@@ -64,7 +64,8 @@ def iter_shard_examples(shardset: ShardSet, seed: int, max_seq_len: int | None =
 
 
 # Settings that do not change what a run computes: paths, logging and checkpoint cadence, how it is launched.
-_NOT_IN_RUN_KEY = {"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints"} | SftConfig.EXECUTION_ONLY
+_NOT_IN_RUN_KEY = ({"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints"}
+                   | SftConfig.EXECUTION_ONLY)
 
 
 def sft_identity(cfg: SftConfig, teacher_fp: str | None, base_fp: str, data_manifest: dict) -> dict:
@@ -113,6 +114,7 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
         plot_metrics(metrics.path, metrics.path.with_name("sft_curves.png"), ["loss/sft", "optim/lr"], "SFT")
     if info.world_size > 1:
         torch.distributed.barrier()
-    log.info("sft: %d steps in %.1fs, final loss %.4f -> %s", cfg.steps, t["seconds"], last.get("loss/sft", float("nan")), cfg.out)
+    log.info("sft: %d steps in %.1fs, final loss %.4f -> %s", cfg.steps, t["seconds"],
+             last.get("loss/sft", float("nan")), cfg.out)
     return StageResult("sft", cfg.out, wall_seconds=t["seconds"],
                        summary={"final_loss": last.get("loss/sft"), "sft_teacher_fingerprint": teacher_fp})
