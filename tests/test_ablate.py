@@ -32,7 +32,8 @@ def test_default_rows_cover_every_method_and_base_loss():
     methods = {m for t in trains.values() for m, v in t.methods if v is not None}
     assert methods == set(MethodsConfig.model_fields)  # a method that lands needs a row
     losses = set().union(*(t.all_losses() for t in trains.values()))
-    assert {"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk", "alpha_topk"} <= losses
+    assert {"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk",
+            "alpha_topk"} <= losses
     assert {t.steps for t in trains.values()} == {cfg.steps}
     # one learning rate per loss family, nothing tuned per row
     assert {(loss_family(t), t.optim.lr) for t in trains.values()} == {("policy_gradient", 1e-4), ("topk", 3e-4)}

@@ -68,7 +68,8 @@ def test_every_corruption_is_named_and_refused_or_harmless(pristine, tmp_path):
     assert verify_shards(pristine) == []
     reference = _read(pristine)
     files = sorted(p.name for p in pristine.iterdir())
-    assert files == ["manifest.json", "shard-00000.json", "shard-00000.parquet", "shard-00001.json", "shard-00001.parquet"]
+    assert files == ["manifest.json", "shard-00000.json", "shard-00000.parquet", "shard-00001.json",
+                     "shard-00001.parquet"]
     rng = np.random.default_rng(SEED)
     outcomes: Counter = Counter()
     failures = []
@@ -100,5 +101,6 @@ def test_every_corruption_is_named_and_refused_or_harmless(pristine, tmp_path):
             failures.append(f"{where}: SILENT: the reader yielded other records or metadata; verify said {problems}")
         else:
             outcomes["identical"] += 1
-    assert not failures, "\n".join(failures[:20]) + f"\n({len(failures)} failures of {len(files) * len(MODES) * TRIALS_PER_CASE})"
+    assert not failures, ("\n".join(failures[:20])
+                          + f"\n({len(failures)} failures of {len(files) * len(MODES) * TRIALS_PER_CASE})")
     assert sum(outcomes.values()) == 320 and outcomes["refused"] > 250, outcomes

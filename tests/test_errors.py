@@ -65,14 +65,18 @@ def test_train_refuses_a_complete_shard_set_with_a_missing_sidecar(tmp_path, tin
 
 GOOD = b'{"id": "a", "prompt": "1+1="}\n'
 PROMPT_CASES = {
-    "non_utf8": ("p.jsonl", GOOD + b'{"id": "b", "prompt": "\xbb2+2="}\n', ["line 2", "not UTF-8", "0xbb", "save the file as UTF-8"]),
+    "non_utf8": ("p.jsonl", GOOD + b'{"id": "b", "prompt": "\xbb2+2="}\n',
+                 ["line 2", "not UTF-8", "0xbb", "save the file as UTF-8"]),
     "json_array": ("p.jsonl", b'[{"id": "a", "prompt": "1+1="}]\n', ["line 1", "a JSON array", "one object per line"]),
     "json_array_pretty": ("p.jsonl", b'[\n  {"id": "a", "prompt": "1+1="}\n]\n', ["line 1", "a JSON array"]),
-    "numeric_prompt": ("p.jsonl", b'{"id": "a", "prompt": 12}\n', ["line 1", "field 'prompt' must be a string", "got a number"]),
-    "numeric_answer": ("p.jsonl", b'{"id": "a", "prompt": "1+1=", "answer": 2}\n', ["line 1", "field 'answer' must be a string"]),
+    "numeric_prompt": ("p.jsonl", b'{"id": "a", "prompt": 12}\n',
+                       ["line 1", "field 'prompt' must be a string", "got a number"]),
+    "numeric_answer": ("p.jsonl", b'{"id": "a", "prompt": "1+1=", "answer": 2}\n',
+                       ["line 1", "field 'answer' must be a string"]),
     "list_id": ("p.jsonl", b'{"id": [1], "prompt": "1+1="}\n', ["line 1", "field 'id' must be a string"]),
     "empty_prompt": ("p.jsonl", GOOD + b'{"id": "b", "prompt": " "}\n', ["line 2", "field 'prompt' is empty"]),
-    "invalid_json": ("p.jsonl", GOOD + b'{"id": "b", "prompt": \n', ["line 2", "invalid JSON", "one JSON object per line"]),
+    "invalid_json": ("p.jsonl", GOOD + b'{"id": "b", "prompt": \n',
+                     ["line 2", "invalid JSON", "one JSON object per line"]),
     "missing_field": ("p.jsonl", b'{"prompt": "1+1="}\n', ["line 1", "missing required field 'id'"]),
     "duplicate_id": ("p.jsonl", GOOD + GOOD, ["duplicate id 'a'"]),
     "empty_file": ("p.jsonl", b"\n\n", ["no prompts in file"]),
@@ -90,7 +94,8 @@ def test_bad_prompt_files(tmp_path, tiny_models, case):
     name, content, expected = PROMPT_CASES[case]
     prompts = tmp_path / name
     prompts.write_bytes(content)
-    code, err = lopd("teacher-sft-data", "-c", _teacher_sft_data_config(tmp_path, prompts, tiny_models["teacher"]), "-q")
+    code, err = lopd("teacher-sft-data", "-c", _teacher_sft_data_config(tmp_path, prompts, tiny_models["teacher"]),
+                     "-q")
     assert_one_line_error(code, err, str(prompts), *expected)
     assert not (tmp_path / "run").exists()
 
@@ -101,7 +106,8 @@ def test_parquet_prompts_with_a_numeric_prompt_column(tmp_path, tiny_models):
 
     prompts = tmp_path / "p.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "prompt": [1, 2]}), prompts)
-    code, err = lopd("teacher-sft-data", "-c", _teacher_sft_data_config(tmp_path, prompts, tiny_models["teacher"]), "-q")
+    code, err = lopd("teacher-sft-data", "-c", _teacher_sft_data_config(tmp_path, prompts, tiny_models["teacher"]),
+                     "-q")
     assert_one_line_error(code, err, f"{prompts}: row 0", "field 'prompt' must be a string")
     assert not (tmp_path / "run").exists()
 
@@ -110,7 +116,8 @@ def test_prompts_with_a_bom_and_crlf_line_ends_are_accepted(tmp_path):
     from pipeline.prompts import load_prompts
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "1+1=", "answer": "2"}\r\n{"id": 7, "prompt": "2+2="}\r\n\r\n')
+    prompts.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "1+1=", "answer": "2"}\r\n'
+                        b'{"id": 7, "prompt": "2+2="}\r\n\r\n')
     records = load_prompts(prompts)
     assert [(r.id, r.prompt, r.answer) for r in records] == [("a", "1+1=", "2"), ("7", "2+2=", None)]
 
@@ -123,15 +130,18 @@ CONFIG_CASES = {
     "top_level_list": (b"- run_dir: r\n", [], ["expected a mapping of sections", "got list"]),
     "section_not_mapping": (b"run_dir: r\ntrain: 5\n", [], ["section 'train' must be a mapping of fields"]),
     "unknown_field": (b"run_dir: r\ntrain:\n  stepz: 3\n", [], ["train.stepz: unknown field"]),
-    "unknown_section": (b"run_dir: r\ntrian:\n  steps: 3\n", [], ["<top level>: unknown section(s) ['trian']; known sections"]),
+    "unknown_section": (b"run_dir: r\ntrian:\n  steps: 3\n", [],
+                        ["<top level>: unknown section(s) ['trian']; known sections"]),
     "out_of_range": (b"run_dir: r\ntrain:\n  steps: 0\n", [], ["train.steps", "greater than or equal to 1", "(got 0)"]),
     "set_wrong_type": (b"run_dir: r\ntrain:\n  steps: 3\n", ["--set", "train.steps=abc"],
                        ["--set train.steps=abc", "train.steps", "valid integer", '(got "abc")']),
     "set_wrong_type_nested": (b"run_dir: r\ntrain:\n  steps: 3\n", ["--set", "train.optim.lr=fast"],
                               ["train.optim.lr", "valid number", '(got "fast")']),
     "set_no_equals": (b"run_dir: r\n", ["--set", "train.steps"], ["--set train.steps", "expected section.field=value"]),
-    "set_into_a_value": (b"run_dir: r\ntrain:\n  steps: 3\n", ["--set", "train.steps.x=1"], ["'steps' is not a section"]),
-    "set_bad_yaml": (b"run_dir: r\n", ["--set", "train.losses={lightning: 1"], ["--set train.losses", "not valid YAML", "quote it"]),
+    "set_into_a_value": (b"run_dir: r\ntrain:\n  steps: 3\n", ["--set", "train.steps.x=1"],
+                         ["'steps' is not a section"]),
+    "set_bad_yaml": (b"run_dir: r\n", ["--set", "train.losses={lightning: 1"],
+                     ["--set train.losses", "not valid YAML", "quote it"]),
     "no_run_dir": (b"train:\n  steps: 3\n", [], ["missing required field 'run_dir'"]),
 }
 
@@ -160,11 +170,14 @@ def test_missing_and_non_model_directories_name_the_field_and_the_stage_that_mak
     (tmp_path / "empty").mkdir()
     cases = [
         ("teacher-sft-data", f"teacher_sft_data:\n  prompts: {prompts}\n  teacher: {tmp_path / 'nope'}\n",
-         ["teacher_sft_data.teacher:", "does not exist", "point teacher_sft_data.teacher at a Hugging Face model directory"]),
+         ["teacher_sft_data.teacher:", "does not exist",
+          "point teacher_sft_data.teacher at a Hugging Face model directory"]),
         ("teacher-sft-data", f"teacher_sft_data:\n  prompts: {prompts}\n  teacher: {tmp_path / 'empty'}\n",
          ["is not a model directory (no config.json, no weight files", "no tokenizer files"]),
-        ("teacher-sft-data", f"teacher_sft_data:\n  prompts: {prompts}\n  teacher: {prompts}\n", ["is a file, not a model directory"]),
-        ("rollouts", f"rollouts:\n  prompts: {prompts}\n", ["rollouts.student:", "sft_student does not exist", "run `lopd sft` first"]),
+        ("teacher-sft-data", f"teacher_sft_data:\n  prompts: {prompts}\n  teacher: {prompts}\n",
+         ["is a file, not a model directory"]),
+        ("rollouts", f"rollouts:\n  prompts: {prompts}\n",
+         ["rollouts.student:", "sft_student does not exist", "run `lopd sft` first"]),
         ("eval", f"eval:\n  prompts: {prompts}\n", ["eval.model:", "final does not exist", "run `lopd train` first"]),
         ("teacher-logprobs", f"teacher_logprobs:\n  teacher: {tiny_models['teacher']}\n",
          ["teacher_logprobs.rollouts:", "rollouts does not exist", "run `lopd rollouts` first"]),

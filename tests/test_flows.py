@@ -41,7 +41,8 @@ def task_context(name: str) -> SimpleNamespace:
 def test_stage_inputs_are_every_path_but_out(tmp_path):
     cfg = load_run_config(write_run_config(tmp_path, {"train": {
         "online": {"teacher": "/t", "prompts": "/p.jsonl"}}})).stage("train")
-    assert caching.stage_inputs(cfg) == {"student": tmp_path / "run/sft_student", "shards": tmp_path / "run/teacher_topk",
+    assert caching.stage_inputs(cfg) == {"student": tmp_path / "run/sft_student",
+                                       "shards": tmp_path / "run/teacher_topk",
                                        "online.teacher": Path("/t"), "online.prompts": Path("/p.jsonl")}
 
 
@@ -131,7 +132,8 @@ def test_lightning_opd_flow_runs_every_stage_in_order(prefect_api, tmp_path, tin
 
     # the train flow's online baseline: a live teacher, its own output dir, the offline run untouched
     offline_metrics = (run_dir / "train" / "metrics.jsonl").read_text()
-    online = [f"train.online={{teacher: {tiny_models['teacher']}, prompts: {prompts}, k: 4, sampling: {{n: 2, max_new_tokens: 8}}}}"]
+    online = [f"train.online={{teacher: {tiny_models['teacher']}, prompts: {prompts}, k: 4, "
+              f"sampling: {{n: 2, max_new_tokens: 8}}}}"]
     res = stages.train_flow(config_path=str(config), overrides=online, online=True)
     assert res["out"] == str(run_dir / "train_online") and not res["skipped"]
     rows = [json.loads(x) for x in (run_dir / "train_online" / "metrics.jsonl").read_text().splitlines()]

@@ -515,9 +515,10 @@ def test_collate_places_every_record_array_at_its_target_positions():
     from storage.synthetic import make_records
 
     records = make_records(20, 4, num_rollouts=5, response_len=7, prompt_len=3, seed=2)
-    records = [dataclasses.replace(r, token_ids=r.token_ids[: r.prompt_len + n], teacher_logprobs=r.teacher_logprobs[:n],
-                                   behavior_logprobs=r.behavior_logprobs[:n], topk_ids=r.topk_ids[:n],
-                                   topk_logprobs=r.topk_logprobs[:n], tail_logprob=r.tail_logprob[:n])
+    records = [dataclasses.replace(r, token_ids=r.token_ids[: r.prompt_len + n],
+                                   teacher_logprobs=r.teacher_logprobs[:n], behavior_logprobs=r.behavior_logprobs[:n],
+                                   topk_ids=r.topk_ids[:n], topk_logprobs=r.topk_logprobs[:n],
+                                   tail_logprob=r.tail_logprob[:n])
                for r, n in zip(records, [7, 0, 3, 5, 1])]
     batch = collate(records, pad_id=0)
     B, L = batch.input_ids_B_L.shape

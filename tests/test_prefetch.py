@@ -27,7 +27,8 @@ def shards(tmp_path_factory) -> ShardSet:
 
 
 def _key(batches) -> list:
-    return [([(r.prompt_id, r.topk_ids.tobytes(), r.topk_logprobs.tobytes(), r.teacher_logprobs.tobytes()) for r in batch],
+    return [([(r.prompt_id, r.topk_ids.tobytes(), r.topk_logprobs.tobytes(), r.teacher_logprobs.tobytes())
+              for r in batch],
              state.to_dict()) for batch, state in batches]
 
 

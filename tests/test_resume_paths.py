@@ -40,7 +40,8 @@ def make_project(root: Path, models: dict[str, Path]) -> None:
     root.mkdir(parents=True)
     shutil.copytree(models["teacher"], root / "teacher")
     shutil.copytree(models["student"], root / "sft_student")
-    write_provenance(root / "sft_student", {"stage": "sft", "sft_teacher_fingerprint": model_fingerprint(root / "teacher")})
+    write_provenance(root / "sft_student",
+                     {"stage": "sft", "sft_teacher_fingerprint": model_fingerprint(root / "teacher")})
     write_prompts_jsonl([PromptRecord(p.id, p.prompt, p.answer) for p in make_problems(32, 2, seed=5)],
                         root / "prompts.jsonl")
 
@@ -75,7 +76,8 @@ def test_a_moved_half_finished_run_resumes_to_the_unmoved_runs_output(tmp_path, 
     for stage in ("teacher_sft_data", "rollouts"):
         assert not run(config, stage, "proj2", tmp_path / "b" / "x", monkeypatch).skipped
     run(config, "teacher_logprobs", "proj2", tmp_path / "b" / "x", monkeypatch, half=True)
-    written["teacher_topk"] = (tmp_path / "b" / "x" / "proj2" / "teacher_topk" / "shard-00000.parquet").stat().st_mtime_ns
+    written["teacher_topk"] = (tmp_path / "b" / "x" / "proj2" / "teacher_topk"
+                               / "shard-00000.parquet").stat().st_mtime_ns
 
     # moved again to c/proj3: finish teacher-logprobs from yet another directory with an absolute run dir
     final = tmp_path / "c" / "proj3"
@@ -96,4 +98,5 @@ def test_a_moved_half_finished_run_resumes_to_the_unmoved_runs_output(tmp_path, 
     # a finished stage reports its counts from the manifest's totals
     again = run(config, "teacher_sft_data", final, tmp_path, monkeypatch)
     totals = ShardSet.open(final / "teacher_sft_data").manifest["totals"]
-    assert again.skipped and again.summary["rows"] == totals["rows"] == 64 and again.summary["tokens"] == totals["tokens"] > 0
+    assert (again.skipped and again.summary["rows"] == totals["rows"] == 64
+            and again.summary["tokens"] == totals["tokens"] > 0)

@@ -67,7 +67,8 @@ def _chunked(cfg, hidden, weight, targets, tt, n_rows, chunk):
     norm_tok, norm_seq = torch.tensor(float(len(targets))), torch.tensor(float(n_rows))
 
     def chunk_loss(stats, s, e):
-        return compute_losses(cfg, stats[None], tt.rows(s, e), torch.ones(1, e - s, dtype=torch.bool), norm_tok, norm_seq)
+        return compute_losses(cfg, stats[None], tt.rows(s, e), torch.ones(1, e - s, dtype=torch.bool), norm_tok,
+                              norm_seq)
 
     return fused_head_loss(hidden, weight, targets, chunk_loss, topk_ids_N_K=tt.topk_ids_N_K if need_topk else None,
                            chunk_tokens=chunk)
@@ -105,7 +106,8 @@ def test_chunked_head_with_tied_embeddings_accumulates_both_uses():
     for chunked in (False, True):
         w = weight.clone().requires_grad_()
         h = hidden + w[targets].roll(1, 0)  # the "embedding" use of the same weight
-        loss = (_chunked(cfg, h, w, targets, tt, n_rows, 5) if chunked else _full_path(cfg, h, w, targets, tt, n_rows))[0]
+        loss = (_chunked(cfg, h, w, targets, tt, n_rows, 5) if chunked
+                else _full_path(cfg, h, w, targets, tt, n_rows))[0]
         loss.backward()
         grads.append(w.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
@@ -124,9 +126,10 @@ def tiny_lm(tiny_models):
 def _batch(vocab: int, n: int = 8, seed: int = 0):
     records = make_records(vocab, 4, num_rollouts=n, response_len=9, prompt_len=4, seed=seed)
     lengths = [9, 2, 5, 7, 1, 9, 3, 6][:n]
-    records = [dataclasses.replace(r, token_ids=r.token_ids[: r.prompt_len + m], teacher_logprobs=r.teacher_logprobs[:m],
-                                   behavior_logprobs=r.behavior_logprobs[:m], topk_ids=r.topk_ids[:m],
-                                   topk_logprobs=r.topk_logprobs[:m], tail_logprob=r.tail_logprob[:m])
+    records = [dataclasses.replace(r, token_ids=r.token_ids[: r.prompt_len + m],
+                                   teacher_logprobs=r.teacher_logprobs[:m], behavior_logprobs=r.behavior_logprobs[:m],
+                                   topk_ids=r.topk_ids[:m], topk_logprobs=r.topk_logprobs[:m],
+                                   tail_logprob=r.tail_logprob[:m])
                for r, m in zip(records, lengths)]
     return records
 
@@ -146,8 +149,8 @@ def test_student_lm_matches_the_model_forward_logits(tiny_lm):
 
     tt = flatten_targets(batch)
     stats = token_stats(logits[mask], batch.input_ids_B_L[:, 1:][mask], tt.topk_ids_N_K)
-    ref, _ = compute_losses(cfg, stats[None], tt.rows(0, int(mask.sum())), torch.ones(1, int(mask.sum()), dtype=torch.bool),
-                            norm_tok, norm_seq)
+    ref, _ = compute_losses(cfg, stats[None], tt.rows(0, int(mask.sum())),
+                            torch.ones(1, int(mask.sum()), dtype=torch.bool), norm_tok, norm_seq)
     ref_grads = torch.autograd.grad(ref, list(tiny_lm.parameters()))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for g, r in zip(grads, ref_grads):

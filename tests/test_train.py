@@ -84,7 +84,8 @@ def test_killed_training_resumes_with_identical_loss_curve(shards_run):
     tmp, cfg = shards_run
     ref_out, out = tmp / "ref", tmp / "killed"
     lopd("train", "-c", str(cfg), "-q", "--set", f"train.out={ref_out}")
-    proc = subprocess.Popen([sys.executable, "-m", "lopd.cli", "train", "-c", str(cfg), "-q", "--set", f"train.out={out}"],
+    proc = subprocess.Popen([sys.executable, "-m", "lopd.cli", "train", "-c", str(cfg), "-q",
+                             "--set", f"train.out={out}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "ckpt" / "step-000004").exists():
@@ -139,7 +140,8 @@ def test_torchrun_ddp_two_processes_gloo(shards_run):
 def test_online_opd_baseline_runs_with_a_live_teacher(shards_run, trained_models):
     tmp, cfg = shards_run
     rc = load_run_config(cfg, [f"train.out={tmp / 'online'}", "train.steps=3",
-                               f"train.online={{teacher: {trained_models['teacher']}, prompts: {tmp / 'prompts.jsonl'}, k: 4, sampling: {{n: 2, max_new_tokens: 8}}}}"])
+                               f"train.online={{teacher: {trained_models['teacher']}, "
+                               f"prompts: {tmp / 'prompts.jsonl'}, k: 4, sampling: {{n: 2, max_new_tokens: 8}}}}"])
     res = run_stage("train", rc.stage("train"), show_progress=False, online=True)
     rows = [json.loads(x) for x in (tmp / "online_online" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["perf/sample_seconds"] > 0 and rows[-1]["perf/score_seconds"] > 0
@@ -258,7 +260,8 @@ def test_online_baseline_resumes_with_the_samples_of_an_uninterrupted_run(shards
         tcfg = rc.stage("train")
         for stop in stops:
             run_online_train(tcfg, show_progress=False, stop_after=stop)
-        curves[name] = [r["loss/total"] for r in map(json.loads, (tmp / name / "metrics.jsonl").read_text().splitlines())]
+        curves[name] = [r["loss/total"]
+                        for r in map(json.loads, (tmp / name / "metrics.jsonl").read_text().splitlines())]
     assert len(curves["online_ref"]) == 4
     assert curves["online_cut"] == curves["online_ref"]
 
@@ -277,7 +280,8 @@ def test_torchrun_sft_two_processes_match_one_process(shards_run, fsdp):
     torchrun = Path(sys.executable).with_name("torchrun")
     res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
                           "-m", "lopd.cli", "sft", "-c", str(cfg), "-q", "--set", f"sft.out={multi}", *common],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     ref = [json.loads(x) for x in (tmp / f"{single.name}_logs" / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(x) for x in (tmp / f"{multi.name}_logs" / "metrics.jsonl").read_text().splitlines()]
@@ -339,7 +343,8 @@ def _torchrun_stage(stage: str, cfg: Path, stop: int, *overrides: str, nproc: in
     torchrun = Path(sys.executable).with_name("torchrun")
     return subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", str(nproc), "-m",
                            "tests.scale_helpers.stage_worker", stage, str(cfg), str(stop), *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_torchrun_fsdp2_stopped_and_resumed_run_equals_an_uninterrupted_one(shards_run):

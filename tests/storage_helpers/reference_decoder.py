@@ -87,7 +87,8 @@ def decode_row_numpy_only(row: dict, codec: dict) -> tuple[np.ndarray, np.ndarra
             else:
                 context = min(4 * run_index[j] // run_length[j], 3)
                 ids[t, j] = ids[t, j - 1] + _symbol_value(next(streams[context]), raw) + 1
-    logprobs = np.array([[_grid(int(c), h, pk, m) for c in row_codes] for row_codes in codes], dtype=np.float32).reshape(r, k)
+    logprobs = np.array([[_grid(int(c), h, pk, m) for c in row_codes] for row_codes in codes],
+                        dtype=np.float32).reshape(r, k)
     tail_codes = [(row["ck_tail"][t] + int(codes[t, k - 1])) % 256 for t in range(r)]
     tail = np.array([max(_grid(c, h, pk, m), FLOOR) for c in tail_codes], dtype=np.float32)
     return ids, logprobs, tail

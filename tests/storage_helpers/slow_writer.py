@@ -33,7 +33,8 @@ def main() -> None:
             real_fsync(fd)
 
         os.fsync = slow_fsync
-    shard_set = ShardSet.create(args.root, "teacher_topk", {"teacher_fingerprint": "t0", **codec_info("compact", K, VOCAB)})
+    shard_set = ShardSet.create(args.root, "teacher_topk",
+                                {"teacher_fingerprint": "t0", **codec_info("compact", K, VOCAB)})
     for index in range(args.shards):
         if shard_set.is_complete(index):
             continue
