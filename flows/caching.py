@@ -36,7 +36,8 @@ def input_fingerprint(path: Path) -> str | None:
 
 
 def stage_inputs(cfg: BaseModel, prefix: str = "") -> dict[str, Path]:
-    """Every path a stage config reads: its path fields except ``out``, nested sections included."""
+    """Every path a stage config reads: its path fields except ``out``, nested sections (and lists of them)
+    included."""
     paths: dict[str, Path] = {}
     for name in type(cfg).model_fields:
         value = getattr(cfg, name)
@@ -44,6 +45,10 @@ def stage_inputs(cfg: BaseModel, prefix: str = "") -> dict[str, Path]:
             paths[prefix + name] = value
         elif isinstance(value, BaseModel):
             paths.update(stage_inputs(value, prefix=f"{prefix}{name}."))
+        elif isinstance(value, list):  # e.g. train.shards listing several shard sets
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    paths.update(stage_inputs(item, prefix=f"{prefix}{name}.{i}."))
     return paths
 
 

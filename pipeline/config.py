@@ -259,6 +259,14 @@ class ScopeConfig(Strict):
         "+1 (the released script): the most sure")
 
 
+class OpsdConfig(Strict):
+    """OPSD's per-token clip for self-distillation shards (docs/methods.md): each top-k distillation term's
+    per-token divergence D_t becomes min(D_t, clip), so a few pivot tokens cannot dominate the gradient (a
+    clipped token gets none). From a secondary source; no published default. Neutral: off (null)."""
+
+    clip: float = Field(gt=0, description="the cap c of min(D_t, c) on each token's divergence (required)")
+
+
 class MethodsConfig(Strict):
     """Optional weighting and reward methods of offline OPD; each is off (null) by default. Setting a field,
     e.g. ``--set train.methods.paced.alpha=1``, turns the method on with its paper's defaults for the rest."""
@@ -267,6 +275,7 @@ class MethodsConfig(Strict):
     position: PositionConfig | None = None
     gopd: GopdConfig | None = None
     scope: ScopeConfig | None = None
+    opsd: OpsdConfig | None = None
 
     def needs_rewards(self) -> bool:
         return self.paced is not None or self.scope is not None
@@ -283,9 +292,25 @@ class OnlineConfig(Strict):
     use_chat_template: bool = True
 
 
+class ShardSource(Strict):
+    """One teacher top-k shard set of a run that mixes several (``train.shards`` as a list): e.g. one teacher
+    per domain. Each step's records are drawn from the sources in proportion to their weights."""
+
+    path: Path = Field(description="teacher top-k shards (ShardSet dir)")
+    weight: float = Field(1.0, gt=0, description="mixing weight (normalised over the sources)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                             description="the source's name in metrics and errors (default: the directory's name)")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.name
+
+
 class TrainConfig(ScaleConfig):
     student: Path = Field(description="model dir training starts from (the SFT student)")
-    shards: Path = Field(description="teacher top-k shards (ShardSet dir)")
+    shards: Path | list[ShardSource] = Field(
+        description="teacher top-k shards (ShardSet dir), or several as a list of {path, weight, name} mixed by "
+        "weight (one teacher per domain, say)")
     out: Path
     losses: dict[str, float] = Field(default_factory=lambda: {"lightning": 1.0})
     lightning: LightningLossConfig = LightningLossConfig()
@@ -336,6 +361,22 @@ class TrainConfig(ScaleConfig):
     @classmethod
     def _known_losses(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_losses(v)
+
+    @field_validator("shards")
+    @classmethod
+    def _sources_named_once(cls, v: Path | list[ShardSource]) -> Path | list[ShardSource]:
+        if isinstance(v, list):
+            labels = [s.label for s in v]
+            if not labels:
+                raise ValueError("list at least one shard set")
+            repeated = sorted({x for x in labels if labels.count(x) > 1})
+            if repeated:
+                raise ValueError(f"sources {repeated} share a name; give each a distinct `name`")
+        return v
+
+    def sources(self) -> list[ShardSource]:
+        """The shard sets the run reads: one (``shards`` a path) or the listed ones."""
+        return [ShardSource(path=self.shards)] if isinstance(self.shards, Path) else list(self.shards)
 
     @field_validator("rows")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 from lopd.errors import LopdUserError, MissingInputError
 from storage.shardset import identity
@@ -99,20 +100,57 @@ class TeacherMismatchError(LopdUserError):
     """The scoring teacher differs from the teacher whose SFT data trained the student."""
 
 
+TeacherRelation = Literal["consistent", "self_distillation", "mismatch"]
+
+
+def teacher_relation(scoring_teacher: str | None, sft_teacher: str | None, rollout_student: str | None,
+                     privileged_context: bool) -> TeacherRelation:
+    """How the scoring teacher relates to the rollouts: "consistent" (it wrote the student's SFT data, Lightning
+    OPD's condition), "self_distillation" (OPSD: the rollout policy itself scoring its own rollouts with the
+    prompts' privileged context, a teacher by design), else "mismatch"."""
+    if scoring_teacher == sft_teacher:
+        return "consistent"
+    if privileged_context and rollout_student is not None and scoring_teacher == rollout_student:
+        return "self_distillation"
+    return "mismatch"
+
+
 def check_teacher_consistency(scoring_teacher: str, sft_teacher: str | None, *, allow_mismatch: bool,
-                              rollouts_dir: str | Path, teacher_dir: str | Path) -> bool:
+                              rollouts_dir: str | Path, teacher_dir: str | Path, rollout_student: str | None = None,
+                              privileged_context: bool = False) -> TeacherRelation:
     """Lightning OPD's key condition: the teacher that scores the rollouts must be the teacher that wrote
-    the student's SFT data. Returns True when they match; raises unless ``allow_mismatch``."""
-    if sft_teacher == scoring_teacher:
-        return True
-    if allow_mismatch:
-        return False
+    the student's SFT data, or the rollout student itself with privileged context (self-distillation). Returns
+    the ``teacher_relation``; a "mismatch" raises unless ``allow_mismatch``."""
+    relation = teacher_relation(scoring_teacher, sft_teacher, rollout_student, privileged_context)
+    if relation != "mismatch" or allow_mismatch:
+        return relation
     known = sft_teacher or "unknown (the student has no lopd provenance: it was not fine-tuned by `lopd sft`)"
+    selfish = (" It is the rollout student itself: self-distillation needs teacher_logprobs.privileged_context=true."
+               if scoring_teacher == rollout_student else "")
     raise TeacherMismatchError(
         "Teacher consistency violated.\n"
         f"  rollouts {rollouts_dir} come from a student fine-tuned on SFT data written by teacher {known}\n"
-        f"  but the scoring teacher {teacher_dir} has fingerprint {scoring_teacher}.\n"
+        f"  but the scoring teacher {teacher_dir} has fingerprint {scoring_teacher}.{selfish}\n"
         "Lightning OPD needs the same teacher for the SFT data and the log-probs; with another teacher the\n"
         "offline gradient is biased and training settles at a worse point. Score with the SFT data's teacher,\n"
         "or pass --allow-teacher-mismatch (recorded in the shards) for an ablation."
+    )
+
+
+def check_shard_teacher(metadata: dict, where: str) -> TeacherRelation:
+    """The trainer's check of a teacher top-k shard set, from what its metadata records: consistent, written as
+    self-distillation, or a mismatch that ``--allow-teacher-mismatch`` let through at extraction (returned as
+    "mismatch"); any other mismatch is refused naming ``where`` (the source of the run)."""
+    if metadata.get("self_distillation"):
+        return "self_distillation"
+    relation = teacher_relation(metadata.get("teacher_fingerprint"), metadata.get("sft_teacher_fingerprint"),
+                                None, False)
+    if relation == "consistent" or metadata.get("teacher_mismatch_allowed"):
+        return relation
+    raise TeacherMismatchError(
+        f"Teacher consistency violated in {where}: its shards were scored by teacher "
+        f"{metadata.get('teacher_fingerprint')} but their rollouts come from a student fine-tuned on SFT data of "
+        f"teacher {metadata.get('sft_teacher_fingerprint')}, and the mismatch was not allowed when they were "
+        "written. Score that source with its SFT data's teacher, or rewrite it with `lopd teacher-logprobs "
+        "--allow-teacher-mismatch` (recorded in the shards) for an ablation."
     )

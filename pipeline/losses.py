@@ -99,6 +99,7 @@ def forward_kl_topk(
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
     weights_B_T: torch.Tensor | None = None,
+    token_clip: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Forward KL over the teacher's top-k support plus a tail bucket.
 
@@ -112,11 +113,13 @@ def forward_kl_topk(
     teacher's top-k ids and its log-mass outside them, with grad: ``pipeline.head.TokenStats``),
     teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T (log of the teacher's mass outside the top-k;
     ignored without the tail bucket), mask_B_T, normalizer (global valid-token count), weights_B_T
-    (optional per-token weights of the sum).
+    (optional per-token weights of the sum), token_clip (c: each token's divergence D_t becomes min(D_t, c), the
+    per-token clip of on-policy self-distillation (OPSD, Zhao et al. 2026) as a secondary source describes it;
+    a clipped token gets no gradient; None: off).
     """
     return _topk_loss(_forward_kl_B_T, "forward_kl", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
                       teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
-                      weights_B_T)
+                      weights_B_T, token_clip)
 
 
 def reverse_kl_topk(
@@ -129,6 +132,7 @@ def reverse_kl_topk(
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
     weights_B_T: torch.Tensor | None = None,
+    token_clip: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Reverse KL over the teacher's top-k support plus a tail bucket.
 
@@ -145,7 +149,7 @@ def reverse_kl_topk(
     """
     return _topk_loss(_reverse_kl_B_T, "reverse_kl", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
                       teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
-                      weights_B_T)
+                      weights_B_T, token_clip)
 
 
 def jsd_topk(
@@ -159,6 +163,7 @@ def jsd_topk(
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
     weights_B_T: torch.Tensor | None = None,
+    token_clip: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Generalised Jensen-Shannon divergence over the top-k buckets (GKD, Agarwal et al. 2024, Eq. 1;
     as TRL's ``generalized_jsd_loss``).
@@ -181,7 +186,7 @@ def jsd_topk(
             return _jsd_B_T(student_B_T_N, teacher_B_T_N, beta)
     return _topk_loss(per_token, "jsd", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
                       teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
-                      weights_B_T)
+                      weights_B_T, token_clip)
 
 
 def tvd_topk(
@@ -194,6 +199,7 @@ def tvd_topk(
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
     weights_B_T: torch.Tensor | None = None,
+    token_clip: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Total variation distance over the top-k buckets: TVD = 1/2 sum_b |p_T(b) - p_S(b)|.
 
@@ -203,7 +209,7 @@ def tvd_topk(
     """
     return _topk_loss(_tvd_B_T, "tvd", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
                       teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
-                      weights_B_T)
+                      weights_B_T, token_clip)
 
 
 def akl_topk(
@@ -217,6 +223,7 @@ def akl_topk(
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
     weights_B_T: torch.Tensor | None = None,
+    token_clip: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Adaptive KL (AKL; Wu et al. 2024, "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for
     Large Language Models", arXiv 2404.02657; as their released ``get_ratio``):
@@ -248,7 +255,7 @@ def akl_topk(
 
     loss, metrics = _topk_loss(per_token, "akl", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
                                teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket,
-                               normalizer, weights_B_T)
+                               normalizer, weights_B_T, token_clip)
     metrics["akl/head_weight"] = _masked_mean(head_weights[0], mask_B_T.bool())
     return loss, metrics
 
@@ -264,6 +271,7 @@ def alpha_topk(
     tail_bucket: bool = True,
     normalizer: torch.Tensor | float | None = None,
     weights_B_T: torch.Tensor | None = None,
+    token_clip: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Amari alpha-divergence over the top-k buckets (the alpha member of DPH-RL's f-divergence family, Li et al.
     2025; its top-k form over stored buckets is our inference):
@@ -282,7 +290,7 @@ def alpha_topk(
 
     return _topk_loss(per_token, "alpha_div", student_topk_logprobs_B_T_K, student_tail_logprob_B_T,
                       teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer,
-                      weights_B_T)
+                      weights_B_T, token_clip)
 
 
 def _forward_kl_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.Tensor:
@@ -309,9 +317,10 @@ def _tvd_B_T(student_B_T_N: torch.Tensor, teacher_B_T_N: torch.Tensor) -> torch.
 
 
 def _topk_loss(per_token, name, student_topk_B_T_K, student_tail_B_T, teacher_topk_logprobs_B_T_K,
-               teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer, weights_B_T
+               teacher_tail_logprob_B_T, mask_B_T, tail_bucket, normalizer, weights_B_T, token_clip=None
                ) -> tuple[torch.Tensor, Metrics]:
-    """Build the restricted distributions, apply ``per_token`` and reduce over valid tokens."""
+    """Build the restricted distributions, apply ``per_token`` and reduce over valid tokens. ``token_clip`` = c:
+    each token's divergence D_t becomes min(D_t, c) (OPSD's clip; a clipped token has no gradient)."""
     valid_B_T = mask_B_T.bool()
     # Masked positions may hold padding (teacher NaN, student garbage): replace them before anything reads them.
     student_topk_B_T_K = torch.where(valid_B_T.unsqueeze(-1), _upcast(student_topk_B_T_K), 0.0)
@@ -327,12 +336,18 @@ def _topk_loss(per_token, name, student_topk_B_T_K, student_tail_B_T, teacher_to
         student_B_T_N = student_topk_B_T_K.log_softmax(-1)
         teacher_B_T_N = teacher_topk_B_T_K.log_softmax(-1)
 
-    loss = _reduce(per_token(student_B_T_N, teacher_B_T_N), valid_B_T, "token", normalizer, weights_B_T)
+    divergence_B_T = per_token(student_B_T_N, teacher_B_T_N)
+    if token_clip is not None:
+        clipped_B_T = divergence_B_T.detach() > token_clip
+        divergence_B_T = divergence_B_T.clamp_max(token_clip)
+    loss = _reduce(divergence_B_T, valid_B_T, "token", normalizer, weights_B_T)
     metrics = {
         f"loss/{name}": loss.detach(),
         "topk/student_tail_mass": _masked_mean(student_tail_B_T.exp(), valid_B_T),
         "topk/teacher_tail_mass": _masked_mean(teacher_tail_B_T.exp(), valid_B_T),
     }
+    if token_clip is not None:
+        metrics["topk/token_clip_frac"] = _masked_mean(clipped_B_T.to(dtype), valid_B_T)
     return loss, metrics
 
 

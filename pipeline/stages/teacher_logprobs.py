@@ -91,10 +91,15 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
     require_model_dir(cfg.teacher, field="teacher_logprobs.teacher")
     meta = rollouts.metadata
     teacher_fp = model_fingerprint(cfg.teacher)
-    consistent = check_teacher_consistency(teacher_fp, meta.get("sft_teacher_fingerprint"),
-                                           allow_mismatch=cfg.allow_teacher_mismatch,
-                                           rollouts_dir=cfg.rollouts, teacher_dir=cfg.teacher)
-    if not consistent:
+    relation = check_teacher_consistency(teacher_fp, meta.get("sft_teacher_fingerprint"),
+                                         allow_mismatch=cfg.allow_teacher_mismatch, rollouts_dir=cfg.rollouts,
+                                         teacher_dir=cfg.teacher, rollout_student=meta.get("student_fingerprint"),
+                                         privileged_context=cfg.privileged_context)
+    consistent = relation != "mismatch"
+    if relation == "self_distillation":
+        log.info("teacher-logprobs: self-distillation: the rollout student %s scores its own rollouts with the "
+                 "prompts' privileged context (recorded in the shards)", teacher_fp)
+    elif not consistent:
         log.warning("teacher-logprobs: TEACHER MISMATCH allowed by --allow-teacher-mismatch: SFT data teacher %s, "
                     "scoring teacher %s (recorded in the shards)", meta.get("sft_teacher_fingerprint"), teacher_fp)
     if tokenizer_fingerprint(cfg.teacher) != meta["tokenizer_fingerprint"]:  # the student's, recorded by rollouts
@@ -112,6 +117,8 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
         "rollouts_sampling": meta.get("sampling"),
         "scoring_temperature": 1.0, "privileged_context": cfg.privileged_context,
         "max_seq_len": cfg.max_seq_len, "overlong": cfg.overlong, "engine_dtype": cfg.engine.dtype,
+        # only when set, so the metadata (and resume identity) of every other shard set is what it was
+        **({"self_distillation": True} if relation == "self_distillation" else {}),
         "provenance": {"teacher_dir": str(cfg.teacher.resolve()), "rollouts": str(cfg.rollouts.resolve())},
     }
     out = ShardSet.create(cfg.out, kind="teacher_topk", metadata=metadata)
@@ -137,7 +144,7 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
              totals["sequences"], totals["tokens"], totals["truncated"], totals["skipped"], seconds)
     return StageResult("teacher-logprobs", cfg.out, wall_seconds=seconds,
                        summary={"shards": len(inputs), "shards_written": len(todo), **totals,
-                                "teacher_consistent": consistent})
+                                "teacher_consistent": consistent, "teacher_relation": relation})
 
 
 def _score_shards(engine: Engine, cfg: TeacherLogprobsConfig, rollouts: ShardSet, out: ShardSet, todo: list[int],

@@ -27,7 +27,7 @@ from lopd.errors import LopdUserError
 from pipeline import checkpoint
 from pipeline import losses as L
 from pipeline.config import ANCHOR_LOSSES, MethodsConfig, OnlineConfig, TrainConfig
-from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
+from pipeline.fingerprint import check_shard_teacher, model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.progress import log, progress_bar
@@ -258,7 +258,9 @@ def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, m
                      "alpha_topk": {"alpha": cfg.alpha_divergence}}.get(name, {})
             terms[name] = getattr(L, name)(stats.topk_logprobs, stats.tail_logprob, targets.topk_logprobs_N_K,
                                            targets.tail_logprob_N, term_mask_B_T, tail_bucket=cfg.tail_bucket,
-                                           normalizer=tok_norm, weights_B_T=weights_B_T, **extra)
+                                           normalizer=tok_norm, weights_B_T=weights_B_T,
+                                           token_clip=None if cfg.methods.opsd is None else cfg.methods.opsd.clip,
+                                           **extra)
         elif name == "lightning":
             lc, gopd = cfg.lightning, cfg.methods.gopd
             sequence = lc.normalization == "sequence"
@@ -447,8 +449,8 @@ class ShardBatches:
     of the last step used, whatever was decoded ahead, and resumes exactly."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, micro: int, start: ReaderState | None):
-        stream = iter_batches(cfg.shards, micro, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, rank=info.rank,
-                              world_size=info.world_size, start=start,
+        stream = iter_batches(cfg.sources()[0].path, micro, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                              rank=info.rank, world_size=info.world_size, start=start,
                               need_topk=bool(cfg.all_losses() & TOPK_LOSSES))
         steps = self._steps(stream, cfg.grad_accum)
         self.steps = prefetch(steps, cfg.prefetch_batches) if cfg.prefetch_batches else steps
@@ -473,6 +475,88 @@ class ShardBatches:
         return {"reader": self.position.to_dict() if self.position is not None else None}
 
 
+def mixed_draws(weights: list[float], counts: list[int], n: int) -> list[int]:
+    """The sources of the next ``n`` records of a weighted mix, given the records drawn from each so far.
+
+        draw m goes to argmax_s ((m + 1) w_s - c_s)      (w normalised to sum 1; ties to the first source)
+
+    with c_s the records source s has had before it: each draw goes to the source furthest behind its share (a
+    smooth weighted round robin), so after any m draws every c_s is within one record of m w_s, deterministically
+    (a resumed stream continues from the counts alone). ``counts`` is updated in place."""
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    out = []
+    for _ in range(n):
+        m = sum(counts) + 1
+        s = max(range(len(shares)), key=lambda i: (m * shares[i] - counts[i], -i))
+        counts[s] += 1
+        out.append(s)
+    return out
+
+
+class MixedShardBatches:
+    """The offline source over several shard sets (``train.shards`` as a list, e.g. one teacher per domain): each
+    step's records are drawn one at a time from the sources by ``mixed_draws`` (exact shares of the weights), each
+    source being this rank's slice of its own shuffled, resumable stream (``iter_batches``, one record at a
+    time). The state after a step holds each source's reader state and its counts of records and response tokens,
+    so a resumed run draws exactly what the uninterrupted one would have; ``metrics`` reports the counts as
+    ``source/<name>/records``, ``source/<name>/tokens`` and ``source/<name>/frac`` (share of the records)."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, micro: int, start: dict[str, Any] | None):
+        sources = cfg.sources()
+        self.labels = [src.label for src in sources]
+        self.weights = [src.weight for src in sources]
+        state = start or {"readers": {label: None for label in self.labels},
+                          "records": {label: 0 for label in self.labels},
+                          "tokens": {label: 0 for label in self.labels}}
+        if sorted(state["readers"]) != sorted(self.labels):
+            raise LopdUserError(f"cannot resume: the checkpoint mixes sources {sorted(state['readers'])}, this run "
+                                f"{sorted(self.labels)}; use a new train.out")
+        need_topk = bool(cfg.all_losses() & TOPK_LOSSES)
+        streams = [iter_batches(src.path, 1, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, rank=info.rank,
+                                world_size=info.world_size, need_topk=need_topk,
+                                start=ReaderState.from_dict(r) if (r := state["readers"][src.label]) else None)
+                   for src in sources]
+        steps = self._steps(streams, state, micro * cfg.grad_accum)
+        self.steps = prefetch(steps, cfg.prefetch_batches) if cfg.prefetch_batches else steps
+        self.state = state
+
+    def _steps(self, streams: list[Iterator[tuple[list[TeacherRecord], ReaderState]]], state: dict[str, Any],
+               n: int) -> Iterator[tuple[list[TeacherRecord], dict[str, Any]]]:
+        readers, records, tokens = dict(state["readers"]), dict(state["records"]), dict(state["tokens"])
+        while True:
+            counts = [records[label] for label in self.labels]
+            batch = []
+            for s in mixed_draws(self.weights, counts, n):
+                (record,), position = next(streams[s])
+                label = self.labels[s]
+                readers[label] = position.to_dict()
+                records[label] += 1
+                tokens[label] += len(record.teacher_logprobs)
+                batch.append(record)
+            yield batch, {"readers": dict(readers), "records": dict(records), "tokens": dict(tokens)}
+
+    def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
+        """The next step's ``n`` records (``micro`` x ``grad_accum``, fixed when the source was made)."""
+        records, self.state = next(self.steps)
+        return records
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def metrics(self, info: DistInfo) -> dict[str, float]:
+        """Records and response tokens drawn from each source so far (summed over ranks: call on every rank)."""
+        local = [float(self.state[key][label]) for label in self.labels for key in ("records", "tokens")]
+        totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64), info).tolist()
+        all_records = sum(totals[0::2])
+        out: dict[str, float] = {}
+        for i, label in enumerate(self.labels):
+            out[f"source/{label}/records"] = int(totals[2 * i])
+            out[f"source/{label}/tokens"] = int(totals[2 * i + 1])
+            out[f"source/{label}/frac"] = round(totals[2 * i] / max(all_records, 1), 6)
+        return out
+
+
 EvalHook = Callable[[torch.nn.Module], dict[str, float]]
 
 
@@ -485,14 +569,57 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
     ``perf/train_seconds``. ``stop_after`` ends the process's work early (tests use it to simulate a kill).
     """
     require_model_dir(cfg.student, field="train.student", made_by="lopd sft")
-    shards = require_shard_set(cfg.shards, kind="teacher_topk", field="train.shards", made_by="lopd teacher-logprobs")
+    sources = cfg.sources()
+    several = len(sources) > 1
+    sets = {src.label: require_shard_set(src.path, kind="teacher_topk", made_by="lopd teacher-logprobs",
+                                         field=f"train.shards[{src.label}]" if several else "train.shards")
+            for src in sources}
     needed_topk = cfg.all_losses() & TOPK_LOSSES
-    if needed_topk and not shards.metadata.get("k"):
-        raise LopdUserError(f"{cfg.shards}: losses {sorted(needed_topk)} need top-k shards (these store k=0: the "
-                         "sampled token's log-prob only); use the `lightning` loss or extract with k > 0")
-    data_fingerprint = shard_data_fingerprint(shards.manifest)
-    return _train(cfg, "offline", data_fingerprint, shards.metadata, show_progress, eval_hook,
-                  eval_every, stop_after, rollouts=rollout_table(cfg, shards, data_fingerprint))
+    relations = {}
+    for label, shards in sets.items():
+        where = f"train.shards source {label!r} ({shards.root})" if several else str(shards.root)
+        if needed_topk and not shards.metadata.get("k"):
+            raise LopdUserError(f"{where}: losses {sorted(needed_topk)} need top-k shards (these store k=0: the "
+                                "sampled token's log-prob only); use the `lightning` loss or extract with k > 0")
+        relations[label] = check_shard_teacher(shards.metadata, where)
+    metas = {label: shards.metadata for label, shards in sets.items()}
+    provenance = {"opd_teacher_fingerprint": None, "teacher_mismatch_allowed": None, "self_distillation": None}
+    if not several:
+        (label, shards), = sets.items()
+        data_fingerprint = shard_data_fingerprint(shards.manifest)
+        provenance = {"opd_teacher_fingerprint": shards.metadata.get("teacher_fingerprint"),
+                      "teacher_mismatch_allowed": shards.metadata.get("teacher_mismatch_allowed"),
+                      "self_distillation": relations[label] == "self_distillation"}
+        rollouts = rollout_table(cfg, shards, data_fingerprint)
+    else:
+        check_sources_agree(cfg, sets, bool(needed_topk))
+        data_fingerprint = checkpoint.run_fingerprint({"sources": [
+            {"name": src.label, "weight": src.weight, "data": shard_data_fingerprint(sets[src.label].manifest)}
+            for src in sources]})
+        provenance["sources"] = {src.label: {
+            "weight": src.weight, "teacher_fingerprint": metas[src.label].get("teacher_fingerprint"),
+            "teacher_relation": relations[src.label]} for src in sources}
+        rollouts = None
+    return _train(cfg, "offline", data_fingerprint, metas, provenance, show_progress, eval_hook, eval_every,
+                  stop_after, rollouts=rollouts)
+
+
+def check_sources_agree(cfg: TrainConfig, sets: dict[str, ShardSet], need_topk: bool) -> None:
+    """Several shard sets can share a step only if their records collate and their ids mean the same tokens:
+    one tokenizer, one k when a loss reads the top-k. The prompt statistics are per set, and the methods that
+    read them are not offered across sources yet."""
+    tokenizers = {label: s.metadata.get("tokenizer_fingerprint") for label, s in sets.items()}
+    if len(set(tokenizers.values())) > 1:
+        raise LopdUserError(f"train.shards: the sources were scored with different tokenizers {tokenizers}; token "
+                            "ids of one would not be the student's in another: mix sets of one model family")
+    ks = {label: s.metadata.get("k") for label, s in sets.items()}
+    if need_topk and len(set(ks.values())) > 1:
+        raise LopdUserError(f"train.shards: the top-k losses need one k over the sources, got {ks}; extract them "
+                            "with the same teacher_logprobs.k or train with the `lightning` loss")
+    if cfg.needs_prompt_stats():
+        raise LopdUserError("train.shards lists several shard sets: row routing (train.rows, the anchors), "
+                            "train.methods.paced and train.methods.scope read one set's prompt statistics and are "
+                            "not offered across sources yet; train on one set")
 
 
 def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> RolloutTable | None:
@@ -526,13 +653,14 @@ def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: Ev
     require_model_dir(cfg.student, field="train.student", made_by="lopd sft")
     require_model_dir(cfg.online.teacher, field="train.online.teacher")
     data = {"teacher": model_fingerprint(cfg.online.teacher), "prompts": file_sha256(Path(cfg.online.prompts))}
-    return _train(cfg, "online", checkpoint.run_fingerprint(data), {}, show_progress, eval_hook, eval_every,
-                  stop_after)
+    return _train(cfg, "online", checkpoint.run_fingerprint(data), {},
+                  {"opd_teacher_fingerprint": None, "teacher_mismatch_allowed": None}, show_progress, eval_hook,
+                  eval_every, stop_after)
 
 
-def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[str, Any], show_progress: bool,
-           eval_hook: EvalHook | None, eval_every: int | None, stop_after: int | None,
-           rollouts: RolloutTable | None = None) -> StageResult:
+def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict[str, dict[str, Any]],
+           teacher_provenance: dict[str, Any], show_progress: bool, eval_hook: EvalHook | None,
+           eval_every: int | None, stop_after: int | None, rollouts: RolloutTable | None = None) -> StageResult:
     out = Path(cfg.out)
     ckpt_root, final_dir = out / "ckpt", out / "final"
     student_fp = model_fingerprint(cfg.student)
@@ -542,9 +670,10 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
         if done.get("train_run_key") == run_key and done.get("steps") == cfg.steps:
             log.info("train: %s is complete (same config, %d steps); nothing to do", final_dir, cfg.steps)
             return StageResult("train", out, skipped=True, summary={"final_model": str(final_dir)})
-    if shard_meta.get("student_fingerprint") not in (None, student_fp):
-        log.warning("train: shards were sampled from student %s but training starts from %s; the rollouts are "
-                    "then off-policy for this student", shard_meta.get("student_fingerprint"), student_fp)
+    for label, meta in shard_metas.items():
+        if meta.get("student_fingerprint") not in (None, student_fp):
+            log.warning("train: shards %s were sampled from student %s but training starts from %s; the rollouts "
+                        "are then off-policy for this student", label, meta.get("student_fingerprint"), student_fp)
 
     # --- set-up and resume
     info = setup_distributed(cfg.dist_timeout_minutes)
@@ -579,8 +708,12 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
 
     source: BatchSource
     if mode == "offline":
-        reader = rank_state["source"]["reader"] if rank_state else None
-        source = ShardBatches(cfg, info, micro, ReaderState.from_dict(reader) if reader else None)
+        saved = rank_state["source"] if rank_state else None
+        if len(cfg.sources()) > 1:
+            source = MixedShardBatches(cfg, info, micro, saved)
+        else:
+            source = ShardBatches(cfg, info, micro, ReaderState.from_dict(saved["reader"])
+                                  if saved and saved["reader"] else None)
     else:
         source = OnlineBatches(cfg.online, unwrap(model), cfg.student, cfg.online.k, cfg.seed, rank=info.rank)
         if rank_state:
@@ -603,6 +736,8 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
                         "optim/lr": sched.get_last_lr()[0], "optim/grad_norm": grad_norm,
                         "progress/tokens": meter.tokens, "perf/train_seconds": round(meter.seconds, 3),
                         **meter.metrics(device)}
+                if isinstance(source, MixedShardBatches):
+                    last.update(source.metrics(info))
                 if isinstance(source, OnlineBatches):
                     last.update({"perf/sample_seconds": round(source.sample_seconds, 3),
                                  "perf/score_seconds": round(source.score_seconds, 3)})
@@ -621,8 +756,7 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_meta: dict[
                 return StageResult("train", out, summary={"stopped_at": step})
 
     provenance = {**read_provenance(cfg.student), "stage": "train", "train_run_key": run_key, "steps": cfg.steps,
-                  "opd_teacher_fingerprint": shard_meta.get("teacher_fingerprint"),
-                  "teacher_mismatch_allowed": shard_meta.get("teacher_mismatch_allowed"), "online": mode == "online"}
+                  **teacher_provenance, "online": mode == "online"}
     save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, final_dir, provenance)
     if info.is_main:
         plot_metrics(out / "metrics.jsonl", out / "curves.png",

@@ -1,0 +1,278 @@
+"""Issue 11's second half: OPSD self-distillation as a teacher choice (and its per-token clip), several shard sets
+mixed by weight in one run (one teacher per domain). Real tiny models and real shard files throughout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lopd.errors import LopdUserError
+from pipeline import losses as L
+from pipeline.config import TrainConfig
+from pipeline.fingerprint import TeacherMismatchError, check_shard_teacher, model_fingerprint, read_provenance
+from pipeline.stages.train import (
+    MixedShardBatches,
+    collate,
+    local_step_sums,
+    micro_batch_loss,
+    mixed_draws,
+    run_train,
+    step_norms,
+)
+from pipeline.training import DistInfo, StudentLM
+from storage.codecs import encode_records
+from storage.shardset import ShardSet
+from storage.synthetic import make_records
+
+VOCAB, K = 19, 4  # the demo world's vocabulary (the tiny models')
+
+
+def _records(prefix: str, n: int, seed: int = 0):
+    """``n`` synthetic scored rollouts of prompts ``<prefix>0..``, ragged lengths."""
+    out = []
+    for i, r in enumerate(make_records(VOCAB, K, num_rollouts=n, response_len=7, prompt_len=3, seed=seed)):
+        m = 2 + (5 * i) % 6
+        out.append(dataclasses.replace(
+            r, prompt_id=f"{prefix}{i // 2}", sample_index=i % 2, token_ids=r.token_ids[: r.prompt_len + m],
+            teacher_logprobs=r.teacher_logprobs[:m], behavior_logprobs=r.behavior_logprobs[:m],
+            topk_ids=r.topk_ids[:m], topk_logprobs=r.topk_logprobs[:m], tail_logprob=r.tail_logprob[:m],
+            reward=float(i % 2)))
+    return out
+
+
+def _shard_set(root: Path, records, metadata: dict | None = None, per_shard: int = 4) -> ShardSet:
+    s = ShardSet.create(root, "teacher_topk", {"k": K, **(metadata or {})})
+    for i in range(0, len(records), per_shard):
+        s.write_shard(i // per_shard, encode_records(records[i: i + per_shard], "plain", K, VOCAB), row_group_size=2)
+    s.finalize(expected_shards=math.ceil(len(records) / per_shard))
+    return s
+
+
+# --- OPSD: self-distillation as a teacher choice --------------------------------------------------------------------
+
+
+def test_the_trainers_teacher_check_reads_the_shard_metadata():
+    """Consistent, self-distillation and a mismatch allowed at extraction pass (and say which); any other mismatch
+    is refused naming where it is."""
+    assert check_shard_teacher({"teacher_fingerprint": "m-a", "sft_teacher_fingerprint": "m-a"}, "x") == "consistent"
+    assert check_shard_teacher({"teacher_fingerprint": "m-s", "sft_teacher_fingerprint": "m-a",
+                                "self_distillation": True}, "x") == "self_distillation"
+    assert check_shard_teacher({"teacher_fingerprint": "m-b", "sft_teacher_fingerprint": "m-a",
+                                "teacher_mismatch_allowed": True}, "x") == "mismatch"
+    with pytest.raises(TeacherMismatchError, match=r"in source 'math'.*teacher m-b.*teacher m-a"):
+        check_shard_teacher({"teacher_fingerprint": "m-b", "sft_teacher_fingerprint": "m-a",
+                             "teacher_mismatch_allowed": False}, "source 'math'")
+
+
+@pytest.mark.integration
+def test_self_distillation_shards_train_without_the_mismatch_flag(tmp_path, tiny_models):
+    """The SFT student scoring its own rollouts with the prompts' privileged context is accepted as
+    self-distillation (recorded in the shards and in the trained model's provenance), and trains without
+    --allow-teacher-mismatch; without privileged context, or with another model, it is refused as before."""
+    from pipeline.config import load_run_config
+    from pipeline.demo_world import ModelShape, build_model, build_tokenizer, save_model_dir
+    from pipeline.stages.registry import run_stage
+    from tests.conftest import write_run
+
+    cfg = write_run(tmp_path, tiny_models, "train: {steps: 2, batch_size: 4, log_every: 1, shuffle_buffer: 8}",
+                    n_prompts=16)
+    rc = load_run_config(cfg)
+    for stage in ("teacher_sft_data", "sft", "rollouts"):
+        run_stage(stage, rc.stage(stage), show_progress=False)
+    run = tmp_path / "run"
+    student = run / "sft_student"
+    opsd = [f"teacher_logprobs.teacher={student}", "teacher_logprobs.privileged_context=true",
+            f"teacher_logprobs.prompts={tmp_path / 'prompts.jsonl'}", f"teacher_logprobs.out={run / 'self'}"]
+    result = run_stage("teacher_logprobs", load_run_config(cfg, opsd).stage("teacher_logprobs"), show_progress=False)
+    assert result.summary["teacher_relation"] == "self_distillation"
+    meta = ShardSet.open(run / "self").metadata
+    assert meta["self_distillation"] is True and meta["teacher_mismatch_allowed"] is False
+    assert meta["teacher_fingerprint"] == meta["student_fingerprint"] == model_fingerprint(student)
+    assert meta["teacher_fingerprint"] != meta["sft_teacher_fingerprint"]
+
+    train = load_run_config(cfg, [f"train.shards={run / 'self'}", "train.methods.opsd.clip=2.0",
+                                  "train.losses={reverse_kl_topk: 1.0}"]).stage("train")
+    run_train(train, show_progress=False)
+    provenance = read_provenance(run / "train" / "final")
+    assert provenance["self_distillation"] is True and provenance["teacher_mismatch_allowed"] is False
+    rows = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["topk/token_clip_frac"] <= 1 for r in rows)
+
+    # the student without privileged context is not a teacher: refused, saying what self-distillation needs
+    plain = [o for o in opsd if "privileged" not in o and "prompts" not in o]
+    with pytest.raises(TeacherMismatchError, match="privileged_context=true"):
+        run_stage("teacher_logprobs", load_run_config(cfg, plain).stage("teacher_logprobs"), show_progress=False)
+    # another model with privileged context is a mismatch as before
+    tok = build_tokenizer()
+    other = tmp_path / "other"
+    save_model_dir(build_model(tok, ModelShape(hidden_size=32, num_layers=1, num_heads=1, intermediate_size=64), 7),
+                   tok, other)
+    swapped = [f"teacher_logprobs.teacher={other}", *opsd[1:3], f"teacher_logprobs.out={run / 'other'}"]
+    with pytest.raises(TeacherMismatchError, match="Teacher consistency violated"):
+        run_stage("teacher_logprobs", load_run_config(cfg, swapped).stage("teacher_logprobs"), show_progress=False)
+    assert not (run / "other").exists()
+
+
+def _bucket_case(seed=0, N=8):
+    g = torch.Generator().manual_seed(seed)
+    teacher = (3 * torch.randn(N, 12, generator=g, dtype=torch.float64)).log_softmax(-1).sort(-1, descending=True)[0]
+    student = (3 * torch.randn(N, 12, generator=g, dtype=torch.float64)).log_softmax(-1)
+    s_topk = student[:, :K][None].clone().requires_grad_()
+    return s_topk, student[:, K:].logsumexp(-1)[None], teacher[:, :K][None], teacher[:, K:].logsumexp(-1)[None]
+
+
+@pytest.mark.parametrize("name", ["reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk",
+                                  "alpha_topk"])
+def test_opsd_token_clip_is_min_of_each_tokens_divergence(name):
+    """min(D_t, c) against the unclipped per-token values (float64): the loss is the mean of the clipped values,
+    clipped tokens get no gradient, the others the unclipped gradient; an unreachable cap is the plain loss bit
+    for bit."""
+    s_topk, s_tail, t_topk, t_tail = _bucket_case()
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    fn = getattr(L, name)
+    per_token = [fn(s_topk[:, i: i + 1], s_tail[:, i: i + 1], t_topk[:, i: i + 1], t_tail[:, i: i + 1],
+                    mask[:, :1])[0] for i in range(8)]
+    values = torch.stack([v.detach() for v in per_token])
+    c = float(values.median())
+    loss, metrics = fn(s_topk, s_tail, t_topk, t_tail, mask, token_clip=c)
+    assert loss.item() == pytest.approx(values.clamp_max(c).mean().item(), rel=1e-12)
+    assert metrics["topk/token_clip_frac"].item() == pytest.approx((values > c).double().mean().item())
+    (grad,) = torch.autograd.grad(loss, s_topk)
+    for i in range(8):
+        (ref,) = torch.autograd.grad(per_token[i] / 8, s_topk)
+        if values[i] > c:
+            assert torch.all(grad[0, i] == 0)
+        else:
+            torch.testing.assert_close(grad[0, i], ref[0, i], rtol=1e-12, atol=1e-15)
+    plain, _ = fn(s_topk, s_tail, t_topk, t_tail, mask)
+    far, _ = fn(s_topk, s_tail, t_topk, t_tail, mask, token_clip=1e30)
+    assert torch.equal(plain, far)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(plain, s_topk), torch.autograd.grad(far, s_topk),
+                                                 strict=True))
+
+
+def test_opsd_unreachable_clip_is_todays_trainer_loss_bit_for_bit(tiny_models):
+    """Through the trainer's chunked head: methods.opsd with a cap no token reaches gives the loss and the
+    gradients of the run without it, exactly."""
+    from pipeline.models import load_model
+
+    student_model = load_model(tiny_models["student"])
+    student, params = StudentLM(student_model), list(student_model.parameters())
+    batch = collate(_records("q", 8), pad_id=0)
+    mask = batch.mask_B_T.bool()
+    tok, seq = mask.sum().float(), mask.any(-1).sum().float()
+    out = []
+    for methods in ({}, {"opsd": {"clip": 1e30}}):
+        cfg = TrainConfig(student="s", shards="d", out="o", losses={"reverse_kl_topk": 1.0, "lightning": 0.1},
+                          logits_chunk_tokens=7, methods=methods)
+        norms = step_norms(cfg, tok, seq, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
+        loss, _ = micro_batch_loss(student, cfg, batch, tok, seq, norms)
+        out.append((loss, torch.autograd.grad(loss, params)))
+    (ref, ref_grads), (got, grads) = out
+    assert abs(ref.item()) > 1e-3 and torch.equal(got, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+
+
+# --- several shard sets mixed by weight -----------------------------------------------------------------------------
+
+
+def test_mixed_draws_keep_every_source_within_one_record_of_its_share():
+    weights = [5.0, 3.0, 2.0]
+    counts = [0, 0, 0]
+    for m in range(1, 2001):
+        mixed_draws(weights, counts, 1)
+        assert all(abs(c - m * w / 10.0) < 1.0 for c, w in zip(counts, weights, strict=True)), (m, counts)
+    assert counts == [1000, 600, 400]
+    # resuming from the counts continues the same sequence
+    whole, first = [0, 0], [0, 0]
+    seq = mixed_draws([1.0, 3.0], whole, 50)
+    assert mixed_draws([1.0, 3.0], first, 20) + mixed_draws([1.0, 3.0], first, 30) == seq
+
+
+def _two_sources(tmp_path: Path, second_meta: dict | None = None) -> list[dict]:
+    _shard_set(tmp_path / "a", _records("a", 24, seed=1))
+    _shard_set(tmp_path / "b", _records("b", 16, seed=2), second_meta)
+    return [{"path": str(tmp_path / "a"), "weight": 3.0, "name": "math"},
+            {"path": str(tmp_path / "b"), "weight": 1.0, "name": "code"}]
+
+
+def test_mixed_stream_honours_the_weights_over_a_long_stream(tmp_path):
+    """Over 60 steps of 8 records (several epochs of each set) the records come from the sources in the weights'
+    proportions, within one record at every step; each source's records are its own set's."""
+    cfg = TrainConfig(student="s", shards=_two_sources(tmp_path), out="o", batch_size=8, shuffle_buffer=4)
+    source = MixedShardBatches(cfg, DistInfo(), micro=8, start=None)
+    seen = {"a": 0, "b": 0}
+    for step in range(1, 61):
+        for r in source.next_records(8, 1):
+            seen[r.prompt_id[0]] += 1
+        assert abs(seen["a"] - 6 * step) < 1 and abs(seen["b"] - 2 * step) < 1
+    state = source.state_dict()
+    assert state["records"] == {"math": 360, "code": 120}
+    assert source.metrics(DistInfo())["source/math/frac"] == 0.75
+
+
+def test_a_mismatched_teacher_in_one_source_is_refused_naming_it(tmp_path, tiny_models):
+    sources = _two_sources(tmp_path, {"teacher_fingerprint": "model-b", "sft_teacher_fingerprint": "model-a",
+                                      "teacher_mismatch_allowed": False})
+    cfg = TrainConfig(student=tiny_models["student"], shards=sources, out=tmp_path / "out", batch_size=4, steps=1)
+    with pytest.raises(TeacherMismatchError, match=rf"source 'code' \({tmp_path / 'b'}\)"):
+        run_train(cfg, show_progress=False)
+    assert not (tmp_path / "out").exists()
+    # sources that cannot share a step are refused too: another k under a top-k loss
+    _shard_set(tmp_path / "k2", _records("c", 8), {"k": 2})
+    other_k = [sources[0], {"path": str(tmp_path / "k2"), "name": "k2"}]
+    cfg = TrainConfig(student=tiny_models["student"], shards=other_k, out=tmp_path / "out", batch_size=4, steps=1,
+                      losses={"reverse_kl_topk": 1.0})
+    with pytest.raises(LopdUserError, match="one k over the sources"):
+        run_train(cfg, show_progress=False)
+    _shard_set(tmp_path / "tok", _records("d", 8), {"tokenizer_fingerprint": "tok-other"})
+    other_tok = [sources[0], {"path": str(tmp_path / "tok"), "name": "tok"}]
+    cfg = TrainConfig(student=tiny_models["student"], shards=other_tok, out=tmp_path / "out", batch_size=4, steps=1)
+    with pytest.raises(LopdUserError, match="different tokenizers"):
+        run_train(cfg, show_progress=False)
+    cfg = TrainConfig(student=tiny_models["student"], shards=sources[:1] + [{"path": str(tmp_path / "k2")}],
+                      out=tmp_path / "out", batch_size=4, steps=1, methods={"paced": {}})
+    with pytest.raises(LopdUserError, match="not offered across sources yet"):
+        run_train(cfg, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_sources_train_stop_and_resume_exactly(tmp_path, tiny_models):
+    """A run over two sources killed after step 3 and resumed (with the prefetching reader, then without) has the
+    loss curve, per-source counts and final weights of an uninterrupted run; a single path keeps its run key."""
+    from pipeline.models import load_model
+
+    sources = _two_sources(tmp_path)
+    common = dict(student=tiny_models["student"], shards=sources, steps=6, batch_size=4, log_every=1,
+                  checkpoint_every=1, shuffle_buffer=4, losses={"reverse_kl_topk": 1.0, "lightning": 0.5})
+    run_train(TrainConfig(out=tmp_path / "ref", **common), show_progress=False)
+    for depth, stop in ((2, 3), (0, None)):
+        run_train(TrainConfig(out=tmp_path / "cut", prefetch_batches=depth, **common), show_progress=False,
+                  stop_after=stop)
+
+    def rows(out):
+        return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    ref, cut = rows("ref"), rows("cut")
+    keys = ["loss/total", "source/math/records", "source/code/records", "source/math/tokens", "source/code/tokens"]
+    assert len(ref) == 6 and [[r[k] for k in keys] for r in cut] == [[r[k] for k in keys] for r in ref]
+    assert ref[-1]["source/math/records"] == 18 and ref[-1]["source/code/records"] == 6
+    a, b = load_model(tmp_path / "ref" / "final").state_dict(), load_model(tmp_path / "cut" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    provenance = read_provenance(tmp_path / "ref" / "final")
+    assert provenance["sources"]["math"]["weight"] == 3.0
+    assert provenance["sources"]["code"]["teacher_relation"] == "consistent"
+
+
+def test_prefect_cache_key_reads_every_listed_source(tmp_path):
+    """The stage tasks' cache key fingerprints each listed shard set (a changed source is a new key)."""
+    from flows.caching import stage_inputs
+
+    cfg = TrainConfig(student="s", shards=_two_sources(tmp_path), out="o")
+    inputs = stage_inputs(cfg)
+    assert inputs["shards.0.path"] == tmp_path / "a" and inputs["shards.1.path"] == tmp_path / "b"
