@@ -110,7 +110,8 @@ class ScaleConfig(Strict):
         "(HSDP over a replicate x shard mesh; e.g. the GPUs of one node); null shards over all ranks")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: bf16 compute with fp32 master weights, optimiser state and gradient reduction")
-    activation_checkpointing: bool = Field(False, description="recompute each decoder layer in backward (non-reentrant)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward (non-reentrant)")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1, description="form micro-batches by padded tokens (longest x count) instead of by count; "
         "a sequence longer than the budget runs alone")
@@ -128,7 +129,8 @@ class ScaleConfig(Strict):
     dist_timeout_minutes: float = Field(30.0, gt=0, description="timeout of collectives under torchrun")
 
     # How a run is spread over devices and measured, not what it computes: left out of run fingerprints, so a
-    # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, packing, attention kernel, timeout).
+    # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, packing, attention kernel,
+    # timeout).
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
         {"fsdp", "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens", "packing",
          "attn_implementation"})
@@ -143,7 +145,8 @@ class SftConfig(ScaleConfig):
     optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=30, schedule="cosine")
     seed: int = 0
     log_every: int = Field(20, ge=1)
-    checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N steps (in <out>_logs/ckpt)")
+    checkpoint_every: int = Field(
+        200, ge=1, description="save a resumable checkpoint every N steps (in <out>_logs/ckpt)")
     keep_checkpoints: int = Field(1, ge=1, description="how many of the newest checkpoints to keep")
     max_seq_len: int | None = Field(None, ge=2, description="longest SFT example (prompt + answer) in tokens")
     overlong: Literal["error", "truncate"] = Field(
@@ -172,8 +175,10 @@ class TeacherLogprobsConfig(ShardParts):
     codec_grid: Literal["fine", "lean"] = Field(
         "fine", description="compact codec's log-prob grid: fine (default) or lean (fewer bytes, ~2.5x the mean KL)")
     engine: EngineConfig = EngineConfig()
-    allow_teacher_mismatch: bool = Field(False, description="score even if the teacher differs from the SFT data's teacher (ablations only)")
-    privileged_context: bool = Field(False, description="score the teacher with the prompt's privileged_context prepended (OPSD-style)")
+    allow_teacher_mismatch: bool = Field(
+        False, description="score even if the teacher differs from the SFT data's teacher (ablations only)")
+    privileged_context: bool = Field(
+        False, description="score the teacher with the prompt's privileged_context prepended (OPSD-style)")
     prompts: Path | None = Field(None, description="prompts file; needed only for privileged_context")
     max_seq_len: int | None = Field(None, ge=2)
     overlong: Literal["truncate", "skip"] = "truncate"
@@ -181,7 +186,8 @@ class TeacherLogprobsConfig(ShardParts):
     @model_validator(mode="after")
     def _grid_needs_compact(self) -> "TeacherLogprobsConfig":
         if self.codec != "compact" and self.codec_grid != "fine":
-            raise ValueError(f"codec_grid={self.codec_grid!r} applies to the compact codec only (codec is {self.codec!r})")
+            raise ValueError(f"codec_grid={self.codec_grid!r} applies to the compact codec only "
+                             f"(codec is {self.codec!r})")
         return self
 
 
@@ -347,7 +353,8 @@ class TrainConfig(ScaleConfig):
     @model_validator(mode="after")
     def _one_way_to_split(self) -> "TrainConfig":
         if self.grad_accum > 1 and self.max_tokens_per_micro_batch is not None:
-            raise ValueError("set grad_accum (micro-batches by count) or max_tokens_per_micro_batch (by tokens), not both")
+            raise ValueError("set grad_accum (micro-batches by count) or max_tokens_per_micro_batch (by tokens), "
+                             "not both")
         return self
 
     @model_validator(mode="after")
@@ -544,12 +551,14 @@ def _format_error(source: str, section: str, e: ValidationError) -> str:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: is a directory, not a config file")
+        raise ConfigError(f"{path}: config file not found" if not path.exists()
+                          else f"{path}: is a directory, not a config file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -565,7 +574,8 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None, run_dir: str | Path | None = None) -> RunConfig:
+def load_run_config(path: str | Path, overrides: list[str] | None = None,
+                    run_dir: str | Path | None = None) -> RunConfig:
     """Read a run YAML; apply ``section.field=value`` overrides; validate every stage section present."""
     path = Path(path)
     data = _read_yaml(path)
@@ -576,7 +586,8 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None, run_di
         try:
             value = yaml.safe_load(val)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {ov}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote it") from None
+            raise ConfigError(f"--set {ov}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                              "quote it") from None
         set_dotted(data, key, value)
     if run_dir is not None:
         data["run_dir"] = str(run_dir)
@@ -587,7 +598,8 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None, run_di
         if section is None:  # `train:` with nothing under it
             data[name] = {}
         elif not isinstance(section, dict):
-            raise ConfigError(f"{path}: section '{name}' must be a mapping of fields, got {json.dumps(section, default=str)}")
+            raise ConfigError(f"{path}: section '{name}' must be a mapping of fields, "
+                              f"got {json.dumps(section, default=str)}")
     source = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
     try:
         cfg = RunConfig(run_dir=top["run_dir"], seed=top.get("seed", 0), source=source, sections=data)

@@ -19,7 +19,12 @@ import pyarrow as pa
 from pipeline.config import TeacherLogprobsConfig
 from pipeline.engines import make_engine
 from pipeline.engines.base import Engine, model_vocab_size, token_batches
-from pipeline.fingerprint import check_teacher_consistency, model_fingerprint, shard_set_fingerprint, tokenizer_fingerprint
+from pipeline.fingerprint import (
+    check_teacher_consistency,
+    model_fingerprint,
+    shard_set_fingerprint,
+    tokenizer_fingerprint,
+)
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.progress import log, progress_bar
 from pipeline.prompts import load_prompts
@@ -79,7 +84,8 @@ def score_table_rows(engine: Engine, rows: list[dict[str, Any]], k: int, teacher
         records.append(TeacherRecord(
             prompt_id=row["prompt_id"], sample_index=row["sample_index"],
             token_ids=np.asarray(ids, dtype=np.int32), prompt_len=plen,
-            teacher_logprobs=sc.token_logprobs, behavior_logprobs=np.asarray(row["behavior_logprobs"][:n], dtype=np.float32),
+            teacher_logprobs=sc.token_logprobs,
+            behavior_logprobs=np.asarray(row["behavior_logprobs"][:n], dtype=np.float32),
             topk_ids=sc.topk_ids, topk_logprobs=sc.topk_logprobs, tail_logprob=sc.tail_logprob,
             reward=row["reward"],
         ))
@@ -87,7 +93,8 @@ def score_table_rows(engine: Engine, rows: list[dict[str, Any]], k: int, teacher
 
 
 def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True) -> StageResult:
-    rollouts = require_shard_set(cfg.rollouts, kind="samples", field="teacher_logprobs.rollouts", made_by="lopd rollouts")
+    rollouts = require_shard_set(cfg.rollouts, kind="samples", field="teacher_logprobs.rollouts",
+                                 made_by="lopd rollouts")
     require_model_dir(cfg.teacher, field="teacher_logprobs.teacher")
     meta = rollouts.metadata
     teacher_fp = model_fingerprint(cfg.teacher)
