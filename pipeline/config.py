@@ -273,6 +273,22 @@ class OpsdConfig(Strict):
     clip: float = Field(gt=0, description="the cap c of min(D_t, c) on each token's divergence (required)")
 
 
+class TipConfig(Strict):
+    """TIP token selection (docs/methods.md): each micro-batch keeps a fraction rho of its tokens, chosen from
+    the student's entropy and its divergence from the teacher (a no-grad pre-pass over the LM head's chunks), and
+    the kept tokens weigh 1 / (the step's kept fraction). Neutral: rho = 1."""
+
+    mode: Literal["entropy", "soft_or"] = Field(
+        "entropy", description="entropy: sample ceil(rho N) tokens with probability ~ (H / ln V)^alpha "
+        "(D / ln 2)^gamma (the released code's mode); soft_or: keep the top ceil(rho N) by (1 - h) D, h the "
+        "min-max normalised entropy capped at its 98th percentile (a secondary source)")
+    rho: float = Field(0.5, gt=0, le=1, description="fraction of each micro-batch's tokens kept (paper: 0.5 for "
+                       "entropy, 0.1-0.2 for soft_or)")
+    alpha: float = Field(1.0, ge=0, description="entropy mode: exponent of the normalised entropy")
+    gamma: float = Field(0.0, ge=0, description="entropy mode: exponent of the normalised divergence (0: entropy "
+                         "only)")
+
+
 class MethodsConfig(Strict):
     """Optional weighting and reward methods of offline OPD; each is off (null) by default. Setting a field,
     e.g. ``--set train.methods.paced.alpha=1``, turns the method on with its paper's defaults for the rest."""
@@ -282,6 +298,7 @@ class MethodsConfig(Strict):
     gopd: GopdConfig | None = None
     scope: ScopeConfig | None = None
     opsd: OpsdConfig | None = None
+    tip: TipConfig | None = None
 
     def needs_rewards(self) -> bool:
         return self.paced is not None or self.scope is not None

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint
 from pipeline.config import OptimConfig
-from pipeline.head import Metrics, TokenStats, fused_head_loss
+from pipeline.head import HeadPrepass, Metrics, TokenStats, fused_head_loss
 from pipeline.losses import sft_cross_entropy
 
 Example = tuple[np.ndarray, int]  # (token_ids, prompt_len)
@@ -202,10 +202,12 @@ class StudentLM(torch.nn.Module):
     def forward(self, input_ids_B_L: torch.Tensor, attention_B_L: torch.Tensor, select_B_T: torch.Tensor,
                 loss_fn: Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]], *,
                 topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int | None = None,
-                entropy: bool = False, argmax: bool = False, pack: bool = False) -> tuple[torch.Tensor, Metrics]:
+                entropy: bool = False, argmax: bool = False, pack: bool = False,
+                prepass: HeadPrepass | None = None) -> tuple[torch.Tensor, Metrics]:
         """``select_B_T`` marks the targets (shifted positions) the loss reads; ``loss_fn`` sees them flattened
         in row-major order, chunk by chunk (see ``pipeline.head.fused_head_loss``). ``pack``: run the decoder on
-        the right-padded batch packed into one padding-free row (``pack_padded``); same targets, same order."""
+        the right-padded batch packed into one padding-free row (``pack_padded``); same targets, same order.
+        ``prepass``: a no-grad pass over all selected tokens before the loss (``pipeline.head.HeadPrepass``)."""
         position_ids_B_L = None
         if pack:
             input_ids_B_L, position_ids_B_L, select_B_T = pack_padded(input_ids_B_L, attention_B_L, select_B_T)
@@ -218,7 +220,7 @@ class StudentLM(torch.nn.Module):
         if getattr(head, "bias", None) is not None:
             raise NotImplementedError("an LM head with a bias is not supported by the chunked head")
         return fused_head_loss(hidden_N_H, head.weight, targets_N, loss_fn, topk_ids_N_K=topk_ids_N_K,
-                               chunk_tokens=chunk_tokens, entropy=entropy, argmax=argmax)
+                               chunk_tokens=chunk_tokens, entropy=entropy, argmax=argmax, prepass=prepass)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

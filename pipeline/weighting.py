@@ -3,16 +3,19 @@
 The losses (``pipeline.losses``) reduce ``sum_t w_t l_t / normalizer`` over valid tokens; the functions here
 make the ``w_t`` of the weighting methods and the row masks of the per-term routing. They read only what the
 shards and their prompt statistics (``storage.prompt_stats``) hold, never the student, so the trainer computes
-them once per micro-batch, before the chunked LM head. docs/methods.md lists each method with its source.
+them once per micro-batch, before the chunked LM head; TIP's token selection alone reads the student (its
+entropy and divergence, from a no-grad pre-pass of the head, ``pipeline.head.HeadPrepass``). docs/methods.md lists each method with its source.
 
 Shape key:
     B: rollouts (rows) of the micro-batch
     T: response positions
     R: rollouts of the whole shard set (the prompt statistics table)
+    N: the selected (valid) tokens of a micro-batch, flattened
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -86,6 +89,56 @@ def scope_weights(group_R: torch.Tensor, correct_R: torch.Tensor, teacher_mean_R
     total = torch.zeros(n, dtype=score_R.dtype).index_add_(0, subset_R, exp_R)
     count = torch.zeros(n, dtype=score_R.dtype).index_add_(0, subset_R, torch.ones_like(score_R))
     return count[subset_R] * exp_R / total[subset_R]
+
+
+def tip_soft_or_scores(entropy_N: torch.Tensor, divergence_N: torch.Tensor, quantile: float = 0.98) -> torch.Tensor:
+    """TIP's soft-OR importance of each token (Token Importance in on-policy distillation; the formula as a
+    secondary source restates it, not checked against code):
+
+        Hc = min(H, q_quantile(H)),   h = (Hc - min Hc) / (max Hc - min Hc),   score = (1 - h) D
+
+    over the tokens at hand, with H the student's full-vocabulary entropy and D its divergence from the teacher
+    at the token. A confident (low-entropy) token far from the teacher scores highest; an uncertain one, or one
+    that agrees with the teacher, lowest. Constant entropy gives h = 0 (the score is D). Shapes: ``[N]``."""
+    capped_N = entropy_N.clamp_max(torch.quantile(entropy_N, quantile))
+    span = capped_N.max() - capped_N.min()
+    h_N = torch.where(span > 0, (capped_N - capped_N.min()) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
+    return (1.0 - h_N) * divergence_N
+
+
+def tip_entropy_probs(entropy_N: torch.Tensor, divergence_N: torch.Tensor, vocab_size: int, alpha: float,
+                      gamma: float) -> torch.Tensor:
+    """TIP's entropy-mode sampling weights (as in the authors' code):
+
+        p_t ~ (H_t / ln V)^alpha (D_t / ln 2)^gamma
+
+    with D the Jensen-Shannon divergence to the teacher (bounded by ln 2); gamma = 0 samples by entropy alone.
+    Returns unnormalised weights ``[N]``."""
+    return (entropy_N / math.log(vocab_size)).clamp_min(0).pow(alpha) * (divergence_N / math.log(2.0)).clamp_min(
+        0).pow(gamma)
+
+
+def tip_kept_count(n_tokens: int, rho: float) -> int:
+    """Tokens TIP keeps of ``n_tokens``: ceil(rho n), at least 1 when there is any."""
+    return min(n_tokens, math.ceil(rho * n_tokens))
+
+
+def tip_keep(score_N: torch.Tensor, rho: float, sample: bool) -> torch.Tensor:
+    """The kept tokens, ``[N]`` bool: the top ``tip_kept_count`` by score, or (``sample``) as many drawn without
+    replacement with probability proportional to the score (torch's default generator, whose state checkpoints
+    hold). rho = 1 keeps every token whatever the scores."""
+    n = score_N.numel()
+    keep = tip_kept_count(n, rho)
+    kept_N = torch.zeros(n, dtype=torch.bool, device=score_N.device)
+    if keep == n:
+        return kept_N.fill_(True)
+    if sample:
+        p_N = score_N.detach().double().cpu()
+        p_N = (p_N / p_N.max() if p_N.max() > 0 else torch.ones_like(p_N)).clamp_min(1e-12)  # every token drawable
+        index = torch.multinomial(p_N, keep, replacement=False).to(score_N.device)
+    else:
+        index = torch.topk(score_N.detach(), keep).indices
+    return kept_N.index_fill_(0, index, True)
 
 
 def route_mask(route: str, reward: torch.Tensor, pass_rate: torch.Tensor | None) -> torch.Tensor:

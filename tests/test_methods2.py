@@ -276,3 +276,105 @@ def test_prefect_cache_key_reads_every_listed_source(tmp_path):
     cfg = TrainConfig(student="s", shards=_two_sources(tmp_path), out="o")
     inputs = stage_inputs(cfg)
     assert inputs["shards.0.path"] == tmp_path / "a" and inputs["shards.1.path"] == tmp_path / "b"
+
+
+# --- TIP token selection --------------------------------------------------------------------------------------------
+
+
+def _trainer_loss(student, cfg, batch, params):
+    mask = batch.mask_B_T.bool()
+    tok, seq = mask.sum().to(torch.float64), mask.any(-1).sum().to(torch.float64)
+    norms = step_norms(cfg, tok, seq, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
+    loss, metrics = micro_batch_loss(student, cfg, batch, tok, seq, norms)
+    return loss, torch.autograd.grad(loss, params), metrics
+
+
+@pytest.mark.parametrize("mode", ["soft_or", "entropy"])
+@pytest.mark.parametrize("losses", [{"lightning": 1.0}, {"reverse_kl_topk": 1.0}, {"reverse_kl_topk": 1.0,
+                                                                                     "lightning": 0.1, "sft": 0.5}])
+def test_tip_with_rho_one_is_todays_loss_bit_for_bit(mode, losses, tiny_models):
+    """rho = 1 runs the pre-pass and keeps every token with weight 1: the loss and gradients of the run without
+    TIP, exactly (chunked head, 7-token chunks)."""
+    from pipeline.models import load_model
+
+    lm = load_model(tiny_models["student"])
+    student, params = StudentLM(lm), list(lm.parameters())
+    batch = collate(_records("q", 8), pad_id=0)
+    ref = _trainer_loss(student, TrainConfig(student="s", shards="d", out="o", losses=losses, logits_chunk_tokens=7),
+                        batch, params)
+    got = _trainer_loss(student, TrainConfig(student="s", shards="d", out="o", losses=losses, logits_chunk_tokens=7,
+                                             methods={"tip": {"mode": mode, "rho": 1.0, "gamma": 1.0}}), batch, params)
+    assert abs(ref[0].item()) > 1e-3 and torch.equal(got[0], ref[0])
+    assert all(torch.equal(a, b) for a, b in zip(got[1], ref[1], strict=True))
+    assert got[2]["weights/tip_kept"].item() == 1.0
+
+
+def test_tip_soft_or_ranks_confident_and_wrong_first():
+    from pipeline.weighting import tip_keep, tip_soft_or_scores
+
+    entropy = torch.tensor([0.1, 0.1, 2.0, 2.0, 1.0], dtype=torch.float64)
+    divergence = torch.tensor([3.0, 0.01, 3.0, 0.01, 1.0], dtype=torch.float64)
+    score = tip_soft_or_scores(entropy, divergence)
+    assert score.argmax().item() == 0  # confident and wrong
+    assert score[0] > score[1] and score[0] > score[2] and score[4] > score[3]
+    assert tip_keep(score, 0.4, sample=False).tolist() == [True, False, False, False, True]
+    assert tip_soft_or_scores(torch.ones(4, dtype=torch.float64), divergence[:4]).tolist() == divergence[:4].tolist()
+
+
+def test_tip_soft_or_selection_against_a_full_logits_reference(tiny_models):
+    """float64: the trainer's chunked pre-pass + loss equals the loss computed from full logits with the same
+    selection (entropy and bucket reverse KL per token, top ceil(rho N) by (1 - h) D, kept tokens weighted N / kept):
+    loss and gradients."""
+    from pipeline.models import load_model
+    from pipeline.weighting import tip_kept_count, tip_soft_or_scores
+
+    lm = load_model(tiny_models["student"]).double()
+    student, params = StudentLM(lm), list(lm.parameters())
+    batch = collate(_records("q", 8), pad_id=0)
+    cfg = TrainConfig(student="s", shards="d", out="o", losses={"reverse_kl_topk": 1.0}, logits_chunk_tokens=5,
+                      methods={"tip": {"mode": "soft_or", "rho": 0.3}})
+    loss, grads, metrics = _trainer_loss(student, cfg, batch, params)
+
+    mask = batch.mask_B_T.bool()
+    logits = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1][mask]
+    from pipeline.head import token_stats
+
+    stats = token_stats(logits, batch.input_ids_B_L[:, 1:][mask], batch.topk_ids_B_T_K[mask], entropy=True)
+    student_b = torch.cat([stats.topk_logprobs, stats.tail_logprob[:, None]], -1)
+    teacher_b = torch.cat([batch.topk_logprobs_B_T_K[mask], batch.tail_logprob_B_T[mask][:, None]], -1).double()
+    kl = (student_b.exp() * (student_b - teacher_b.clamp_min(L.REVERSE_KL_TEACHER_FLOOR))).sum(-1)
+    n = kl.numel()
+    keep = tip_kept_count(n, 0.3)
+    kept = torch.topk(tip_soft_or_scores(stats.entropy.detach(), kl.detach()), keep).indices
+    ref = kl[kept].sum() * (n / keep) / n
+    ref_grads = torch.autograd.grad(ref, params)
+    # the token weights are float32 (as the other methods'), so N / kept carries float32 rounding
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert metrics["weights/tip_kept"].item() == pytest.approx(keep / n)
+
+
+def test_tip_entropy_mode_samples_by_entropy_reproducibly(tiny_models):
+    """Entropy mode keeps ceil(rho N) tokens drawn without replacement with probability ~ (H / ln V)^alpha, from
+    torch's generator: the same seed gives the same selection (and loss), another seed another."""
+    from pipeline.models import load_model
+    from pipeline.weighting import tip_entropy_probs
+
+    lm = load_model(tiny_models["student"]).double()
+    student, params = StudentLM(lm), list(lm.parameters())
+    batch = collate(_records("q", 8), pad_id=0)
+    cfg = TrainConfig(student="s", shards="d", out="o", losses={"reverse_kl_topk": 1.0}, logits_chunk_tokens=5,
+                      methods={"tip": {"rho": 0.5}})
+    losses = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        loss, _, metrics = _trainer_loss(student, cfg, batch, params)
+        losses.append(loss.item())
+        n = int(batch.mask_B_T.sum())
+        assert metrics["weights/tip_kept"].item() == pytest.approx(math.ceil(0.5 * n) / n)
+    assert losses[0] == losses[1] != losses[2]
+    h = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    d = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    want = (h / math.log(19)) ** 2 * (d / math.log(2)) ** 0.5
+    assert torch.allclose(tip_entropy_probs(h, d, 19, 2.0, 0.5), want, rtol=1e-14)

@@ -26,7 +26,7 @@ import torch
 from lopd.errors import LopdUserError
 from pipeline import checkpoint
 from pipeline import losses as L
-from pipeline.config import ANCHOR_LOSSES, MethodsConfig, OnlineConfig, TrainConfig
+from pipeline.config import ANCHOR_LOSSES, MethodsConfig, OnlineConfig, TipConfig, TrainConfig
 from pipeline.fingerprint import check_shard_teacher, model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.head import Metrics, TokenStats, merge_chunk_metrics
 from pipeline.models import encode_prompt, load_tokenizer
@@ -54,7 +54,17 @@ from pipeline.training import (
     split_by_token_budget,
     unwrap,
 )
-from pipeline.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask
+from pipeline.weighting import (
+    RolloutTable,
+    mean_one,
+    paced_kernel,
+    position_weights,
+    route_mask,
+    tip_entropy_probs,
+    tip_keep,
+    tip_kept_count,
+    tip_soft_or_scores,
+)
 from storage.prefetch import prefetch
 from storage.prompt_stats import load_prompt_stats, require_group_stats
 from storage.reader import ReaderState, iter_batches
@@ -162,12 +172,14 @@ def flatten_targets(batch: Batch, weights_B_T: torch.Tensor | None = None) -> To
 class StepNorms:
     """The step's global normalisers, summed over its micro-batches and ranks: valid tokens and sequences,
     the same for each routed subset of rows (``routed[route] = (tokens, sequences)``), and the factor that
-    brings the PACED kernel to mean 1 over the step's rows (None without PACED)."""
+    brings the PACED kernel to mean 1 over the step's rows (None without PACED), and TIP's weight of a kept token,
+    the step's valid tokens over its kept ones (None without TIP)."""
 
     token: torch.Tensor
     seq: torch.Tensor
     routed: dict[str, tuple[torch.Tensor, torch.Tensor]]
     paced_scale: torch.Tensor | None = None
+    tip_scale: torch.Tensor | None = None
 
 
 def _routes(cfg: TrainConfig) -> list[str]:
@@ -177,7 +189,7 @@ def _routes(cfg: TrainConfig) -> list[str]:
 
 def local_step_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]:
     """This rank's share of the sums behind ``StepNorms`` beyond the plain counts: routed tokens and sequences
-    per route, then the PACED kernel's sum and row count. Empty with neither routing nor PACED."""
+    per route, then the PACED kernel's sum and row count, then the tokens TIP keeps. Empty with none of them."""
     sums: list[float] = []
     for route in _routes(cfg):
         tokens = seqs = 0
@@ -191,18 +203,25 @@ def local_step_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]
         sums += [sum(float(paced_kernel(b.pass_rate_B, p.alpha, p.beta)[r].double().sum())
                      for b, r in zip(micro_batches, rows_B)),
                  sum(int(r.sum()) for r in rows_B)]
+    if cfg.methods.tip is not None:  # TIP keeps ceil(rho N) of each micro-batch's N tokens
+        sums.append(sum(tip_kept_count(int(b.mask_B_T.sum()), cfg.methods.tip.rho) for b in micro_batches))
     return sums
 
 
 def step_norms(cfg: TrainConfig, token: torch.Tensor, seq: torch.Tensor, sums: torch.Tensor) -> StepNorms:
     """``StepNorms`` from the global counts and the all-reduced ``local_step_sums``."""
+    routes = _routes(cfg)
     routed = {route: (sums[2 * i].clamp_min(1).float(), sums[2 * i + 1].clamp_min(1).float())
-              for i, route in enumerate(_routes(cfg))}
-    paced_scale = None
+              for i, route in enumerate(routes)}
+    at = 2 * len(routes)
+    paced_scale = tip_scale = None
     if cfg.methods.paced is not None:
-        total_weight, total_rows = sums[-2], sums[-1]
+        total_weight, total_rows = sums[at], sums[at + 1]
         paced_scale = mean_one(torch.ones((), dtype=total_weight.dtype), total_weight, total_rows).float()
-    return StepNorms(token, seq, routed, paced_scale)
+        at += 2
+    if cfg.methods.tip is not None:
+        tip_scale = (token.double() / sums[at].double().clamp_min(1)).float()
+    return StepNorms(token, seq, routed, paced_scale, tip_scale)
 
 
 def method_weights(cfg: TrainConfig, batch: Batch, paced_scale: torch.Tensor | None
@@ -318,6 +337,11 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
     targets = flatten_targets(batch, weights_B_T)
     need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
     routed = None if norms is None else norms.routed
+    tip = None
+    if cfg.methods.tip is not None:
+        scale = norms.tip_scale if norms is not None else torch.ones(())
+        tip = TipSelection(cfg.methods.tip, targets, unwrap(model).config.vocab_size, need_topk, cfg.tail_bucket,
+                           scale)
 
     def chunk_loss(stats: TokenStats, start: int, end: int) -> tuple[torch.Tensor, Metrics]:
         valid_1_n = torch.ones(1, end - start, dtype=torch.bool, device=stats.target_logprobs.device)
@@ -326,8 +350,63 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
 
     loss, metrics = model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
                           topk_ids_N_K=targets.topk_ids_N_K if need_topk else None,
-                          chunk_tokens=cfg.logits_chunk_tokens, argmax=need_topk)
-    return loss, {**metrics, **weight_stats}
+                          chunk_tokens=cfg.logits_chunk_tokens, argmax=need_topk, prepass=tip)
+    return loss, {**metrics, **weight_stats, **(tip.stats if tip is not None else {})}
+
+
+class TipSelection:
+    """TIP's token selection as the chunked head's no-grad pre-pass (``pipeline.head.HeadPrepass``): it gathers
+    each token's entropy and divergence from the teacher, then keeps ``tip_kept_count(N, rho)`` of the
+    micro-batch's N tokens (soft-OR: the top scores, ``tip_soft_or_scores``; entropy mode: sampled by
+    ``tip_entropy_probs``) and sets ``targets.weights_N`` to (the methods' weights) x kept x ``scale``, the step's
+    valid over kept tokens, so the kept weights average 1 over the step and the loss keeps its scale.
+
+    D is the bucket divergence over the teacher's top-k and the tail when a top-k loss is on (soft-OR: reverse KL
+    KL(p_S || p_T), the OPD objective; entropy mode: JS, bounded by ln 2), else |log p_T(y_t) - log p_S(y_t)| of
+    the sampled token (our stand-in where the shards hold no buckets). The selection is per micro-batch: a
+    per-step top-rho over several micro-batches would need every micro-batch's scores before the first loss, a
+    second decoder forward of each. Cost: one more chunk x vocab matmul per token (no gradient) and an O(N)
+    buffer; peak memory is unchanged. The loss pass still runs on every token (dropped ones weigh 0)."""
+
+    entropy = True
+
+    def __init__(self, tip: TipConfig, targets: TokenTargets, vocab_size: int, buckets: bool, tail_bucket: bool,
+                 scale: torch.Tensor):
+        self.tip, self.targets, self.vocab_size, self.buckets, self.scale = tip, targets, vocab_size, buckets, scale
+        self.tail_bucket = tail_bucket
+        n = targets.teacher_logprobs_N.shape[0]
+        device = targets.teacher_logprobs_N.device
+        self.entropy_N = torch.zeros(n, dtype=torch.float64, device=device)
+        self.divergence_N = torch.zeros(n, dtype=torch.float64, device=device)
+        self.stats: Metrics = {}
+
+    def chunk(self, stats: TokenStats, start: int, end: int) -> None:
+        self.entropy_N[start:end] = stats.entropy
+        t = self.targets
+        if self.buckets:
+            student_n_B = torch.cat([stats.topk_logprobs, stats.tail_logprob.unsqueeze(-1)], -1)
+            teacher_n_B = torch.cat([t.topk_logprobs_N_K[start:end], t.tail_logprob_N[start:end].unsqueeze(-1)], -1)
+            teacher_n_B = teacher_n_B.to(student_n_B.dtype)
+            if not self.tail_bucket:
+                student_n_B, teacher_n_B = student_n_B[:, :-1].log_softmax(-1), teacher_n_B[:, :-1].log_softmax(-1)
+            divergence_n = (L._reverse_kl_B_T(student_n_B, teacher_n_B) if self.tip.mode == "soft_or"
+                            else L._jsd_B_T(student_n_B, teacher_n_B, 0.5))
+        else:
+            divergence_n = (t.teacher_logprobs_N[start:end] - stats.target_logprobs).abs()
+        self.divergence_N[start:end] = divergence_n
+
+    def done(self) -> None:
+        tip = self.tip
+        if tip.mode == "soft_or":
+            kept_N = tip_keep(tip_soft_or_scores(self.entropy_N, self.divergence_N), tip.rho, sample=False)
+        else:
+            probs_N = tip_entropy_probs(self.entropy_N, self.divergence_N, self.vocab_size, tip.alpha, tip.gamma)
+            kept_N = tip_keep(probs_N, tip.rho, sample=True)
+        keep_N = kept_N.to(self.targets.teacher_logprobs_N.dtype) * self.scale.to(self.targets.teacher_logprobs_N)
+        w_N = self.targets.weights_N
+        self.targets.weights_N = keep_N if w_N is None else w_N * keep_N
+        self.stats = {"weights/tip_kept": kept_N.float().mean(), "tip/entropy_mean": self.entropy_N.float().mean(),
+                      "tip/kept_entropy_mean": self.entropy_N[kept_N].float().mean()}
 
 
 def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
