@@ -202,7 +202,7 @@ class LightningLossConfig(Strict):
 
 Route = Literal["all", "correct", "incorrect", "solved", "unsolved"]
 LOSS_NAMES = frozenset({"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk",
-                        "alpha_topk", "sft", "anchor_forward_kl", "anchor_js", "anchor_alpha"})
+                        "alpha_topk", "sft", "anchor_forward_kl", "anchor_js", "anchor_alpha", "kdrl"})
 # DPH-RL's anchors to the rollout policy: by default they train on the prompts it always solves
 ANCHOR_LOSSES = frozenset({"anchor_forward_kl", "anchor_js", "anchor_alpha"})
 
@@ -363,6 +363,10 @@ class TrainConfig(ScaleConfig):
     akl_head_mass: float = Field(0.5, gt=0, lt=1, description="akl_topk: the teacher mass of the head buckets")
     alpha_divergence: float = Field(0.2, gt=0, lt=1, description="alpha of alpha_topk and anchor_alpha "
                                     "(-> 1: forward KL, -> 0: reverse KL)")
+    kdrl_beta: float = Field(5e-3, ge=0, description="kdrl: coefficient of the distillation term on failed rollouts "
+                             "(paper: 5e-3 annealed to 1e-3)")
+    kdrl_is_cap: float = Field(2.0, gt=0, description="kdrl: cap of the detached importance ratio on the "
+                               "distillation term")
 
     # prefetching changes when data is decoded, never which: a checkpoint resumes with it on or off
     EXECUTION_ONLY: ClassVar[frozenset[str]] = ScaleConfig.EXECUTION_ONLY | {"prefetch_batches"}
@@ -433,7 +437,8 @@ class TrainConfig(ScaleConfig):
         """Whether a method or a routing reads rewards / pass rates (``storage.prompt_stats``)."""
         used = {name for phase in [self.losses, *(p.losses for p in self.loss_schedule)] for name, w in phase.items()
                 if w != 0}
-        return self.methods.needs_rewards() or any(self.route(name) != "all" for name in used)
+        return (self.methods.needs_rewards() or "kdrl" in used
+                or any(self.route(name) != "all" for name in used))
 
 
 class EvalConfig(Strict):

@@ -460,6 +460,59 @@ def lightning_pg(
     return loss, metrics
 
 
+# --- KDRL: group-relative reward + distillation on failed rollouts -----------------------------------------------
+
+
+def kdrl(
+    student_logprobs_B_T: torch.Tensor,
+    teacher_logprobs_B_T: torch.Tensor,
+    behavior_logprobs_B_T: torch.Tensor,
+    advantage_B_T: torch.Tensor,
+    failed_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    beta: float = 5e-3,
+    is_cap: float = 2.0,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    normalizer: torch.Tensor | float | None = None,
+    weights_B_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """KDRL: GRPO on the verifiable reward plus distillation on the failed rollouts (Xu et al. 2025, "KDRL:
+    Post-Training Reasoning LLMs via Unified Knowledge Distillation and Reinforcement Learning", as a secondary
+    source restates it; not checked against code). Offline, the old policy is the rollout policy mu:
+
+        r_t = p_theta(y_t) / mu(y_t),   Ahat_i = (R_i - mean_g R) / (std_g R + eps)   (fixed, the prompt statistics)
+        l_t = -min(r_t Ahat_i, clip(r_t, 1 - clip_eps_low, 1 + clip_eps_high) Ahat_i)
+              + beta m_i sg(min(r_t, is_cap)) 1/2 (log p_theta(y_t) - log p_T(y_t))^2,     m_i = [R_i <= 0]
+
+    beta = 0 is GRPO (PPO-clip, token mean); equal rewards in a group give Ahat = 0 and leave the distillation
+    term alone. The paper anneals beta from 5e-3 to 1e-3 (a ``loss_schedule`` can). Log-ratios are clamped to
+    +-``LOG_RATIO_LIMIT``. Shapes: student_logprobs_B_T (grad), teacher_logprobs_B_T, behavior_logprobs_B_T,
+    advantage_B_T (each token's rollout's Ahat), failed_B_T (bool), mask_B_T.
+    """
+    valid_B_T = mask_B_T.bool()
+    logprobs_B_T = torch.where(valid_B_T, _upcast(student_logprobs_B_T), 0.0)
+    dtype = logprobs_B_T.dtype
+    detached_B_T = logprobs_B_T.detach()
+    teacher_B_T = torch.where(valid_B_T, teacher_logprobs_B_T.to(dtype), detached_B_T)
+    behavior_B_T = torch.where(valid_B_T, behavior_logprobs_B_T.to(dtype), detached_B_T)
+    advantage_B_T = torch.where(valid_B_T, advantage_B_T.to(dtype), 0.0)
+    ratio_B_T = (logprobs_B_T - behavior_B_T).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT).exp()
+    unclipped_B_T = ratio_B_T * advantage_B_T
+    clipped_term_B_T = ratio_B_T.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantage_B_T
+    pg_B_T = -torch.minimum(unclipped_B_T, clipped_term_B_T)
+    failed_B_T = failed_B_T.bool() & valid_B_T
+    distill_B_T = ratio_B_T.detach().clamp_max(is_cap) * 0.5 * (logprobs_B_T - teacher_B_T).square()
+    per_token_B_T = pg_B_T + beta * torch.where(failed_B_T, distill_B_T, 0.0) if beta else pg_B_T
+    loss = _reduce(per_token_B_T, valid_B_T, "token", normalizer, weights_B_T)
+    return loss, {"loss/kdrl": loss.detach(),
+                  "kdrl/advantage_mean": _masked_mean(advantage_B_T, valid_B_T),
+                  "kdrl/failed_frac": _masked_mean(failed_B_T.to(dtype), valid_B_T),
+                  "kdrl/distill": _masked_mean(torch.where(failed_B_T, distill_B_T, 0.0), valid_B_T),
+                  "kdrl/clip_frac": _masked_mean((clipped_term_B_T < unclipped_B_T).to(dtype), valid_B_T)}
+
+
 # --- DPH-RL anchors to the rollout policy -------------------------------------------------------
 
 

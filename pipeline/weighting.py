@@ -164,6 +164,9 @@ def route_mask(route: str, reward: torch.Tensor, pass_rate: torch.Tensor | None)
     raise ValueError(f"route must be all, correct, incorrect, solved or unsolved, got {route!r}")
 
 
+GROUP_ADVANTAGE_EPS = 1e-6  # GRPO's guard for groups whose rewards are all equal (std 0: advantage 0)
+
+
 @dataclass
 class RolloutTable:
     """The prompt statistics of a shard set indexed by rollout ``(prompt_id, sample_index)``."""
@@ -172,6 +175,7 @@ class RolloutTable:
     reward_R: np.ndarray
     pass_rate_R: np.ndarray
     row_weight_R: np.ndarray | None = None  # fixed per-rollout weights (SCOPE), None when no method sets them
+    advantage_R: np.ndarray | None = None  # group-normalised rewards (r - mean_g r) / (std_g r + 1e-6) (KDRL)
 
     @classmethod
     def from_table(cls, table: pa.Table, scope: tuple[float, int] | None = None) -> "RolloutTable":
@@ -186,8 +190,11 @@ class RolloutTable:
                 torch.from_numpy(group_R), torch.from_numpy(reward_R > 0),
                 torch.from_numpy(table["teacher_mean"].to_numpy().astype(np.float64)),
                 torch.from_numpy(table["behavior_mean"].to_numpy().astype(np.float64)), *scope).float().numpy()
+        mean_R = table["reward_mean"].to_numpy().astype(np.float64)
+        std_R = table["reward_std"].to_numpy().astype(np.float64)
+        advantage_R = ((reward_R - mean_R) / (std_R + GROUP_ADVANTAGE_EPS)).astype(np.float32)
         return cls({key: i for i, key in enumerate(keys)}, reward_R, table["pass_rate"].to_numpy().astype(np.float32),
-                   row_weight_R)
+                   row_weight_R, advantage_R)
 
     def rows(self, keys: Sequence[tuple[str, int]]) -> np.ndarray:
         """Table rows of these rollouts; a rollout the statistics do not hold is an error (stale statistics)."""

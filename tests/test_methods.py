@@ -144,7 +144,8 @@ NEUTRAL = {
     # the new losses at weight 0 (AKL, alpha-divergence, DPH-RL anchors) and their parameters changed
     "new_losses_off": {"akl_head_mass": 0.3, "alpha_divergence": 0.7},
 }
-NEW_LOSSES_OFF = {"akl_topk": 0.0, "alpha_topk": 0.0, "anchor_forward_kl": 0.0, "anchor_js": 0.0, "anchor_alpha": 0.0}
+NEW_LOSSES_OFF = {"akl_topk": 0.0, "alpha_topk": 0.0, "anchor_forward_kl": 0.0, "anchor_js": 0.0, "anchor_alpha": 0.0,
+                  "kdrl": 0.0}
 
 
 @pytest.mark.parametrize("losses", list(LOSS_SETS))
@@ -378,7 +379,8 @@ def test_loss_schedule_phases_and_run_key():
     plain = _cfg()
     settings = {k: v for k, v in plain.model_dump(mode="json").items()
                 if k not in {"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                             "online", "loss_schedule", "rows", "methods", "akl_head_mass", "alpha_divergence"}
+                             "online", "loss_schedule", "rows", "methods", "akl_head_mass", "alpha_divergence",
+                             "kdrl_beta", "kdrl_is_cap"}
                 | TrainConfig.EXECUTION_ONLY}
     assert train_run_key(plain, "m", "d") == checkpoint.run_fingerprint({"settings": settings, "student": "m",
                                                                          "data": "d"})
@@ -386,8 +388,9 @@ def test_loss_schedule_phases_and_run_key():
         plain, cfg, _cfg(loss_schedule=[{"until_step": 3, "losses": {"forward_kl_topk": 1.0}}]),
         _cfg(rows={"sft": "correct"}), _cfg(methods={"paced": {}}), _cfg(methods={"paced": {"alpha": 2.0}}),
         _cfg(methods={"position": {}}), _cfg(methods={"gopd": {}}), _cfg(methods={"scope": {}}),
-        _cfg(akl_head_mass=0.3), _cfg(alpha_divergence=0.5))}
-    assert len(keys) == 11
+        _cfg(akl_head_mass=0.3), _cfg(alpha_divergence=0.5), _cfg(kdrl_beta=1e-3), _cfg(kdrl_is_cap=3.0),
+        _cfg(methods={"tip": {}}), _cfg(methods={"opsd": {"clip": 1.0}}))}
+    assert len(keys) == 15
 
 
 # --- PACED ---------------------------------------------------------------------------------------------------------

@@ -378,3 +378,93 @@ def test_tip_entropy_mode_samples_by_entropy_reproducibly(tiny_models):
     d = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     want = (h / math.log(19)) ** 2 * (d / math.log(2)) ** 0.5
     assert torch.allclose(tip_entropy_probs(h, d, 19, 2.0, 0.5), want, rtol=1e-14)
+
+
+# --- KDRL ------------------------------------------------------------------------------------------------------------
+
+
+def _kdrl_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(3, 6, generator=g, dtype=torch.float64) - 1.5).requires_grad_()
+    teacher = torch.randn(3, 6, generator=g, dtype=torch.float64) - 1.5
+    behavior = student.detach() + 0.4 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    return student, teacher, behavior, mask
+
+
+def test_kdrl_with_beta_zero_is_grpo_and_equal_rewards_leave_pure_distillation():
+    student, teacher, behavior, mask = _kdrl_case()
+    advantage = torch.tensor([1.2, -0.7, 0.3], dtype=torch.float64)[:, None].expand(3, 6)
+    failed = torch.tensor([False, True, True])[:, None].expand(3, 6)
+    grpo, metrics = L.kdrl(student, teacher, behavior, advantage, failed, mask, beta=0.0)
+    r = (student - behavior).exp()
+    ppo = -torch.minimum(r * advantage, r.clamp(0.8, 1.28) * advantage)
+    assert grpo.item() == pytest.approx(ppo[mask].mean().item(), rel=1e-12)
+    assert metrics["kdrl/failed_frac"].item() == pytest.approx(10 / 16)
+    # equal rewards in every group: Ahat = 0, only the distillation term on the failed rollouts remains
+    zero = torch.zeros(3, 6, dtype=torch.float64)
+    loss, _ = L.kdrl(student, teacher, behavior, zero, failed, mask, beta=5e-3, is_cap=2.0)
+    distill = torch.where(failed, r.detach().clamp_max(2.0) * 0.5 * (student - teacher) ** 2, 0.0)
+    ref = 5e-3 * distill[mask].sum() / mask.sum()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, student)
+    (ref_grad,) = torch.autograd.grad(ref, student)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+    assert torch.all(grad[0] == 0)  # the solved rollout gets no distillation gradient
+
+
+def test_kdrl_reads_group_normalised_rewards_from_the_prompt_statistics(tmp_path):
+    """Ahat_i = (r_i - mean_g r) / (std_g r + 1e-6) per rollout from the prompt statistics; kdrl needs rewards and
+    at least 2 rollouts per prompt."""
+    from pipeline.stages.train import rollout_table
+
+    records = _records("q", 12)
+    shards = _shard_set(tmp_path / "s", records)
+    cfg = TrainConfig(student="s", shards="d", out="o", losses={"kdrl": 1.0})
+    assert cfg.needs_prompt_stats()
+    table = rollout_table(cfg, shards, "data-1")
+    for r in records:
+        group = [x.reward for x in records if x.prompt_id == r.prompt_id]
+        want = (r.reward - sum(group) / len(group)) / (float(torch.tensor(group).std(unbiased=False)) + 1e-6)
+        got = table.advantage_R[table.rows([(r.prompt_id, r.sample_index)])[0]]
+        assert got == pytest.approx(want, rel=1e-6)
+    single = _shard_set(tmp_path / "single", [dataclasses.replace(r, sample_index=0, prompt_id=f"p{i}")
+                                              for i, r in enumerate(records)])
+    with pytest.raises(LopdUserError, match="kdrl loss .* compares the rollouts"):
+        rollout_table(cfg, single, "x")
+
+
+def test_kdrl_through_train_step_is_invariant_to_accumulation(tmp_path, tiny_models):
+    """``train_step`` with kdrl (and lightning): one micro-batch of 8 and 8 of 1 give the same losses and the same
+    SGD update (float64)."""
+    from pipeline.models import load_model
+    from pipeline.stages.train import rollout_table, train_step
+    from pipeline.training import StepMeter
+
+    records = _records("q", 8)
+    shards = _shard_set(tmp_path / "s", records)
+
+    class Source:
+        def next_records(self, n, parts):
+            return records[:n]
+
+        def state_dict(self):
+            return {}
+
+    results = []
+    for accum in (1, 8):
+        cfg = TrainConfig(student="s", shards="d", out="o", losses={"kdrl": 1.0, "lightning": 0.5}, kdrl_beta=0.1,
+                          batch_size=8, grad_accum=accum, optim={"grad_clip": None})
+        student = StudentLM(load_model(tiny_models["student"]).double())
+        before = [p.detach().clone() for p in student.parameters()]
+        opt = torch.optim.SGD(student.parameters(), lr=1.0)
+        metrics, _ = train_step(student, opt, cfg, Source(), 8, 0, DistInfo(), torch.device("cpu"), StepMeter(1, 1),
+                                rollout_table(cfg, shards, "k"))
+        results.append((metrics, [b - p.detach() for b, p in zip(before, student.parameters(), strict=True)]))
+    (one, one_update), (many, many_update) = results
+    assert abs(one["loss/kdrl"].item()) > 1e-4 and one["kdrl/distill"].item() > 0
+    for key in ("loss/total", "loss/kdrl", "loss/lightning"):
+        assert many[key].item() == pytest.approx(one[key].item(), rel=1e-10), key
+    for a, b in zip(one_update, many_update, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

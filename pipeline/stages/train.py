@@ -89,6 +89,7 @@ class Batch:
     reward_B: torch.Tensor | None = None  # each rollout's reward, NaN where the shard holds none
     pass_rate_B: torch.Tensor | None = None  # its prompt's pass rate (only with prompt statistics)
     row_weight_B: torch.Tensor | None = None  # fixed per-rollout method weights (SCOPE) from the statistics
+    advantage_B: torch.Tensor | None = None  # group-normalised reward of the rollout (KDRL) from the statistics
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(None if (v := getattr(self, f)) is None else v.to(device) for f in self.__dataclass_fields__))
@@ -122,13 +123,14 @@ def collate(records: list[TeacherRecord], pad_id: int, rollouts: RolloutTable | 
 
 
 def _row_stats(records: list[TeacherRecord], rollouts: RolloutTable | None
-               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(pass_rate_B, row_weight_B) of these records from the prompt statistics (None without them)."""
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(pass_rate_B, row_weight_B, advantage_B) of these records from the prompt statistics (None without)."""
     if rollouts is None:
-        return None, None
+        return None, None, None
     rows = rollouts.rows([(r.prompt_id, r.sample_index) for r in records])
     row_weight = None if rollouts.row_weight_R is None else torch.from_numpy(rollouts.row_weight_R[rows])
-    return torch.from_numpy(rollouts.pass_rate_R[rows]), row_weight
+    advantage = None if rollouts.advantage_R is None else torch.from_numpy(rollouts.advantage_R[rows])
+    return torch.from_numpy(rollouts.pass_rate_R[rows]), row_weight, advantage
 
 
 @dataclass
@@ -148,6 +150,7 @@ class TokenTargets:
     weights_N: torch.Tensor | None = None
     reward_N: torch.Tensor | None = None
     pass_rate_N: torch.Tensor | None = None
+    advantage_N: torch.Tensor | None = None
 
     def rows(self, start: int, end: int) -> "TokenTargets":
         """Tokens ``start:end`` as one ``[1, n]`` row, the shape the losses take."""
@@ -165,7 +168,7 @@ def flatten_targets(batch: Batch, weights_B_T: torch.Tensor | None = None) -> To
                         batch.topk_ids_B_T_K[select_B_T], batch.topk_logprobs_B_T_K[select_B_T],
                         batch.tail_logprob_B_T[select_B_T], L.reduction_weights(select_B_T, "sequence")[select_B_T],
                         None if weights_B_T is None else weights_B_T[select_B_T],
-                        per_token(batch.reward_B), per_token(batch.pass_rate_B))
+                        per_token(batch.reward_B), per_token(batch.pass_rate_B), per_token(batch.advantage_B))
 
 
 @dataclass
@@ -292,6 +295,12 @@ def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, m
                 clip_eps_high=lc.clip_eps_high, advantage_clip=lc.advantage_clip, normalization=lc.normalization,
                 normalizer=seq_norm if sequence else tok_norm, weights_B_T=lightning_weights_B_T,
                 reward_scale=1.0 if gopd is None else gopd.lam, k3_guard=0.0 if gopd is None else gopd.k3_guard)
+        elif name == "kdrl":
+            lc = cfg.lightning
+            terms[name] = L.kdrl(stats.target_logprobs, targets.teacher_logprobs_N, targets.behavior_logprobs_N,
+                                 targets.advantage_N, targets.reward_N <= 0, term_mask_B_T, beta=cfg.kdrl_beta,
+                                 is_cap=cfg.kdrl_is_cap, clip_eps_low=lc.clip_eps_low, clip_eps_high=lc.clip_eps_high,
+                                 normalizer=tok_norm, weights_B_T=weights_B_T)
         elif name == "sft":
             terms[name] = L.sft_cross_entropy(stats.target_logprobs, term_mask_B_T, normalizer=tok_norm,
                                               weights_B_T=weights_B_T)
@@ -427,7 +436,7 @@ _NOT_IN_RUN_KEY = ({"out", "student", "shards", "steps", "checkpoint_every", "ke
 
 # Method settings whose default (off) is left out of the run key; when set they are part of it.
 _OFF_BY_DEFAULT = {"loss_schedule": [], "rows": {}, "methods": MethodsConfig().model_dump(mode="json"),
-                   "akl_head_mass": 0.5, "alpha_divergence": 0.2}
+                   "akl_head_mass": 0.5, "alpha_divergence": 0.2, "kdrl_beta": 5e-3, "kdrl_is_cap": 2.0}
 
 
 def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: str | None) -> str:
@@ -697,8 +706,8 @@ def check_sources_agree(cfg: TrainConfig, sets: dict[str, ShardSet], need_topk: 
                             "with the same teacher_logprobs.k or train with the `lightning` loss")
     if cfg.needs_prompt_stats():
         raise LopdUserError("train.shards lists several shard sets: row routing (train.rows, the anchors), "
-                            "train.methods.paced and train.methods.scope read one set's prompt statistics and are "
-                            "not offered across sources yet; train on one set")
+                            "train.methods.paced, train.methods.scope and the kdrl loss read one set's prompt "
+                            "statistics and are not offered across sources yet; train on one set")
 
 
 def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> RolloutTable | None:
@@ -711,8 +720,9 @@ def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> 
     routed = [name for name in sorted(cfg.all_losses()) if cfg.route(name) != "all"]
     users = ([f"train.rows.{name}={cfg.route(name)}" if name in cfg.rows else f"{name} (on {cfg.route(name)} rows)"
               for name in routed]
-             + [f"train.methods.{name}" for name in ("paced", "scope") if getattr(cfg.methods, name) is not None])
-    group_users = [u for u in users if "solved" in u or u.endswith(("paced", "scope"))]  # solved, unsolved
+             + [f"train.methods.{name}" for name in ("paced", "scope") if getattr(cfg.methods, name) is not None]
+             + (["the kdrl loss (group-normalised rewards)"] if "kdrl" in cfg.all_losses() else []))
+    group_users = [u for u in users if "solved" in u or u.endswith(("paced", "scope", "rewards)"))]
     require_group_stats(table, shards.root, groups=bool(group_users), why=", ".join(group_users or users))
     log.info("train: prompt statistics of %s: %s", shards.root, how)
     scope = cfg.methods.scope
@@ -726,9 +736,9 @@ def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: Ev
     if cfg.online is None:
         raise LopdUserError("online OPD needs a train.online section (teacher, prompts) in the run config")
     if cfg.needs_prompt_stats():
-        raise LopdUserError("row routing (train.rows, the anchors), train.methods.paced and train.methods.scope "
-                            "read the prompt statistics of a shard set: offline training only (`lopd train`), not "
-                            "the online baseline")
+        raise LopdUserError("row routing (train.rows, the anchors), train.methods.paced, train.methods.scope and "
+                            "the kdrl loss read the prompt statistics of a shard set: offline training only "
+                            "(`lopd train`), not the online baseline")
     require_model_dir(cfg.student, field="train.student", made_by="lopd sft")
     require_model_dir(cfg.online.teacher, field="train.online.teacher")
     data = {"teacher": model_fingerprint(cfg.online.teacher), "prompts": file_sha256(Path(cfg.online.prompts))}
