@@ -289,6 +289,20 @@ class TipConfig(Strict):
                          "only)")
 
 
+class BapoConfig(Strict):
+    """BAPO adaptive clipping of ``lightning``'s PPO-clip form (docs/methods.md): the ratio bounds [c_lo, c_hi]
+    start at (low, high) and widen by ``step`` (c_lo first, then c_hi) until the positive-advantage tokens'
+    contribution is at least ``target`` times the negative ones'. Needs train.lightning.importance=ppo_clip.
+    Neutral: step = 0 with low = 1 - clip_eps_low and high = 1 + clip_eps_high (plain PPO-clip)."""
+
+    low: float = Field(0.6, gt=0, le=1, description="starting lower bound c_lo (paper: 0.6)")
+    low_max: float = Field(0.8, gt=0, le=1, description="c_lo is raised up to this (paper: 0.8)")
+    high: float = Field(1.2, ge=1, description="starting upper bound c_hi (paper: 1.2)")
+    high_max: float = Field(2.0, ge=1, description="c_hi is raised up to this (paper: 2.0)")
+    step: float = Field(0.05, ge=0, description="increment of a bound (paper: 0.05); 0 keeps the bounds fixed")
+    target: float = Field(1.0, gt=0, description="wanted ratio of positive to negative contributions")
+
+
 class MethodsConfig(Strict):
     """Optional weighting and reward methods of offline OPD; each is off (null) by default. Setting a field,
     e.g. ``--set train.methods.paced.alpha=1``, turns the method on with its paper's defaults for the rest."""
@@ -299,6 +313,7 @@ class MethodsConfig(Strict):
     scope: ScopeConfig | None = None
     opsd: OpsdConfig | None = None
     tip: TipConfig | None = None
+    bapo: BapoConfig | None = None
 
     def needs_rewards(self) -> bool:
         return self.paced is not None or self.scope is not None
@@ -376,6 +391,13 @@ class TrainConfig(ScaleConfig):
         if self.grad_accum > 1 and self.max_tokens_per_micro_batch is not None:
             raise ValueError("set grad_accum (micro-batches by count) or max_tokens_per_micro_batch (by tokens), "
                              "not both")
+        return self
+
+    @model_validator(mode="after")
+    def _bapo_needs_ppo_clip(self) -> "TrainConfig":
+        if self.methods.bapo is not None and self.lightning.importance != "ppo_clip":
+            raise ValueError("methods.bapo adapts the clip range of lightning's PPO-clip form: set "
+                             "lightning.importance=ppo_clip")
         return self
 
     @model_validator(mode="after")

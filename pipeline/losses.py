@@ -370,6 +370,7 @@ def lightning_pg(
     weights_B_T: torch.Tensor | None = None,
     reward_scale: float = 1.0,
     k3_guard: float = 0.0,
+    ratio_bounds: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """The Lightning OPD loss: policy gradient on the sampled tokens with the per-token reverse-KL reward.
 
@@ -405,6 +406,9 @@ def lightning_pg(
     p_theta = mu), GRPO's k3 estimate of KL(p_theta || mu) with the samples taken as on-policy (our choice of
     guard; the paper names the risk, not this form); reduced like the policy-gradient term.
 
+    ``ratio_bounds`` = (c_lo, c_hi): "ppo_clip" clips r_t to [c_lo, c_hi] instead of [1 - clip_eps_low,
+    1 + clip_eps_high] (BAPO's adapted bounds, ``bapo_bounds``).
+
     Shapes: student_logprobs_B_T (current model, grad), teacher_logprobs_B_T and
     behavior_logprobs_B_T (stored), mask_B_T.
     """
@@ -436,7 +440,8 @@ def lightning_pg(
         clipped_B_T = ratio_B_T.detach() > is_cap
     else:
         unclipped_B_T = ratio_B_T * advantage_B_T
-        clipped_term_B_T = ratio_B_T.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantage_B_T
+        low, high = ratio_bounds if ratio_bounds is not None else (1.0 - clip_eps_low, 1.0 + clip_eps_high)
+        clipped_term_B_T = ratio_B_T.clamp(low, high) * advantage_B_T
         per_token_B_T = -torch.minimum(unclipped_B_T, clipped_term_B_T)
         clipped_B_T = (clipped_term_B_T < unclipped_B_T).detach()  # the clipped branch wins: no gradient
 
@@ -458,6 +463,38 @@ def lightning_pg(
     if k3_guard:
         metrics["lightning/k3_guard"] = _masked_mean(k3_B_T, valid_B_T)
     return loss, metrics
+
+
+def bapo_bounds(ratio_N: torch.Tensor, advantage_N: torch.Tensor, *, low: float = 0.6, low_max: float = 0.8,
+                high: float = 1.2, high_max: float = 2.0, step: float = 0.05, target: float = 1.0
+                ) -> tuple[float, float]:
+    """BAPO's adaptive clip range (Xi et al. 2025, "BAPO: Stabilizing Off-Policy Reinforcement Learning for LLMs
+    via Balanced Policy Optimization with Adaptive Clipping"; the procedure as restated from the authors' code by a
+    secondary source): PPO-clip with bounds [c_lo, c_hi], a token's gradient surviving when
+    A_t >= 0 and r_t <= c_hi, or A_t < 0 and r_t >= c_lo. Starting from (low, high),
+
+        while  P / N < target:   P = sum_{A>0, r<=c_hi} r A,   N = sum_{A<0, r>=c_lo} r |A|
+            c_lo += step up to low_max, then c_hi += step up to high_max (stop when both are at their max)
+
+    raising c_lo drops more negative-advantage tokens, raising c_hi admits more positive ones, until the
+    positive contributions balance the negative. No negative contribution (N = 0) leaves the bounds; step = 0
+    fixes them. Shapes: ratio_N, advantage_N over the tokens at hand (detached). Returns (c_lo, c_hi)."""
+    ratio_N, advantage_N = ratio_N.detach().double(), advantage_N.detach().double()
+
+    def balance(lo: float, hi: float) -> float:
+        pos = torch.where((advantage_N > 0) & (ratio_N <= hi), ratio_N * advantage_N, 0.0).sum()
+        neg = torch.where((advantage_N < 0) & (ratio_N >= lo), -ratio_N * advantage_N, 0.0).sum()
+        return math.inf if neg == 0 else float(pos / neg)
+
+    eps = 1e-9  # bounds reached by repeated float steps
+    while step > 0 and balance(low, high) < target:
+        if low + step <= low_max + eps:
+            low += step
+        elif high + step <= high_max + eps:
+            high += step
+        else:
+            break
+    return low, high
 
 
 # --- KDRL: group-relative reward + distillation on failed rollouts -----------------------------------------------

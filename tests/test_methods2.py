@@ -468,3 +468,55 @@ def test_kdrl_through_train_step_is_invariant_to_accumulation(tmp_path, tiny_mod
         assert many[key].item() == pytest.approx(one[key].item(), rel=1e-10), key
     for a, b in zip(one_update, many_update, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# --- BAPO ------------------------------------------------------------------------------------------------------------
+
+
+def test_bapo_bounds_widen_until_the_contributions_balance():
+    d = torch.float64
+    # negative tokens outweigh: c_lo rises from 0.6 past 0.62, dropping that token's negative contribution
+    ratio, adv = torch.tensor([1.0, 0.62, 0.9], dtype=d), torch.tensor([1.0, -1.0, -1.0], dtype=d)
+    low, high = L.bapo_bounds(ratio, adv)
+    assert low == pytest.approx(0.65) and high == 1.2
+    # c_lo reaches its max, then c_hi rises until the positive token at r = 1.45 counts
+    ratio, adv = torch.tensor([1.45, 0.9, 1.0], dtype=d), torch.tensor([1.0, -1.0, 0.1], dtype=d)
+    low, high = L.bapo_bounds(ratio, adv)
+    assert low == pytest.approx(0.8) and 1.45 <= high < 1.5 + 1e-9
+    # all advantages >= 0, or step 0: the bounds stay
+    assert L.bapo_bounds(ratio, adv.abs()) == (0.6, 1.2)
+    assert L.bapo_bounds(torch.tensor([1.0, 0.62], dtype=d), torch.tensor([0.1, -1.0], dtype=d), step=0.0) == (0.6, 1.2)
+    # nothing can balance: both bounds end at their max
+    assert L.bapo_bounds(torch.tensor([3.0, 1.0], dtype=d), torch.tensor([1.0, -1.0], dtype=d)) == pytest.approx(
+        (0.8, 2.0))
+
+
+def test_bapo_at_the_rollout_policy_has_the_gradient_of_importance_none():
+    student, teacher, behavior, mask = _kdrl_case(seed=3)
+    at_mu = behavior.clone().requires_grad_()
+    bapo, _ = L.lightning_pg(at_mu, teacher, behavior, mask, importance="ppo_clip", ratio_bounds=(0.7, 1.5),
+                             normalization="token")
+    plain, _ = L.lightning_pg(at_mu, teacher, behavior, mask, importance="none", normalization="token")
+    torch.testing.assert_close(torch.autograd.grad(bapo, at_mu)[0], torch.autograd.grad(plain, at_mu)[0],
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_bapo_neutral_is_ppo_clip_bit_for_bit_and_adapts_through_the_trainer(tiny_models):
+    """Fixed bounds equal to PPO's (step 0) give the plain PPO-clip loss and gradients exactly; the default
+    adapts per micro-batch and logs its bounds."""
+    from pipeline.models import load_model
+
+    lm = load_model(tiny_models["student"])
+    student, params = StudentLM(lm), list(lm.parameters())
+    batch = collate(_records("q", 8), pad_id=0)
+    base = dict(student="s", shards="d", out="o", losses={"lightning": 1.0, "reverse_kl_topk": 0.5},
+                logits_chunk_tokens=7, lightning={"importance": "ppo_clip", "normalization": "token"})
+    ref = _trainer_loss(student, TrainConfig(**base), batch, params)
+    neutral = {"low": 0.8, "low_max": 0.8, "high": 1.28, "high_max": 1.28, "step": 0.0}
+    got = _trainer_loss(student, TrainConfig(**base, methods={"bapo": neutral}), batch, params)
+    assert abs(ref[0].item()) > 1e-3 and torch.equal(got[0], ref[0])
+    assert all(torch.equal(a, b) for a, b in zip(got[1], ref[1], strict=True))
+    adapted = _trainer_loss(student, TrainConfig(**base, methods={"bapo": {}}), batch, params)[2]
+    assert 0.6 <= adapted["bapo/clip_low"].item() <= 0.8 and 1.2 <= adapted["bapo/clip_high"].item() <= 2.0
+    with pytest.raises(ValueError, match="lightning.importance=ppo_clip"):
+        TrainConfig(student="s", shards="d", out="o", methods={"bapo": {}})

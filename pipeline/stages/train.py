@@ -255,14 +255,16 @@ def method_weights(cfg: TrainConfig, batch: Batch, paced_scale: torch.Tensor | N
 
 def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor,
                    token_normalizer: torch.Tensor, seq_normalizer: torch.Tensor,
-                   routed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, Metrics]:
+                   routed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   ratio_bounds: tuple[float, float] | None = None) -> tuple[torch.Tensor, Metrics]:
     """Weighted sum of the configured loss terms over gathered per-token quantities (``stats`` of the student,
     ``targets`` of the teacher, same ``[B, T]`` layout); each term normalised by the step's global counts.
 
     A term routed to a subset of rows (``cfg.rows``) reads only their tokens and is normalised by the step's
     global counts of that subset (``routed[route] = (tokens, sequences)``); ``targets.weights_N`` (the weighting
-    methods) multiply every term's per-token reduction weights. Diagnostics of the student against the teacher
-    and the rollout policy are added to the metrics (``diagnostics``)."""
+    methods) multiply every term's per-token reduction weights. ``ratio_bounds``: BAPO's clip range for
+    ``lightning``'s PPO-clip form. Diagnostics of the student against the teacher and the rollout policy are added
+    to the metrics (``diagnostics``)."""
     terms: dict[str, tuple[torch.Tensor, Metrics]] = {}
     weights_B_T = targets.weights_N
     routed_frac: Metrics = {}
@@ -294,7 +296,8 @@ def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, m
                 importance=lc.importance, is_cap=lc.is_cap, clip_eps_low=lc.clip_eps_low,
                 clip_eps_high=lc.clip_eps_high, advantage_clip=lc.advantage_clip, normalization=lc.normalization,
                 normalizer=seq_norm if sequence else tok_norm, weights_B_T=lightning_weights_B_T,
-                reward_scale=1.0 if gopd is None else gopd.lam, k3_guard=0.0 if gopd is None else gopd.k3_guard)
+                reward_scale=1.0 if gopd is None else gopd.lam, k3_guard=0.0 if gopd is None else gopd.k3_guard,
+                ratio_bounds=ratio_bounds)
         elif name == "kdrl":
             lc = cfg.lightning
             terms[name] = L.kdrl(stats.target_logprobs, targets.teacher_logprobs_N, targets.behavior_logprobs_N,
@@ -346,21 +349,75 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
     targets = flatten_targets(batch, weights_B_T)
     need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
     routed = None if norms is None else norms.routed
-    tip = None
+    prepasses: list[TipSelection | BapoBounds] = []
     if cfg.methods.tip is not None:
         scale = norms.tip_scale if norms is not None else torch.ones(())
-        tip = TipSelection(cfg.methods.tip, targets, unwrap(model).config.vocab_size, need_topk, cfg.tail_bucket,
-                           scale)
+        prepasses.append(TipSelection(cfg.methods.tip, targets, unwrap(model).config.vocab_size, need_topk,
+                                      cfg.tail_bucket, scale))
+    bapo = None
+    if cfg.methods.bapo is not None and cfg.losses.get("lightning", 0) != 0:
+        bapo = BapoBounds(cfg, targets)
+        prepasses.append(bapo)
 
     def chunk_loss(stats: TokenStats, start: int, end: int) -> tuple[torch.Tensor, Metrics]:
         valid_1_n = torch.ones(1, end - start, dtype=torch.bool, device=stats.target_logprobs.device)
         return compute_losses(cfg, stats[None], targets.rows(start, end), valid_1_n, token_normalizer, seq_normalizer,
-                              routed)
+                              routed, None if bapo is None else bapo.bounds)
 
     loss, metrics = model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
                           topk_ids_N_K=targets.topk_ids_N_K if need_topk else None,
-                          chunk_tokens=cfg.logits_chunk_tokens, argmax=need_topk, prepass=tip)
-    return loss, {**metrics, **weight_stats, **(tip.stats if tip is not None else {})}
+                          chunk_tokens=cfg.logits_chunk_tokens, argmax=need_topk,
+                          prepass=Prepasses(prepasses) if prepasses else None)
+    return loss, {**metrics, **weight_stats, **{k: v for p in prepasses for k, v in p.stats.items()}}
+
+
+class Prepasses:
+    """Several ``HeadPrepass``es in one pass over the head's chunks (TIP and BAPO both need one)."""
+
+    def __init__(self, parts: list[Any]):
+        self.parts = parts
+        self.entropy = any(p.entropy for p in parts)
+
+    def chunk(self, stats: TokenStats, start: int, end: int) -> None:
+        for p in self.parts:
+            p.chunk(stats, start, end)
+
+    def done(self) -> None:
+        for p in self.parts:
+            p.done()
+
+
+class BapoBounds:
+    """BAPO's clip range of a micro-batch as the chunked head's no-grad pre-pass: it gathers every token's
+    importance ratio r_t = p_theta / mu and ``lightning``'s advantage A_t (as ``lightning_pg`` computes it, G-OPD
+    and ``advantage_clip`` included), then ``done`` adapts [c_lo, c_hi] (``pipeline.losses.bapo_bounds``) before the
+    loss pass. Per micro-batch: the paper adapts over the step's batch, which is the same with one micro-batch
+    per rank. Cost: one more chunk x vocab matmul per token, no gradient."""
+
+    entropy = False
+
+    def __init__(self, cfg: TrainConfig, targets: TokenTargets):
+        self.cfg, self.targets = cfg, targets
+        n = targets.teacher_logprobs_N.shape[0]
+        self.student_N = torch.zeros(n, dtype=torch.float64, device=targets.teacher_logprobs_N.device)
+        self.bounds: tuple[float, float] | None = None
+        self.stats: Metrics = {}
+
+    def chunk(self, stats: TokenStats, start: int, end: int) -> None:
+        self.student_N[start:end] = stats.target_logprobs
+
+    def done(self) -> None:
+        t, gopd, lc, b = self.targets, self.cfg.methods.gopd, self.cfg.lightning, self.cfg.methods.bapo
+        teacher_N, behavior_N = t.teacher_logprobs_N.double(), t.behavior_logprobs_N.double()
+        lam = 1.0 if gopd is None else gopd.lam
+        advantage_N = (teacher_N - self.student_N if lam == 1.0
+                       else lam * (teacher_N - behavior_N) - (self.student_N - behavior_N))
+        if lc.advantage_clip is not None:
+            advantage_N = advantage_N.clamp(-lc.advantage_clip, lc.advantage_clip)
+        ratio_N = (self.student_N - behavior_N).clamp(-L.LOG_RATIO_LIMIT, L.LOG_RATIO_LIMIT).exp()
+        self.bounds = L.bapo_bounds(ratio_N, advantage_N, low=b.low, low_max=b.low_max, high=b.high,
+                                    high_max=b.high_max, step=b.step, target=b.target)
+        self.stats = {"bapo/clip_low": torch.tensor(self.bounds[0]), "bapo/clip_high": torch.tensor(self.bounds[1])}
 
 
 class TipSelection:
