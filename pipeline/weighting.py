@@ -4,7 +4,8 @@ The losses (``pipeline.losses``) reduce ``sum_t w_t l_t / normalizer`` over vali
 make the ``w_t`` of the weighting methods and the row masks of the per-term routing. They read only what the
 shards and their prompt statistics (``storage.prompt_stats``) hold, never the student, so the trainer computes
 them once per micro-batch, before the chunked LM head; TIP's token selection alone reads the student (its
-entropy and divergence, from a no-grad pre-pass of the head, ``pipeline.head.HeadPrepass``). docs/methods.md lists each method with its source.
+entropy and divergence, from a no-grad pre-pass of the head, ``pipeline.head.HeadPrepass``). docs/methods.md
+lists each method with its source.
 
 Shape key:
     B: rollouts (rows) of the micro-batch
