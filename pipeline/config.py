@@ -303,6 +303,19 @@ class BapoConfig(Strict):
     target: float = Field(1.0, gt=0, description="wanted ratio of positive to negative contributions")
 
 
+class CovConfig(Strict):
+    """Clip-Cov / KL-Cov for ``lightning`` (docs/methods.md): the tokens with the highest covariance between the
+    student's log-prob and the advantage lose their gradient (clip_cov: a random frac of those with cov_low < Cov
+    < cov_high) or get a |log p_theta - log mu| penalty (kl_cov: the top frac by Cov). Neutral: kl_cov with
+    kl_coef = 0, or clip_cov with an empty range (cov_low >= cov_high)."""
+
+    mode: Literal["clip_cov", "kl_cov"] = Field("clip_cov", description="drop the gradient, or add the penalty")
+    frac: float = Field(2e-4, gt=0, le=1, description="share of the tokens selected (at least 1)")
+    cov_low: float = Field(1.0, description="clip_cov: lower covariance bound of the candidates")
+    cov_high: float = Field(5.0, description="clip_cov: upper covariance bound of the candidates")
+    kl_coef: float = Field(1.0, ge=0, description="kl_cov: coefficient of |log p_theta - log mu|")
+
+
 class MethodsConfig(Strict):
     """Optional weighting and reward methods of offline OPD; each is off (null) by default. Setting a field,
     e.g. ``--set train.methods.paced.alpha=1``, turns the method on with its paper's defaults for the rest."""
@@ -314,6 +327,7 @@ class MethodsConfig(Strict):
     opsd: OpsdConfig | None = None
     tip: TipConfig | None = None
     bapo: BapoConfig | None = None
+    cov: CovConfig | None = None
 
     def needs_rewards(self) -> bool:
         return self.paced is not None or self.scope is not None

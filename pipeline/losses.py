@@ -371,6 +371,7 @@ def lightning_pg(
     reward_scale: float = 1.0,
     k3_guard: float = 0.0,
     ratio_bounds: tuple[float, float] | None = None,
+    abs_kl_coef_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """The Lightning OPD loss: policy gradient on the sampled tokens with the per-token reverse-KL reward.
 
@@ -407,7 +408,8 @@ def lightning_pg(
     guard; the paper names the risk, not this form); reduced like the policy-gradient term.
 
     ``ratio_bounds`` = (c_lo, c_hi): "ppo_clip" clips r_t to [c_lo, c_hi] instead of [1 - clip_eps_low,
-    1 + clip_eps_high] (BAPO's adapted bounds, ``bapo_bounds``).
+    1 + clip_eps_high] (BAPO's adapted bounds, ``bapo_bounds``). ``abs_kl_coef_B_T`` = k_t adds
+    k_t |log p_theta(y_t) - log mu(y_t)| per token (KL-Cov's penalty on the tokens ``covariance_select`` picks).
 
     Shapes: student_logprobs_B_T (current model, grad), teacher_logprobs_B_T and
     behavior_logprobs_B_T (stored), mask_B_T.
@@ -448,6 +450,8 @@ def lightning_pg(
     if k3_guard:
         k3_B_T = (-log_ratio_B_T).exp() - 1.0 + log_ratio_B_T  # r - 1 - log r with r = mu / p_theta
         per_token_B_T = per_token_B_T + k3_guard * k3_B_T
+    if abs_kl_coef_B_T is not None:
+        per_token_B_T = per_token_B_T + abs_kl_coef_B_T.to(per_token_B_T.dtype) * log_ratio_B_T.abs()
     loss = _reduce(per_token_B_T, valid_B_T, normalization, normalizer, weights_B_T)
     ratio_detached_B_T = ratio_B_T.detach()
     metrics = {
@@ -495,6 +499,35 @@ def bapo_bounds(ratio_N: torch.Tensor, advantage_N: torch.Tensor, *, low: float 
         else:
             break
     return low, high
+
+
+def covariance_select(student_logprobs_N: torch.Tensor, advantage_N: torch.Tensor, *, mode: str,
+                      frac: float = 2e-4, cov_low: float = 1.0, cov_high: float = 5.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens the entropy-mechanism methods act on (Cui et al. 2025, "The Entropy Mechanism of Reinforcement
+    Learning for Reasoning Language Models"; as in the authors' code per a secondary source):
+
+        Cov_t = (log p_theta(y_t) - mean log p_theta) (A_t - mean A)          (detached, over the tokens at hand)
+        clip_cov: n = max(1, frac N) tokens drawn at random among cov_low < Cov_t < cov_high (all of them if fewer):
+                  their policy-gradient term loses its gradient
+        kl_cov:   the top n by Cov_t: they get the penalty |log p_theta - log mu|
+
+    High-covariance tokens (confident and rewarded, or unlikely and penalised) drive the entropy collapse.
+    Clip-Cov draws from torch's default generator (saved in checkpoints). Shapes: ``[N]``; returns
+    (selected_N bool, cov_N)."""
+    lp_N, adv_N = student_logprobs_N.detach().double(), advantage_N.detach().double()
+    cov_N = (lp_N - lp_N.mean()) * (adv_N - adv_N.mean())
+    n = max(1, int(frac * cov_N.numel()))
+    selected_N = torch.zeros_like(cov_N, dtype=torch.bool)
+    if cov_N.numel() == 0:
+        return selected_N, cov_N
+    if mode == "kl_cov":
+        return selected_N.index_fill_(0, torch.topk(cov_N, min(n, cov_N.numel())).indices, True), cov_N
+    if mode != "clip_cov":
+        raise ValueError(f"covariance_select: mode must be 'clip_cov' or 'kl_cov', got {mode!r}")
+    candidates = torch.nonzero((cov_N > cov_low) & (cov_N < cov_high)).squeeze(-1)
+    chosen = candidates[torch.randperm(candidates.numel())[:n].to(candidates.device)]
+    return selected_N.index_fill_(0, chosen, True), cov_N
 
 
 # --- KDRL: group-relative reward + distillation on failed rollouts -----------------------------------------------

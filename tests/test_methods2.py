@@ -520,3 +520,57 @@ def test_bapo_neutral_is_ppo_clip_bit_for_bit_and_adapts_through_the_trainer(tin
     assert 0.6 <= adapted["bapo/clip_low"].item() <= 0.8 and 1.2 <= adapted["bapo/clip_high"].item() <= 2.0
     with pytest.raises(ValueError, match="lightning.importance=ppo_clip"):
         TrainConfig(student="s", shards="d", out="o", methods={"bapo": {}})
+
+
+# --- Clip-Cov / KL-Cov -----------------------------------------------------------------------------------------------
+
+
+def test_covariance_select_definitions():
+    lp = torch.tensor([-0.1, -2.0, -0.5, -3.0, -1.0], dtype=torch.float64)
+    adv = torch.tensor([2.0, -1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
+    cov = (lp - lp.mean()) * (adv - adv.mean())
+    selected, got = L.covariance_select(lp, adv, mode="kl_cov", frac=0.4)
+    assert torch.allclose(got, cov, rtol=1e-14) and selected.tolist() == (cov >= cov.sort().values[-2]).tolist()
+    torch.manual_seed(0)
+    low, high = float(cov.sort().values[1]), float(cov.sort().values[-1])  # the middle three are candidates
+    selected, _ = L.covariance_select(lp, adv, mode="clip_cov", frac=0.4, cov_low=low, cov_high=high)
+    assert selected.sum() == 2 and bool(((cov > low) & (cov < high))[selected].all())
+    selected, _ = L.covariance_select(lp, adv, mode="clip_cov", frac=0.4, cov_low=1.0, cov_high=1.0)
+    assert not selected.any()
+    assert L.covariance_select(lp, adv, mode="kl_cov")[0].sum() == 1  # at least one token
+
+
+def test_clip_cov_and_kl_cov_through_the_trainer(tiny_models):
+    """Neutral settings (kl_coef 0; an empty covariance range) are today's loss bit for bit; Clip-Cov over every
+    token leaves lightning no gradient; KL-Cov over every token adds kl_coef |log p_theta - log mu| to each token
+    (float64, against the formula on full logits)."""
+    from pipeline.models import load_model
+
+    lm = load_model(tiny_models["student"])
+    student, params = StudentLM(lm), list(lm.parameters())
+    batch = collate(_records("q", 8), pad_id=0)
+    base = dict(student="s", shards="d", out="o", losses={"lightning": 1.0}, logits_chunk_tokens=7,
+                lightning={"normalization": "token"})
+    ref = _trainer_loss(student, TrainConfig(**base), batch, params)
+    for cov in ({"mode": "kl_cov", "kl_coef": 0.0}, {"mode": "clip_cov", "cov_low": 1.0, "cov_high": 1.0}):
+        got = _trainer_loss(student, TrainConfig(**base, methods={"cov": cov}), batch, params)
+        assert torch.equal(got[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(got[1], ref[1], strict=True))
+
+    lm64 = load_model(tiny_models["student"]).double()
+    student64, params64 = StudentLM(lm64), list(lm64.parameters())
+    everything = {"mode": "clip_cov", "frac": 1.0, "cov_low": -1e9, "cov_high": 1e9}
+    loss, grads, metrics = _trainer_loss(student64, TrainConfig(**base, methods={"cov": everything}), batch,
+                                         params64)
+    assert loss.item() == 0.0 and all(torch.all(g == 0) for g in grads)
+    assert metrics["cov/selected_frac"].item() == 1.0
+    loss, grads, _ = _trainer_loss(student64, TrainConfig(**base, methods={"cov": {"mode": "kl_cov", "frac": 1.0,
+                                                                                    "kl_coef": 0.25}}),
+                                   batch, params64)
+    mask = batch.mask_B_T.bool()
+    logits = lm64(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1]
+    lth = logits.log_softmax(-1).gather(-1, batch.input_ids_B_L[:, 1:, None])[..., 0][mask]
+    teacher, behavior = batch.teacher_logprobs_B_T[mask].double(), batch.behavior_logprobs_B_T[mask].double()
+    ref = (-(teacher - lth.detach()) * lth + 0.25 * (lth - behavior).abs()).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    for g, r in zip(grads, torch.autograd.grad(ref, params64), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14)

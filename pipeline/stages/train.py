@@ -151,6 +151,8 @@ class TokenTargets:
     reward_N: torch.Tensor | None = None
     pass_rate_N: torch.Tensor | None = None
     advantage_N: torch.Tensor | None = None
+    pg_keep_N: torch.Tensor | None = None  # Clip-Cov: 0 where lightning's term loses its gradient
+    pg_kl_coef_N: torch.Tensor | None = None  # KL-Cov: coefficient of |log p_theta - log mu| in lightning's term
 
     def rows(self, start: int, end: int) -> "TokenTargets":
         """Tokens ``start:end`` as one ``[1, n]`` row, the shape the losses take."""
@@ -291,13 +293,16 @@ def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, m
             lightning_weights_B_T = targets.seq_weights_N if sequence else None
             if weights_B_T is not None:
                 lightning_weights_B_T = weights_B_T if not sequence else lightning_weights_B_T * weights_B_T
+            if targets.pg_keep_N is not None:
+                lightning_weights_B_T = (targets.pg_keep_N if lightning_weights_B_T is None
+                                         else lightning_weights_B_T * targets.pg_keep_N)
             terms[name] = L.lightning_pg(
                 stats.target_logprobs, targets.teacher_logprobs_N, targets.behavior_logprobs_N, term_mask_B_T,
                 importance=lc.importance, is_cap=lc.is_cap, clip_eps_low=lc.clip_eps_low,
                 clip_eps_high=lc.clip_eps_high, advantage_clip=lc.advantage_clip, normalization=lc.normalization,
                 normalizer=seq_norm if sequence else tok_norm, weights_B_T=lightning_weights_B_T,
                 reward_scale=1.0 if gopd is None else gopd.lam, k3_guard=0.0 if gopd is None else gopd.k3_guard,
-                ratio_bounds=ratio_bounds)
+                ratio_bounds=ratio_bounds, abs_kl_coef_B_T=targets.pg_kl_coef_N)
         elif name == "kdrl":
             lc = cfg.lightning
             terms[name] = L.kdrl(stats.target_logprobs, targets.teacher_logprobs_N, targets.behavior_logprobs_N,
@@ -349,7 +354,7 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
     targets = flatten_targets(batch, weights_B_T)
     need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
     routed = None if norms is None else norms.routed
-    prepasses: list[TipSelection | BapoBounds] = []
+    prepasses: list[TipSelection | BapoBounds | CovSelection] = []
     if cfg.methods.tip is not None:
         scale = norms.tip_scale if norms is not None else torch.ones(())
         prepasses.append(TipSelection(cfg.methods.tip, targets, unwrap(model).config.vocab_size, need_topk,
@@ -358,6 +363,8 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
     if cfg.methods.bapo is not None and cfg.losses.get("lightning", 0) != 0:
         bapo = BapoBounds(cfg, targets)
         prepasses.append(bapo)
+    if cfg.methods.cov is not None and cfg.losses.get("lightning", 0) != 0:
+        prepasses.append(CovSelection(cfg, targets))
 
     def chunk_loss(stats: TokenStats, start: int, end: int) -> tuple[torch.Tensor, Metrics]:
         valid_1_n = torch.ones(1, end - start, dtype=torch.bool, device=stats.target_logprobs.device)
@@ -407,17 +414,53 @@ class BapoBounds:
         self.student_N[start:end] = stats.target_logprobs
 
     def done(self) -> None:
-        t, gopd, lc, b = self.targets, self.cfg.methods.gopd, self.cfg.lightning, self.cfg.methods.bapo
-        teacher_N, behavior_N = t.teacher_logprobs_N.double(), t.behavior_logprobs_N.double()
-        lam = 1.0 if gopd is None else gopd.lam
-        advantage_N = (teacher_N - self.student_N if lam == 1.0
-                       else lam * (teacher_N - behavior_N) - (self.student_N - behavior_N))
-        if lc.advantage_clip is not None:
-            advantage_N = advantage_N.clamp(-lc.advantage_clip, lc.advantage_clip)
+        b, behavior_N = self.cfg.methods.bapo, self.targets.behavior_logprobs_N.double()
+        advantage_N = lightning_advantage(self.cfg, self.targets, self.student_N)
         ratio_N = (self.student_N - behavior_N).clamp(-L.LOG_RATIO_LIMIT, L.LOG_RATIO_LIMIT).exp()
         self.bounds = L.bapo_bounds(ratio_N, advantage_N, low=b.low, low_max=b.low_max, high=b.high,
                                     high_max=b.high_max, step=b.step, target=b.target)
         self.stats = {"bapo/clip_low": torch.tensor(self.bounds[0]), "bapo/clip_high": torch.tensor(self.bounds[1])}
+
+
+def lightning_advantage(cfg: TrainConfig, targets: TokenTargets, student_N: torch.Tensor) -> torch.Tensor:
+    """``lightning``'s per-token advantage as ``lightning_pg`` computes it (G-OPD's lambda and ``advantage_clip``
+    included), from the student's log-probs of a pre-pass (float64, no gradient)."""
+    teacher_N, behavior_N = targets.teacher_logprobs_N.double(), targets.behavior_logprobs_N.double()
+    lam = 1.0 if cfg.methods.gopd is None else cfg.methods.gopd.lam
+    advantage_N = (teacher_N - student_N if lam == 1.0
+                   else lam * (teacher_N - behavior_N) - (student_N - behavior_N))
+    clip = cfg.lightning.advantage_clip
+    return advantage_N if clip is None else advantage_N.clamp(-clip, clip)
+
+
+class CovSelection:
+    """Clip-Cov / KL-Cov as the chunked head's no-grad pre-pass: the student's log-prob of every token of the
+    micro-batch, then ``covariance_select`` with ``lightning``'s advantage picks the tokens, and ``targets`` gets
+    ``pg_keep_N`` (Clip-Cov: 0 on them) or ``pg_kl_coef_N`` (KL-Cov: kl_coef on them) for the lightning term.
+    Per micro-batch (the paper: over the step's batch); one more chunk x vocab matmul per token."""
+
+    entropy = False
+
+    def __init__(self, cfg: TrainConfig, targets: TokenTargets):
+        self.cfg, self.targets = cfg, targets
+        n = targets.teacher_logprobs_N.shape[0]
+        self.student_N = torch.zeros(n, dtype=torch.float64, device=targets.teacher_logprobs_N.device)
+        self.stats: Metrics = {}
+
+    def chunk(self, stats: TokenStats, start: int, end: int) -> None:
+        self.student_N[start:end] = stats.target_logprobs
+
+    def done(self) -> None:
+        c, t = self.cfg.methods.cov, self.targets
+        selected_N, cov_N = L.covariance_select(self.student_N, lightning_advantage(self.cfg, t, self.student_N),
+                                                mode=c.mode, frac=c.frac, cov_low=c.cov_low, cov_high=c.cov_high)
+        dtype = t.teacher_logprobs_N.dtype
+        if c.mode == "clip_cov" and selected_N.any():
+            t.pg_keep_N = (~selected_N).to(dtype)
+        elif c.mode == "kl_cov" and c.kl_coef:
+            t.pg_kl_coef_N = selected_N.to(dtype) * c.kl_coef
+        self.stats = {"cov/selected_frac": selected_N.float().mean(), "cov/mean": cov_N.float().mean(),
+                      "cov/cov_max": cov_N.float().max() if cov_N.numel() else torch.zeros(())}
 
 
 class TipSelection:
