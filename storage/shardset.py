@@ -8,9 +8,10 @@ Layout of a shard set directory::
 
 The sidecars are the truth: a shard is complete iff its sidecar exists, so a writer killed at any
 moment leaves at worst a shard without a sidecar (redone on resume) and `*.tmp-<pid>-<thread>` files
-(removed by the next `create()`). manifest.json is rebuilt from all sidecars after each shard and by
-`finalize()`, so writers of different shards of one directory (e.g. parallel Prefect workers) do not
-lose each other's shards.
+(removed by the next `create()`). A shard produced piece by piece streams into its temp file
+(`shard_writer`, `WriteBehind.submit(..., last=False)`) under the same protocol. manifest.json is rebuilt
+from all sidecars after each shard and by `finalize()`, so writers of different shards of one directory
+(e.g. parallel Prefect workers) do not lose each other's shards.
 
 Reading refuses a damaged or unfinished set up front (``require_complete``): every file is parsed and
 checked against the others (sidecars against the manifest and the Parquet footers, the manifest's shard
@@ -24,6 +25,7 @@ rerun from another working directory, resumes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -332,50 +334,16 @@ class ShardSet:
         }
 
     def write_shard(self, index: int, table: pa.Table, row_group_size: int | None = None) -> dict:
-        """Write shard `index` atomically (tmp file, fsync, rename), then its sidecar, then the manifest."""
-        path = self.shard_path(index)
-        self.sidecar_path(index).unlink(missing_ok=True)  # the sidecar must never describe other bytes
-        schema = table.schema.with_metadata({**(table.schema.metadata or {}), **self._kv_metadata()})
-        table = table.replace_schema_metadata(schema.metadata)
-        rows_per_group = row_group_size or _default_row_group_size(table)
-        tmp = _tmp_path(path)
-        with open(tmp, "wb") as f:
-            with pq.ParquetWriter(
-                f,
-                schema,
-                compression="zstd",
-                compression_level=self.zstd_level,
-                use_dictionary=[field.name for field in schema if pa.types.is_string(field.type)],
-                use_byte_stream_split=_float_leaf_paths(schema) or False,
-                write_statistics=[field.name for field in schema if pa.types.is_integer(field.type)],
-            ) as writer:
-                writer.write_table(table, row_group_size=rows_per_group)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.root)
-        info = self._shard_info(index, table)
-        _atomic_write_json(self.sidecar_path(index), info)
-        _fsync_dir(self.root)
-        self._write_manifest(complete=False, expected_shards=self._stored_expected())
-        return info
+        """Write shard `index` atomically (tmp file, fsync, rename), then its sidecar, then the manifest: the
+        one-table case of ``shard_writer``."""
+        with self.shard_writer(index, row_group_size) as shard:
+            shard.write(table)
+        return shard.info
 
-    def _shard_info(self, index: int, table: pa.Table) -> dict:
-        path = self.shard_path(index)
-        info: dict[str, Any] = {
-            "name": path.name,
-            "index": index,
-            "rows": table.num_rows,
-            "row_groups": pq.ParquetFile(path).metadata.num_row_groups,
-            "bytes": path.stat().st_size,
-            "sha256": file_sha256(path),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if "token_ids" in table.column_names:
-            info["tokens"] = int(pc.sum(pc.list_value_length(table["token_ids"])).as_py() or 0)
-        if "num_response_tokens" in table.column_names:
-            info["response_tokens"] = int(pc.sum(table["num_response_tokens"]).as_py() or 0)
-        return info
+    def shard_writer(self, index: int, row_group_size: int | None = None) -> "ShardWriter":
+        """A writer of shard `index` as a sequence of tables (see ``ShardWriter``): bounded memory for a shard
+        produced piece by piece, the same bytes as ``write_shard`` of the pieces' concatenation."""
+        return ShardWriter(self, index, row_group_size)
 
     def _stored_expected(self) -> int | None:
         return read_manifest(self.root)["expected_shards"] if (self.root / MANIFEST).exists() else None
@@ -602,20 +570,152 @@ def corrupt_shard_message(path: Path, what: str) -> str:
     )
 
 
-def _default_row_group_size(table: pa.Table) -> int:
-    if table.num_rows == 0:
-        return 1
-    bytes_per_row = max(1, table.nbytes // table.num_rows)
-    return max(1, min(table.num_rows, TARGET_ROW_GROUP_BYTES // bytes_per_row))
+class ShardWriter:
+    """Shard `index` of a set, written as a sequence of tables appended to its temp file as they arrive.
+
+    Same atomic protocol as ``write_shard`` (which is the one-table case): the old sidecar is removed first;
+    ``close()`` fsyncs and renames the temp file, then writes the sidecar and the manifest. A writer that
+    fails or is abandoned before ``close()`` leaves no shard and no sidecar: ``abort()`` (or leaving the
+    ``with`` block on an error) removes the temp file, and one of a killed process is removed by the next
+    ``ShardSet.create``.
+
+    Rows are written in row groups of ``row_group_size`` rows (default: ``TARGET_ROW_GROUP_BYTES`` over the
+    bytes per row of the first table with rows), whatever the tables' boundaries: the rows of a group that
+    spans tables wait in memory (at most one group), so the file has the same bytes as ``write_shard`` of
+    the tables' concatenation whenever the first table gives the same group size (always with an explicit
+    ``row_group_size``, and for shards of one group). Every table needs the first table's schema.
+    """
+
+    def __init__(self, shard_set: ShardSet, index: int, row_group_size: int | None = None):
+        self.shard_set = shard_set
+        self.index = index
+        self.info: dict = {}
+        self._rows_per_group = row_group_size
+        self._path = shard_set.shard_path(index)
+        self._tmp = _tmp_path(self._path)
+        self._file: Any = None
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._waiting: list[pa.Table] = []  # rows of the next row group, fewer than _rows_per_group
+        self._counts = {"rows": 0, "tokens": 0, "response_tokens": 0}
+        shard_set.sidecar_path(index).unlink(missing_ok=True)  # the sidecar must never describe other bytes
+
+    def write(self, table: pa.Table) -> None:
+        """Append the table's rows to the shard (full row groups go to the file now)."""
+        if self._writer is None:
+            self._open(table.schema)
+        elif not table.schema.equals(self._schema, check_metadata=False):
+            raise ValueError(f"{self._path.name}: a table with schema {table.schema} does not match the shard's "
+                             f"{self._schema}")
+        self._counts["rows"] += table.num_rows
+        if "token_ids" in table.column_names:
+            self._counts["tokens"] += int(pc.sum(pc.list_value_length(table["token_ids"])).as_py() or 0)
+        if "num_response_tokens" in table.column_names:
+            self._counts["response_tokens"] += int(pc.sum(table["num_response_tokens"]).as_py() or 0)
+        if table.num_rows == 0:
+            return
+        if self._rows_per_group is None:
+            self._rows_per_group = max(1, TARGET_ROW_GROUP_BYTES // max(1, table.nbytes // table.num_rows))
+        self._waiting.append(table)
+        waiting = sum(t.num_rows for t in self._waiting)
+        if waiting < self._rows_per_group:
+            return
+        rows = pa.concat_tables(self._waiting)
+        full = waiting - waiting % self._rows_per_group
+        # one contiguous table per group: the file's bytes do not depend on where the tables were cut
+        for start in range(0, full, self._rows_per_group):
+            self._write_group(rows.slice(start, self._rows_per_group).combine_chunks())
+        self._waiting = [rows.slice(full)] if full < waiting else []
+
+    def close(self) -> dict:
+        """Finish the shard: last row group, fsync, rename, sidecar, manifest; returns the sidecar info."""
+        if self._writer is None:
+            raise ValueError(f"{self._path.name}: no table was written; a shard needs at least one (it may be empty)")
+        try:
+            if self._waiting:
+                self._write_group(pa.concat_tables(self._waiting).combine_chunks())
+            elif self._counts["rows"] == 0:  # an empty shard still has its schema and one empty row group
+                self._writer.write_table(self._schema.empty_table(), row_group_size=1)
+            self._writer.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self._path)
+        except BaseException:
+            self.abort()
+            raise
+        root = self.shard_set.root
+        _fsync_dir(root)
+        self.info = self._shard_info()
+        _atomic_write_json(self.shard_set.sidecar_path(self.index), self.info)
+        _fsync_dir(root)
+        self.shard_set._write_manifest(complete=False, expected_shards=self.shard_set._stored_expected())
+        return self.info
+
+    def abort(self) -> None:
+        """Drop the unfinished shard: its temp file is removed, nothing else was written."""
+        self._waiting = []
+        with contextlib.suppress(Exception):  # a writer that failed mid-write may not close cleanly
+            if self._writer is not None:
+                self._writer.close()
+        if self._file is not None:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+        self._writer = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open(self, schema: pa.Schema) -> None:
+        self._schema = schema.with_metadata({**(schema.metadata or {}), **self.shard_set._kv_metadata()})
+        self._file = open(self._tmp, "wb")
+        self._writer = pq.ParquetWriter(
+            self._file,
+            self._schema,
+            compression="zstd",
+            compression_level=self.shard_set.zstd_level,
+            use_dictionary=[field.name for field in schema if pa.types.is_string(field.type)],
+            use_byte_stream_split=_float_leaf_paths(schema) or False,
+            write_statistics=[field.name for field in schema if pa.types.is_integer(field.type)],
+        )
+
+    def _write_group(self, group: pa.Table) -> None:
+        self._writer.write_table(group, row_group_size=group.num_rows)
+
+    def _shard_info(self) -> dict:
+        info: dict[str, Any] = {
+            "name": self._path.name,
+            "index": self.index,
+            "rows": self._counts["rows"],
+            "row_groups": pq.ParquetFile(self._path).metadata.num_row_groups,
+            "bytes": self._path.stat().st_size,
+            "sha256": file_sha256(self._path),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if "token_ids" in self._schema.names:
+            info["tokens"] = self._counts["tokens"]
+        if "num_response_tokens" in self._schema.names:
+            info["response_tokens"] = self._counts["response_tokens"]
+        return info
 
 
 class WriteBehind:
-    """Encodes and writes shards on one background thread while the caller computes the next one.
+    """Encodes and writes shards on one background thread while the caller computes what comes next.
 
-    ``submit(index, make_table)`` queues ``shard_set.write_shard(index, make_table())``; at most
-    ``max_pending`` shards wait (bounded memory), and a writer error is raised by the next ``submit`` or on
-    leaving the ``with`` block. Leaving the block, even on an error, first waits for the queued shards, so
-    every shard handed over before a failure is durable; each write is atomic as in ``write_shard``.
+    ``submit(index, make_table)`` queues ``shard_set.write_shard(index, make_table())``. A shard made piece
+    by piece is streamed: ``submit(index, make_piece, last=False)`` for every piece but the last appends it
+    to the shard's ``ShardWriter`` on the writer thread, in order, so no piece waits for the others; the
+    shard is complete after its ``last=True`` piece. At most ``max_pending`` tables wait (bounded memory),
+    and a writer error is raised by the next ``submit`` or on leaving the ``with`` block; after an error the
+    writer writes nothing more. Leaving the block, even on an error, first waits for the queued tables, so
+    every shard handed over complete before a failure is durable; a shard left unfinished (its last piece
+    never came, or a piece failed) leaves no shard file and no sidecar.
     """
 
     def __init__(self, shard_set: ShardSet, max_pending: int = 1):
@@ -626,17 +726,48 @@ class WriteBehind:
         self.written: list[dict] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lopd-shard-writer")
         self._pending: deque[Future] = deque()
+        self._shard: ShardWriter | None = None  # the shard being streamed; touched by the writer thread only
+        self._failed = False
 
-    def submit(self, index: int, make_table: Callable[[], pa.Table]) -> None:
+    def submit(self, index: int, make_table: Callable[[], pa.Table], *, last: bool = True) -> None:
+        """Queue ``make_table()`` as (the next piece of) shard ``index``; ``last`` completes the shard."""
         while len(self._pending) >= self.max_pending:
-            self.written.append(self._pending.popleft().result())
-        self._pending.append(self._pool.submit(lambda: self.shard_set.write_shard(index, make_table())))
+            self._collect(self._pending.popleft())
+        self._pending.append(self._pool.submit(self._write, index, make_table, last))
 
     def drain(self) -> list[dict]:
-        """Wait for every queued shard; the sidecar info of all shards written so far."""
+        """Wait for every queued table; the sidecar info of all shards written so far."""
         while self._pending:
-            self.written.append(self._pending.popleft().result())
+            self._collect(self._pending.popleft())
         return self.written
+
+    def _collect(self, future: Future) -> None:
+        info = future.result()
+        if info is not None:
+            self.written.append(info)
+
+    def _write(self, index: int, make_table: Callable[[], pa.Table], last: bool) -> dict | None:
+        if self._failed:
+            raise RuntimeError(f"shard {index} not written: an earlier write of this writer failed")
+        try:
+            if self._shard is None:
+                self._shard = self.shard_set.shard_writer(index)
+            elif self._shard.index != index:
+                raise ValueError(f"shard {index} started before shard {self._shard.index} got its last piece")
+            self._shard.write(make_table())
+            if not last:
+                return None
+            shard, self._shard = self._shard, None
+            return shard.close()
+        except BaseException:
+            self._failed = True
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
 
     def __enter__(self) -> "WriteBehind":
         return self
@@ -645,8 +776,11 @@ class WriteBehind:
         try:
             if exc_type is None:
                 self.drain()
+                if self._shard is not None:
+                    raise ValueError(f"shard {self._shard.index} was left unfinished (no last=True piece)")
             else:  # keep what was handed over; the body's error is the one to report
                 for future in self._pending:
                     future.exception()
         finally:
             self._pool.shutdown(wait=True)
+            self._abort()  # the writer thread is done: an unfinished shard leaves no temp file

@@ -274,3 +274,116 @@ def test_write_behind_writes_the_same_shards_and_surfaces_writer_errors(tmp_path
             writer.submit(1, lambda: _encoded(1))
             raise RuntimeError("engine died")
     assert body.complete_indices() == [0, 1]
+
+
+def _pieces(table, cuts: list[int]) -> list:
+    """The table cut at the given rows (empty pieces where two cuts coincide)."""
+    bounds = [0, *cuts, table.num_rows]
+    return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("cuts", [[], [1], [3, 3, 4], [0, 5, 11], [2, 4, 6, 8, 10]])
+def test_streamed_shard_has_the_bytes_of_a_one_table_write(tmp_path, cuts):
+    """A shard written piece by piece (row groups spanning pieces, empty pieces) is byte for byte the
+    one-table write of the concatenation, with the same sidecar; both verify."""
+    table = encode_records(make_records(20, 8, num_rollouts=12, response_len=5, seed=3), "compact", 8, 20)
+    for row_group_size in (None, 5):
+        one = ShardSet.create(tmp_path / f"one-{row_group_size}", "teacher_topk", META)
+        one.write_shard(0, table, row_group_size=row_group_size)
+        streamed = ShardSet.create(tmp_path / f"streamed-{row_group_size}", "teacher_topk", META)
+        with streamed.shard_writer(0, row_group_size=row_group_size) as shard:
+            for piece in _pieces(table, cuts):
+                shard.write(piece)
+        assert streamed.shard_path(0).read_bytes() == one.shard_path(0).read_bytes()
+        assert {**shard.info, "created": ""} == {**one.sidecar(0), "created": ""} == {**streamed.sidecar(0),
+                                                                                      "created": ""}
+        assert shard.info["row_groups"] == (1 if row_group_size is None else 3)
+        for s in (one, streamed):
+            s.finalize(expected_shards=1)
+            assert verify_shards(s.root) == []
+        assert streamed.read_shard(0).replace_schema_metadata(None).equals(table.replace_schema_metadata(None))
+
+
+def test_streamed_row_groups_follow_the_first_piece(tmp_path, monkeypatch):
+    """Without a row_group_size, groups hold TARGET_ROW_GROUP_BYTES of the first piece's rows, whatever the
+    later pieces' sizes; the rows read back are the concatenation's."""
+    import storage.shardset as shardset
+
+    table = encode_records(make_records(20, 8, num_rollouts=12, response_len=5, seed=3), "compact", 8, 20)
+    first = table.slice(0, 4)
+    monkeypatch.setattr(shardset, "TARGET_ROW_GROUP_BYTES", 3 * (first.nbytes // first.num_rows))
+    shard_set = ShardSet.create(tmp_path / "s", "teacher_topk", META)
+    with shard_set.shard_writer(0) as shard:
+        for piece in _pieces(table, [4, 5, 9]):
+            shard.write(piece)
+    assert shard_set.row_group_sizes(0) == [3, 3, 3, 3]
+    assert shard_set.read_shard(0).replace_schema_metadata(None).equals(table.replace_schema_metadata(None))
+
+
+def test_a_shard_failing_before_close_leaves_nothing(tmp_path):
+    """An error between pieces removes the temp file: no shard, no sidecar, the other shards intact; a
+    piece with another schema is refused; a writer given no table refuses to close."""
+    shard_set = _write(tmp_path / "s", shards=1)
+    before = {p.name: p.read_bytes() for p in shard_set.root.iterdir()}
+    with pytest.raises(RuntimeError, match="engine died"):
+        with shard_set.shard_writer(1, row_group_size=2) as shard:
+            shard.write(_encoded(1))  # three row groups already in the temp file
+            assert list(shard_set.root.glob("shard-00001.parquet.tmp-*"))
+            raise RuntimeError("engine died")
+    assert {p.name: p.read_bytes() for p in shard_set.root.iterdir()} == before
+    with pytest.raises(ValueError, match="does not match the shard"):
+        with shard_set.shard_writer(1) as shard:
+            shard.write(_encoded(1))
+            shard.write(_encoded(1).drop_columns(["reward"]))
+    with pytest.raises(ValueError, match="no table was written"):
+        shard_set.shard_writer(1).close()
+    assert {p.name: p.read_bytes() for p in shard_set.root.iterdir()} == before
+    assert verify_shards(shard_set.root) == []
+
+
+def test_write_behind_streams_pieces_and_drops_an_unfinished_shard(tmp_path):
+    """Pieces submitted with last=False are appended in order and make the shard write_shard makes of their
+    concatenation; a failing piece leaves its shard absent (no temp file) and stops the writer."""
+    import pyarrow as pa
+
+    whole = [_encoded(i) for i in range(2)]
+    direct = ShardSet.create(tmp_path / "direct", "teacher_topk", META)
+    for i, table in enumerate(whole):
+        direct.write_shard(i, table)
+    streamed = ShardSet.create(tmp_path / "streamed", "teacher_topk", META)
+    streamed_writer = WriteBehind(streamed)
+    with streamed_writer as writer:
+        for i, table in enumerate(whole):
+            pieces = _pieces(table, [1, 2, 5])
+            for j, piece in enumerate(pieces):
+                writer.submit(i, lambda piece=piece: piece, last=j == len(pieces) - 1)
+    assert [w["index"] for w in streamed_writer.written] == [0, 1]
+    for i in range(2):
+        assert streamed.read_shard(i).equals(direct.read_shard(i))
+    streamed.finalize(expected_shards=2)
+    assert verify_shards(streamed.root) == []
+
+    failing = ShardSet.create(tmp_path / "failing", "teacher_topk", META)
+
+    def bad_piece() -> pa.Table:
+        raise ValueError("codec failed on a piece of shard 1")
+
+    with pytest.raises(ValueError, match="codec failed"):
+        with WriteBehind(failing, max_pending=3) as writer:
+            writer.submit(0, lambda: _encoded(0))
+            writer.submit(1, lambda: _encoded(1), last=False)
+            writer.submit(1, bad_piece, last=False)
+            writer.submit(1, lambda: _encoded(1))  # would complete shard 1 with a piece missing: refused
+    assert failing.complete_indices() == [0]
+    assert sorted(p.name for p in failing.root.iterdir()) == ["manifest.json", "shard-00000.json",
+                                                               "shard-00000.parquet"]
+
+    # the caller fails mid-shard: the complete shard stays, the unfinished one leaves no file
+    body = ShardSet.create(tmp_path / "body", "teacher_topk", META)
+    with pytest.raises(RuntimeError, match="engine died"):
+        with WriteBehind(body) as writer:
+            writer.submit(0, lambda: _encoded(0))
+            writer.submit(1, lambda: _encoded(1), last=False)
+            raise RuntimeError("engine died")
+    assert body.complete_indices() == [0] and not list(body.root.glob("*.tmp-*"))
+    assert not body.shard_path(1).exists()
