@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.config import RolloutsConfig, SamplingConfig, TeacherLogprobsConfig
@@ -106,6 +107,16 @@ def test_sub_batched_extraction_equals_one_batch(rollouts, tiny_models, tmp_path
         assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.topk_ids, b.topk_ids)
         np.testing.assert_allclose(a.teacher_logprobs, b.teacher_logprobs, atol=2e-6, rtol=0)
         np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=2e-6, rtol=0)
+    # each sub-batch was streamed into its shard: the bytes of one write of the whole shard's table (as the
+    # codec typed it: Parquet reads list children back as "element", the codec names them "item")
+    streamed = ShardSet.open(tmp_path / "sub")
+    whole = ShardSet.create(tmp_path / "whole", streamed.kind, streamed.metadata)
+    for i in streamed.complete_indices():
+        table = streamed.read_shard(i)
+        table = table.cast(pa.schema([pa.field(f.name, pa.list_(f.type.value_type)) if pa.types.is_list(f.type)
+                                      else f for f in table.schema], metadata=table.schema.metadata))
+        whole.write_shard(i, table)
+        assert whole.shard_path(i).read_bytes() == streamed.shard_path(i).read_bytes()
 
 
 def _live_children() -> set[int]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import TeacherLogprobsConfig
 from pipeline.engines import make_engine
@@ -160,33 +160,27 @@ def _score_shards(engine: Engine, cfg: TeacherLogprobsConfig, rollouts: ShardSet
     """Score the ``todo`` shards into ``out``; (totals, seconds).
 
     A shard is scored in sub-batches of at most ``engine.score_tokens_per_call`` tokens. Each sub-batch is
-    encoded on a background thread while the engine scores the next one, and shard i is written behind the
-    scoring of shard i+1 (WriteBehind): a worker holds two sub-batches of scores and the encoded bytes of
-    two shards, whatever the shard size. Encoded sub-batches are concatenated into one table per shard.
+    encoded and appended to its shard's file on the writer thread (WriteBehind streams it, in order) while
+    the engine scores the next one; a shard's file is closed and renamed behind the scoring of the next
+    shard. A worker holds the rollouts shard as Arrow, the sub-batch being scored, the one being encoded and
+    written, and at most one row group of encoded rows: its memory does not grow with the shard.
     """
     totals = {"sequences": 0, "tokens": 0, "truncated": 0, "skipped": 0}
-    with (timed() as t, progress_bar(not show_progress) as bar, WriteBehind(out) as writer,
-          ThreadPoolExecutor(1, thread_name_prefix="lopd-encoder") as encoder):
+    with timed() as t, progress_bar(not show_progress) as bar, WriteBehind(out) as writer:
         task = bar.add_task("teacher-logprobs", total=len(todo), rate="")
         for i in todo:
-            rows = rollouts.read_shard(i).to_pylist()
-            parts: list[Future] = []
-            for sub in token_batches([len(r["token_ids"]) for r in rows], cfg.engine.score_tokens_per_call):
-                records, stats = score_table_rows(engine, rows[sub], cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
-                parts.append(encoder.submit(encode, records))
-                if len(parts) > 1:
-                    parts[-2].result()  # at most one sub-batch waits for the encoder (and its errors surface)
+            table = rollouts.read_shard(i)
+            lengths = pc.list_value_length(table["token_ids"]).to_pylist()
+            # an empty shard still gets its (empty) table
+            subs = token_batches(lengths, cfg.engine.score_tokens_per_call) or [slice(0, 0)]
+            for j, sub in enumerate(subs):
+                rows = table.slice(sub.start, sub.stop - sub.start).to_pylist()  # Python objects per sub-batch only
+                records, stats = score_table_rows(engine, rows, cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
+                writer.submit(i, partial(encode, records), last=j == len(subs) - 1)
                 totals["sequences"] += len(records)
                 totals["tokens"] += sum(len(r.teacher_logprobs) for r in records)
                 totals["truncated"] += stats["truncated"]
                 totals["skipped"] += stats["skipped"]
-            writer.submit(i, partial(_join_parts, parts, encode))
             rate = totals["tokens"] / max(time.perf_counter() - t["start"], 1e-9)
             bar.update(task, advance=1, rate=f"{rate:,.0f} tok/s")
     return totals, t["seconds"]
-
-
-def _join_parts(parts: list[Future], encode: Callable[[list[TeacherRecord]], pa.Table]) -> pa.Table:
-    """One shard's table from its encoded sub-batches (rows in order; the codec codes every row alone)."""
-    tables = [f.result() for f in parts] or [encode([])]
-    return pa.concat_tables(tables).combine_chunks()
