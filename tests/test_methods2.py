@@ -73,15 +73,16 @@ def test_the_trainers_teacher_check_reads_the_shard_metadata():
 def test_self_distillation_shards_train_without_the_mismatch_flag(tmp_path, tiny_models):
     """The SFT student scoring its own rollouts with the prompts' privileged context is accepted as
     self-distillation (recorded in the shards and in the trained model's provenance), and trains without
-    --allow-teacher-mismatch; without privileged context, or with another model, it is refused as before."""
+    --allow-teacher-mismatch; without privileged context, or with another model, it is refused as before. Then
+    `lopd train` with every method of this file on those shards, and a run mixing them 1:1 with the teacher's."""
     from pipeline.config import load_run_config
     from pipeline.demo_world import ModelShape, build_model, build_tokenizer, save_model_dir
     from pipeline.stages.registry import run_stage
-    from tests.conftest import write_run
+    from tests.conftest import lopd, write_run
 
     cfg = write_run(tmp_path, tiny_models, "train: {steps: 2, batch_size: 4, log_every: 1, shuffle_buffer: 8}",
                     n_prompts=16)
-    rc = load_run_config(cfg)
+    rc = load_run_config(cfg, ["rollouts.checker=arithmetic"])
     for stage in ("teacher_sft_data", "sft", "rollouts"):
         run_stage(stage, rc.stage(stage), show_progress=False)
     run = tmp_path / "run"
@@ -116,6 +117,26 @@ def test_self_distillation_shards_train_without_the_mismatch_flag(tmp_path, tiny
     with pytest.raises(TeacherMismatchError, match="Teacher consistency violated"):
         run_stage("teacher_logprobs", load_run_config(cfg, swapped).stage("teacher_logprobs"), show_progress=False)
     assert not (run / "other").exists()
+
+    # every new method at once through the CLI on these shards (rewards from the checker for kdrl)
+    lopd("train", "-c", str(cfg), "-q", "--set", f"train.shards={run / 'self'}", "--set",
+         f"train.out={run / 'all'}", "--set", "train.losses={lightning: 1.0, reverse_kl_topk: 0.5, kdrl: 0.5}",
+         "--set", "train.lightning.importance=ppo_clip", "--set", "train.methods.bapo={}", "--set",
+         "train.methods.tip={mode: soft_or, rho: 0.5}", "--set", "train.methods.cov={mode: kl_cov}",
+         "--set", "train.methods.opsd.clip=2.0")
+    rows = [json.loads(x) for x in (run / "all" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss/kdrl", "bapo/clip_low", "weights/tip_kept", "cov/selected_frac", "topk/token_clip_frac"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    # the teacher's shards and the self-distillation shards mixed 1:1 (two teachers in one run)
+    run_stage("teacher_logprobs", rc.stage("teacher_logprobs"), show_progress=False)
+    mixed = f"train.shards=[{{path: {run / 'teacher_topk'}, name: teacher}}, {{path: {run / 'self'}, name: self}}]"
+    train = load_run_config(cfg, [mixed, f"train.out={run / 'mixed'}", "train.losses={reverse_kl_topk: 1.0}"])
+    run_train(train.stage("train"), show_progress=False)
+    last = [json.loads(x) for x in (run / "mixed" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["source/teacher/records"] == last["source/self/records"] == 4
+    sources = read_provenance(run / "mixed" / "final")["sources"]
+    assert sources["self"]["teacher_relation"] == "self_distillation"
+    assert sources["teacher"]["teacher_relation"] == "consistent"
 
 
 def _bucket_case(seed=0, N=8):
@@ -230,10 +251,10 @@ def test_a_mismatched_teacher_in_one_source_is_refused_naming_it(tmp_path, tiny_
                       losses={"reverse_kl_topk": 1.0})
     with pytest.raises(LopdUserError, match="one k over the sources"):
         run_train(cfg, show_progress=False)
-    _shard_set(tmp_path / "tok", _records("d", 8), {"tokenizer_fingerprint": "tok-other"})
-    other_tok = [sources[0], {"path": str(tmp_path / "tok"), "name": "tok"}]
-    cfg = TrainConfig(student=tiny_models["student"], shards=other_tok, out=tmp_path / "out", batch_size=4, steps=1)
-    with pytest.raises(LopdUserError, match="different tokenizers"):
+    _shard_set(tmp_path / "vocab", _records("d", 8), {"vocab_size": 50})
+    other_vocab = [sources[0], {"path": str(tmp_path / "vocab"), "name": "vocab"}]
+    cfg = TrainConfig(student=tiny_models["student"], shards=other_vocab, out=tmp_path / "out", batch_size=4, steps=1)
+    with pytest.raises(LopdUserError, match="vocabularies of different sizes"):
         run_train(cfg, show_progress=False)
     cfg = TrainConfig(student=tiny_models["student"], shards=sources[:1] + [{"path": str(tmp_path / "k2")}],
                       out=tmp_path / "out", batch_size=4, steps=1, methods={"paced": {}})

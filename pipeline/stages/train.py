@@ -793,13 +793,14 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
 
 
 def check_sources_agree(cfg: TrainConfig, sets: dict[str, ShardSet], need_topk: bool) -> None:
-    """Several shard sets can share a step only if their records collate and their ids mean the same tokens:
-    one tokenizer, one k when a loss reads the top-k. The prompt statistics are per set, and the methods that
-    read them are not offered across sources yet."""
-    tokenizers = {label: s.metadata.get("tokenizer_fingerprint") for label, s in sets.items()}
-    if len(set(tokenizers.values())) > 1:
-        raise LopdUserError(f"train.shards: the sources were scored with different tokenizers {tokenizers}; token "
-                            "ids of one would not be the student's in another: mix sets of one model family")
+    """Several shard sets can share a step only if their records collate and their ids index one vocabulary: the
+    same vocabulary size (each set's extraction checked its teacher's vocabulary against its rollouts' student),
+    one k when a loss reads the top-k. The prompt statistics are per set, and the methods that read them are not
+    offered across sources yet."""
+    vocab = {label: s.metadata.get("vocab_size") for label, s in sets.items()}
+    if len(set(vocab.values())) > 1:
+        raise LopdUserError(f"train.shards: the sources index vocabularies of different sizes {vocab}; token ids "
+                            "of one would not be the student's in another: mix sets of one model family")
     ks = {label: s.metadata.get("k") for label, s in sets.items()}
     if need_topk and len(set(ks.values())) > 1:
         raise LopdUserError(f"train.shards: the top-k losses need one k over the sources, got {ks}; extract them "
