@@ -64,6 +64,8 @@ class AblateConfig(Strict):
                                  description="one learning rate per loss family: policy_gradient, topk")
     rows: dict[str, list[str]] = Field(min_length=1, description="row name -> --set overrides of the train "
                                        "section; '{half_steps}' in a value becomes steps // 2")
+    not_compared: dict[str, str] = Field(default_factory=dict, description="train.methods fields with no row -> "
+                                         "why (listed under the table)")
 
     @field_validator("lr")
     @classmethod
@@ -222,6 +224,7 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
                      "demo_train_steps": plan.steps["train_topk"].cfg.steps,
                      "batch_size": plan.steps["train_topk"].cfg.batch_size, "demo_config": str(cfg.demo_config),
                      "demo_set": cfg.demo_set},
+        "not_compared": cfg.not_compared,
         "wall_seconds": round(time.perf_counter() - started, 2),
         "reused_cells": sum(s["reused"] for e in rows.values() for s in e["seeds"].values()),
         "run_dir": str(run_cfg.run_dir),
@@ -256,6 +259,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"prompts; learning rate per loss family: policy gradient {st['lr']['policy_gradient']:g}, top-k "
         f"{st['lr']['topk']:g}. Each cell: mean [min, max] over the seeds. Wall time {result['wall_seconds']:.0f} s "
         f"({result['reused_cells']} row x seed runs reused).",
+        "",
+        *[f"Not compared: `{m}`: {why}" for m, why in result["not_compared"].items()],
         "",
         f"| row | train settings | lr | greedy accuracy | {pass_key} | training seconds |",
         "|---|---|---|---|---|---|",
