@@ -245,52 +245,51 @@ class VLLMEngine:
         prompts = [TokensPrompt(prompt_token_ids=list(s[:-1] if f else s)) for s, f in zip(sequences, full)]
         outs = self.llm.generate(prompts, [last if f else plain for f in full], use_tqdm=False)
 
-        rows: list[tuple[np.ndarray, np.ndarray]] = []  # per sequence: ids, logprobs [L-1, K+1], col 0 = actual
+        # vLLM's outputs are Python lists (~110 bytes per entry, K + 1 entries per token), the call's largest host
+        # allocation: each is converted into its sequence's final arrays (scored positions only) and dropped at
+        # once, so the conversion adds one sequence's arrays to them, not a copy of the whole call.
+        result: list[ScoredSequence] = []
         missing: list[int] = []  # full-length sequences whose last token is outside the top-k
-        for i, (seq, f, out) in enumerate(zip(sequences, full, outs)):
+        for i, (seq, start, f) in enumerate(zip(sequences, starts, full)):
+            out, outs[i] = outs[i], None
             n_prompt = len(seq) - 1 if f else len(seq)
             pl = out.prompt_logprobs  # FlatLogprobs: position 0 empty, then [actual token, top-1 .. top-K]
-            ids = np.asarray(pl.token_ids, dtype=np.int64)
-            lps = np.asarray(pl.logprobs, dtype=np.float32)
-            if len(pl) != n_prompt or ids.size != (n_prompt - 1) * (K + 1):
-                raise RuntimeError(f"unexpected prompt_logprobs layout: {len(pl)} positions, {ids.size} entries for "
-                                   f"L={n_prompt}, K={K}")
-            ids, lps = ids.reshape(n_prompt - 1, K + 1), lps.reshape(n_prompt - 1, K + 1)
+            if len(pl) != n_prompt or len(pl.token_ids) != (n_prompt - 1) * (K + 1):
+                raise RuntimeError(f"unexpected prompt_logprobs layout: {len(pl)} positions, {len(pl.token_ids)} "
+                                   f"entries for L={n_prompt}, K={K}")
+            first = (start - 1) * (K + 1)  # row r holds token r + 1: rows start - 1 .. are the scored tokens
+            ids = np.asarray(pl.token_ids[first:], dtype=np.int32).reshape(-1, K + 1)  # ids < vocab fit int32
+            lps = np.asarray(pl.logprobs[first:], dtype=np.float32).reshape(-1, K + 1)
             if f:
                 sl = out.outputs[0].logprobs  # [sampled token, top-1 .. top-K]
-                top_ids = np.asarray(sl.token_ids[1 : K + 1], dtype=np.int64)
+                top_ids = np.asarray(sl.token_ids[1 : K + 1], dtype=np.int32)
                 top_lps = np.asarray(sl.logprobs[1 : K + 1], dtype=np.float32)
                 hit = np.flatnonzero(top_ids == seq[-1])
                 actual = top_lps[hit[0]] if hit.size else np.nan
                 if not hit.size:
                     missing.append(i)
-                ids = np.vstack([ids, np.concatenate([[seq[-1]], top_ids])[None]])
+                ids = np.vstack([ids, np.concatenate([[seq[-1]], top_ids]).astype(np.int32)[None]])
                 lps = np.vstack([lps, np.concatenate([[actual], top_lps]).astype(np.float32)[None]])
-            rows.append((ids, lps))
-        if missing:
-            only = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[sequences[i][-1]],
-                                   flat_logprobs=True, detokenize=False) for i in missing]
-            extra = self.llm.generate([TokensPrompt(prompt_token_ids=list(sequences[i][:-1])) for i in missing], only,
-                                      use_tqdm=False)
-            for i, out in zip(missing, extra):
-                sl = out.outputs[0].logprobs  # [sampled token, the requested token]
-                rows[i][1][-1, 0] = sl.logprobs[1]
-
-        result = []
-        for seq, start, (ids, lps) in zip(sequences, starts, rows):
-            ids, lps = ids[start - 1 :], lps[start - 1 :]
-            if not np.array_equal(ids[:, 0], np.asarray(seq[start:], dtype=np.int64)):
+            del out, pl
+            if not np.array_equal(ids[:, 0], np.asarray(seq[start:], dtype=np.int32)):
                 raise RuntimeError("prompt_logprobs do not follow the scored sequence")
             # columns 1..K come from torch.topk: already in rank order 1..K (descending log-prob)
             top_lp = np.ascontiguousarray(lps[:, 1:])
             result.append(
                 ScoredSequence(
                     token_logprobs=np.ascontiguousarray(lps[:, 0]),
-                    topk_ids=np.ascontiguousarray(ids[:, 1:].astype(np.int32)),
+                    topk_ids=np.ascontiguousarray(ids[:, 1:]),
                     topk_logprobs=top_lp,
                     tail_logprob=compute_tail_logprob(top_lp),
                 )
             )
+        if missing:
+            only = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[sequences[i][-1]],
+                                   flat_logprobs=True, detokenize=False) for i in missing]
+            extra = self.llm.generate([TokensPrompt(prompt_token_ids=list(sequences[i][:-1])) for i in missing], only,
+                                      use_tqdm=False)
+            for i, out in zip(missing, extra):
+                result[i].token_logprobs[-1] = out.outputs[0].logprobs.logprobs[1]  # [sampled, requested token]
         return result
 
     # --------------------------------------------------------------- teardown
