@@ -142,6 +142,14 @@ class _StandInLLM:
         return outs
 
 
+def _import_vllm() -> None:
+    """Import vLLM as ``VLLMEngine`` does before it scores (``from vllm import LLM``). In its own frame: on a
+    CPU install vLLM keeps the ImportError of the missing torchcodec with its traceback, which pins the frame
+    that first imports it; scoring through the stand-in would otherwise do that first import and keep one
+    sub-batch's outputs alive for the rest of the process."""
+    from vllm import LLM  # noqa: F401
+
+
 def _scoring_memory_worker(k: int, rows: int, length: int, budget: int, codec: str) -> dict[str, Any]:
     """Runs in a fresh process (its peak RSS is this measurement's): the teacher-logprobs stage's scoring
     loop over one rollouts shard of ``rows`` x ``length`` tokens, on a VLLMEngine whose LLM is the stand-in."""
@@ -155,19 +163,23 @@ def _scoring_memory_worker(k: int, rows: int, length: int, budget: int, codec: s
     from storage.codecs import codec_info, encode_records
     from storage.shardset import ShardSet
 
+    _import_vllm()
     vocab = LONG_ROW_VOCAB
     prompt_len = 256
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         rng = np.random.default_rng(0)
-        token_ids = rng.integers(0, vocab, size=(rows, length), dtype=np.int32)
         rollouts = ShardSet.create(tmp / "rollouts", "samples", {})
-        rollouts.write_shard(0, pa.table({
-            "prompt_id": [f"p{i}" for i in range(rows)], "sample_index": [0] * rows,
-            "token_ids": list(token_ids), "prompt_len": [prompt_len] * rows,
-            "behavior_logprobs": list(rng.normal(-1, 1, size=(rows, length - prompt_len)).astype(np.float32)),
-            "reward": [None] * rows}))
-        del token_ids
+        # the input shard streamed 64 rows at a time: making it must not set the process's peak
+        with rollouts.shard_writer(0) as shard:
+            for at in range(0, rows, 64):
+                n = min(64, rows - at)
+                shard.write(pa.table({
+                    "prompt_id": [f"p{i}" for i in range(at, at + n)], "sample_index": [0] * n,
+                    "token_ids": list(rng.integers(0, vocab, size=(n, length), dtype=np.int32)),
+                    "prompt_len": [prompt_len] * n,
+                    "behavior_logprobs": list(rng.normal(-1, 1, size=(n, length - prompt_len)).astype(np.float32)),
+                    "reward": pa.array([None] * n, pa.float32())}))
         cfg = TeacherLogprobsConfig(rollouts=tmp / "rollouts", teacher=tmp, out=tmp / "out", k=k, codec=codec,
                                     engine=EngineConfig(name="vllm", score_tokens_per_call=budget))
         engine = VLLMEngine.__new__(VLLMEngine)
