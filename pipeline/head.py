@@ -197,7 +197,7 @@ def fused_head_loss(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_i
     under FSDP2 mixed precision, fp32 on CPU); softmax math is always fp32 or wider, the weight gradient is
     accumulated in fp32. In fp32 and fp64 it equals ``loss_fn`` on the full logits up to summation order.
     ``prepass`` (``HeadPrepass``): a no-grad pass over all chunks before the loss pass, at the cost of one more
-    chunk x vocab matmul per token (a quarter more head work) and the same peak memory.
+    chunk x vocab matmul per token (a third more head work: it does three) and the same peak memory.
     """
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(weight_V_H.shape[0])
