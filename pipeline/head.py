@@ -98,13 +98,15 @@ ChunkLoss = Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]]
 class HeadPrepass(Protocol):
     """A no-grad pass over every chunk before the loss pass, for a loss that needs all tokens' statistics first
     (e.g. a top-fraction token selection). ``fused_head_loss`` calls ``chunk`` on each chunk's stats (entropy
-    included when ``entropy`` is set), then ``done`` once, then runs the loss pass."""
+    included when ``entropy`` is set), then ``done`` once, then runs the loss pass: over every token when ``done``
+    returns None, else over the tokens it returns (indices into N, increasing), the loss function then seeing
+    them renumbered 0 .. n-1; the others get no logits and no gradient."""
 
     entropy: bool
 
     def chunk(self, stats: TokenStats, start: int, end: int) -> None: ...
 
-    def done(self) -> None: ...
+    def done(self) -> torch.Tensor | None: ...
 
 
 def merge_chunk_metrics(parts: list[tuple[int, Metrics]]) -> Metrics:
@@ -138,6 +140,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_weight_V_H = torch.zeros(weight_V_H.shape, dtype=acc_dtype, device=weight_V_H.device)
         loss = torch.zeros((), dtype=acc_dtype, device=hidden_N_H.device)
         parts: list[tuple[int, Metrics]] = []
+        grad_rows_N = None  # where the loss pass's tokens sit in N (None: all of them, in order)
         device_type = hidden_N_H.device.type
         with torch.autocast(device_type, enabled=False):  # dtypes are explicit here
             if prepass is not None:  # one more head matmul per token, no gradient, one chunk of logits at a time
@@ -148,9 +151,13 @@ class _FusedHeadLoss(torch.autograd.Function):
                                               None if topk_ids_N_K is None else topk_ids_N_K[start:end],
                                               entropy=prepass.entropy), start, end)
                     del logits_n_V
-                prepass.done()
-            for start in range(0, N, chunk_tokens):
-                end = min(N, start + chunk_tokens)
+                keep_n = prepass.done()
+                if keep_n is not None:  # the loss pass reads only these tokens: fewer logits, less work
+                    hidden_N_H, target_ids_N = hidden_N_H.detach()[keep_n], target_ids_N[keep_n]
+                    topk_ids_N_K = None if topk_ids_N_K is None else topk_ids_N_K[keep_n]
+                    grad_rows_N = keep_n
+            for start in range(0, hidden_N_H.shape[0], chunk_tokens):
+                end = min(hidden_N_H.shape[0], start + chunk_tokens)
                 h_n_H = hidden_N_H[start:end].detach().to(mm_dtype)
                 with torch.enable_grad():
                     logits_n_V = (h_n_H @ weight.T).to(acc_dtype).detach().requires_grad_(True)
@@ -165,7 +172,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                     continue
                 g_n_V = grad_logits_n_V.to(mm_dtype)
                 del logits_n_V, stats, chunk_loss, grad_logits_n_V
-                grad_hidden_N_H[start:end] = (g_n_V @ weight).to(grad_hidden_N_H.dtype)
+                rows = slice(start, end) if grad_rows_N is None else grad_rows_N[start:end]
+                grad_hidden_N_H[rows] = (g_n_V @ weight).to(grad_hidden_N_H.dtype)
                 if mm_dtype in (torch.float32, torch.float64):
                     grad_weight_V_H.addmm_(g_n_V.T, h_n_H)
                 else:  # low-precision matmul, fp32 accumulation across chunks
@@ -197,7 +205,8 @@ def fused_head_loss(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_i
     under FSDP2 mixed precision, fp32 on CPU); softmax math is always fp32 or wider, the weight gradient is
     accumulated in fp32. In fp32 and fp64 it equals ``loss_fn`` on the full logits up to summation order.
     ``prepass`` (``HeadPrepass``): a no-grad pass over all chunks before the loss pass, at the cost of one more
-    chunk x vocab matmul per token (a third more head work: it does three) and the same peak memory.
+    chunk x vocab matmul per token (a third more head work: it does three) and the same peak memory; when it
+    selects tokens, the loss pass runs on those only.
     """
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(weight_V_H.shape[0])

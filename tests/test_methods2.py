@@ -595,3 +595,45 @@ def test_clip_cov_and_kl_cov_through_the_trainer(tiny_models):
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     for g, r in zip(grads, torch.autograd.grad(ref, params64), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14)
+
+
+def test_head_prepass_selection_runs_the_loss_on_the_kept_tokens_only():
+    """A pre-pass that keeps some tokens: the loss function sees only them (renumbered), the dropped tokens' hidden
+    states get no gradient, and loss and gradients equal the full pass with those tokens weighted 0 (float64)."""
+    from pipeline.head import fused_head_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (10,), generator=g)
+    keep = torch.tensor([1, 4, 5, 8])
+    seen = []
+
+    class Keep:
+        entropy = True
+
+        def chunk(self, stats, start, end):
+            assert stats.entropy.shape == (end - start,)
+
+        def done(self):
+            return keep
+
+    def kept_loss(stats, start, end):
+        seen.append(end - start)
+        return -stats.target_logprobs.sum() / 10, {}
+
+    def weighted_loss(stats, start, end):
+        w = torch.zeros(10, dtype=torch.float64)
+        w[keep] = 1.0
+        return -(stats.target_logprobs * w[start:end]).sum() / 10, {}
+
+    loss, _ = fused_head_loss(hidden, weight, targets, kept_loss, chunk_tokens=3, prepass=Keep())
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    ref, _ = fused_head_loss(hidden, weight, targets, weighted_loss, chunk_tokens=3)
+    ref_grads = torch.autograd.grad(ref, [hidden, weight])
+    assert seen == [3, 1] and loss.item() == pytest.approx(ref.item(), rel=1e-14)
+    dropped = torch.ones(10, dtype=torch.bool)
+    dropped[keep] = False
+    assert torch.all(grads[0][dropped] == 0)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
