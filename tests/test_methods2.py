@@ -637,3 +637,29 @@ def test_head_prepass_selection_runs_the_loss_on_the_kept_tokens_only():
     assert torch.all(grads[0][dropped] == 0)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.integration
+def test_two_sources_under_torchrun_with_two_ranks(tmp_path, tiny_models):
+    """Two processes (gloo): each rank mixes its own slice of each source; the per-source counts are summed over
+    the ranks at every log step (all ranks take part, no hang)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import free_port
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "train": {
+        "student": str(tiny_models["student"]), "shards": _two_sources(tmp_path), "steps": 3, "batch_size": 8,
+        "log_every": 1, "shuffle_buffer": 4, "losses": {"reverse_kl_topk": 1.0}}}))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "lopd.cli",
+                          "train", "-c", str(cfg), "-q"], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [(r["source/math/records"], r["source/code/records"]) for r in rows] == [(6, 2), (12, 4), (18, 6)]
