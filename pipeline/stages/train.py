@@ -139,7 +139,9 @@ class TokenTargets:
     ``StudentLM``'s selected hidden states). ``seq_weights_N``: 1 / (valid tokens of the token's row), the
     reduction weight of the "sequence" normalisation over whole rows. ``weights_N``: the weighting methods'
     per-token weights (None when none is on: the plain loss); ``reward_N`` / ``pass_rate_N``: the token's row's
-    reward and prompt pass rate, for the per-term row routing (None when unknown)."""
+    reward and prompt pass rate, for the per-term row routing (None when unknown); ``advantage_N``: the row's
+    group-normalised reward (KDRL). The head's pre-pass methods may set ``weights_N`` and the ``pg_*`` fields and
+    cut every field to the tokens TIP keeps (``Prepasses``)."""
 
     teacher_logprobs_N: torch.Tensor
     behavior_logprobs_N: torch.Tensor
