@@ -241,12 +241,17 @@ def _accumulated_step(model_dir, cfg, records, groups) -> tuple[float, list[torc
 
     mask = collate(records, pad_id=0).mask_B_T.bool()
     norms = (mask.sum().float(), mask.any(-1).sum().float())
-    student = StudentLM(load_model(model_dir))
+    lm = load_model(model_dir)
+    rows_seen: list[int] = []  # rows of each decoder call: 1 when the micro-batch was packed
+    lm.get_decoder().register_forward_pre_hook(lambda m, args, kwargs: rows_seen.append(len(kwargs["input_ids"])),
+                                               with_kwargs=True)
+    student = StudentLM(lm)
     total = 0.0
     for g in groups:
         loss, _ = micro_batch_loss(student, cfg, collate([records[i] for i in g], pad_id=0), *norms)
         loss.backward()
         total += loss.item()
+    assert rows_seen == ([1] * len(groups) if cfg.packing else [len(g) for g in groups])
     return total, [p.grad.clone() for p in student.parameters()]
 
 

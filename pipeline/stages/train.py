@@ -375,7 +375,7 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
 
     loss, metrics = model(batch.input_ids_B_L, batch.attention_B_L, select_B_T, chunk_loss,
                           topk_ids_N_K=targets.topk_ids_N_K if need_topk else None,
-                          chunk_tokens=cfg.logits_chunk_tokens, argmax=need_topk,
+                          chunk_tokens=cfg.logits_chunk_tokens, argmax=need_topk, pack=cfg.packing,
                           prepass=Prepasses(prepasses, targets) if prepasses else None)
     return loss, {**metrics, **weight_stats, **{k: v for p in prepasses for k, v in p.stats.items()}}
 
@@ -980,7 +980,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainCon
     t0 = time.perf_counter()
     records = source.next_records(local, cfg.grad_accum)
     groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
-                                   cfg.grad_accum)
+                                   cfg.grad_accum, packed=cfg.packing)
     micro_batches = [collate([records[i] for i in g], pad_id, rollouts) for g in groups]
     meter.data_seconds += time.perf_counter() - t0
     local_counts = [sum(int(b.mask_B_T.sum()) for b in micro_batches),
@@ -995,8 +995,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainCon
     opt.zero_grad(set_to_none=True)
     parts: list[tuple[int, Metrics]] = []
     for mb in micro_batches:
-        meter.padded += int((mb.attention_B_L == 0).sum())
-        meter.slots += mb.attention_B_L.numel()
+        meter.count_positions(mb.attention_B_L, cfg.packing)
         mb = mb.to(device)
         with autocast_context(cfg.precision, device, fsdp_sharded):
             loss, mb_metrics = micro_batch_loss(model, cfg, mb, token_norm, seq_norm, norms)
