@@ -10,6 +10,7 @@ from storage.shardset import (
     ShardSetError,
     ShardSetMismatchError,
     ShardSetNotFoundError,
+    ShardWriter,
     WriteBehind,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "ShardSetError",
     "ShardSetMismatchError",
     "ShardSetNotFoundError",
+    "ShardWriter",
     "TeacherRecord",
     "WriteBehind",
     "codec_info",
