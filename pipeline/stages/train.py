@@ -609,7 +609,8 @@ class OnlineBatches:
         self.student_engine.model.eval()
         t0 = time.perf_counter()
         gens = self.student_engine.generate([self.prompt_ids[i] for i in chosen],
-                                            self.cfg.sampling.model_copy(update={"seed": self.sample_seed + self.calls}))
+                                            self.cfg.sampling.model_copy(
+                                                update={"seed": self.sample_seed + self.calls}))
         t1 = time.perf_counter()
         self.student_engine.model.train(was_training)
         seqs, starts, meta = [], [], []
@@ -902,8 +903,9 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
     if resumed is not None:
         if resumed.world_size != info.world_size:
             # each rank's stream position is saved; another world size would see other sequences
-            raise LopdUserError(f"{ckpt_root}: checkpoint was written by {resumed.world_size} process(es), this run has "
-                             f"{info.world_size}; resume with --nproc-per-node {resumed.world_size} or use a new train.out")
+            raise LopdUserError(f"{ckpt_root}: checkpoint was written by {resumed.world_size} process(es), this run "
+                                f"has {info.world_size}; resume with --nproc-per-node {resumed.world_size} or use a "
+                                "new train.out")
         start_step, rank_state = resumed.step, resumed.rank_state
         checkpoint.set_rng_state(rank_state["rng"])
         meter.load_state_dict(resumed.trainer["meter"])
