@@ -235,6 +235,7 @@ def test_mixed_stream_honours_the_weights_over_a_long_stream(tmp_path):
     state = source.state_dict()
     assert state["records"] == {"math": 360, "code": 120}
     assert source.metrics(DistInfo())["source/math/frac"] == 0.75
+    source.close()
 
 
 def test_a_mismatched_teacher_in_one_source_is_refused_naming_it(tmp_path, tiny_models):

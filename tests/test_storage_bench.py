@@ -43,20 +43,21 @@ def test_truncate_k_keeps_the_head_and_recomputes_the_tail():
 
 
 def test_long_row_write_cost_read_speed_and_stall(tmp_path):
-    """The long-row measurements at a small size: k = 0 is the cheapest to write and read, and top-k shards read
-    faster without their top-k columns; a consumer slower than the reader stalls less with prefetch than without."""
+    """The long-row measurements run at a small size and report every field in range; k = 0 shards take the fewest
+    bytes per token. Which path is faster is a timing, measured in docs/benchmarks.md and never asserted here."""
     from storage.bench import long_row_records, read_path, write_path_cost
 
     records = long_row_records(16, 6, length=160, vocab_size=3000, prompt_len=16)
     assert [r.num_response_tokens for r in records] == [144] * 6 and records[0].topk_ids.shape[1] == 16
     writes = {w["k"]: w for w in write_path_cost(records, (0, 16), tmp_path, vocab_size=3000)}
     assert writes[0]["bytes_per_token"] < writes[16]["bytes_per_token"]
-    assert 0 < writes[0]["encode_us_per_token"] < writes[16]["encode_us_per_token"]
+    assert writes[0]["encode_us_per_token"] > 0 and writes[16]["encode_us_per_token"] > 0
     assert writes[16]["write_tokens_per_s_one_core"] > 0
     reads = {r["k"]: r for r in read_path(records, (0, 16), tmp_path, consumer_tokens_per_s=3000.0, vocab_size=3000)}
-    assert reads[0]["read_tokens_per_s"] > reads[16]["read_tokens_per_s"] > 0
-    assert reads[16]["read_tokens_per_s_without_topk"] > reads[16]["read_tokens_per_s"]
+    assert reads[0]["read_tokens_per_s"] > 0 and reads[16]["read_tokens_per_s"] > 0
+    assert reads[16]["read_tokens_per_s_without_topk"] > 0
     assert "read_tokens_per_s_without_topk" not in reads[0]
     for r in reads.values():
         assert r["response_tokens"] == 6 * 144
-        assert 0 <= r["stall_fraction_prefetch"] < r["stall_fraction"] < 1
+        # which stalls less is a timing: measured in docs/benchmarks.md, never asserted here
+        assert 0 <= r["stall_fraction_prefetch"] < 1 and 0 <= r["stall_fraction"] < 1

@@ -3,6 +3,7 @@ the online baseline, eval."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -312,10 +313,11 @@ def test_prefetching_trainer_matches_the_synchronous_reader_and_resumes_exactly(
     ref = load_run_config(cfg, [f"train.out={tmp / 'sync'}", "train.prefetch_batches=0", *common]).stage("train")
     run_stage("train", ref, show_progress=False)
     out = tmp / "prefetch"
+    before = {t for t in threading.enumerate() if t.name == "lopd-prefetch"}  # other tests' threads are theirs
     for depth, stop in ((3, 3), (0, 5), (2, None)):
         tcfg = load_run_config(cfg, [f"train.out={out}", f"train.prefetch_batches={depth}", *common]).stage("train")
         run_train(tcfg, show_progress=False, stop_after=stop)
-        assert not [t for t in threading.enumerate() if t.name == "lopd-prefetch"]
+        assert not {t for t in threading.enumerate() if t.name == "lopd-prefetch"} - before
     assert len(_curve(tmp / "sync")) == 8 and _curve(out) == _curve(tmp / "sync")
     assert _same_weights(tmp / "sync" / "final", out / "final")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -330,8 +332,8 @@ def test_lightning_only_run_reads_no_topk_and_trains_as_with_it(shards_run):
     for name, losses in (("lean", "{lightning: 1.0}"), ("full", "{lightning: 1.0, reverse_kl_topk: 0.0}")):
         overrides = [f"train.out={tmp / name}", f"train.losses={losses}", "train.steps=4"]
         tcfg = load_run_config(cfg, overrides).stage("train")
-        source = ShardBatches(tcfg, DistInfo(), micro=4, start=None)
-        k = source.next_records(4, 1)[0].topk_ids.shape[1]
+        with contextlib.closing(ShardBatches(tcfg, DistInfo(), micro=4, start=None)) as source:
+            k = source.next_records(4, 1)[0].topk_ids.shape[1]
         assert (k == 0) == (name == "lean"), (name, k)
         run_stage("train", tcfg, show_progress=False)
         outs[name] = tmp / name

@@ -13,6 +13,7 @@ size 1.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Iterator
@@ -598,6 +599,10 @@ class OnlineBatches:
         self.calls = state["calls"]
         self.sample_seconds, self.score_seconds = state["sample_seconds"], state["score_seconds"]
 
+    def close(self) -> None:
+        self.student_engine.close()  # drops the engine's reference only: the student itself is the run's
+        self.teacher_engine.close()
+
     def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
         """``parts`` sampling rounds of ``n / parts`` sequences (fresh prompts each round)."""
         return [r for _ in range(parts) for r in self.next(n // parts)]
@@ -641,6 +646,9 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict[str, Any]:
         """The stream position, saved per rank in checkpoints."""
 
+    def close(self) -> None:
+        """Stop background decoding and free engines; the run calls it when it ends, on error too."""
+
 
 class ShardBatches:
     """The offline source: this rank's slice of the shuffled, resumable shard stream, one step (``grad_accum``
@@ -672,6 +680,9 @@ class ShardBatches:
         """The next step's records; ``parts`` x ``micro`` = ``n``, both fixed when the source was made."""
         records, self.position = next(self.steps)
         return records
+
+    def close(self) -> None:
+        self.steps.close()  # ends the prefetch thread, if any
 
     def state_dict(self) -> dict[str, Any]:
         return {"reader": self.position.to_dict() if self.position is not None else None}
@@ -745,6 +756,9 @@ class MixedShardBatches:
 
     def state_dict(self) -> dict[str, Any]:
         return self.state
+
+    def close(self) -> None:
+        self.steps.close()
 
     def metrics(self, info: DistInfo) -> dict[str, float]:
         """Records and response tokens drawn from each source so far (summed over ranks: call on every rank)."""
@@ -930,7 +944,7 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
     last: dict[str, Any] = {}
     if eval_hook and start_step == 0 and eval_every and info.is_main:
         metrics.write({"step": 0, "perf/train_seconds": 0.0, **eval_hook(unwrap(model))})
-    with progress_bar(not (show_progress and info.is_main)) as bar:
+    with contextlib.closing(source), progress_bar(not (show_progress and info.is_main)) as bar:
         task = bar.add_task(f"train ({mode} OPD)", total=cfg.steps, completed=start_step, rate="")
         for step in range(start_step + 1, cfg.steps + 1):
             step_cfg = cfg.model_copy(update={"losses": cfg.losses_at(step)}) if cfg.loss_schedule else cfg
