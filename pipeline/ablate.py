@@ -199,7 +199,8 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
                             "reused": reused}
     rows["SFT student (start)"] = {"overrides": [], "family": None, "lr": None, "seeds": start}
 
-    cells = [(row, seed) for row in cfg.rows for seed in cfg.seeds]
+    # seed-major: an interrupted run has whole seeds of every row done, and its rerun reuses them
+    cells = [(row, seed) for seed in cfg.seeds for row in cfg.rows]
     for i, (row, seed) in enumerate(cells, 1):
         tcfg = row_train_config(cfg, run_cfg, row, seed, root)
         log.info("ablate [%d/%d]: %s, seed %d", i, len(cells), row, seed)
