@@ -978,8 +978,9 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
                   **teacher_provenance, "online": mode == "online"}
     save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, final_dir, provenance)
     if info.is_main:
+        # titled by the losses, so a top-k run is never read as the published Lightning loss
         plot_metrics(out / "metrics.jsonl", out / "curves.png",
-                     title="online OPD" if mode == "online" else "offline OPD (Lightning)")
+                     title=f"{mode} OPD: {' + '.join(name for name, w in cfg.losses.items() if w)}")
     if info.world_size > 1:
         torch.distributed.barrier()
     log.info("train: %d steps, %.1fs of training, %d tokens -> %s", cfg.steps, meter.seconds, meter.tokens, final_dir)
