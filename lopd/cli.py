@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -74,6 +75,16 @@ def _run(fn: Callable[[], Any]) -> Any:
     except _user_errors() as e:
         _error_line(str(e))
         raise typer.Exit(2) from None
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, destroy the process group a trainer joined before the process exits (its gloo/NCCL
+    threads otherwise meet interpreter shutdown and can abort the process after a finished run)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _stage(name: str, config: Path, overrides: list[str] | None, run_dir: Path | None, quiet: bool,

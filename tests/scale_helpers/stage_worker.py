@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from pipeline import training
 from pipeline.config import load_run_config
 from pipeline.stages.registry import run_stage
@@ -18,6 +20,14 @@ from pipeline.stages.train import run_train
 
 
 def main(stage: str, run_yaml: str, stop: int, overrides: list[str]) -> None:
+    try:
+        run(stage, run_yaml, stop, overrides)
+    finally:  # as the CLI does: leave the process group before the interpreter shuts down
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(stage: str, run_yaml: str, stop: int, overrides: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_run_config(run_yaml, overrides).stage(stage)
     if stage == "train":
