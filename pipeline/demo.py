@@ -381,8 +381,8 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
             "target_probe_accuracy": target, "offline_seconds": t_off, "online_seconds": t_on,
             "offline_precompute_seconds": round(precompute, 2),
             "online_budget_seconds": online_total,
-            "speedup": (t_on / t_off) if (t_on is not None and t_off) else None,
-            "speedup_lower_bound": (online_total / t_off) if (t_on is None and t_off) else None,
+            "speedup": round(t_on / t_off, 2) if (t_on is not None and t_off) else None,
+            "speedup_lower_bound": round(online_total / t_off, 2) if (t_on is None and t_off) else None,
         },
         "probe_accuracy_at_equal_steps": {
             name: _at_step(curve, train_cfg.steps) for name, curve in (
