@@ -80,11 +80,12 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 def _leave_process_group() -> None:
-    """Under torchrun, destroy the process group a trainer joined before the process exits (its gloo/NCCL
-    threads otherwise meet interpreter shutdown and can abort the process after a finished run)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Under torchrun, leave the process group a trainer joined (``training.leave_distributed``); a command that
+    never loaded a trainer does not import torch for it."""
+    if "pipeline.training" in sys.modules:
+        from pipeline.training import leave_distributed
+
+        leave_distributed()
 
 
 def _stage(name: str, config: Path, overrides: list[str] | None, run_dir: Path | None, quiet: bool,

@@ -60,6 +60,13 @@ def setup_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
 
 
+def leave_distributed() -> None:
+    """Destroy the process group ``setup_distributed`` joined, if any, before the process exits (its gloo/NCCL
+    threads otherwise meet interpreter shutdown and can abort a finished run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def device_for(info: DistInfo) -> torch.device:
     return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -288,7 +295,7 @@ def prepare_student(lm: torch.nn.Module, info: DistInfo, *, fsdp: bool, precisio
             if info.world_size % fsdp_shard_size:
                 raise ValueError(f"train.fsdp_shard_size={fsdp_shard_size} must divide the world size "
                                  f"{info.world_size}")
-            kwargs["mesh"] = init_device_mesh(device_for(info).type,
+            kwargs["mesh"] = init_device_mesh(device.type,
                                               (info.world_size // fsdp_shard_size, fsdp_shard_size),
                                               mesh_dim_names=("replicate", "shard"))
         for layer in getattr(getattr(lm, "model", lm), "layers", []):

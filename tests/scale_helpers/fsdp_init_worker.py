@@ -13,7 +13,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from pipeline import checkpoint
 from pipeline.config import OptimConfig
-from pipeline.training import load_student, make_optimizer, make_scheduler, prepare_student, setup_distributed
+from pipeline.training import (
+    leave_distributed,
+    load_student,
+    make_optimizer,
+    make_scheduler,
+    prepare_student,
+    setup_distributed,
+)
 
 
 def main(model_dir: str, out: str) -> None:
@@ -41,7 +48,7 @@ def main(model_dir: str, out: str) -> None:
     (out_dir / f"rank-{info.rank}.json").write_text(json.dumps({
         "started_on_meta": started_on_meta, "loss": float(loss.detach()), "local_optim_numel": local_optim_numel,
         "full_optim_numel": 2 * sum(p.numel() for p in student.parameters()), "ckpt": str(step_dir)}))
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import sys
 
-import torch
-
 from pipeline import training
 from pipeline.config import load_run_config
 from pipeline.stages.registry import run_stage
@@ -23,8 +21,7 @@ def main(stage: str, run_yaml: str, stop: int, overrides: list[str]) -> None:
     try:
         run(stage, run_yaml, stop, overrides)
     finally:  # as the CLI does: leave the process group before the interpreter shuts down
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        training.leave_distributed()
 
 
 def run(stage: str, run_yaml: str, stop: int, overrides: list[str]) -> None:
