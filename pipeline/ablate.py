@@ -143,11 +143,16 @@ def ensure_demo_shards(run_cfg: RunConfig, show_progress: bool = True) -> DemoPl
     return plan
 
 
+def row_overrides(cfg: AblateConfig, row: str) -> list[str]:
+    """The row's ``--set`` overrides with ``{half_steps}`` resolved (what trains, and what the table shows)."""
+    return [o.replace("{half_steps}", str(max(cfg.steps // 2, 1))) for o in cfg.rows[row]]
+
+
 def row_train_config(cfg: AblateConfig, run_cfg: RunConfig, row: str, seed: int, root: Path) -> TrainConfig:
     """The train config of one row x seed: the demo's train section, the row's overrides, the ablation's steps,
     the seed, the family's learning rate, and an output dir named after the row and a hash of its settings (a
     changed row trains afresh instead of meeting its old checkpoints)."""
-    overrides = [o.replace("{half_steps}", str(max(cfg.steps // 2, 1))) for o in cfg.rows[row]]
+    overrides = row_overrides(cfg, row)
     base = load_run_config(cfg.demo_config, [*cfg.demo_set, *overrides, f"train.steps={cfg.steps}",
                                              f"train.seed={seed}"], run_cfg.run_dir).stage("train")
     lr = cfg.lr[loss_family(base)]
@@ -207,8 +212,8 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
         trained = registry.run_stage("train", tcfg, show_progress=show_progress)
         ecfg = eval_config(cfg, tcfg.out / "final", plan.test_prompts, tcfg.out.parent / "eval", seed, max_new)
         result, eval_reused = run_eval_once(ecfg, reuse=trained.skipped)
-        entry = rows.setdefault(row, {"overrides": cfg.rows[row], "family": loss_family(tcfg), "lr": tcfg.optim.lr,
-                                      "dir": str(tcfg.out.parent.parent), "seeds": {}})
+        entry = rows.setdefault(row, {"overrides": row_overrides(cfg, row), "family": loss_family(tcfg),
+                                      "lr": tcfg.optim.lr, "dir": str(tcfg.out.parent.parent), "seeds": {}})
         entry["seeds"][str(seed)] = {"accuracy": result["pass@1"], pass_key: result[pass_key],
                                      "train_seconds": round(train_seconds(tcfg.out), 2),
                                      "reused": trained.skipped and eval_reused}

@@ -389,6 +389,11 @@ class TrainConfig(ScaleConfig):
         "incorrect (reward > 0 or not), solved / unsolved (the prompt's pass rate is 1 or not); each term is "
         "normalised by the step's global count of its routed tokens")
     methods: MethodsConfig = MethodsConfig()
+    weight_norm: Literal["count", "sum"] = Field(
+        "count", description="how the weighting methods' (PACED, SCOPE, position) weighted per-token losses are "
+        "normalised: count divides by the step's token (sequence) count, so the weights' size matters (PACED "
+        "brings its kernel to mean 1 over the step); sum divides by the step's sum of the weights over those "
+        "tokens (sequences: of each sequence's mean weight), a weighted mean. Equal with all-ones weights")
     akl_head_mass: float = Field(0.5, gt=0, lt=1, description="akl_topk: the teacher mass of the head buckets")
     alpha_divergence: float = Field(0.2, gt=0, lt=1, description="alpha of alpha_topk and anchor_alpha "
                                     "(-> 1: forward KL, -> 0: reverse KL)")

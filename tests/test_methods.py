@@ -141,6 +141,9 @@ NEUTRAL = {
     "rows_all": {"rows": {"lightning": "all", "sft": "all", "reverse_kl_topk": "all"}},
     "all_at_once": {"methods": {"paced": {"alpha": 0.0, "beta": 0.0}, "position": {"gamma": 0.0},
                                 "gopd": {"lam": 1.0}}},
+    # a weighted mean with all-ones weights: the sums of the weights are the counts
+    "weight_norm_sum": {"weight_norm": "sum", "methods": {"paced": {"alpha": 0.0, "beta": 0.0},
+                                                          "position": {"gamma": 0.0}}},
     # the new losses at weight 0 (AKL, alpha-divergence, DPH-RL anchors) and their parameters changed
     "new_losses_off": {"akl_head_mass": 0.3, "alpha_divergence": 0.7},
 }
@@ -343,6 +346,43 @@ def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_sha
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_weight_norm_sum_is_the_weighted_mean_and_accumulation_invariant(tiny_models, stats_shards):
+    """``weight_norm: sum``: each term is sum_t w_t l_t / sum_t w_t over its (routed) tokens, the sequence form
+    sum_i sum_t (w_t / T_i) l_t / sum_i mean_t w_t; against a float64 reference computed from the per-token losses,
+    and one micro-batch equals four (the sums are the step's)."""
+    rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
+    records = _records()[:8]  # pass rates 0.25 and 0.5: PACED weights differ between the prompts
+    student = _double_student(tiny_models)
+    methods = {"paced": {}, "position": {"gamma": 0.5}}
+    for losses, lightning, rows in (({"sft": 1.0}, {}, {}), ({"sft": 1.0}, {}, {"sft": "correct"}),
+                                    ({"lightning": 1.0}, {"normalization": "sequence"}, {})):
+        cfg = _cfg(losses=losses, lightning=lightning, rows=rows, methods=methods, weight_norm="sum")
+        batch = collate(records, 0, rollouts)
+        got, grads = _step_grads(student, cfg, [batch])
+        split = _step_grads(student, cfg, [collate(records[i:i + 2], 0, rollouts) for i in range(0, 8, 2)])
+        assert split[0] == pytest.approx(got, rel=1e-12)
+        for a, b in zip(grads, split[1]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+        # the reference: per-token loss l_t (sft: -log p; lightning at theta = mu with importance none: the same
+        # -A_t log p value, A_t = lT - log p) from the student's log-probs, weighted by PACED's kernel x position
+        from pipeline.stages.train import method_weights
+        w_B_T, _ = method_weights(cfg, batch, torch.ones(()))
+        with torch.no_grad():
+            logits = student.lm(batch.input_ids_B_L.long(), attention_mask=batch.attention_B_L).logits.double()
+        logp_B_T = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids_B_L[:, 1:, None].long())[..., 0]
+        valid = batch.mask_B_T.bool()
+        if rows:
+            valid = valid & route_mask("correct", batch.reward_B, batch.pass_rate_B).unsqueeze(-1)
+        w = torch.where(valid, w_B_T.double(), 0.0)
+        if "sft" in losses:
+            ref = (w * -logp_B_T).sum() / w.sum()
+        else:
+            adv = batch.teacher_logprobs_B_T.double() - logp_B_T
+            per_seq = (w * -adv * logp_B_T).sum(-1) / batch.mask_B_T.sum(-1).clamp_min(1)
+            ref = per_seq.sum() / (w.sum(-1) / batch.mask_B_T.sum(-1).clamp_min(1)).sum()
+        assert got == pytest.approx(ref.item(), rel=1e-6), (losses, rows)  # the advantage is float32 in the loss
+
+
 def test_routing_masks_and_routed_normalisers(tiny_models, stats_shards):
     """A term routed to correct rows equals the same loss computed on those rows alone (normalised by their
     tokens); incorrect rows get no gradient from it."""
@@ -380,7 +420,7 @@ def test_loss_schedule_phases_and_run_key():
     settings = {k: v for k, v in plain.model_dump(mode="json").items()
                 if k not in {"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
                              "online", "loss_schedule", "rows", "methods", "akl_head_mass", "alpha_divergence",
-                             "kdrl_beta", "kdrl_is_cap"}
+                             "kdrl_beta", "kdrl_is_cap", "weight_norm"}
                 | TrainConfig.EXECUTION_ONLY}
     assert train_run_key(plain, "m", "d") == checkpoint.run_fingerprint({"settings": settings, "student": "m",
                                                                          "data": "d"})
@@ -389,8 +429,9 @@ def test_loss_schedule_phases_and_run_key():
         _cfg(rows={"sft": "correct"}), _cfg(methods={"paced": {}}), _cfg(methods={"paced": {"alpha": 2.0}}),
         _cfg(methods={"position": {}}), _cfg(methods={"gopd": {}}), _cfg(methods={"scope": {}}),
         _cfg(akl_head_mass=0.3), _cfg(alpha_divergence=0.5), _cfg(kdrl_beta=1e-3), _cfg(kdrl_is_cap=3.0),
-        _cfg(methods={"tip": {}}), _cfg(methods={"opsd": {"clip": 1.0}}))}
-    assert len(keys) == 15
+        _cfg(methods={"tip": {}}), _cfg(methods={"opsd": {"clip": 1.0}}),
+        _cfg(methods={"paced": {}}, weight_norm="sum"))}
+    assert len(keys) == 16
 
 
 # --- PACED ---------------------------------------------------------------------------------------------------------

@@ -213,6 +213,37 @@ def local_step_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]
                  sum(int(r.sum()) for r in rows_B)]
     if cfg.methods.tip is not None:  # TIP keeps ceil(rho N) of each micro-batch's N tokens
         sums.append(sum(tip_kept_count(int(b.mask_B_T.sum()), cfg.methods.tip.rho) for b in micro_batches))
+    if weight_sum_norm(cfg):
+        sums += local_weight_sums(cfg, micro_batches)
+    return sums
+
+
+def weight_sum_norm(cfg: TrainConfig) -> bool:
+    """Whether the terms are normalised by the step's sums of the weights (``weight_norm: sum`` with a weighting
+    method on) rather than by its counts."""
+    m = cfg.methods
+    return cfg.weight_norm == "sum" and any(x is not None for x in (m.paced, m.scope, m.position))
+
+
+def local_weight_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]:
+    """``weight_norm: sum``: this rank's sums of the weighting methods' per-token weights w_t (PACED unscaled: its
+    mean-one factor cancels in a weighted mean) for "all" rows and then each route of ``_routes``:
+
+        token normaliser  sum_t w_t                 sequence normaliser  sum_i mean_{t in i} w_t
+
+    over the valid (routed) tokens; with all-ones weights these are the counts of ``StepNorms``."""
+    sums: list[float] = []
+    for route in ["all", *_routes(cfg)]:
+        tokens = seqs = 0.0
+        for b in micro_batches:
+            w_B_T, _ = method_weights(cfg, b, torch.ones(()))
+            valid_B_T = b.mask_B_T.bool()
+            if route != "all":
+                valid_B_T = valid_B_T & route_mask(route, b.reward_B, b.pass_rate_B).unsqueeze(-1)
+            w_B_T = torch.where(valid_B_T, w_B_T.double(), 0.0)
+            tokens += float(w_B_T.sum())
+            seqs += float((w_B_T.sum(-1) / b.mask_B_T.sum(-1).clamp_min(1)).sum())
+        sums += [tokens, seqs]
     return sums
 
 
@@ -229,6 +260,13 @@ def step_norms(cfg: TrainConfig, token: torch.Tensor, seq: torch.Tensor, sums: t
         at += 2
     if cfg.methods.tip is not None:
         tip_scale = (token.double() / sums[at].double().clamp_min(1)).float()
+        at += 1
+    if weight_sum_norm(cfg):  # a weighted mean: the sums of the weights replace the counts
+        weight_sums = sums[at:].clamp_min(torch.finfo(torch.float32).tiny)
+        token, seq = weight_sums[0].to(token), weight_sums[1].to(seq)
+        routed = {route: (weight_sums[2 + 2 * i].to(token), weight_sums[3 + 2 * i].to(seq))
+                  for i, route in enumerate(routes)}
+        paced_scale = None if paced_scale is None else torch.ones_like(paced_scale)
     return StepNorms(token, seq, routed, paced_scale, tip_scale)
 
 
@@ -352,6 +390,8 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
     """One micro-batch's share of the step loss through the chunked LM head (``model`` is a ``StudentLM``,
     possibly wrapped by DDP / FSDP2). ``batch`` must be on the model's device. ``norms`` carries the step's
     routed counts and PACED scale (needed only with routing or PACED)."""
+    if norms is not None:  # weight_norm: sum replaces the counts by the sums of the weights
+        token_normalizer, seq_normalizer = norms.token, norms.seq
     select_B_T = batch.mask_B_T.bool()
     weights_B_T, weight_stats = method_weights(cfg, batch, None if norms is None else norms.paced_scale)
     targets = flatten_targets(batch, weights_B_T)
@@ -550,7 +590,8 @@ _NOT_IN_RUN_KEY = ({"out", "student", "shards", "steps", "checkpoint_every", "ke
 
 # Method settings whose default (off) is left out of the run key; when set they are part of it.
 _OFF_BY_DEFAULT = {"loss_schedule": [], "rows": {}, "methods": MethodsConfig().model_dump(mode="json"),
-                   "akl_head_mass": 0.5, "alpha_divergence": 0.2, "kdrl_beta": 5e-3, "kdrl_is_cap": 2.0}
+                   "akl_head_mass": 0.5, "alpha_divergence": 0.2, "kdrl_beta": 5e-3, "kdrl_is_cap": 2.0,
+                   "weight_norm": "count"}
 
 
 def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: str | None) -> str:
