@@ -246,12 +246,18 @@ class PositionConfig(Strict):
 
 
 class GopdConfig(Strict):
-    """G-OPD / ExOPD reward extrapolation for the ``lightning`` loss, reference = the rollout policy mu:
-    A_t = lam (log p_T - log mu) - (log p_theta - log mu). Neutral: lam = 1 and k3_guard = 0."""
+    """G-OPD / ExOPD reward extrapolation. ``lightning``: reference = the rollout policy mu,
+    A_t = lam (log p_T - log mu) - (log p_theta - log mu). The top-k losses: their target becomes
+    q ~ p_T^lam p_ref^(1 - lam) over the teacher's top-k + tail buckets, p_ref a frozen reference model's
+    log-probs at those ids (one more no-grad forward per micro-batch). Neutral: lam = 1 and k3_guard = 0."""
 
     lam: float = Field(1.25, gt=0, description="reward scale lambda; > 1 extrapolates past the teacher (ExOPD)")
     k3_guard: float = Field(0.0, ge=0, description="coefficient of a k3 estimate of KL(p_theta || mu) on the "
                             "sampled tokens added to the loss (0 = off)")
+    reference: Path | None = Field(
+        None, description="top-k losses: model dir of the frozen reference policy p_ref; null = train.student "
+        "(the rollout policy mu when training starts from the SFT student that sampled the shards). Loaded "
+        "only when lam != 1 and a top-k loss is on")
 
 
 class ScopeConfig(Strict):
@@ -373,8 +379,9 @@ class TrainConfig(ScaleConfig):
     grad_accum: int = Field(1, ge=1)
     optim: OptimConfig = OptimConfig(lr=3e-4)
     shuffle_buffer: int = Field(1024, ge=1)
-    prefetch_batches: int = Field(2, ge=0, description="steps of shard data decoded ahead on a background thread "
-                                  "while the current step computes (0: decode inside the step)")
+    prefetch_batches: int = Field(2, ge=0, description="steps of shard data decoded, split into micro-batches and "
+                                  "collated ahead on a background thread while the current step computes (0: all "
+                                  "of it inside the step)")
     seed: int = 0
     deterministic: bool = True
     checkpoint_every: int = Field(50, ge=1)

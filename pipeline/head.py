@@ -109,6 +109,35 @@ class HeadPrepass(Protocol):
     def done(self) -> torch.Tensor | None: ...
 
 
+@torch.no_grad()
+def chunked_token_stats(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_ids_N: torch.Tensor, *,
+                        topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int | None = None) -> TokenStats:
+    """``token_stats(hidden @ weight.T)`` without gradient, ``chunk_tokens`` tokens of logits at a time (default
+    ``default_chunk_tokens(V)``): a frozen model's per-token log-probs (G-OPD's reference policy) at the peak
+    memory of one chunk. Matmul in the autocast dtype when autocast is on, else the weight's; stats in float32
+    (float64 for float64 weights)."""
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(weight_V_H.shape[0])
+    device_type = hidden_N_H.device.type
+    mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight_V_H.dtype
+    acc_dtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
+    weight = weight_V_H.to(mm_dtype)
+    parts = []
+    with torch.autocast(device_type, enabled=False):
+        for start in range(0, hidden_N_H.shape[0], chunk_tokens):
+            end = min(hidden_N_H.shape[0], start + chunk_tokens)
+            logits_n_V = (hidden_N_H[start:end].to(mm_dtype) @ weight.T).to(acc_dtype)
+            parts.append(token_stats(logits_n_V, target_ids_N[start:end],
+                                     None if topk_ids_N_K is None else topk_ids_N_K[start:end]))
+            del logits_n_V
+    if not parts:
+        empty = torch.zeros(0, dtype=acc_dtype, device=hidden_N_H.device)
+        return TokenStats(empty, None if topk_ids_N_K is None else empty.reshape(0, topk_ids_N_K.shape[-1]),
+                          None if topk_ids_N_K is None else empty)
+    return TokenStats(*(None if getattr(parts[0], f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
+                        for f in fields(TokenStats)))
+
+
 def merge_chunk_metrics(parts: list[tuple[int, Metrics]]) -> Metrics:
     """Combine per-chunk metrics: ``loss/*`` are shares of one loss (summed), ``*_max`` take the max, every other
     key is a mean over the chunk's tokens (weighted by the chunk's token count)."""

@@ -354,6 +354,34 @@ def _topk_loss(per_token, name, student_topk_B_T_K, student_tail_B_T, teacher_to
 # --- Lightning OPD: sampled-token policy gradient -----------------------------------------------
 
 
+def gopd_topk_target(
+    teacher_topk_logprobs_N_K: torch.Tensor,
+    teacher_tail_logprob_N: torch.Tensor,
+    reference_topk_logprobs_N_K: torch.Tensor,
+    reference_tail_logprob_N: torch.Tensor,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G-OPD / ExOPD's target distribution over the top-k + tail buckets (reward extrapolation, top-k form):
+
+        log q(b) = lam log p_T(b) + (1 - lam) log p_ref(b) - log Z,   Z = sum_b p_T(b)^lam p_ref(b)^(1 - lam)
+
+    over b in {the teacher's top-k ids} + {tail}, p_ref the reference policy's probabilities at the same buckets.
+    G-OPD's token reward lam (log p_T - log p_ref) - (log p_theta - log p_ref) is maximised in expectation by
+    p_theta = q, so a top-k loss toward q (reverse KL: ``reverse_kl_topk(student, q)``) is its dense, top-k form;
+    lam > 1 extrapolates past the teacher (ExOPD), lam = 1 gives q = p_T, and p_ref = p_T makes lam irrelevant.
+    The paper states the sampled-token form (``lightning_pg``'s ``reward_scale``); this bucketed form is ours
+    **[inf]**. Returns ``(q_topk_N_K, q_tail_N)`` as log-probs in the wider of the inputs' dtypes (float64
+    inside); any leading shape works in place of N. Reference log-probs are floored at
+    ``REVERSE_KL_TEACHER_FLOOR`` (a reference with no tail mass would make lam > 1 put infinite weight there).
+    """
+    dtype = torch.promote_types(teacher_topk_logprobs_N_K.dtype, reference_topk_logprobs_N_K.dtype)
+    teacher = torch.cat([teacher_topk_logprobs_N_K, teacher_tail_logprob_N.unsqueeze(-1)], -1).double()
+    reference = torch.cat([reference_topk_logprobs_N_K, reference_tail_logprob_N.unsqueeze(-1)], -1).double()
+    unnormalised = lam * teacher + (1 - lam) * reference.clamp_min(REVERSE_KL_TEACHER_FLOOR)
+    q = (unnormalised - unnormalised.logsumexp(-1, keepdim=True)).to(dtype)
+    return q[..., :-1], q[..., -1]
+
+
 def lightning_pg(
     student_logprobs_B_T: torch.Tensor,
     teacher_logprobs_B_T: torch.Tensor,

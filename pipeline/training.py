@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint
 from pipeline.config import OptimConfig
-from pipeline.head import HeadPrepass, Metrics, TokenStats, fused_head_loss
+from pipeline.head import HeadPrepass, Metrics, TokenStats, chunked_token_stats, fused_head_loss
 from pipeline.losses import sft_cross_entropy
 
 Example = tuple[np.ndarray, int]  # (token_ids, prompt_len)
@@ -207,14 +207,16 @@ class StudentLM(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids_B_L: torch.Tensor, attention_B_L: torch.Tensor, select_B_T: torch.Tensor,
-                loss_fn: Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]], *,
+                loss_fn: Callable[[TokenStats, int, int], tuple[torch.Tensor, Metrics]] | None, *,
                 topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int | None = None,
                 entropy: bool = False, argmax: bool = False, pack: bool = False,
                 prepass: HeadPrepass | None = None) -> tuple[torch.Tensor, Metrics]:
         """``select_B_T`` marks the targets (shifted positions) the loss reads; ``loss_fn`` sees them flattened
         in row-major order, chunk by chunk (see ``pipeline.head.fused_head_loss``). ``pack``: run the decoder on
         the right-padded batch packed into one padding-free row (``pack_padded``); same targets, same order.
-        ``prepass``: a no-grad pass over all selected tokens before the loss (``pipeline.head.HeadPrepass``)."""
+        ``prepass``: a no-grad pass over all selected tokens before the loss (``pipeline.head.HeadPrepass``).
+        ``loss_fn`` None: no loss; returns the selected tokens' ``TokenStats`` (``chunked_token_stats``, no
+        gradient) and no metrics, the forward of a frozen model (G-OPD's reference) through the same wrappers."""
         position_ids_B_L = None
         if pack:
             input_ids_B_L, position_ids_B_L, select_B_T = pack_padded(input_ids_B_L, attention_B_L, select_B_T)
@@ -226,6 +228,9 @@ class StudentLM(torch.nn.Module):
         head = self.lm.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise NotImplementedError("an LM head with a bias is not supported by the chunked head")
+        if loss_fn is None:
+            return chunked_token_stats(hidden_N_H, head.weight, targets_N, topk_ids_N_K=topk_ids_N_K,
+                                       chunk_tokens=chunk_tokens), {}
         return fused_head_loss(hidden_N_H, head.weight, targets_N, loss_fn, topk_ids_N_K=topk_ids_N_K,
                                chunk_tokens=chunk_tokens, entropy=entropy, argmax=argmax, prepass=prepass)
 
@@ -254,6 +259,24 @@ def load_student(path: str | Path, info: DistInfo, *, fsdp: bool,
     if fsdp and info.world_size > 1 and info.rank != 0:
         return model_skeleton(path, attn_implementation)
     return load_model(path, attn_implementation=attn_implementation)
+
+
+def prepare_reference(path: str | Path, info: DistInfo, *, fsdp: bool, precision: str = "fp32",
+                      attn_implementation: str | None = None) -> torch.nn.Module:
+    """A frozen model for no-grad forwards beside the student (G-OPD's reference policy): ``StudentLM`` with
+    ``requires_grad`` off, in eval mode; under FSDP2 on several ranks sharded like the student (rank 0 reads the
+    weights), otherwise a plain replica on this rank's device (nothing to reduce: no DDP), in bf16 when the run
+    is. Its forward with ``loss_fn=None`` returns per-token ``TokenStats``."""
+    lm = load_student(path, info, fsdp=fsdp, attn_implementation=attn_implementation)
+    lm.requires_grad_(False)
+    if fsdp and info.world_size > 1:
+        reference = prepare_student(lm, info, fsdp=True, precision=precision)
+    else:
+        if precision == "bf16":
+            lm = lm.to(torch.bfloat16)
+        reference = StudentLM(lm).to(device_for(info))
+    lm.config.use_cache = False
+    return reference.eval()
 
 
 def prepare_student(lm: torch.nn.Module, info: DistInfo, *, fsdp: bool, precision: str = "fp32",

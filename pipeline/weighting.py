@@ -165,6 +165,12 @@ def route_mask(route: str, reward: torch.Tensor, pass_rate: torch.Tensor | None)
     raise ValueError(f"route must be all, correct, incorrect, solved or unsolved, got {route!r}")
 
 
+def source_key(label: str, prompt_id: str) -> str:
+    """A rollout's prompt id as a run over several shard sets sees it: the set's label first, so prompt statistics
+    of different sets never mix (``RolloutTable.merge``; the mixed source tags its records so)."""
+    return f"{label}/{prompt_id}"
+
+
 GROUP_ADVANTAGE_EPS = 1e-6  # GRPO's guard for groups whose rewards are all equal (std 0: advantage 0)
 
 
@@ -196,6 +202,23 @@ class RolloutTable:
         advantage_R = ((reward_R - mean_R) / (std_R + GROUP_ADVANTAGE_EPS)).astype(np.float32)
         return cls({key: i for i, key in enumerate(keys)}, reward_R, table["pass_rate"].to_numpy().astype(np.float32),
                    row_weight_R, advantage_R)
+
+    @classmethod
+    def merge(cls, tables: dict[str, "RolloutTable"]) -> "RolloutTable":
+        """Several shard sets' statistics as one table: each set's rows keyed ``(source_key(label, prompt_id),
+        sample_index)``, so two sets may reuse prompt ids. Each set's groups stay its own (its pass rates, SCOPE
+        weights and group advantages were computed within it)."""
+        index: dict[tuple[str, int], int] = {}
+        offset = 0
+        for label, t in tables.items():
+            index.update({(source_key(label, p), j): offset + i for (p, j), i in t.index.items()})
+            offset += len(t.reward_R)
+
+        def cat(name: str) -> np.ndarray | None:
+            parts = [getattr(t, name) for t in tables.values()]
+            return None if any(p is None for p in parts) else np.concatenate(parts)
+
+        return cls(index, cat("reward_R"), cat("pass_rate_R"), cat("row_weight_R"), cat("advantage_R"))
 
     def rows(self, keys: Sequence[tuple[str, int]]) -> np.ndarray:
         """Table rows of these rollouts; a rollout the statistics do not hold is an error (stale statistics)."""

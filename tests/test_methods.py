@@ -316,15 +316,18 @@ class _ListSource:
 
 
 def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_shards):
-    """``train_step`` with non-trivial weights (PACED, position, G-OPD with its guard) and routed terms: one
-    micro-batch of 8 and 8 micro-batches of 1 give the same loss and the same update (float64, SGD with lr 1, so
-    the update is the gradient), because every normaliser and the PACED scale are the step's global sums."""
+    """``train_step`` with non-trivial weights (PACED, position, G-OPD with its guard and top-k form) and routed
+    terms: one micro-batch of 8 and 8 micro-batches of 1 give the same loss and the same update (float64, SGD with
+    lr 1, so the update is the gradient), because every normaliser and the PACED scale are the step's global
+    sums."""
     from pipeline.models import load_model
     from pipeline.stages.train import train_step
     from pipeline.training import DistInfo, StepMeter
 
     rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
     records = _records()[4:]  # prompts with pass rates 0.5 and 1 (the latter weigh 0 under PACED)
+    # G-OPD's top-k form reads a frozen reference (here the teacher model) for reverse_kl_topk's target
+    reference = StudentLM(load_model(tiny_models["teacher"]).double()).eval().requires_grad_(False)
     results = []
     for accum in (1, 8):
         cfg = _cfg(losses={"lightning": 1.0, "reverse_kl_topk": 0.5, "sft": 0.3},
@@ -335,7 +338,7 @@ def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_sha
         before = [p.detach().clone() for p in student.parameters()]
         opt = torch.optim.SGD(student.parameters(), lr=1.0)
         metrics, _ = train_step(student, opt, cfg, _ListSource(records), 8, 0, DistInfo(), torch.device("cpu"),
-                                StepMeter(1, 1), rollouts)
+                                StepMeter(1, 1), rollouts, reference)
         results.append((metrics, [b - p.detach() for b, p in zip(before, student.parameters())]))
     (one, one_update), (many, many_update) = results
     assert abs(one["loss/total"].item()) > 1e-3
@@ -797,6 +800,8 @@ def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "loss/reverse_kl" in rows[0] and "loss/reverse_kl" not in rows[2]  # the schedule switched
+    # G-OPD's top-k form (a frozen reference: train.student) only while a top-k loss runs
+    assert rows[0]["gopd/kl_q_teacher"] > 0 and "gopd/kl_q_teacher" not in rows[2]
     for key in ("diag/drift_kl", "weights/mean", "weights/token_max", "lightning/k3_guard", "loss/lightning"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert "diag/student_topk_mass" in rows[0] and "diag/top1_agree" in rows[0]

@@ -230,7 +230,7 @@ def test_mixed_stream_honours_the_weights_over_a_long_stream(tmp_path):
     seen = {"a": 0, "b": 0}
     for step in range(1, 61):
         for r in source.next_records(8, 1):
-            seen[r.prompt_id[0]] += 1
+            seen[r.prompt_id.removeprefix("math/").removeprefix("code/")[0]] += 1
         assert abs(seen["a"] - 6 * step) < 1 and abs(seen["b"] - 2 * step) < 1
     state = source.state_dict()
     assert state["records"] == {"math": 360, "code": 120}
@@ -257,11 +257,41 @@ def test_a_mismatched_teacher_in_one_source_is_refused_naming_it(tmp_path, tiny_
     cfg = TrainConfig(student=tiny_models["student"], shards=other_vocab, out=tmp_path / "out", batch_size=4, steps=1)
     with pytest.raises(LopdUserError, match="vocabularies of different sizes"):
         run_train(cfg, show_progress=False)
-    cfg = TrainConfig(student=tiny_models["student"], shards=sources[:1] + [{"path": str(tmp_path / "k2")}],
-                      out=tmp_path / "out", batch_size=4, steps=1, methods={"paced": {}})
-    with pytest.raises(LopdUserError, match="not offered across sources yet"):
-        run_train(cfg, show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_prompt_statistics_across_sources_stay_per_set(tmp_path, tiny_models):
+    """The methods that read prompt statistics run over several sets: each set's statistics are computed and
+    stored beside it, and each record reads its own set's, even where two sets reuse prompt ids (set a: pass rate
+    0.5, set b: the same prompt ids, all correct); a set without rewards is refused naming its directory."""
+    from pipeline.stages.train import mixed_rollout_table
+    from storage.prompt_stats import STATS_FILE
+
+    a = _shard_set(tmp_path / "a", _records("p", 24, seed=1))
+    b = _shard_set(tmp_path / "b", [dataclasses.replace(r, reward=1.0) for r in _records("p", 16, seed=2)])
+    sources = [{"path": str(a.root), "weight": 3.0, "name": "math"}, {"path": str(b.root), "name": "code"}]
+    cfg = TrainConfig(student=tiny_models["student"], shards=sources, out=tmp_path / "out", batch_size=8, steps=3,
+                      losses={"lightning": 1.0, "sft": 0.2}, rows={"sft": "solved"}, methods={"paced": {}},
+                      log_every=1, shuffle_buffer=4)
+    table = mixed_rollout_table(cfg, {"math": a, "code": b})
+    assert (a.root / STATS_FILE).exists() and (b.root / STATS_FILE).exists()
+    source = MixedShardBatches(cfg, DistInfo(), micro=8, start=None)
+    batch_records = source.next_records(8, 1) + source.next_records(8, 1)
+    source.close()
+    batch = collate(batch_records, pad_id=0, rollouts=table)
+    expected = [1.0 if r.prompt_id.startswith("code/") else 0.5 for r in batch_records]
+    assert batch.pass_rate_B.tolist() == expected and 0.5 in expected and 1.0 in expected
+    assert mixed_rollout_table(cfg.model_copy(update={"methods": cfg.methods.model_copy(update={"paced": None}),
+                                                      "rows": {}}), {"math": a, "code": b}) is None
+    result = run_train(cfg, show_progress=False)
+    rows = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss/total"]) for r in rows)
+    assert all(0 < r["rows/sft_frac"] < 1 for r in rows)  # the solved route reaches set b's rows only
+    null = _shard_set(tmp_path / "null", [dataclasses.replace(r, reward=None) for r in _records("n", 8)])
+    with pytest.raises(LopdUserError, match=rf"{null.root}.*train.methods.paced needs each rollout's reward"):
+        run_train(TrainConfig(**{**cfg.model_dump(), "shards": [sources[0], {"path": null.root, "name": "n"}],
+                                 "out": tmp_path / "out2"}), show_progress=False)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_two_sources_train_stop_and_resume_exactly(tmp_path, tiny_models):
@@ -664,3 +694,113 @@ def test_two_sources_under_torchrun_with_two_ranks(tmp_path, tiny_models):
     rows = [json.loads(x) for x in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [(r["source/math/records"], r["source/code/records"]) for r in rows] == [(6, 2), (12, 4), (18, 6)]
+
+
+# --- G-OPD / ExOPD, top-k form ----------------------------------------------------------------------------------------
+
+
+def _bucket_dist(gen: torch.Generator, n: int, k: int) -> torch.Tensor:
+    """Log-probs over k + 1 buckets (float64), the last one the tail."""
+    return torch.log_softmax(torch.randn(n, k + 1, generator=gen, dtype=torch.float64) * 2, -1)
+
+
+def test_gopd_topk_target_identities():
+    """q ~ p_T^lam p_ref^(1 - lam) over the buckets: a distribution; lam = 1 gives p_T, lam = 0 p_ref, p_ref = p_T
+    makes lam irrelevant; and q maximises G-OPD's expected token reward sum_b p(b) [lam (lT - lref) - (lp - lref)]
+    over the bucket distributions p (its maximum is log Z, reached at p = q only)."""
+    gen = torch.Generator().manual_seed(0)
+    teacher, ref = _bucket_dist(gen, 6, K), _bucket_dist(gen, 6, K)
+
+    def q(lam, reference=ref):
+        top, tail = L.gopd_topk_target(teacher[:, :-1], teacher[:, -1], reference[:, :-1], reference[:, -1], lam)
+        return torch.cat([top, tail[:, None]], -1)
+
+    for lam in (0.5, 1.25, 2.0):
+        torch.testing.assert_close(q(lam).exp().sum(-1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(q(lam, reference=teacher), teacher, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q(1.0), teacher, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q(0.0), ref, rtol=0, atol=1e-12)
+    lam = 1.25
+    target = q(lam)
+
+    def reward(logp):
+        return (logp.exp() * (lam * (teacher - ref) - (logp - ref))).sum(-1)
+
+    log_z = torch.logsumexp(lam * teacher + (1 - lam) * ref, -1)
+    torch.testing.assert_close(reward(target), log_z, rtol=0, atol=1e-12)
+    for _ in range(20):
+        other = torch.log_softmax(target + 0.3 * torch.randn(target.shape, generator=gen, dtype=torch.float64), -1)
+        assert (reward(other) < reward(target)).all()
+
+
+def _gopd_models(tiny_models):
+    from pipeline.models import load_model
+
+    student = StudentLM(load_model(tiny_models["student"]).double())
+    reference = StudentLM(load_model(tiny_models["teacher"]).double()).eval().requires_grad_(False)
+    return student, reference
+
+
+def test_gopd_topk_trainer_loss_against_a_float64_reference(tiny_models):
+    """The trainer's reverse_kl_topk toward G-OPD's q, with the reference model's log-probs at the teacher's ids
+    from its own no-grad chunked forward, equals the loss and gradients computed from both models' full float64
+    logits; lam = 1 with a reference is today's loss bit for bit; lam != 1 without one is refused."""
+    student, reference = _gopd_models(tiny_models)
+    params = list(student.parameters())
+    batch = collate(_records("q", 8), pad_id=0)
+    lam = 1.5
+    cfg = TrainConfig(student="s", shards="d", out="o", losses={"reverse_kl_topk": 1.0}, logits_chunk_tokens=7,
+                      methods={"gopd": {"lam": lam}})
+    mask = batch.mask_B_T.bool()
+    tok, seq = mask.sum().double(), mask.any(-1).sum().double()
+    got, metrics = micro_batch_loss(student, cfg, batch, tok, seq, None, reference)
+    got_grads = torch.autograd.grad(got, params)
+
+    ids = batch.input_ids_B_L.long()
+    logits = student.lm(ids, attention_mask=batch.attention_B_L).logits[:, :-1]
+    with torch.no_grad():
+        ref_logits = reference.lm(ids, attention_mask=batch.attention_B_L).logits[:, :-1]
+    topk_ids = batch.topk_ids_B_T_K.long()
+    s_top, s_tail = L.student_topk_tail_logprobs(logits, topk_ids)
+    r_top, r_tail = L.student_topk_tail_logprobs(ref_logits, topk_ids)
+    unnorm = (lam * torch.cat([batch.topk_logprobs_B_T_K, batch.tail_logprob_B_T[..., None]], -1).double()
+              + (1 - lam) * torch.cat([r_top, r_tail[..., None]], -1).clamp_min(L.REVERSE_KL_TEACHER_FLOOR))
+    q = unnorm - unnorm.logsumexp(-1, keepdim=True)
+    want, _ = L.reverse_kl_topk(s_top, s_tail, q[..., :-1], q[..., -1], batch.mask_B_T, normalizer=tok)
+    want_grads = torch.autograd.grad(want, params)
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-11)
+    assert metrics["gopd/kl_q_teacher"].item() > 1e-4
+
+    plain = TrainConfig(student="s", shards="d", out="o", losses={"reverse_kl_topk": 1.0}, logits_chunk_tokens=7)
+    base, _ = micro_batch_loss(student, plain, batch, tok, seq)
+    neutral = plain.model_copy(update={"methods": plain.methods.model_copy(update={"gopd": cfg.methods.gopd.model_copy(
+        update={"lam": 1.0})})})
+    same, _ = micro_batch_loss(student, neutral, batch, tok, seq, None, reference)
+    assert torch.equal(same, base)
+    with pytest.raises(ValueError, match="needs the reference model"):
+        micro_batch_loss(student, cfg, batch, tok, seq)
+
+
+def test_gopd_topk_trains_with_its_reference_and_keys_it(tmp_path, tiny_models):
+    """`run_train` with G-OPD's top-k form loads the frozen reference (default: train.student; or the one given),
+    logs how far q moved from the teacher, and a run with another reference model has another run key."""
+    from pipeline.stages.train import gopd_reference_needed, train_run_key
+
+    shards = _shard_set(tmp_path / "s", _records("q", 16))
+    common = dict(student=tiny_models["student"], shards=shards.root, steps=2, batch_size=4, log_every=1,
+                  losses={"reverse_kl_topk": 1.0, "lightning": 0.2})
+    for name, gopd in (("default", {"lam": 1.25}), ("teacher", {"lam": 1.25, "reference": tiny_models["teacher"]})):
+        result = run_train(TrainConfig(out=tmp_path / name, methods={"gopd": gopd}, **common), show_progress=False)
+        rows = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(r["gopd/kl_q_teacher"] > 0 and math.isfinite(r["loss/total"]) for r in rows)
+    cfgs = [TrainConfig(out="o", methods={"gopd": g}, **common)
+            for g in ({"lam": 1.25}, {"lam": 1.25, "reference": tiny_models["teacher"]}, {"lam": 1.0})]
+    assert len({train_run_key(c, "m", "d") for c in cfgs}) == 3
+    assert [gopd_reference_needed(c) for c in cfgs] == [True, True, False]
+    assert not gopd_reference_needed(TrainConfig(out="o", methods={"gopd": {"lam": 1.25}},
+                                                 **{**common, "losses": {"lightning": 1.0}}))
+    with pytest.raises(LopdUserError, match="train.methods.gopd.reference"):
+        run_train(TrainConfig(out=tmp_path / "missing", methods={"gopd": {"lam": 1.25, "reference": tmp_path / "no"}},
+                              **common), show_progress=False)

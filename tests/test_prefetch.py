@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import time
 
 import pytest
 
+from pipeline.config import TrainConfig
+from pipeline.stages.train import Batch, MixedShardBatches, ShardBatches, collate
+from pipeline.training import DistInfo, split_by_token_budget
+from pipeline.weighting import RolloutTable
 from storage.codecs import encode_records
 from storage.prefetch import prefetch, prefetch_batches
-from storage.reader import iter_batches
+from storage.prompt_stats import load_prompt_stats
+from storage.reader import ReaderState, iter_batches
 from storage.shardset import ShardSet
 from storage.synthetic import make_records
 
@@ -82,3 +89,97 @@ def test_errors_reach_the_consumer_and_early_exit_stops_the_thread():
     assert not set(_prefetch_threads()) - before and len(produced) < 1000
     with pytest.raises(ValueError, match="depth"):
         next(prefetch([1], depth=0))
+
+
+# --- the trainer's shard sources: steps split and collated ahead -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory) -> ShardSet:
+    """Rollouts of 3 to 12 response tokens (the token budget groups them unevenly), 4 per prompt, with rewards."""
+    shard_set = ShardSet.create(tmp_path_factory.mktemp("prefetch") / "r", "teacher_topk", {})
+    for i in range(3):
+        records = []
+        for j, r in enumerate(make_records(50, 4, num_rollouts=16, response_len=12, prompt_len=2, seed=10 + i)):
+            m = 3 + (7 * j) % 10
+            records.append(dataclasses.replace(
+                r, prompt_id=f"s{i}-{r.prompt_id}", token_ids=r.token_ids[: r.prompt_len + m],
+                teacher_logprobs=r.teacher_logprobs[:m], behavior_logprobs=r.behavior_logprobs[:m],
+                topk_ids=r.topk_ids[:m], topk_logprobs=r.topk_logprobs[:m], tail_logprob=r.tail_logprob[:m]))
+        shard_set.write_shard(i, encode_records(records, "compact", 4, 50), row_group_size=4)
+    shard_set.finalize(expected_shards=3)
+    return shard_set
+
+
+SPLITS = {"count": dict(grad_accum=2), "budget": dict(max_tokens_per_micro_batch=40),
+          "packed": dict(max_tokens_per_micro_batch=40, packing=True)}
+
+
+def _cfg(shards, split: str, prefetch_batches: int) -> TrainConfig:
+    return TrainConfig(student="s", shards=shards, out="o", batch_size=8, seed=3, shuffle_buffer=6,
+                       prefetch_batches=prefetch_batches, **SPLITS[split])
+
+
+def _synchronous(cfg: TrainConfig, records, pad_id: int, rollouts) -> list[Batch]:
+    """What ``train_step`` did inside the step before the sources prepared it."""
+    groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
+                                   cfg.grad_accum, packed=cfg.packing)
+    return [collate([records[i] for i in g], pad_id, rollouts) for g in groups]
+
+
+def _bits(batches: list[Batch]) -> list:
+    """Every tensor of the micro-batches, bit for bit (NaN rewards included)."""
+    return [[None if (v := getattr(b, f.name)) is None else (str(v.dtype), tuple(v.shape), v.numpy().tobytes())
+             for f in dataclasses.fields(b)] for b in batches]
+
+
+def _source(cfg: TrainConfig, mixed: bool, state, pad_id=None, rollouts=None):
+    if mixed:
+        return MixedShardBatches(cfg, DistInfo(), 8 // cfg.grad_accum, state, pad_id, rollouts)
+    start = ReaderState.from_dict(state["reader"]) if state and state["reader"] else None
+    return ShardBatches(cfg, DistInfo(), 8 // cfg.grad_accum, start, pad_id, rollouts)
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-set", "mixed"])
+def test_steps_prepared_ahead_equal_synchronous_collation_and_resume_exactly(shards, ragged, split, mixed):
+    """The shard sources given ``pad_id`` hand out each step's micro-batches, split and collated on the prefetch
+    thread, bit for bit those of collating the synchronous reader's records in the step (by count, by token
+    budget, packed), with the same states; a source resumed from the state of the last step used (whatever was
+    prepared ahead) continues exactly."""
+    shards_of = [{"path": str(ragged.root), "weight": 3.0, "name": "r"},
+                 {"path": str(shards.root), "weight": 1.0, "name": "s"}] if mixed else ragged.root
+    rollouts = None if mixed else RolloutTable.from_table(load_prompt_stats(ragged, "k")[0])
+    pad_id, steps, cut = 0, 22, 5  # 22 steps of 8: into the second epoch of the 144 (or 150 + 150) records
+    cfg = _cfg(shards_of, split, 0)
+    with contextlib.closing(_source(cfg, mixed, None)) as sync:
+        want = []
+        for _ in range(steps):
+            want.append((_bits(_synchronous(cfg, sync.next_records(8, cfg.grad_accum), pad_id, rollouts)),
+                         sync.state_dict()))
+    rows = {batch[0][1][0] for batches, _ in want for batch in batches}  # input_ids' B of every micro-batch
+    assert rows == {4} if split == "count" else len(rows) > 1  # the token budget groups the rollouts unevenly
+
+    before = set(_prefetch_threads())
+    got = []
+    with contextlib.closing(_source(_cfg(shards_of, split, 3), mixed, None, pad_id, rollouts)) as ahead:
+        assert ahead.prepared
+        for _ in range(cut):
+            got.append((_bits(ahead.next_micro_batches(8, cfg.grad_accum)), ahead.state_dict()))
+        time.sleep(0.1)  # let the thread prepare further ahead than the steps used
+        state = ahead.state_dict()
+    with contextlib.closing(_source(_cfg(shards_of, split, 2), mixed, state, pad_id, rollouts)) as resumed:
+        for _ in range(steps - cut):
+            got.append((_bits(resumed.next_micro_batches(8, cfg.grad_accum)), resumed.state_dict()))
+    assert got == want
+    assert not set(_prefetch_threads()) - before
+
+
+def test_a_source_reads_only_the_kind_it_was_made_for(ragged):
+    cfg = _cfg(ragged.root, "count", 0)
+    with contextlib.closing(_source(cfg, False, None, 0)) as prepared:
+        with pytest.raises(RuntimeError, match="next_micro_batches"):
+            prepared.next_records(8, 2)
+    with contextlib.closing(_source(cfg, False, None)) as records:
+        with pytest.raises(RuntimeError, match="next_records"):
+            records.next_micro_batches(8, 2)

@@ -92,8 +92,9 @@ def test_chunked_head_equals_full_logits(name, tail_bucket, dtype, rtol):
         (2.0 * loss).backward()  # the stored gradients scale with the upstream gradient
         assert abs(loss.item()) > 1e-4
         assert loss.item() == pytest.approx(ref.item(), rel=rtol, abs=rtol)
-        torch.testing.assert_close(h.grad, 2.0 * h_ref.grad, rtol=rtol, atol=rtol * 1e-2)
-        torch.testing.assert_close(w.grad, 2.0 * w_ref.grad, rtol=rtol, atol=rtol * 1e-2)
+        # atol: float32 gradients of ~1e-2 that cancel carry ~2e-7 of rounding, which BLAS kernels vary by CPU
+        torch.testing.assert_close(h.grad, 2.0 * h_ref.grad, rtol=rtol, atol=rtol * 1e-1)
+        torch.testing.assert_close(w.grad, 2.0 * w_ref.grad, rtol=rtol, atol=rtol * 1e-1)
         for key, value in ref_metrics.items():
             assert metrics[key].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), key
 

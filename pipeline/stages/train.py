@@ -14,6 +14,7 @@ size 1.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ from pipeline.training import (
     make_scheduler,
     pad_batch,
     plot_metrics,
+    prepare_reference,
     prepare_student,
     save_trained_model,
     seed_everything,
@@ -61,6 +63,7 @@ from pipeline.weighting import (
     paced_kernel,
     position_weights,
     route_mask,
+    source_key,
     tip_entropy_probs,
     tip_keep,
     tip_kept_count,
@@ -92,8 +95,14 @@ class Batch:
     row_weight_B: torch.Tensor | None = None  # fixed per-rollout method weights (SCOPE) from the statistics
     advantage_B: torch.Tensor | None = None  # group-normalised reward of the rollout (KDRL) from the statistics
 
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(*(None if (v := getattr(self, f)) is None else v.to(device) for f in self.__dataclass_fields__))
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(*(None if (v := getattr(self, f)) is None else v.to(device, non_blocking=non_blocking)
+                       for f in self.__dataclass_fields__))
+
+    def pin_memory(self) -> "Batch":
+        """The same tensors in page-locked host memory: their copy to the GPU (``to(device, non_blocking=True)``)
+        is then a DMA that does not wait for the host."""
+        return Batch(*(None if (v := getattr(self, f)) is None else v.pin_memory() for f in self.__dataclass_fields__))
 
 
 def collate(records: list[TeacherRecord], pad_id: int, rollouts: RolloutTable | None = None) -> Batch:
@@ -385,17 +394,54 @@ def diagnostics(stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor
     return out
 
 
+def gopd_reference_needed(cfg: TrainConfig) -> bool:
+    """Whether the run needs G-OPD's frozen reference model: lam != 1 with a top-k loss in some step."""
+    g = cfg.methods.gopd
+    return g is not None and g.lam != 1.0 and bool(cfg.all_losses() & TOPK_LOSSES)
+
+
+def gopd_reference_path(cfg: TrainConfig) -> Path:
+    """G-OPD's reference model dir: ``methods.gopd.reference``, by default the student training starts from."""
+    return cfg.methods.gopd.reference or cfg.student
+
+
+def gopd_topk_targets(reference: torch.nn.Module, cfg: TrainConfig, batch: Batch, targets: TokenTargets) -> Metrics:
+    """G-OPD's top-k form: the reference model's log-probs at the teacher's top-k ids and tail (a no-grad forward
+    of the micro-batch), and ``targets``' top-k + tail replaced by q ~ p_T^lam p_ref^(1 - lam)
+    (``pipeline.losses.gopd_topk_target``). Metric ``gopd/kl_q_teacher``: KL(q || p_T) over the buckets, mean per
+    token (how far the extrapolated target moved from the teacher)."""
+    with torch.no_grad():
+        ref, _ = reference(batch.input_ids_B_L, batch.attention_B_L, batch.mask_B_T.bool(), None,
+                           topk_ids_N_K=targets.topk_ids_N_K, chunk_tokens=cfg.logits_chunk_tokens, pack=cfg.packing)
+    teacher_N_K, teacher_tail_N = targets.topk_logprobs_N_K, targets.tail_logprob_N
+    q_N_K, q_tail_N = L.gopd_topk_target(teacher_N_K, teacher_tail_N, ref.topk_logprobs, ref.tail_logprob,
+                                         cfg.methods.gopd.lam)
+    targets.topk_logprobs_N_K, targets.tail_logprob_N = q_N_K, q_tail_N
+    q = torch.cat([q_N_K, q_tail_N[:, None]], -1).double()
+    teacher = torch.cat([teacher_N_K, teacher_tail_N[:, None]], -1).double()
+    kl_N = (q.exp() * (q - teacher)).sum(-1)
+    return {"gopd/kl_q_teacher": kl_N.mean() if kl_N.numel() else torch.zeros((), dtype=torch.float64)}
+
+
 def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, token_normalizer: torch.Tensor,
-                     seq_normalizer: torch.Tensor, norms: StepNorms | None = None) -> tuple[torch.Tensor, Metrics]:
+                     seq_normalizer: torch.Tensor, norms: StepNorms | None = None,
+                     reference: torch.nn.Module | None = None) -> tuple[torch.Tensor, Metrics]:
     """One micro-batch's share of the step loss through the chunked LM head (``model`` is a ``StudentLM``,
     possibly wrapped by DDP / FSDP2). ``batch`` must be on the model's device. ``norms`` carries the step's
-    routed counts and PACED scale (needed only with routing or PACED)."""
+    routed counts and PACED scale (needed only with routing or PACED). ``reference``: G-OPD's frozen reference
+    model (``prepare_reference``), read when a top-k loss runs with ``methods.gopd.lam`` != 1."""
     if norms is not None:  # weight_norm: sum replaces the counts by the sums of the weights
         token_normalizer, seq_normalizer = norms.token, norms.seq
     select_B_T = batch.mask_B_T.bool()
     weights_B_T, weight_stats = method_weights(cfg, batch, None if norms is None else norms.paced_scale)
     targets = flatten_targets(batch, weights_B_T)
     need_topk = bool(set(cfg.losses) & TOPK_LOSSES)
+    topk_terms = {name for name, w in cfg.losses.items() if w != 0} & TOPK_LOSSES
+    if topk_terms and cfg.methods.gopd is not None and cfg.methods.gopd.lam != 1.0:
+        if reference is None:
+            raise ValueError("G-OPD's top-k form (methods.gopd.lam != 1 with a top-k loss) needs the reference "
+                             "model: pass reference= (pipeline.training.prepare_reference)")
+        weight_stats = {**weight_stats, **gopd_topk_targets(reference, cfg, batch, targets)}
     routed = None if norms is None else norms.routed
     prepasses: list[TipSelection | BapoBounds | CovSelection] = []
     if cfg.methods.tip is not None:
@@ -601,6 +647,11 @@ def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: 
     for name, off in _OFF_BY_DEFAULT.items():  # unset methods leave the key of a run from before them unchanged
         if settings[name] == off:
             del settings[name]
+    gopd = settings.get("methods", {}).get("gopd")
+    if gopd is not None:  # the reference model by content (a moved one resumes); the default keeps older keys
+        reference = gopd.pop("reference")
+        if reference is not None:
+            gopd["reference_fingerprint"] = model_fingerprint(reference)
     if cfg.online is not None:
         settings["online"] = {k: v for k, v in cfg.online.model_dump(mode="json").items()
                               if k not in ("teacher", "prompts")}
@@ -679,7 +730,10 @@ class OnlineBatches:
 
 
 class BatchSource(Protocol):
-    """Where a rank's records come from: the shard reader (offline) or the live sampler (online)."""
+    """Where a rank's records come from: the shard reader (offline) or the live sampler (online). A source that
+    prepares its steps itself (the shard sources given ``pad_id``: split and collated ahead, on the prefetch
+    thread) says so with ``prepared = True`` and has ``next_micro_batches(n, parts) -> list[Batch]`` instead;
+    ``step_micro_batches`` reads either kind."""
 
     def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
         """This rank's ``n`` records of the next step (``parts``: the micro-batches they were drawn as)."""
@@ -691,20 +745,68 @@ class BatchSource(Protocol):
         """Stop background decoding and free engines; the run calls it when it ends, on error too."""
 
 
-class ShardBatches:
+def prepare_step(records: list[TeacherRecord], cfg: TrainConfig, pad_id: int,
+                 rollouts: RolloutTable | None = None) -> list[Batch]:
+    """One step's records as ``train_step`` computes them: micro-batches by count (``grad_accum``) or by the token
+    budget (``split_by_token_budget``, packed or padded), each collated and, where CUDA is available, pinned. The
+    one code path of both kinds of source: run ahead on the prefetch thread by the shard sources, in the step for
+    the others (``step_micro_batches``)."""
+    groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
+                                   cfg.grad_accum, packed=cfg.packing)
+    batches = [collate([records[i] for i in g], pad_id, rollouts) for g in groups]
+    return [b.pin_memory() for b in batches] if torch.cuda.is_available() else batches
+
+
+def step_micro_batches(source: BatchSource, cfg: TrainConfig, n: int, pad_id: int,
+                       rollouts: RolloutTable | None = None) -> list[Batch]:
+    """The next step's ``n`` records of this rank as micro-batches: as the source prepared them (then the wait is
+    only on its queue), or its records through ``prepare_step`` here."""
+    if getattr(source, "prepared", False):
+        return source.next_micro_batches(n, cfg.grad_accum)  # type: ignore[attr-defined]
+    return prepare_step(source.next_records(n, cfg.grad_accum), cfg, pad_id, rollouts)
+
+
+class _StepStream:
+    """What the shard sources share: their stream of ``(records, state)`` steps, each prepared for ``train_step``
+    (``prepare_step``) when the source is given ``pad_id``, and produced ``cfg.prefetch_batches`` steps ahead on a
+    background thread (``storage.prefetch``) when that is > 0, so decoding, splitting and collating overlap the
+    step, which waits (StepMeter's data wait) only on the queue. Each step comes with the state after it: a
+    checkpoint holds the position of the last step used, whatever was prepared ahead, and resumes exactly. Without
+    ``pad_id`` the steps stay records, read with ``next_records`` (tests, tools looking at the stream)."""
+
+    steps: Iterator[tuple[Any, Any]]
+    prepared: bool
+
+    def _start(self, steps: Iterator[tuple[list[TeacherRecord], Any]], cfg: TrainConfig, pad_id: int | None,
+               rollouts: RolloutTable | None) -> None:
+        self.prepared = pad_id is not None
+        if pad_id is not None:
+            steps = ((prepare_step(records, cfg, pad_id, rollouts), state) for records, state in steps)
+        self.steps = prefetch(steps, cfg.prefetch_batches) if cfg.prefetch_batches else steps
+
+    def _next(self, prepared: bool) -> tuple[Any, Any]:
+        if prepared != self.prepared:
+            raise RuntimeError("this source was made " + ("with pad_id: read next_micro_batches" if self.prepared
+                                                          else "without pad_id: read next_records"))
+        return next(self.steps)
+
+    def close(self) -> None:
+        self.steps.close()  # ends the prefetch thread, if any
+
+
+class ShardBatches(_StepStream):
     """The offline source: this rank's slice of the shuffled, resumable shard stream, one step (``grad_accum``
     reader batches of ``micro`` records) at a time. The top-k columns are read only when a loss of the run
-    needs them. With ``cfg.prefetch_batches`` > 0 a background thread (``storage.prefetch``) decodes that many
-    steps ahead while the current one computes, so the step waits (StepMeter's data wait) only for what
-    decoding could not hide. Each step comes with the reader state after it: a checkpoint holds the position
-    of the last step used, whatever was decoded ahead, and resumes exactly."""
+    needs them. Given ``pad_id`` (and the prompt statistics ``rollouts``, if any) it hands out each step split and
+    collated (``next_micro_batches``), prepared ahead on the prefetch thread with ``cfg.prefetch_batches`` > 0;
+    the state is the reader state after the step (``_StepStream``)."""
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo, micro: int, start: ReaderState | None):
+    def __init__(self, cfg: TrainConfig, info: DistInfo, micro: int, start: ReaderState | None,
+                 pad_id: int | None = None, rollouts: RolloutTable | None = None):
         stream = iter_batches(cfg.sources()[0].path, micro, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                               rank=info.rank, world_size=info.world_size, start=start,
                               need_topk=bool(cfg.all_losses() & TOPK_LOSSES))
-        steps = self._steps(stream, cfg.grad_accum)
-        self.steps = prefetch(steps, cfg.prefetch_batches) if cfg.prefetch_batches else steps
+        self._start(self._steps(stream, cfg.grad_accum), cfg, pad_id, rollouts)
         self.position: ReaderState | None = start
 
     @staticmethod
@@ -719,11 +821,13 @@ class ShardBatches:
 
     def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
         """The next step's records; ``parts`` x ``micro`` = ``n``, both fixed when the source was made."""
-        records, self.position = next(self.steps)
+        records, self.position = self._next(prepared=False)
         return records
 
-    def close(self) -> None:
-        self.steps.close()  # ends the prefetch thread, if any
+    def next_micro_batches(self, n: int, parts: int) -> list[Batch]:
+        """The next step's micro-batches (``prepare_step`` of its records), when made with ``pad_id``."""
+        batches, self.position = self._next(prepared=True)
+        return batches
 
     def state_dict(self) -> dict[str, Any]:
         return {"reader": self.position.to_dict() if self.position is not None else None}
@@ -748,15 +852,17 @@ def mixed_draws(weights: list[float], counts: list[int], n: int) -> list[int]:
     return out
 
 
-class MixedShardBatches:
+class MixedShardBatches(_StepStream):
     """The offline source over several shard sets (``train.shards`` as a list, e.g. one teacher per domain): each
     step's records are drawn one at a time from the sources by ``mixed_draws`` (exact shares of the weights), each
     source being this rank's slice of its own shuffled, resumable stream (``iter_batches``, one record at a
     time). The state after a step holds each source's reader state and its counts of records and response tokens,
     so a resumed run draws exactly what the uninterrupted one would have; ``metrics`` reports the counts as
-    ``source/<name>/records``, ``source/<name>/tokens`` and ``source/<name>/frac`` (share of the records)."""
+    ``source/<name>/records``, ``source/<name>/tokens`` and ``source/<name>/frac`` (share of the records). Given
+    ``pad_id`` it hands out each step split and collated, prepared ahead as ``ShardBatches`` does (``_StepStream``)."""
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo, micro: int, start: dict[str, Any] | None):
+    def __init__(self, cfg: TrainConfig, info: DistInfo, micro: int, start: dict[str, Any] | None,
+                 pad_id: int | None = None, rollouts: RolloutTable | None = None):
         sources = cfg.sources()
         self.labels = [src.label for src in sources]
         self.weights = [src.weight for src in sources]
@@ -771,8 +877,7 @@ class MixedShardBatches:
                                 world_size=info.world_size, need_topk=need_topk,
                                 start=ReaderState.from_dict(r) if (r := state["readers"][src.label]) else None)
                    for src in sources]
-        steps = self._steps(streams, state, micro * cfg.grad_accum)
-        self.steps = prefetch(steps, cfg.prefetch_batches) if cfg.prefetch_batches else steps
+        self._start(self._steps(streams, state, micro * cfg.grad_accum), cfg, pad_id, rollouts)
         self.state = state
 
     def _steps(self, streams: list[Iterator[tuple[list[TeacherRecord], ReaderState]]], state: dict[str, Any],
@@ -787,19 +892,22 @@ class MixedShardBatches:
                 readers[label] = position.to_dict()
                 records[label] += 1
                 tokens[label] += len(record.teacher_logprobs)
-                batch.append(record)
+                # prompt ids as the merged prompt statistics key them (sets may reuse ids)
+                batch.append(dataclasses.replace(record, prompt_id=source_key(label, record.prompt_id)))
             yield batch, {"readers": dict(readers), "records": dict(records), "tokens": dict(tokens)}
 
     def next_records(self, n: int, parts: int) -> list[TeacherRecord]:
         """The next step's ``n`` records (``micro`` x ``grad_accum``, fixed when the source was made)."""
-        records, self.state = next(self.steps)
+        records, self.state = self._next(prepared=False)
         return records
+
+    def next_micro_batches(self, n: int, parts: int) -> list[Batch]:
+        """The next step's micro-batches (``prepare_step`` of its records), when made with ``pad_id``."""
+        batches, self.state = self._next(prepared=True)
+        return batches
 
     def state_dict(self) -> dict[str, Any]:
         return self.state
-
-    def close(self) -> None:
-        self.steps.close()
 
     def metrics(self, info: DistInfo) -> dict[str, float]:
         """Records and response tokens drawn from each source so far (summed over ranks: call on every rank)."""
@@ -856,7 +964,7 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
         provenance["sources"] = {src.label: {
             "weight": src.weight, "teacher_fingerprint": metas[src.label].get("teacher_fingerprint"),
             "teacher_relation": relations[src.label]} for src in sources}
-        rollouts = None
+        rollouts = mixed_rollout_table(cfg, sets)
     return _train(cfg, "offline", data_fingerprint, metas, provenance, show_progress, eval_hook, eval_every,
                   stop_after, rollouts=rollouts)
 
@@ -864,8 +972,7 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
 def check_sources_agree(cfg: TrainConfig, sets: dict[str, ShardSet], need_topk: bool) -> None:
     """Several shard sets can share a step only if their records collate and their ids index one vocabulary: the
     same vocabulary size (each set's extraction checked its teacher's vocabulary against its rollouts' student),
-    one k when a loss reads the top-k. The prompt statistics are per set, and the methods that read them are not
-    offered across sources yet."""
+    one k when a loss reads the top-k."""
     vocab = {label: s.metadata.get("vocab_size") for label, s in sets.items()}
     if len(set(vocab.values())) > 1:
         raise LopdUserError(f"train.shards: the sources index vocabularies of different sizes {vocab}; token ids "
@@ -874,10 +981,6 @@ def check_sources_agree(cfg: TrainConfig, sets: dict[str, ShardSet], need_topk: 
     if need_topk and len(set(ks.values())) > 1:
         raise LopdUserError(f"train.shards: the top-k losses need one k over the sources, got {ks}; extract them "
                             "with the same teacher_logprobs.k or train with the `lightning` loss")
-    if cfg.needs_prompt_stats():
-        raise LopdUserError("train.shards lists several shard sets: row routing (train.rows, the anchors), "
-                            "train.methods.paced, train.methods.scope and the kdrl loss read one set's prompt "
-                            "statistics and are not offered across sources yet; train on one set")
 
 
 def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> RolloutTable | None:
@@ -897,6 +1000,16 @@ def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> 
     log.info("train: prompt statistics of %s: %s", shards.root, how)
     scope = cfg.methods.scope
     return RolloutTable.from_table(table, None if scope is None else (scope.tau, scope.student_ppl_sign))
+
+
+def mixed_rollout_table(cfg: TrainConfig, sets: dict[str, ShardSet]) -> RolloutTable | None:
+    """Several shard sets' prompt statistics (``rollout_table`` of each, computed and stored beside it, refused
+    naming its directory) as one table keyed as ``MixedShardBatches`` tags its records: a prompt's group is never
+    spread over sets, and sets may reuse prompt ids. None when no method reads them."""
+    if not cfg.needs_prompt_stats():
+        return None
+    return RolloutTable.merge({label: rollout_table(cfg, shards, shard_data_fingerprint(shards.manifest))
+                               for label, shards in sets.items()})
 
 
 def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook | None = None,
@@ -922,6 +1035,8 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
            eval_every: int | None, stop_after: int | None, rollouts: RolloutTable | None = None) -> StageResult:
     out = Path(cfg.out)
     ckpt_root, final_dir = out / "ckpt", out / "final"
+    if gopd_reference_needed(cfg):
+        require_model_dir(gopd_reference_path(cfg), field="train.methods.gopd.reference")
     student_fp = model_fingerprint(cfg.student)
     run_key = train_run_key(cfg, student_fp, data_fingerprint)
     if (final_dir / "lopd_provenance.json").exists():
@@ -948,6 +1063,11 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
     model = prepare_student(lm, info, fsdp=cfg.fsdp, precision=cfg.precision,
                             activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
     model.train()
+    reference = None
+    if gopd_reference_needed(cfg):
+        reference = prepare_reference(gopd_reference_path(cfg), info, fsdp=cfg.fsdp, precision=cfg.precision,
+                                      attn_implementation=cfg.attn_implementation)
+        log.info("train: G-OPD reference policy (frozen) %s", gopd_reference_path(cfg))
     opt = make_optimizer(model, cfg.optim)
     sched = make_scheduler(opt, cfg.optim, cfg.steps)
     meter = StepMeter(count_flop_params(unwrap(model)), info.world_size,
@@ -970,10 +1090,10 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
     if mode == "offline":
         saved = rank_state["source"] if rank_state else None
         if len(cfg.sources()) > 1:
-            source = MixedShardBatches(cfg, info, micro, saved)
+            source = MixedShardBatches(cfg, info, micro, saved, tokenizer.pad_token_id, rollouts)
         else:
             source = ShardBatches(cfg, info, micro, ReaderState.from_dict(saved["reader"])
-                                  if saved and saved["reader"] else None)
+                                  if saved and saved["reader"] else None, tokenizer.pad_token_id, rollouts)
     else:
         source = OnlineBatches(cfg.online, unwrap(model), cfg.student, cfg.online.k, cfg.seed, rank=info.rank)
         if rank_state:
@@ -989,7 +1109,8 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
         task = bar.add_task(f"train ({mode} OPD)", total=cfg.steps, completed=start_step, rate="")
         for step in range(start_step + 1, cfg.steps + 1):
             step_cfg = cfg.model_copy(update={"losses": cfg.losses_at(step)}) if cfg.loss_schedule else cfg
-            parts, grad_norm = train_step(model, opt, step_cfg, source, local, pad_id, info, device, meter, rollouts)
+            parts, grad_norm = train_step(model, opt, step_cfg, source, local, pad_id, info, device, meter, rollouts,
+                                          reference)
             sched.step()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 last = {"step": step, **{k: round(float(v), 6) for k, v in parts.items()},
@@ -1031,15 +1152,14 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, source: BatchSource,
                local: int, pad_id: int, info: DistInfo, device: torch.device, meter: StepMeter,
-               rollouts: RolloutTable | None = None) -> tuple[Metrics, float]:
+               rollouts: RolloutTable | None = None, reference: torch.nn.Module | None = None
+               ) -> tuple[Metrics, float]:
     """One optimiser step: this rank's ``local`` records in micro-batches (by count, or by the token budget),
     each normalised by the step's global token / sequence counts (and routed counts, see ``StepNorms``),
-    gradients accumulated, clipped, applied. ``rollouts``: the prompt statistics, when a method reads them."""
+    gradients accumulated, clipped, applied. ``rollouts``: the prompt statistics, when a method reads them;
+    ``reference``: G-OPD's frozen reference model, when its top-k form is on."""
     t0 = time.perf_counter()
-    records = source.next_records(local, cfg.grad_accum)
-    groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
-                                   cfg.grad_accum, packed=cfg.packing)
-    micro_batches = [collate([records[i] for i in g], pad_id, rollouts) for g in groups]
+    micro_batches = step_micro_batches(source, cfg, local, pad_id, rollouts)  # the shard sources: prepared ahead
     meter.data_seconds += time.perf_counter() - t0
     local_counts = [sum(int(b.mask_B_T.sum()) for b in micro_batches),
                     sum(int(b.mask_B_T.any(-1).sum()) for b in micro_batches),
@@ -1054,9 +1174,9 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainCon
     parts: list[tuple[int, Metrics]] = []
     for mb in micro_batches:
         meter.count_positions(mb.attention_B_L, cfg.packing)
-        mb = mb.to(device)
+        mb = mb.to(device, non_blocking=True)  # asynchronous from pinned memory (prepare_step on CUDA)
         with autocast_context(cfg.precision, device, fsdp_sharded):
-            loss, mb_metrics = micro_batch_loss(model, cfg, mb, token_norm, seq_norm, norms)
+            loss, mb_metrics = micro_batch_loss(model, cfg, mb, token_norm, seq_norm, norms, reference)
         # DDP/FSDP average gradients over ranks; the loss is already divided by the global count.
         (loss * info.world_size).backward()
         parts.append((int(mb.mask_B_T.sum()), mb_metrics))
