@@ -113,7 +113,7 @@ def spread(values: list[float]) -> dict[str, float]:
     """Mean and spread of one row's per-seed values (S seeds):
     mean = sum_s x_s / S;  std = sqrt(sum_s (x_s - mean)^2 / (S - 1)) (0 for S = 1);  min, max."""
     n = len(values)
-    mean = sum(values) / n
+    mean = min(max(sum(values) / n, min(values)), max(values))  # equal values can sum to a hair past them
     std = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else 0.0
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
 
@@ -293,14 +293,15 @@ def plot_ablation(result: dict[str, Any], out: Path) -> Path:
         stats = [result["rows"][n][metric] for n in names]
         ys = [i + (j - 0.5) * 0.38 for i in range(len(names))]
         means = [s["mean"] for s in stats]
-        err = [[s["mean"] - s["min"] for s in stats], [s["max"] - s["mean"] for s in stats]]
+        # clamped: the mean of equal values can round a hair past them, and matplotlib refuses negative errors
+        err = [[max(s["mean"] - s["min"], 0.0) for s in stats], [max(s["max"] - s["mean"], 0.0) for s in stats]]
         ax.barh(ys, means, height=0.36, xerr=err, capsize=2, label=label)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"held-out accuracy (mean over seeds {result['settings']['seeds']}; whiskers: min-max)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)  # above the bars, never on them
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

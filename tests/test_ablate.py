@@ -52,6 +52,8 @@ def test_spread_is_mean_sample_std_min_max():
     assert spread(xs) == pytest.approx({"mean": statistics.mean(xs), "std": statistics.stdev(xs), "min": 0.25,
                                         "max": 1.0})
     assert spread([0.3]) == {"mean": 0.3, "std": 0.0, "min": 0.3, "max": 0.3}
+    equal = spread([0.78] * 3)  # 3 x 0.78 / 3 is 0.7800000000000001 in floats: the mean stays inside [min, max]
+    assert equal["min"] <= equal["mean"] <= equal["max"]
 
 
 @pytest.mark.integration
