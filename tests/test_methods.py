@@ -813,16 +813,19 @@ def test_lopd_train_with_methods_on_real_shards(tmp_path, trained_models):
     assert (tmp_path / "a" / "final" / "config.json").exists()
     res = lopd("train", "-c", str(cfg), "--set", f"train.out={tmp_path / 'b'}", "--set", "train.steps=1", *sets)
     assert f"promptstatisticsof{shards}:read" in "".join(res.stderr.split())
-    # two ranks under torchrun (gloo): the methods' step sums are all-reduced with the token counts
+    # two ranks under torchrun (gloo) with FSDP2: the methods' step sums are all-reduced with the token counts, and
+    # G-OPD's frozen reference is sharded like the student (rank 0 reads it)
     torchrun = Path(sys.executable).with_name("torchrun")
     res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "lopd.cli",
                           "train", "-c", str(cfg), "-q", "--set", f"train.out={tmp_path / 'ddp'}", "--set",
-                          "train.steps=2", *sets], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          "train.steps=2", "--set", "train.fsdp=true", *sets],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/total"]) for r in rows)
     assert all(math.isfinite(r["weights/paced_mean"]) for r in rows)
+    assert all(r["gopd/kl_q_teacher"] > 0 for r in rows)
 
 
 def _all(shards):
