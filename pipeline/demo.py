@@ -378,7 +378,9 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
         "accuracy": {row: evals[row]["pass@1"] for row in plan.evals},
         "labels": labels,
         "time_to_accuracy": {
-            "target_probe_accuracy": target, "offline_seconds": t_off, "online_seconds": t_on,
+            "target_probe_accuracy": target,  # times rounded: the sum of floats prints as 11.722000000000001
+            "offline_seconds": None if t_off is None else round(t_off, 2),
+            "online_seconds": None if t_on is None else round(t_on, 2),
             "offline_precompute_seconds": round(precompute, 2),
             "online_budget_seconds": online_total,
             "speedup": round(t_on / t_off, 2) if (t_on is not None and t_off) else None,
