@@ -360,6 +360,20 @@ def bench_train(json_out: Annotated[bool, typer.Option("--json")] = True) -> Non
     print(json.dumps(_run(_bench), default=str))
 
 
+@bench_app.command("data-stall")
+def bench_data_stall(
+    consumer_tokens_per_s: Annotated[float, typer.Option(help="the trainer's tokens/s per rank (default: 8 GPUs x "
+                                                              "8B at 40% MFU)")] = 7500.0,
+    rows: Annotated[int, typer.Option(help="4,096-token rollouts read (one epoch)")] = 24,
+    json_out: Annotated[bool, typer.Option("--json")] = True,
+) -> None:
+    """The trainer's wait for data: decode + split + collate of 4,096-token rows (k 20 and 128) inside the step
+    vs on the prefetch thread, against a consumer at --consumer-tokens-per-s."""
+    from pipeline.bench import bench_data_stall as _bench
+
+    print(json.dumps(_run(lambda: _bench(rows=rows, consumer_tokens_per_s=consumer_tokens_per_s)), default=str))
+
+
 @bench_app.command("train-memory")
 def bench_train_memory(
     json_out: Annotated[bool, typer.Option("--json")] = True,

@@ -3,6 +3,7 @@ measured side by side in one process; absolute times on shared machines mean lit
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -255,3 +256,59 @@ def bench_train(steps: int = 20, batch_size: int = 64) -> dict[str, Any]:
             "offline_precompute_seconds": {"rollouts": round(t1 - t0, 2), "teacher_logprobs": round(t2 - t1, 2)},
             "offline_train_seconds": off.summary.get("train_seconds"),
             "online_train_seconds": on.summary.get("train_seconds")}
+
+
+def bench_data_stall(ks: tuple[int, ...] = (20, 128), rows: int = 24, rows_per_step: int = 4,
+                     length: int = 4096, consumer_tokens_per_s: float = 7500.0, depth: int = 2) -> dict[str, Any]:
+    """The trainer's data wait on long rollouts (``length`` tokens, Qwen3's vocabulary, compact shards, one row
+    per row group): ``ShardBatches`` as ``run_train`` builds it (decode, split into micro-batches, collate; on the
+    prefetch thread ``depth`` steps ahead, or inside the step with depth 0) feeding a consumer whose step takes
+    (response tokens / ``consumer_tokens_per_s``) seconds, a sleep that releases the GIL as GPU work does.
+
+        stall_fraction = wait / (wait + work),   wait: time in ``next_micro_batches``, work: the sleeps
+
+    Per k: the stall without and with prefetch, and ``prepare_tokens_per_s`` (decode + split + collate on one
+    thread, from the synchronous run's wait). One epoch of ``rows`` rows in steps of ``rows_per_step``."""
+    from pipeline.stages.train import ShardBatches
+    from pipeline.training import DistInfo
+    from storage.bench import LONG_ROW_VOCAB, long_row_records, truncate_k
+    from storage.codecs import codec_info, encode_records
+    from storage.shardset import ShardSet
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        # two generated rows (17 s each: the generator draws full-vocabulary distributions), repeated: decoding
+        # and collating cost the same per row whatever the row
+        base = long_row_records(max(ks), 2, length=length)
+        source = [dataclasses.replace(base[i % 2], prompt_id=f"p{i}", sample_index=0) for i in range(rows)]
+        for k in ks:
+            records = truncate_k(source, k)
+            shards = ShardSet.create(tmp / f"k{k}", "teacher_topk", codec_info("compact", k, LONG_ROW_VOCAB))
+            shards.write_shard(0, encode_records(records, "compact", k, LONG_ROW_VOCAB), row_group_size=1)
+            shards.finalize(expected_shards=1)
+            row: dict[str, Any] = {"k": k, "rows": rows, "row_tokens": length, "rows_per_step": rows_per_step}
+            for d in (0, depth):
+                cfg = TrainConfig(student="unused", shards=shards.root, out="unused", batch_size=rows_per_step,
+                                  shuffle_buffer=1, prefetch_batches=d, losses={"reverse_kl_topk": 1.0})
+                batches = ShardBatches(cfg, DistInfo(), rows_per_step, None, pad_id=0)
+                waits, works = [], []
+                try:
+                    for _ in range(rows // rows_per_step):
+                        t0 = time.perf_counter()
+                        step = batches.next_micro_batches(rows_per_step, 1)
+                        waits.append(time.perf_counter() - t0)
+                        works.append(sum(int(b.mask_B_T.sum()) for b in step) / consumer_tokens_per_s)
+                        time.sleep(works[-1])
+                finally:
+                    batches.close()
+                suffix = "" if d == 0 else "_prefetch"
+                row[f"stall_fraction{suffix}"] = round(sum(waits) / (sum(waits) + sum(works)), 4)
+                # the first step waits for its own data whatever runs ahead: the steady state is the rest
+                row[f"stall_fraction{suffix}_after_first_step"] = round(
+                    sum(waits[1:]) / max(sum(waits[1:]) + sum(works[1:]), 1e-9), 4)
+                if d == 0:
+                    row["prepare_tokens_per_s"] = round(sum(works) * consumer_tokens_per_s / sum(waits), 1)
+            out.append(row)
+    return {"bench": "data-stall", "consumer_tokens_per_s": consumer_tokens_per_s, "prefetch_depth": depth,
+            "cases": out}

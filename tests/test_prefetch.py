@@ -183,3 +183,17 @@ def test_a_source_reads_only_the_kind_it_was_made_for(ragged):
     with contextlib.closing(_source(cfg, False, None)) as records:
         with pytest.raises(RuntimeError, match="next_records"):
             records.next_micro_batches(8, 2)
+
+
+def test_data_stall_bench_reports_both_paths_on_a_tiny_case():
+    """`lopd bench data-stall` on short rows: every case has the stall with and without prefetch (fractions in
+    [0, 1]) and a positive prepare rate; figures are printed by the bench, never asserted against a time."""
+    from pipeline.bench import bench_data_stall
+
+    result = bench_data_stall(ks=(0, 4), rows=4, rows_per_step=2, length=256, consumer_tokens_per_s=1e6)
+    assert result["bench"] == "data-stall" and [c["k"] for c in result["cases"]] == [0, 4]
+    for case in result["cases"]:
+        for key in ("stall_fraction", "stall_fraction_after_first_step", "stall_fraction_prefetch",
+                    "stall_fraction_prefetch_after_first_step"):
+            assert 0.0 <= case[key] <= 1.0, key
+        assert case["prepare_tokens_per_s"] > 0
