@@ -51,13 +51,20 @@ def setup_distributed(timeout_minutes: float = 30.0) -> DistInfo:
         torch.backends.cudnn.allow_tf32 = True
     if world == 1:
         return DistInfo()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local)  # before the group: NCCL's communicators then bind to this rank's GPU
+    if not dist.is_initialized():
+        dist.init_process_group(backend=process_group_backend(torch.cuda.is_available()),
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def process_group_backend(cuda: bool) -> str:
+    """gloo on CPU; with GPUs NCCL for CUDA tensors and gloo for CPU ones. The trainer all-reduces small CPU
+    tensors (the step's token counts, method sums, logged losses); a group with NCCL alone refuses them ("no
+    backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def leave_distributed() -> None:

@@ -365,3 +365,17 @@ def test_attention_kernel_is_configurable_and_packing_matches_under_eager(tiny_m
     losses = [micro_batch_loss(StudentLM(lm), _cfg("mixed").model_copy(update={"packing": p}), batch, *norms)[0]
               for p in (False, True)]
     assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+
+
+def test_the_gpu_process_group_serves_the_trainers_cpu_collectives():
+    """The trainer all-reduces small CPU tensors (token counts, method sums, logged losses) beside the CUDA
+    gradients. A group made with "nccl" alone maps only cuda to a backend, so those calls would fail on the first
+    multi-GPU step; lopd's GPU group maps cpu to gloo and cuda to nccl (parsed here by torch itself)."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from pipeline.training import process_group_backend
+
+    assert BackendConfig(Backend("nccl")).get_device_backend_map() == {"cuda": "nccl"}  # why the mapping is needed
+    assert BackendConfig(process_group_backend(cuda=True)).get_device_backend_map() == {"cpu": "gloo",
+                                                                                         "cuda": "nccl"}
+    assert process_group_backend(cuda=False) == "gloo"
