@@ -746,7 +746,7 @@ class BatchSource(Protocol):
 
 
 def prepare_step(records: list[TeacherRecord], cfg: TrainConfig, pad_id: int,
-                 rollouts: RolloutTable | None = None) -> list[Batch]:
+                 rollouts: RolloutTable | None = None, device_index: int = 0) -> list[Batch]:
     """One step's records as ``train_step`` computes them: micro-batches by count (``grad_accum``) or by the token
     budget (``split_by_token_budget``, packed or padded), each collated and, where CUDA is available, pinned. The
     one code path of both kinds of source: run ahead on the prefetch thread by the shard sources, in the step for
@@ -754,7 +754,12 @@ def prepare_step(records: list[TeacherRecord], cfg: TrainConfig, pad_id: int,
     groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
                                    cfg.grad_accum, packed=cfg.packing)
     batches = [collate([records[i] for i in g], pad_id, rollouts) for g in groups]
-    return [b.pin_memory() for b in batches] if torch.cuda.is_available() else batches
+    if not torch.cuda.is_available():
+        return batches
+    # the current device is per thread: set it (as DataLoader's pin-memory thread does) so that pinning on the
+    # prefetch thread uses this rank's GPU context instead of creating one on GPU 0
+    torch.cuda.set_device(device_index)
+    return [b.pin_memory() for b in batches]
 
 
 def step_micro_batches(source: BatchSource, cfg: TrainConfig, n: int, pad_id: int,
@@ -763,7 +768,8 @@ def step_micro_batches(source: BatchSource, cfg: TrainConfig, n: int, pad_id: in
     only on its queue), or its records through ``prepare_step`` here."""
     if getattr(source, "prepared", False):
         return source.next_micro_batches(n, cfg.grad_accum)  # type: ignore[attr-defined]
-    return prepare_step(source.next_records(n, cfg.grad_accum), cfg, pad_id, rollouts)
+    return prepare_step(source.next_records(n, cfg.grad_accum), cfg, pad_id, rollouts,
+                        torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
 
 class _StepStream:
@@ -778,10 +784,10 @@ class _StepStream:
     prepared: bool
 
     def _start(self, steps: Iterator[tuple[list[TeacherRecord], Any]], cfg: TrainConfig, pad_id: int | None,
-               rollouts: RolloutTable | None) -> None:
+               rollouts: RolloutTable | None, device_index: int) -> None:
         self.prepared = pad_id is not None
         if pad_id is not None:
-            steps = ((prepare_step(records, cfg, pad_id, rollouts), state) for records, state in steps)
+            steps = ((prepare_step(records, cfg, pad_id, rollouts, device_index), state) for records, state in steps)
         self.steps = prefetch(steps, cfg.prefetch_batches) if cfg.prefetch_batches else steps
 
     def _next(self, prepared: bool) -> tuple[Any, Any]:
@@ -806,7 +812,7 @@ class ShardBatches(_StepStream):
         stream = iter_batches(cfg.sources()[0].path, micro, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                               rank=info.rank, world_size=info.world_size, start=start,
                               need_topk=bool(cfg.all_losses() & TOPK_LOSSES))
-        self._start(self._steps(stream, cfg.grad_accum), cfg, pad_id, rollouts)
+        self._start(self._steps(stream, cfg.grad_accum), cfg, pad_id, rollouts, info.local_rank)
         self.position: ReaderState | None = start
 
     @staticmethod
@@ -877,7 +883,7 @@ class MixedShardBatches(_StepStream):
                                 world_size=info.world_size, need_topk=need_topk,
                                 start=ReaderState.from_dict(r) if (r := state["readers"][src.label]) else None)
                    for src in sources]
-        self._start(self._steps(streams, state, micro * cfg.grad_accum), cfg, pad_id, rollouts)
+        self._start(self._steps(streams, state, micro * cfg.grad_accum), cfg, pad_id, rollouts, info.local_rank)
         self.state = state
 
     def _steps(self, streams: list[Iterator[tuple[list[TeacherRecord], ReaderState]]], state: dict[str, Any],
