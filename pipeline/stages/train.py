@@ -420,7 +420,7 @@ def gopd_topk_targets(reference: torch.nn.Module, cfg: TrainConfig, batch: Batch
     q = torch.cat([q_N_K, q_tail_N[:, None]], -1).double()
     teacher = torch.cat([teacher_N_K, teacher_tail_N[:, None]], -1).double()
     kl_N = (q.exp() * (q - teacher)).sum(-1)
-    return {"gopd/kl_q_teacher": kl_N.mean() if kl_N.numel() else torch.zeros((), dtype=torch.float64)}
+    return {"gopd/kl_q_teacher": kl_N.mean() if kl_N.numel() else kl_N.new_zeros(())}
 
 
 def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, token_normalizer: torch.Tensor,
