@@ -557,7 +557,7 @@ class CovSelection:
         elif c.mode == "kl_cov" and c.kl_coef:
             t.pg_kl_coef_N = selected_N.to(dtype) * c.kl_coef
         self.stats = {"cov/selected_frac": selected_N.float().mean(), "cov/mean": cov_N.float().mean(),
-                      "cov/cov_max": cov_N.float().max() if cov_N.numel() else torch.zeros(())}
+                      "cov/cov_max": cov_N.float().max() if cov_N.numel() else cov_N.new_zeros((), dtype=torch.float32)}
 
 
 class TipSelection:
