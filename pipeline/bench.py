@@ -21,6 +21,7 @@ from pipeline.config import (
     SamplingConfig,
     TeacherLogprobsConfig,
     TrainConfig,
+    score_tokens_per_call,
 )
 from pipeline.demo_world import make_models
 from pipeline.training import read_metrics
@@ -151,7 +152,8 @@ def _import_vllm() -> None:
     from vllm import LLM  # noqa: F401
 
 
-def _scoring_memory_worker(k: int, rows: int, length: int, budget: int, codec: str) -> dict[str, Any]:
+def _scoring_memory_worker(k: int, rows: int, length: int, budget: int, codec: str,
+                           logprobs_budget: int) -> dict[str, Any]:
     """Runs in a fresh process (its peak RSS is this measurement's): the teacher-logprobs stage's scoring
     loop over one rollouts shard of ``rows`` x ``length`` tokens, on a VLLMEngine whose LLM is the stand-in."""
     import resource
@@ -182,7 +184,8 @@ def _scoring_memory_worker(k: int, rows: int, length: int, budget: int, codec: s
                     "behavior_logprobs": list(rng.normal(-1, 1, size=(n, length - prompt_len)).astype(np.float32)),
                     "reward": pa.array([None] * n, pa.float32())}))
         cfg = TeacherLogprobsConfig(rollouts=tmp / "rollouts", teacher=tmp, out=tmp / "out", k=k, codec=codec,
-                                    engine=EngineConfig(name="vllm", score_tokens_per_call=budget))
+                                    engine=EngineConfig(name="vllm", score_tokens_per_call=budget,
+                                                        score_logprobs_per_call=logprobs_budget))
         engine = VLLMEngine.__new__(VLLMEngine)
         engine.cfg, engine.llm, engine._pool = cfg.engine, _StandInLLM(vocab, k), None
         engine.max_logprobs, engine.vocab_size, engine.max_model_len = k, vocab, length + 1
@@ -195,21 +198,24 @@ def _scoring_memory_worker(k: int, rows: int, length: int, budget: int, codec: s
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         shard_mb = out.manifest["totals"]["bytes"] / 2**20
     return {"k": k, "codec": codec, "rows": rows, "tokens_per_row": length, "response_tokens": totals["tokens"],
-            "score_tokens_per_call": budget, "peak_rss_mb": round(peak, 1), "rss_before_scoring_mb": round(baseline, 1),
-            "shard_mb": round(shard_mb, 1), "seconds": round(seconds, 1)}
+            "score_tokens_per_call": budget, "score_logprobs_per_call": logprobs_budget,
+            "tokens_per_call": score_tokens_per_call(cfg.engine, k), "peak_rss_mb": round(peak, 1),
+            "rss_before_scoring_mb": round(baseline, 1), "shard_mb": round(shard_mb, 1), "seconds": round(seconds, 1)}
 
 
 def extraction_memory_peak(k: int, rows: int = 1024, length: int = 4096, budget: int | None = None,
-                           codec: str = "compact") -> dict[str, Any]:
+                           codec: str = "compact", logprobs_budget: int | None = None) -> dict[str, Any]:
     """Host-memory peak (max RSS of a fresh process) of scoring one rows x length-token shard; see
-    ``_scoring_memory_worker``. ``budget``: score_tokens_per_call (default: EngineConfig's)."""
+    ``_scoring_memory_worker``. ``budget``: score_tokens_per_call, ``logprobs_budget``: score_logprobs_per_call
+    (defaults: EngineConfig's)."""
     import json
     import subprocess
     import sys
 
     budget = budget or EngineConfig().score_tokens_per_call
+    logprobs_budget = logprobs_budget or EngineConfig().score_logprobs_per_call
     code = ("import json; from pipeline.bench import _scoring_memory_worker as w; "
-            f"print(json.dumps(w({k}, {rows}, {length}, {budget}, {codec!r})))")
+            f"print(json.dumps(w({k}, {rows}, {length}, {budget}, {codec!r}, {logprobs_budget})))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"scoring-memory worker failed:\n{res.stderr[-3000:]}")

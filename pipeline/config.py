@@ -41,6 +41,10 @@ class EngineConfig(Strict):
         "splits its sequences into sub-batches of at most this many tokens (at least one sequence each), so a "
         "worker's host memory is bounded whatever the shard size; the scores do not depend on it (hf: up to "
         "float32 rounding)")
+    score_logprobs_per_call: int = Field(
+        2**21, ge=1, description="log-prob entries (tokens x (k + 1)) scored per engine call: with a large k a "
+        "call holds fewer tokens than score_tokens_per_call (vLLM's outputs cost ~100 bytes of host memory per "
+        "entry, so this bounds a worker's memory whatever k: 16,256 tokens at k = 128, unchanged up to k = 63)")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="vllm: tokens per engine step. Scoring builds logits and a log-softmax for every "
         "scheduled prompt token, which vLLM's memory profiling does not count: lower this (e.g. 4096) when scoring "
@@ -50,6 +54,12 @@ class EngineConfig(Strict):
         None, description="vllm: reuse the KV cache of shared prompt prefixes. null = vLLM's default")
     enable_chunked_prefill: bool | None = Field(
         None, description="vllm: split long prompts over engine steps. null = vLLM's default")
+
+
+def score_tokens_per_call(engine: EngineConfig, k: int) -> int:
+    """Tokens per scoring call at top-k ``k``: ``score_tokens_per_call``, lowered so that the call's log-prob
+    entries (tokens x (k + 1)) stay within ``score_logprobs_per_call``; at least 1."""
+    return max(1, min(engine.score_tokens_per_call, engine.score_logprobs_per_call // (k + 1)))
 
 
 class SamplingConfig(Strict):

@@ -163,14 +163,32 @@ def test_failing_vllm_stage_leaves_no_worker_processes(rollouts, tiny_models, tm
 @pytest.mark.vllm
 def test_scoring_memory_is_bounded_by_the_token_budget():
     """The stage's scoring loop over one shard, with vLLM's output structures from a stand-in generate: a
-    worker's memory growth follows score_tokens_per_call, not the shard (32 x 1,024 tokens at k = 128 hold
-    ~4M log-prob entries as Python objects when scored in one call)."""
+    worker's memory growth follows the per-call budget (score_tokens_per_call, or score_logprobs_per_call at a
+    large k), not the shard (32 x 1,024 tokens at k = 128 hold ~4M log-prob entries as Python objects when scored
+    in one call)."""
     pytest.importorskip("vllm")
     from pipeline.bench import extraction_memory_peak
 
-    one_call = extraction_memory_peak(128, rows=32, length=1024, budget=10**6)
-    bounded = extraction_memory_peak(128, rows=32, length=1024, budget=2048)
+    one_call = extraction_memory_peak(128, rows=32, length=1024, budget=10**6, logprobs_budget=10**12)
+    bounded = extraction_memory_peak(128, rows=32, length=1024, budget=2048, logprobs_budget=10**12)
+    # the default entry budget bounds it too, at k = 128 without lowering the token budget
+    by_entries = extraction_memory_peak(128, rows=32, length=1024, budget=10**6, logprobs_budget=2048 * 129)
+    assert by_entries["tokens_per_call"] == 2048 and one_call["tokens_per_call"] == 10**6
     assert one_call["response_tokens"] == bounded["response_tokens"] == 32 * (1024 - 256)
     grow_one = one_call["peak_rss_mb"] - one_call["rss_before_scoring_mb"]
     grow_bounded = bounded["peak_rss_mb"] - bounded["rss_before_scoring_mb"]
     assert grow_bounded < grow_one / 3, (one_call, bounded)
+    grow_by_entries = by_entries["peak_rss_mb"] - by_entries["rss_before_scoring_mb"]
+    assert grow_by_entries < grow_one / 3, (one_call, by_entries)
+
+
+def test_tokens_per_scoring_call_fall_with_k_past_the_entry_budget():
+    """score_tokens_per_call(engine, k): the token budget up to k = 63 (2^21 entries / 64 = 32,768), then
+    2^21 / (k + 1) tokens, so a call's log-prob entries (and a worker's host memory) stay bounded at any k."""
+    from pipeline.config import EngineConfig, score_tokens_per_call
+
+    engine = EngineConfig()
+    assert [score_tokens_per_call(engine, k) for k in (0, 20, 50, 63, 64, 128)] == [
+        32_768, 32_768, 32_768, 32_768, 2**21 // 65, 2**21 // 129]
+    assert score_tokens_per_call(EngineConfig(score_logprobs_per_call=10), 128) == 1  # at least one token
+    assert score_tokens_per_call(EngineConfig(score_tokens_per_call=100), 128) == 100

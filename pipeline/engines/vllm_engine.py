@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.config import EngineConfig, SamplingConfig, score_tokens_per_call
 from pipeline.engines.base import Generation, ScoredSequence, token_batches
 from storage.records import compute_tail_logprob
 
@@ -219,10 +219,10 @@ class VLLMEngine:
         return self._score(sequences, starts, k)
 
     def _score(self, sequences: list[list[int]], starts: list[int], k: int) -> list[ScoredSequence]:
-        # Sub-batches of at most score_tokens_per_call tokens: vLLM's outputs hold ~100 bytes per log-prob
-        # entry as Python objects, so converting them one sub-batch at a time bounds the host memory.
+        # Sub-batches of at most score_tokens_per_call(cfg, k) tokens: vLLM's outputs hold ~100 bytes per
+        # log-prob entry as Python objects, so converting them one sub-batch at a time bounds the host memory.
         out: list[ScoredSequence] = []
-        for part in token_batches([len(s) for s in sequences], self.cfg.score_tokens_per_call):
+        for part in token_batches([len(s) for s in sequences], score_tokens_per_call(self.cfg, k)):
             out.extend(self._score_batch(sequences[part], starts[part], k))
         return out
 

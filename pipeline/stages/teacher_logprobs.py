@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import TeacherLogprobsConfig
+from pipeline.config import TeacherLogprobsConfig, score_tokens_per_call
 from pipeline.engines import make_engine
 from pipeline.engines.base import Engine, model_vocab_size, token_batches
 from pipeline.fingerprint import (
@@ -159,7 +159,8 @@ def _score_shards(engine: Engine, cfg: TeacherLogprobsConfig, rollouts: ShardSet
                   show_progress: bool) -> tuple[dict[str, int], float]:
     """Score the ``todo`` shards into ``out``; (totals, seconds).
 
-    A shard is scored in sub-batches of at most ``engine.score_tokens_per_call`` tokens. Each sub-batch is
+    A shard is scored in sub-batches of at most ``score_tokens_per_call(engine, k)`` tokens (the token budget,
+    lowered at large k so a sub-batch's log-prob entries stay bounded). Each sub-batch is
     encoded and appended to its shard's file on the writer thread (WriteBehind streams it, in order) while
     the engine scores the next one; a shard's file is closed and renamed behind the scoring of the next
     shard. A worker holds the rollouts shard as Arrow, the sub-batch being scored, the one being encoded and
@@ -172,7 +173,7 @@ def _score_shards(engine: Engine, cfg: TeacherLogprobsConfig, rollouts: ShardSet
             table = rollouts.read_shard(i)
             lengths = pc.list_value_length(table["token_ids"]).to_pylist()
             # an empty shard still gets its (empty) table
-            subs = token_batches(lengths, cfg.engine.score_tokens_per_call) or [slice(0, 0)]
+            subs = token_batches(lengths, score_tokens_per_call(cfg.engine, cfg.k)) or [slice(0, 0)]
             for j, sub in enumerate(subs):
                 rows = table.slice(sub.start, sub.stop - sub.start).to_pylist()  # Python objects per sub-batch only
                 records, stats = score_table_rows(engine, rows, cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
