@@ -16,6 +16,7 @@ Shape key: N selected tokens (flattened over the micro-batch), H hidden size, V 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Callable, Protocol
 
@@ -109,27 +110,45 @@ class HeadPrepass(Protocol):
     def done(self) -> torch.Tensor | None: ...
 
 
+def head_dtypes(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """``(matmul dtype, stats dtype)`` of the chunked head: the autocast dtype when autocast is on (bf16 mixed
+    precision), else the weight's; then ``stats_dtype`` of it."""
+    device_type = hidden_N_H.device.type
+    mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight_V_H.dtype
+    return mm_dtype, stats_dtype(mm_dtype)
+
+
+def stats_dtype(mm_dtype: torch.dtype) -> torch.dtype:
+    """Softmax math, loss and weight-gradient accumulation: float32, float64 for float64 matmuls."""
+    return torch.float64 if mm_dtype == torch.float64 else torch.float32
+
+
+def iter_chunk_stats(hidden_N_H: torch.Tensor, weight: torch.Tensor, target_ids_N: torch.Tensor,
+                     topk_ids_N_K: torch.Tensor | None, chunk_tokens: int, mm_dtype: torch.dtype,
+                     acc_dtype: torch.dtype, *, entropy: bool = False) -> Iterator[tuple[int, int, TokenStats]]:
+    """``(start, end, token_stats(hidden[start:end] @ weight.T))`` chunk by chunk, without gradient and with one
+    chunk's logits alive at a time (``weight`` already in ``mm_dtype``; call with autocast off)."""
+    for start in range(0, hidden_N_H.shape[0], chunk_tokens):
+        end = min(hidden_N_H.shape[0], start + chunk_tokens)
+        with torch.no_grad():
+            logits_n_V = (hidden_N_H[start:end].detach().to(mm_dtype) @ weight.T).to(acc_dtype)
+            stats = token_stats(logits_n_V, target_ids_N[start:end],
+                                None if topk_ids_N_K is None else topk_ids_N_K[start:end], entropy=entropy)
+        del logits_n_V
+        yield start, end, stats
+
+
 @torch.no_grad()
 def chunked_token_stats(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_ids_N: torch.Tensor, *,
                         topk_ids_N_K: torch.Tensor | None = None, chunk_tokens: int | None = None) -> TokenStats:
     """``token_stats(hidden @ weight.T)`` without gradient, ``chunk_tokens`` tokens of logits at a time (default
     ``default_chunk_tokens(V)``): a frozen model's per-token log-probs (G-OPD's reference policy) at the peak
-    memory of one chunk. Matmul in the autocast dtype when autocast is on, else the weight's; stats in float32
-    (float64 for float64 weights)."""
-    if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(weight_V_H.shape[0])
-    device_type = hidden_N_H.device.type
-    mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight_V_H.dtype
-    acc_dtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
-    weight = weight_V_H.to(mm_dtype)
-    parts = []
-    with torch.autocast(device_type, enabled=False):
-        for start in range(0, hidden_N_H.shape[0], chunk_tokens):
-            end = min(hidden_N_H.shape[0], start + chunk_tokens)
-            logits_n_V = (hidden_N_H[start:end].to(mm_dtype) @ weight.T).to(acc_dtype)
-            parts.append(token_stats(logits_n_V, target_ids_N[start:end],
-                                     None if topk_ids_N_K is None else topk_ids_N_K[start:end]))
-            del logits_n_V
+    memory of one chunk, in the head's dtypes (``head_dtypes``)."""
+    mm_dtype, acc_dtype = head_dtypes(hidden_N_H, weight_V_H)
+    with torch.autocast(hidden_N_H.device.type, enabled=False):
+        parts = [stats for _, _, stats in iter_chunk_stats(
+            hidden_N_H, weight_V_H.to(mm_dtype), target_ids_N, topk_ids_N_K,
+            chunk_tokens or default_chunk_tokens(weight_V_H.shape[0]), mm_dtype, acc_dtype)]
     if not parts:
         empty = torch.zeros(0, dtype=acc_dtype, device=hidden_N_H.device)
         return TokenStats(empty, None if topk_ids_N_K is None else empty.reshape(0, topk_ids_N_K.shape[-1]),
@@ -162,10 +181,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                 topk_ids_N_K: torch.Tensor | None, loss_fn: ChunkLoss, chunk_tokens: int, entropy: bool,
                 argmax: bool, mm_dtype: torch.dtype, out_metrics: Metrics,
                 prepass: HeadPrepass | None = None) -> torch.Tensor:
-        N = hidden_N_H.shape[0]
         weight = weight_V_H.detach().to(mm_dtype)
         grad_hidden_N_H = torch.zeros_like(hidden_N_H)
-        acc_dtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
+        acc_dtype = stats_dtype(mm_dtype)
         grad_weight_V_H = torch.zeros(weight_V_H.shape, dtype=acc_dtype, device=weight_V_H.device)
         loss = torch.zeros((), dtype=acc_dtype, device=hidden_N_H.device)
         parts: list[tuple[int, Metrics]] = []
@@ -173,13 +191,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         device_type = hidden_N_H.device.type
         with torch.autocast(device_type, enabled=False):  # dtypes are explicit here
             if prepass is not None:  # one more head matmul per token, no gradient, one chunk of logits at a time
-                for start in range(0, N, chunk_tokens):
-                    end = min(N, start + chunk_tokens)
-                    logits_n_V = (hidden_N_H[start:end].detach().to(mm_dtype) @ weight.T).to(acc_dtype)
-                    prepass.chunk(token_stats(logits_n_V, target_ids_N[start:end],
-                                              None if topk_ids_N_K is None else topk_ids_N_K[start:end],
-                                              entropy=prepass.entropy), start, end)
-                    del logits_n_V
+                for start, end, stats in iter_chunk_stats(hidden_N_H, weight, target_ids_N, topk_ids_N_K,
+                                                          chunk_tokens, mm_dtype, acc_dtype, entropy=prepass.entropy):
+                    prepass.chunk(stats, start, end)
                 keep_n = prepass.done()
                 if keep_n is not None:  # the loss pass reads only these tokens: fewer logits, less work
                     hidden_N_H, target_ids_N = hidden_N_H.detach()[keep_n], target_ids_N[keep_n]
@@ -241,11 +255,7 @@ def fused_head_loss(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, target_i
         chunk_tokens = default_chunk_tokens(weight_V_H.shape[0])
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    device_type = hidden_N_H.device.type
-    if torch.is_autocast_enabled(device_type):
-        mm_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        mm_dtype = weight_V_H.dtype
+    mm_dtype, _ = head_dtypes(hidden_N_H, weight_V_H)
     metrics: Metrics = {}
     loss = _FusedHeadLoss.apply(hidden_N_H, weight_V_H, target_ids_N, topk_ids_N_K, loss_fn, chunk_tokens,
                                 entropy, argmax, mm_dtype, metrics, prepass)
