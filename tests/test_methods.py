@@ -296,7 +296,7 @@ def _step_grads(student, cfg, batches):
     student.zero_grad()
     total = 0.0
     for b in batches:
-        loss, _ = micro_batch_loss(student, cfg, b, tok, seq, norms)
+        loss, _ = micro_batch_loss(student, cfg, b, norms.token, norms.seq, norms)
         loss.backward()
         total += loss.item()
     return total, [p.grad.clone() for p in student.parameters()]

@@ -241,18 +241,17 @@ def local_weight_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[floa
         token normaliser  sum_t w_t                 sequence normaliser  sum_i mean_{t in i} w_t
 
     over the valid (routed) tokens; with all-ones weights these are the counts of ``StepNorms``."""
-    sums: list[float] = []
-    for route in ["all", *_routes(cfg)]:
-        tokens = seqs = 0.0
-        for b in micro_batches:
-            w_B_T, _ = method_weights(cfg, b, torch.ones(()))
+    routes = ["all", *_routes(cfg)]
+    sums = [0.0] * (2 * len(routes))
+    for b in micro_batches:
+        w_B_T = method_weights(cfg, b, torch.ones(()))[0].double()  # once per micro-batch, read by every route
+        for i, route in enumerate(routes):
             valid_B_T = b.mask_B_T.bool()
             if route != "all":
                 valid_B_T = valid_B_T & route_mask(route, b.reward_B, b.pass_rate_B).unsqueeze(-1)
-            w_B_T = torch.where(valid_B_T, w_B_T.double(), 0.0)
-            tokens += float(w_B_T.sum())
-            seqs += float((w_B_T.sum(-1) / b.mask_B_T.sum(-1).clamp_min(1)).sum())
-        sums += [tokens, seqs]
+            routed_B_T = torch.where(valid_B_T, w_B_T, 0.0)
+            sums[2 * i] += float(routed_B_T.sum())
+            sums[2 * i + 1] += float((routed_B_T.sum(-1) / b.mask_B_T.sum(-1).clamp_min(1)).sum())
     return sums
 
 
@@ -428,10 +427,10 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
                      reference: torch.nn.Module | None = None) -> tuple[torch.Tensor, Metrics]:
     """One micro-batch's share of the step loss through the chunked LM head (``model`` is a ``StudentLM``,
     possibly wrapped by DDP / FSDP2). ``batch`` must be on the model's device. ``norms`` carries the step's
-    routed counts and PACED scale (needed only with routing or PACED). ``reference``: G-OPD's frozen reference
-    model (``prepare_reference``), read when a top-k loss runs with ``methods.gopd.lam`` != 1."""
-    if norms is not None:  # weight_norm: sum replaces the counts by the sums of the weights
-        token_normalizer, seq_normalizer = norms.token, norms.seq
+    routed counts and PACED scale (needed only with routing or PACED); with it, pass ``norms.token`` and
+    ``norms.seq`` as the normalisers (the sums of the weights under ``weight_norm: sum``). ``reference``:
+    G-OPD's frozen reference model (``prepare_reference``), read when a top-k loss runs with
+    ``methods.gopd.lam`` != 1."""
     select_B_T = batch.mask_B_T.bool()
     weights_B_T, weight_stats = method_weights(cfg, batch, None if norms is None else norms.paced_scale)
     targets = flatten_targets(batch, weights_B_T)
@@ -624,7 +623,7 @@ def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
     token_norm = mask_B_T.sum().float().clamp_min(1)
     seq_norm = mask_B_T.any(-1).sum().float().clamp_min(1)
     norms = step_norms(cfg, token_norm, seq_norm, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
-    loss, _ = micro_batch_loss(StudentLM(lm), cfg, batch, token_norm, seq_norm, norms)
+    loss, _ = micro_batch_loss(StudentLM(lm), cfg, batch, norms.token, norms.seq, norms)
     return float(loss.detach())
 
 
@@ -1182,7 +1181,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainCon
         meter.count_positions(mb.attention_B_L, cfg.packing)
         mb = mb.to(device, non_blocking=True)  # asynchronous from pinned memory (prepare_step on CUDA)
         with autocast_context(cfg.precision, device, fsdp_sharded):
-            loss, mb_metrics = micro_batch_loss(model, cfg, mb, token_norm, seq_norm, norms, reference)
+            loss, mb_metrics = micro_batch_loss(model, cfg, mb, norms.token, norms.seq, norms, reference)
         # DDP/FSDP average gradients over ranks; the loss is already divided by the global count.
         (loss * info.world_size).backward()
         parts.append((int(mb.mask_B_T.sum()), mb_metrics))
