@@ -277,7 +277,7 @@ def bench_data_stall(ks: tuple[int, ...] = (20, 128), rows: int = 24, rows_per_s
     thread, from the synchronous run's wait). One epoch of ``rows`` rows in steps of ``rows_per_step``."""
     from pipeline.stages.train import ShardBatches
     from pipeline.training import DistInfo
-    from storage.bench import LONG_ROW_VOCAB, long_row_records, truncate_k
+    from storage.bench import LONG_ROW_VOCAB, long_row_records, paced_consumer, truncate_k
     from storage.codecs import codec_info, encode_records
     from storage.shardset import ShardSet
 
@@ -298,16 +298,14 @@ def bench_data_stall(ks: tuple[int, ...] = (20, 128), rows: int = 24, rows_per_s
                 cfg = TrainConfig(student="unused", shards=shards.root, out="unused", batch_size=rows_per_step,
                                   shuffle_buffer=1, prefetch_batches=d, losses={"reverse_kl_topk": 1.0})
                 batches = ShardBatches(cfg, DistInfo(), rows_per_step, None, pad_id=0)
-                waits, works = [], []
                 try:
-                    for _ in range(rows // rows_per_step):
-                        t0 = time.perf_counter()
-                        step = batches.next_micro_batches(rows_per_step, 1)
-                        waits.append(time.perf_counter() - t0)
-                        works.append(sum(int(b.mask_B_T.sum()) for b in step) / consumer_tokens_per_s)
-                        time.sleep(works[-1])
+                    steps = (batches.next_micro_batches(rows_per_step, 1) for _ in range(rows // rows_per_step))
+                    waits, tokens = paced_consumer(steps, lambda step: sum(int(b.mask_B_T.sum()) for b in step),
+                                                   consumer_tokens_per_s)
                 finally:
                     batches.close()
+                waits = waits[:-1]  # the end of this finite stream is not a wait of the trainer's
+                works = [n / consumer_tokens_per_s for n in tokens]
                 suffix = "" if d == 0 else "_prefetch"
                 row[f"stall_fraction{suffix}"] = round(sum(waits) / (sum(waits) + sum(works)), 4)
                 # the first step waits for its own data whatever runs ahead: the steady state is the rest

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import psutil
@@ -39,6 +40,8 @@ DEFAULT_CASES: tuple[dict, ...] = (
 CODEC_NAMES = ("plain", "compact", "compact-lean")
 LONG_ROW_VOCAB = 151_936  # the write/read-path measurements: Qwen3's vocabulary, 4,096-token rollouts
 LONG_ROW_TOKENS = 4096  # "<codec>[-<grid>]", grids in storage.compact.GRIDS
+T = TypeVar("T")
+_END = object()  # paced_consumer's end-of-stream marker
 
 
 def _peak_rss_mb() -> float:
@@ -307,23 +310,30 @@ def write_path_cost(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, 
     return out
 
 
-def _consume(batches, consumer_tokens_per_s: float) -> dict:
-    """Iterate like a training loop whose step takes (tokens / consumer_tokens_per_s) seconds (a sleep, which
-    releases the GIL like GPU work does); the stall is the time spent waiting for the next batch."""
-    wait = work = 0.0
-    tokens = 0
-    batches = iter(batches)
+def paced_consumer(items: Iterable[T], tokens_of: Callable[[T], int],
+                   consumer_tokens_per_s: float) -> tuple[list[float], list[int]]:
+    """Iterate like a training loop whose step on an item takes (tokens_of(item) / consumer_tokens_per_s)
+    seconds (a sleep, which releases the GIL like GPU work does). Returns the seconds spent waiting for each item
+    and, last, for the end of the stream (n + 1 waits), and each item's tokens (n)."""
+    waits: list[float] = []
+    tokens: list[int] = []
+    items = iter(items)
     while True:
         t0 = time.perf_counter()
-        item = next(batches, None)
-        wait += time.perf_counter() - t0
-        if item is None:
-            break
-        n = sum(r.num_response_tokens for r in item[0])
-        tokens += n
-        time.sleep(n / consumer_tokens_per_s)
-        work += n / consumer_tokens_per_s
-    return {"tokens": tokens, "stall_fraction": round(wait / max(wait + work, 1e-9), 4)}
+        item = next(items, _END)
+        waits.append(time.perf_counter() - t0)
+        if item is _END:
+            return waits, tokens
+        tokens.append(tokens_of(item))
+        time.sleep(tokens[-1] / consumer_tokens_per_s)
+
+
+def _consume(batches, consumer_tokens_per_s: float) -> dict:
+    """``paced_consumer`` over the reader's ``(records, state)`` batches; the stall is the time spent waiting."""
+    waits, tokens = paced_consumer(batches, lambda item: sum(r.num_response_tokens for r in item[0]),
+                                   consumer_tokens_per_s)
+    wait, work = sum(waits), sum(tokens) / consumer_tokens_per_s
+    return {"tokens": sum(tokens), "stall_fraction": round(wait / max(wait + work, 1e-9), 4)}
 
 
 def read_path(records: list[TeacherRecord], ks: Sequence[int], tmp: Path, *, consumer_tokens_per_s: float = 7500.0,
