@@ -293,8 +293,7 @@ def plot_ablation(result: dict[str, Any], out: Path) -> Path:
         stats = [result["rows"][n][metric] for n in names]
         ys = [i + (j - 0.5) * 0.38 for i in range(len(names))]
         means = [s["mean"] for s in stats]
-        # clamped: the mean of equal values can round a hair past them, and matplotlib refuses negative errors
-        err = [[max(s["mean"] - s["min"], 0.0) for s in stats], [max(s["max"] - s["mean"], 0.0) for s in stats]]
+        err = [[s["mean"] - s["min"] for s in stats], [s["max"] - s["mean"] for s in stats]]  # spread keeps min <= mean
         ax.barh(ys, means, height=0.36, xerr=err, capsize=2, label=label)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
