@@ -17,7 +17,7 @@ from prefect import flow
 from flows.artifacts import publish_plots, publish_report
 from flows.tasks import demo_report, demo_step, demo_world, run_stage_parts, run_stage_task
 from pipeline.config import STAGES, load_run_config
-from pipeline.demo import demo_plan
+from pipeline.demo.experiment import demo_plan
 
 Runner = Literal["threads", "dask", "ray"]  # see flows.tasks.make_task_runner
 

@@ -17,7 +17,6 @@ from pydantic import BaseModel
 
 from flows.artifacts import publish_eval_table, publish_plots
 from flows.caching import CACHED, refresh, result_storage
-from pipeline import demo
 from pipeline.config import (
     EngineConfig,
     EvalConfig,
@@ -28,6 +27,7 @@ from pipeline.config import (
     TeacherSftDataConfig,
     TrainConfig,
 )
+from pipeline.demo import experiment as demo
 from pipeline.engines import engine_gpus
 from pipeline.stages.common import StageResult
 from pipeline.stages.registry import online_train_config, run_stage

@@ -57,8 +57,8 @@ def _setup_logging(verbose: bool = False) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors people can fix (config, prompts, model dirs, shards, teacher/tokenizer mismatch). Anything
     else is a bug in lopd and keeps its traceback."""
-    from lopd.errors import LopdUserError
     from pipeline.stages.teacher_logprobs import TokenizerMismatchError  # a ValueError, not yet a LopdUserError
+    from storage.errors import LopdUserError
 
     return (LopdUserError, TokenizerMismatchError)
 
@@ -80,10 +80,10 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 def _leave_process_group() -> None:
-    """Under torchrun, leave the process group a trainer joined (``training.leave_distributed``); a command that
-    never loaded a trainer does not import torch for it."""
-    if "pipeline.training" in sys.modules:
-        from pipeline.training import leave_distributed
+    """Under torchrun, leave the process group a trainer joined (``pipeline.train.distributed.leave_distributed``);
+    a command that never loaded a trainer does not import torch for it."""
+    if "pipeline.train.distributed" in sys.modules:
+        from pipeline.train.distributed import leave_distributed
 
         leave_distributed()
 
@@ -108,7 +108,7 @@ def make_models(
 ) -> None:
     """Create the demo world's tokenizer and untrained teacher/student as standard HF model directories."""
     from pipeline.config import DemoConfig, load_run_config
-    from pipeline.demo_world import make_models as _make
+    from pipeline.demo.world import make_models as _make
 
     def go() -> None:
         demo = load_run_config(config).demo() if config else DemoConfig()
@@ -125,7 +125,7 @@ def make_prompts(
 ) -> None:
     """Write the demo task's prompt files: teacher-SFT prompts, OPD prompts and held-out test prompts."""
     from pipeline.config import DemoConfig, load_run_config
-    from pipeline.demo import write_demo_prompts
+    from pipeline.demo.experiment import write_demo_prompts
 
     def go() -> None:
         demo = load_run_config(config).demo() if config else DemoConfig()
@@ -142,7 +142,7 @@ def bootstrap_teacher(
 ) -> None:
     """Demo world only: train the demo teacher from scratch on correct solutions (real use brings a teacher)."""
     from pipeline.config import load_run_config
-    from pipeline.demo import ensure_world
+    from pipeline.demo.experiment import ensure_world
 
     def go() -> None:
         cfg = load_run_config(config, set_, run_dir)
@@ -252,11 +252,11 @@ def demo(
 
             result = demo_flow(config_path=str(config), run_dir=str(run_dir), overrides=list(set_ or []))
             if not json_out:
-                from pipeline.demo import print_demo_table
+                from pipeline.demo.experiment import print_demo_table
 
                 print_demo_table(result)
         else:
-            from pipeline.demo import run_demo
+            from pipeline.demo.experiment import run_demo
 
             result = run_demo(cfg, show_progress=not (quiet or json_out), print_table=not json_out)
         if json_out:
@@ -278,7 +278,7 @@ def ablate(
     """Every method and base loss from the demo's SFT student and shards, several seeds each: mean and spread of
     greedy accuracy, pass@k and training seconds per row (<run_dir>/ablate/ablate.md, .json, .png). Builds the
     demo world and its stages 1-3 when missing; a rerun reuses every finished row x seed."""
-    from pipeline.ablate import load_ablate_config, run_ablation
+    from pipeline.demo.ablate import load_ablate_config, run_ablation
 
     def go() -> None:
         result = run_ablation(load_ablate_config(config, set_, run_dir), show_progress=not (quiet or json_out))
@@ -347,7 +347,7 @@ def bench_extract(
     model: Annotated[Optional[Path], typer.Option(help="teacher model dir (default: a demo-size model)")] = None,
 ) -> None:
     """Teacher scoring throughput with the full write path vs the bare forward pass."""
-    from pipeline.bench import bench_extract as _bench
+    from pipeline.bench.stages import bench_extract as _bench
 
     print(json.dumps(_run(lambda: _bench(engine=engine, model_dir=model)), default=str))
 
@@ -355,7 +355,7 @@ def bench_extract(
 @bench_app.command("train")
 def bench_train(json_out: Annotated[bool, typer.Option("--json")] = True) -> None:
     """Tokens/s of offline OPD vs online OPD on the same model pair and batch shape."""
-    from pipeline.bench import bench_train as _bench
+    from pipeline.bench.stages import bench_train as _bench
 
     print(json.dumps(_run(_bench), default=str))
 
@@ -369,7 +369,7 @@ def bench_data_stall(
 ) -> None:
     """The trainer's wait for data: decode + split + collate of 4,096-token rows (k 20 and 128) inside the step
     vs on the prefetch thread, against a consumer at --consumer-tokens-per-s."""
-    from pipeline.bench import bench_data_stall as _bench
+    from pipeline.bench.stages import bench_data_stall as _bench
 
     print(json.dumps(_run(lambda: _bench(rows=rows, consumer_tokens_per_s=consumer_tokens_per_s)), default=str))
 
@@ -387,7 +387,7 @@ def bench_train_memory(
 ) -> None:
     """Peak memory, speed and exactness of one training step: the old full-logit path vs the chunked LM head,
     on a random-init Qwen3-shaped student (hidden 1024, 2 layers, vocab 151,936), one process per case."""
-    from pipeline.scale_bench import bench_train_memory as _bench
+    from pipeline.bench.scale import bench_train_memory as _bench
 
     print(json.dumps(_run(lambda: _bench(tuple(int(x) for x in lengths.split(",")), tuple(losses.split(",")),
                                          max_full_tokens=max_full_tokens, chunk_tokens=chunk_tokens or None)),

@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lopd.errors import LopdUserError
 from pipeline.shapes import ModelShape
+from storage.errors import LopdUserError
 
 
 class Strict(BaseModel):
@@ -213,6 +213,8 @@ class LightningLossConfig(Strict):
 Route = Literal["all", "correct", "incorrect", "solved", "unsolved"]
 LOSS_NAMES = frozenset({"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk",
                         "alpha_topk", "sft", "anchor_forward_kl", "anchor_js", "anchor_alpha", "kdrl"})
+# the losses that read the teacher's top-k buckets (shards with k > 0)
+TOPK_LOSSES = frozenset({"reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk", "alpha_topk"})
 # DPH-RL's anchors to the rollout policy: by default they train on the prompts it always solves
 ANCHOR_LOSSES = frozenset({"anchor_forward_kl", "anchor_js", "anchor_alpha"})
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from lopd.errors import LopdUserError, MissingInputError
+from storage.errors import LopdUserError, MissingInputError
 from storage.shardset import identity
 
 PROVENANCE_FILE = "lopd_provenance.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lopd.errors import LopdUserError
+from storage.errors import LopdUserError
 
 REQUIRED = ("id", "prompt")
 OPTIONAL = ("answer", "privileged_context")

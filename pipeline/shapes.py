@@ -1,5 +1,5 @@
 """``ModelShape``, the size of a demo-world Llama: a config value (pydantic only), so that ``pipeline.config``
-holds one without importing transformers; ``pipeline.demo_world`` builds the models."""
+holds one without importing transformers; ``pipeline.demo.world`` builds the models."""
 
 from __future__ import annotations
 

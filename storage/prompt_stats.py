@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lopd.errors import LopdUserError
+from storage.errors import LopdUserError
 from storage.shardset import ShardSet
 
 STATS_FILE = "prompt_stats.parquet"

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from lopd.errors import LopdUserError
 from storage.codecs import decode_columns, decode_table
+from storage.errors import LopdUserError
 from storage.records import TeacherRecord
 from storage.shardset import CorruptShardError, ShardSet, corrupt_shard_message
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lopd.errors import LopdUserError, MissingInputError
+from storage.errors import LopdUserError, MissingInputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

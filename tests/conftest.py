@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Untrained demo-world teacher and student directories (random weights, real HF format)."""
-    from pipeline.demo_world import ModelShape, make_models
+    from pipeline.demo.world import ModelShape, make_models
 
     out = tmp_path_factory.mktemp("models")
     return make_models(
@@ -39,9 +39,11 @@ def trained_models(tmp_path_factory, tiny_models) -> dict[str, Path]:
     """The tiny teacher after a short bootstrap on correct 2-digit solutions: a peaked, non-uniform teacher
     (a random-init teacher is near uniform, so distillation losses against it are ~0)."""
     from pipeline.config import DemoConfig, OptimConfig
-    from pipeline.demo import ground_truth_examples
+    from pipeline.demo.experiment import ground_truth_examples
     from pipeline.models import load_model, load_tokenizer
-    from pipeline.training import save_hf_model, seed_everything, sft_train
+    from pipeline.train.distributed import seed_everything
+    from pipeline.train.loop import sft_train
+    from pipeline.train.student import save_hf_model
 
     seed_everything(0)
     tok = load_tokenizer(tiny_models["teacher"])

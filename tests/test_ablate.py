@@ -23,8 +23,8 @@ TINY_WORLD = ["demo.digits=2", "demo.train_prompts=16", "demo.opd_prompts=16", "
 
 
 def test_default_rows_cover_every_method_and_base_loss():
-    from pipeline.ablate import load_ablate_config, loss_family, row_train_config
     from pipeline.config import MethodsConfig, RunConfig
+    from pipeline.demo.ablate import load_ablate_config, loss_family, row_train_config
 
     cfg = load_ablate_config(DEFAULT)
     run_cfg = RunConfig(run_dir=Path("/nonexistent"))
@@ -46,7 +46,7 @@ def test_default_rows_cover_every_method_and_base_loss():
 
 
 def test_spread_is_mean_sample_std_min_max():
-    from pipeline.ablate import spread
+    from pipeline.demo.ablate import spread
 
     xs = [0.25, 0.5, 1.0]
     assert spread(xs) == pytest.approx({"mean": statistics.mean(xs), "std": statistics.stdev(xs), "min": 0.25,

@@ -44,7 +44,7 @@ def score(rollouts: Path, teacher: Path, out: Path, **overrides) -> list:
 @pytest.fixture(scope="module")
 def padded_teacher(tmp_path_factory, tiny_models) -> Path:
     """The tiny teacher with 8 output rows beyond the tokenizer's tokens (as checkpoints pad their lm head)."""
-    from pipeline.demo_world import save_model_dir
+    from pipeline.demo.world import save_model_dir
     from pipeline.models import load_model, load_tokenizer
 
     tok = load_tokenizer(tiny_models["teacher"])
@@ -167,7 +167,7 @@ def test_scoring_memory_is_bounded_by_the_token_budget():
     large k), not the shard (32 x 1,024 tokens at k = 128 hold ~4M log-prob entries as Python objects when scored
     in one call)."""
     pytest.importorskip("vllm")
-    from pipeline.bench import extraction_memory_peak
+    from pipeline.bench.stages import extraction_memory_peak
 
     one_call = extraction_memory_peak(128, rows=32, length=1024, budget=10**6, logprobs_budget=10**12)
     bounded = extraction_memory_peak(128, rows=32, length=1024, budget=2048, logprobs_budget=10**12)

@@ -164,7 +164,7 @@ def test_demo_flow_runs_each_step_as_a_task_and_equals_the_cli_demo(prefect_api,
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
-    from pipeline.demo import demo_plan, run_demo
+    from pipeline.demo.experiment import demo_plan, run_demo
 
     run_dir = tmp_path / "demo"
     state = stages.lightning_opd(config_path=str(DEMO_CONFIG), overrides=TINY_DEMO, run_dir=str(run_dir), demo=True,

@@ -150,7 +150,7 @@ def test_config_range_check_and_overrides(tmp_path):
 
 
 def test_shipped_configs_validate():
-    from pipeline.ablate import demo_run_config, load_ablate_config
+    from pipeline.demo.ablate import demo_run_config, load_ablate_config
 
     for path in (REPO / "configs").glob("*.yaml"):
         if path.name == "ablate.yaml":  # an ablation config, over the demo's run config
@@ -169,7 +169,8 @@ def test_cli_help_lists_every_stage():
 
 def test_pipeline_imports_without_prefect():
     code = ("import sys, importlib; sys.modules['prefect'] = None\n"
-            "for m in ['pipeline.config', 'pipeline.demo', 'pipeline.ablate', 'pipeline.stages.registry',\n"
+            "for m in ['pipeline.config', 'pipeline.demo.experiment', 'pipeline.demo.ablate',\n"
+            "          'pipeline.stages.registry',\n"
             "          'pipeline.stages.train',\n"
             "          'pipeline.stages.teacher_logprobs', 'pipeline.stages.sampling', 'storage']:\n"
             "    importlib.import_module(m)\nprint('ok')")

@@ -31,7 +31,7 @@ def test_train_memory_bench_on_a_tiny_shape():
     """`lopd bench train-memory` end to end on a tiny shape (the full-size run is in docs/benchmarks.md): every
     path runs in its own process, the chunked head matches the full-logit loss and gradients, and activation
     checkpointing changes no gradient."""
-    from pipeline.scale_bench import bench_train_memory
+    from pipeline.bench.scale import bench_train_memory
 
     out = bench_train_memory(lengths=(128, 256), losses=("reverse_kl_topk",), shape="tiny", vocab=512,
                              max_full_tokens=256, chunk_tokens=48)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.head import token_stats
-from pipeline.losses import (
+from pipeline.train.head import token_stats
+from pipeline.train.losses import (
     combined_loss,
     forward_kl_topk,
     gather_logprobs,
@@ -511,7 +511,7 @@ def test_collate_places_every_record_array_at_its_target_positions():
     prompt_len-1 .. len-2 of its row, padding elsewhere; checked element by element."""
     import dataclasses
 
-    from pipeline.stages.train import collate
+    from pipeline.train.batching import collate
     from storage.synthetic import make_records
 
     records = make_records(20, 4, num_rollouts=5, response_len=7, prompt_len=3, seed=2)

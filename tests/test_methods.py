@@ -18,25 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lopd.errors import LopdUserError
-from pipeline import checkpoint
-from pipeline import losses as L
-from pipeline.config import TrainConfig
-from pipeline.head import token_stats
-from pipeline.stages.train import (
-    TOPK_LOSSES,
-    collate,
-    compute_losses,
-    flatten_targets,
-    local_step_sums,
-    micro_batch_loss,
-    rollout_table,
-    step_norms,
-    train_run_key,
-)
-from pipeline.training import StudentLM
-from pipeline.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask, scope_weights
+from pipeline.config import TOPK_LOSSES, TrainConfig
+from pipeline.stages.train import rollout_table, train_run_key
+from pipeline.train import checkpoint
+from pipeline.train import losses as L
+from pipeline.train.batching import collate, flatten_targets
+from pipeline.train.head import token_stats
+from pipeline.train.objective import compute_losses, local_step_sums, micro_batch_loss, step_norms
+from pipeline.train.student import StudentLM
+from pipeline.train.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask, scope_weights
 from storage.codecs import encode_records
+from storage.errors import LopdUserError
 from storage.prompt_stats import STATS_FILE, compute_prompt_stats, load_prompt_stats
 from storage.shardset import ShardSet
 from storage.synthetic import make_records
@@ -321,8 +313,9 @@ def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_sha
     lr 1, so the update is the gradient), because every normaliser and the PACED scale are the step's global
     sums."""
     from pipeline.models import load_model
-    from pipeline.stages.train import train_step
-    from pipeline.training import DistInfo, StepMeter
+    from pipeline.train.distributed import DistInfo
+    from pipeline.train.loop import train_step
+    from pipeline.train.metrics import StepMeter
 
     rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
     records = _records()[4:]  # prompts with pass rates 0.5 and 1 (the latter weigh 0 under PACED)
@@ -368,7 +361,7 @@ def test_weight_norm_sum_is_the_weighted_mean_and_accumulation_invariant(tiny_mo
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
         # the reference: per-token loss l_t (sft: -log p; lightning at theta = mu with importance none: the same
         # -A_t log p value, A_t = lT - log p) from the student's log-probs, weighted by PACED's kernel x position
-        from pipeline.stages.train import method_weights
+        from pipeline.train.objective import method_weights
         w_B_T, _ = method_weights(cfg, batch, torch.ones(()))
         with torch.no_grad():
             logits = student.lm(batch.input_ids_B_L.long(), attention_mask=batch.attention_B_L).logits.double()
@@ -471,7 +464,7 @@ def test_paced_rows_of_solved_prompts_get_no_gradient(stats_shards):
     # the gradient through the per-token stats: zero on every token of the solved prompt's rows
     stats_lp = torch.randn(int(batch.mask_B_T.sum()), dtype=torch.float64, requires_grad=True)
     targets = flatten_targets(batch, (weights.unsqueeze(-1) * torch.ones_like(batch.mask_B_T, dtype=torch.float32)))
-    from pipeline.head import TokenStats
+    from pipeline.train.head import TokenStats
 
     n = stats_lp.shape[0]
     topk = torch.randn(n, K, dtype=torch.float64).log_softmax(-1) - 0.1

@@ -11,21 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lopd.errors import LopdUserError
-from pipeline import losses as L
 from pipeline.config import TrainConfig
 from pipeline.fingerprint import TeacherMismatchError, check_shard_teacher, model_fingerprint, read_provenance
-from pipeline.stages.train import (
-    MixedShardBatches,
-    collate,
-    local_step_sums,
-    micro_batch_loss,
-    mixed_draws,
-    run_train,
-    step_norms,
-)
-from pipeline.training import DistInfo, StudentLM
+from pipeline.stages.train import run_train
+from pipeline.train import losses as L
+from pipeline.train.batching import collate
+from pipeline.train.distributed import DistInfo
+from pipeline.train.objective import local_step_sums, micro_batch_loss, step_norms
+from pipeline.train.sources import MixedShardBatches, mixed_draws
+from pipeline.train.student import StudentLM
 from storage.codecs import encode_records
+from storage.errors import LopdUserError
 from storage.shardset import ShardSet
 from storage.synthetic import make_records
 
@@ -76,7 +72,7 @@ def test_self_distillation_shards_train_without_the_mismatch_flag(tmp_path, tiny
     --allow-teacher-mismatch; without privileged context, or with another model, it is refused as before. Then
     `lopd train` with every method of this file on those shards, and a run mixing them 1:1 with the teacher's."""
     from pipeline.config import load_run_config
-    from pipeline.demo_world import ModelShape, build_model, build_tokenizer, save_model_dir
+    from pipeline.demo.world import ModelShape, build_model, build_tokenizer, save_model_dir
     from pipeline.stages.registry import run_stage
     from tests.conftest import lopd, write_run
 
@@ -362,7 +358,7 @@ def test_tip_with_rho_one_is_todays_loss_bit_for_bit(mode, losses, tiny_models):
 
 
 def test_tip_soft_or_ranks_confident_and_wrong_first():
-    from pipeline.weighting import tip_keep, tip_soft_or_scores
+    from pipeline.train.weighting import tip_keep, tip_soft_or_scores
 
     entropy = torch.tensor([0.1, 0.1, 2.0, 2.0, 1.0], dtype=torch.float64)
     divergence = torch.tensor([3.0, 0.01, 3.0, 0.01, 1.0], dtype=torch.float64)
@@ -378,7 +374,7 @@ def test_tip_soft_or_selection_against_a_full_logits_reference(tiny_models):
     selection (entropy and bucket reverse KL per token, top ceil(rho N) by (1 - h) D, kept tokens weighted N / kept):
     loss and gradients."""
     from pipeline.models import load_model
-    from pipeline.weighting import tip_kept_count, tip_soft_or_scores
+    from pipeline.train.weighting import tip_kept_count, tip_soft_or_scores
 
     lm = load_model(tiny_models["student"]).double()
     student, params = StudentLM(lm), list(lm.parameters())
@@ -389,7 +385,7 @@ def test_tip_soft_or_selection_against_a_full_logits_reference(tiny_models):
 
     mask = batch.mask_B_T.bool()
     logits = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1][mask]
-    from pipeline.head import token_stats
+    from pipeline.train.head import token_stats
 
     stats = token_stats(logits, batch.input_ids_B_L[:, 1:][mask], batch.topk_ids_B_T_K[mask], entropy=True)
     student_b = torch.cat([stats.topk_logprobs, stats.tail_logprob[:, None]], -1)
@@ -411,7 +407,7 @@ def test_tip_entropy_mode_samples_by_entropy_reproducibly(tiny_models):
     """Entropy mode keeps ceil(rho N) tokens drawn without replacement with probability ~ (H / ln V)^alpha, from
     torch's generator: the same seed gives the same selection (and loss), another seed another."""
     from pipeline.models import load_model
-    from pipeline.weighting import tip_entropy_probs
+    from pipeline.train.weighting import tip_entropy_probs
 
     lm = load_model(tiny_models["student"]).double()
     student, params = StudentLM(lm), list(lm.parameters())
@@ -491,8 +487,9 @@ def test_kdrl_through_train_step_is_invariant_to_accumulation(tmp_path, tiny_mod
     """``train_step`` with kdrl (and lightning): one micro-batch of 8 and 8 of 1 give the same losses and the same
     SGD update (float64)."""
     from pipeline.models import load_model
-    from pipeline.stages.train import rollout_table, train_step
-    from pipeline.training import StepMeter
+    from pipeline.stages.train import rollout_table
+    from pipeline.train.loop import train_step
+    from pipeline.train.metrics import StepMeter
 
     records = _records("q", 8)
     shards = _shard_set(tmp_path / "s", records)
@@ -631,7 +628,7 @@ def test_clip_cov_and_kl_cov_through_the_trainer(tiny_models):
 def test_head_prepass_selection_runs_the_loss_on_the_kept_tokens_only():
     """A pre-pass that keeps some tokens: the loss function sees only them (renumbered), the dropped tokens' hidden
     states get no gradient, and loss and gradients equal the full pass with those tokens weighted 0 (float64)."""
-    from pipeline.head import fused_head_loss
+    from pipeline.train.head import fused_head_loss
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -786,7 +783,8 @@ def test_gopd_topk_trainer_loss_against_a_float64_reference(tiny_models):
 def test_gopd_topk_trains_with_its_reference_and_keys_it(tmp_path, tiny_models):
     """`run_train` with G-OPD's top-k form loads the frozen reference (default: train.student; or the one given),
     logs how far q moved from the teacher, and a run with another reference model has another run key."""
-    from pipeline.stages.train import gopd_reference_needed, train_run_key
+    from pipeline.stages.train import train_run_key
+    from pipeline.train.objective import gopd_reference_needed
 
     shards = _shard_set(tmp_path / "s", _records("q", 16))
     common = dict(student=tiny_models["student"], shards=shards.root, steps=2, batch_size=4, log_every=1,

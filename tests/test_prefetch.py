@@ -10,9 +10,10 @@ import time
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.stages.train import Batch, MixedShardBatches, ShardBatches, collate
-from pipeline.training import DistInfo, split_by_token_budget
-from pipeline.weighting import RolloutTable
+from pipeline.train.batching import Batch, collate, split_by_token_budget
+from pipeline.train.distributed import DistInfo
+from pipeline.train.sources import MixedShardBatches, ShardBatches
+from pipeline.train.weighting import RolloutTable
 from storage.codecs import encode_records
 from storage.prefetch import prefetch, prefetch_batches
 from storage.prompt_stats import load_prompt_stats
@@ -188,7 +189,7 @@ def test_a_source_reads_only_the_kind_it_was_made_for(ragged):
 def test_data_stall_bench_reports_both_paths_on_a_tiny_case():
     """`lopd bench data-stall` on short rows: every case has the stall with and without prefetch (fractions in
     [0, 1]) and a positive prepare rate; figures are printed by the bench, never asserted against a time."""
-    from pipeline.bench import bench_data_stall
+    from pipeline.bench.stages import bench_data_stall
 
     result = bench_data_stall(ks=(0, 4), rows=4, rows_per_step=2, length=256, consumer_tokens_per_s=1e6)
     assert result["bench"] == "data-stall" and [c["k"] for c in result["cases"]] == [0, 4]

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.head import fused_head_loss, token_stats
-from pipeline.stages.train import TOPK_LOSSES, TokenTargets, collate, compute_losses, micro_batch_loss
-from pipeline.training import StudentLM, split_by_token_budget
+from pipeline.config import TOPK_LOSSES, TrainConfig
+from pipeline.train.batching import TokenTargets, collate, split_by_token_budget
+from pipeline.train.head import fused_head_loss, token_stats
+from pipeline.train.objective import compute_losses, micro_batch_loss
+from pipeline.train.student import StudentLM
 from storage.synthetic import make_records
 
 LOSS_SETS = {
@@ -146,7 +147,7 @@ def test_student_lm_matches_the_model_forward_logits(tiny_lm):
     loss, _ = micro_batch_loss(student, cfg.model_copy(update={"logits_chunk_tokens": 7}), batch, norm_tok, norm_seq)
     grads = torch.autograd.grad(loss, list(tiny_lm.parameters()))
     logits = tiny_lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1]
-    from pipeline.stages.train import flatten_targets
+    from pipeline.train.batching import flatten_targets
 
     tt = flatten_targets(batch)
     stats = token_stats(logits[mask], batch.input_ids_B_L[:, 1:][mask], tt.topk_ids_N_K)
@@ -182,7 +183,7 @@ def test_bf16_autocast_tracks_fp32_and_keeps_fp32_master_state(tiny_models):
     """bf16 compute (autocast) on a tiny model: the loss stays within 2% of fp32 over 5 steps; weights, gradients
     and Adam moments stay fp32."""
     from pipeline.models import load_model
-    from pipeline.training import autocast_context
+    from pipeline.train.student import autocast_context
 
     cfg = _cfg("mixed")
     records = _batch(load_model(tiny_models["student"]).config.vocab_size)
@@ -301,7 +302,7 @@ def test_fsdp2_ranks_but_0_start_on_meta_and_hold_only_their_shards(tiny_models,
 
 
 def test_pack_padded_keeps_the_targets_and_restarts_positions():
-    from pipeline.training import pack_padded, pad_batch
+    from pipeline.train.batching import pack_padded, pad_batch
 
     seqs = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6]]
     ids_B_L, attention_B_L, select_B_T = pad_batch(seqs, [2, 1, 3], pad_id=0)
@@ -334,7 +335,7 @@ def test_packed_micro_batches_give_the_same_update_as_padded_ones(tiny_models, n
 def test_packed_sft_takes_the_same_steps_as_padded_sft(tiny_models):
     from pipeline.config import OptimConfig
     from pipeline.models import load_model
-    from pipeline.training import sft_train
+    from pipeline.train.loop import sft_train
 
     rng = np.random.default_rng(0)
     vocab = load_model(tiny_models["student"]).config.vocab_size
@@ -354,7 +355,8 @@ def test_packed_sft_takes_the_same_steps_as_padded_sft(tiny_models):
 def test_attention_kernel_is_configurable_and_packing_matches_under_eager(tiny_models):
     """``attn_implementation`` reaches the model; packing's block-diagonal mask is honoured by eager attention
     too (same loss as padding)."""
-    from pipeline.training import DistInfo, load_student
+    from pipeline.train.distributed import DistInfo
+    from pipeline.train.student import load_student
 
     lm = load_student(tiny_models["student"], DistInfo(), fsdp=False, attn_implementation="eager")
     assert lm.config._attn_implementation == "eager"
@@ -373,7 +375,7 @@ def test_the_gpu_process_group_serves_the_trainers_cpu_collectives():
     multi-GPU step; lopd's GPU group maps cpu to gloo and cuda to nccl (parsed here by torch itself)."""
     from torch.distributed.distributed_c10d import Backend, BackendConfig
 
-    from pipeline.training import process_group_backend
+    from pipeline.train.distributed import process_group_backend
 
     assert BackendConfig(Backend("nccl")).get_device_backend_map() == {"cuda": "nccl"}  # why the mapping is needed
     assert BackendConfig(process_group_backend(cuda=True)).get_device_backend_map() == {"cpu": "gloo",

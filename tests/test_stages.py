@@ -89,7 +89,7 @@ def test_teacher_mismatch_is_refused_then_allowed_and_recorded(pipeline_run, tin
     tmp, cfg, _ = pipeline_run
     other = tmp_path / "other_teacher"
     # another teacher: same tokenizer, different weights
-    from pipeline.demo_world import ModelShape, build_model, build_tokenizer, save_model_dir
+    from pipeline.demo.world import ModelShape, build_model, build_tokenizer, save_model_dir
 
     tok = build_tokenizer()
     save_model_dir(build_model(tok, ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128), 99),
@@ -269,7 +269,7 @@ def test_shards_cli_inspect_and_verify_catch_a_flipped_byte(pipeline_run, tmp_pa
 
 
 def test_bench_extract_runs_the_stage_write_path(tmp_path):
-    from pipeline.bench import bench_extract
+    from pipeline.bench.stages import bench_extract
 
     res = bench_extract(sequences=24, length=12, prompt_len=4, repeats=1, shards=3, write_ks=(), memory_ks=())
     assert res["shards"] == 3 and res["response_tokens"] == 24 * 8

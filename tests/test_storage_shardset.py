@@ -18,13 +18,7 @@ import pytest
 from storage.codecs import codec_info, decode_table, encode_records
 from storage.inspect import inspect_shards, verify_shards
 from storage.reader import iter_batches
-from storage.shardset import (
-    CorruptShardError,
-    ShardSet,
-    ShardSetMismatchError,
-    ShardSetNotFoundError,
-    WriteBehind,
-)
+from storage.shardset import CorruptShardError, ShardSet, ShardSetMismatchError, ShardSetNotFoundError, WriteBehind
 from storage.synthetic import make_records
 
 WRITER = Path(__file__).parent / "storage_helpers" / "slow_writer.py"

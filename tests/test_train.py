@@ -20,8 +20,11 @@ import torch
 from pipeline.config import load_run_config
 from pipeline.models import load_model
 from pipeline.stages.registry import run_stage
-from pipeline.stages.train import ShardBatches, batch_loss, collate, run_train
-from pipeline.training import DistInfo
+from pipeline.stages.train import run_train
+from pipeline.train.batching import collate
+from pipeline.train.distributed import DistInfo
+from pipeline.train.objective import batch_loss
+from pipeline.train.sources import ShardBatches
 from storage.codecs import decode_table
 from storage.shardset import ShardSet
 from tests.conftest import free_port, lopd, write_run
@@ -186,7 +189,7 @@ def test_torchrun_fsdp2_two_processes_trains_and_resumes(shards_run):
 def test_interrupted_sft_resumes_from_its_checkpoint_with_identical_results(shards_run, monkeypatch):
     """A crash at step 7 (after the step-4 checkpoint); the rerun resumes at step 4, skips the examples already
     seen, and ends with the uninterrupted run's loss curve and weights. A changed config refuses the checkpoint."""
-    import pipeline.training as training
+    import pipeline.train.loop as training
 
     tmp, cfg = shards_run
     overrides = ["sft.steps=10", "sft.checkpoint_every=4", "sft.log_every=1", "sft.batch_size=4"]
@@ -224,7 +227,7 @@ def test_interrupted_sft_resumes_from_its_checkpoint_with_identical_results(shar
 
 
 def test_checkpoints_beyond_keep_last_are_pruned(tmp_path):
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from lopd.errors import MissingInputError
+from storage.errors import MissingInputError
 from storage.shardset import ShardSet, ShardSetError, ShardSetNotFoundError
 
 

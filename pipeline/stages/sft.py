@@ -12,24 +12,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lopd.errors import LopdUserError
-from pipeline import checkpoint
 from pipeline.config import SftConfig
 from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.models import load_tokenizer
 from pipeline.progress import log
 from pipeline.stages.common import StageResult, require_model_dir, require_shard_set, timed
-from pipeline.training import (
-    Example,
-    MetricsWriter,
-    load_student,
-    plot_metrics,
-    prepare_student,
-    save_trained_model,
-    seed_everything,
-    setup_distributed,
-    sft_train,
-)
+from pipeline.train import checkpoint
+from pipeline.train.batching import Example
+from pipeline.train.distributed import seed_everything, setup_distributed
+from pipeline.train.loop import sft_train
+from pipeline.train.metrics import MetricsWriter, plot_metrics
+from pipeline.train.student import load_student, prepare_student, save_trained_model
+from storage.errors import LopdUserError
 from storage.shardset import ShardSet
 
 

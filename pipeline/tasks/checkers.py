@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lopd.errors import LopdUserError
 from pipeline.tasks import arithmetic
+from storage.errors import LopdUserError
 
 Checker = Callable[[str, str], bool]
 

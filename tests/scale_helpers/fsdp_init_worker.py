@@ -11,16 +11,11 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from pipeline import checkpoint
 from pipeline.config import OptimConfig
-from pipeline.training import (
-    leave_distributed,
-    load_student,
-    make_optimizer,
-    make_scheduler,
-    prepare_student,
-    setup_distributed,
-)
+from pipeline.train import checkpoint
+from pipeline.train.distributed import leave_distributed, setup_distributed
+from pipeline.train.loop import make_optimizer, make_scheduler
+from pipeline.train.student import load_student, prepare_student
 
 
 def main(model_dir: str, out: str) -> None:

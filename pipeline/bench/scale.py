@@ -92,8 +92,10 @@ def _peak_rss_bytes() -> int:
 def full_logits_loss(cfg, lm: torch.nn.Module, batch) -> torch.Tensor:
     """The old path: the model's full B x T x V logits, upcast to fp32, per-token stats over all of them, then
     the same losses on the selected tokens."""
-    from pipeline.head import token_stats
-    from pipeline.stages.train import TOPK_LOSSES, compute_losses, flatten_targets
+    from pipeline.config import TOPK_LOSSES
+    from pipeline.train.batching import flatten_targets
+    from pipeline.train.head import token_stats
+    from pipeline.train.objective import compute_losses
 
     mask_B_T = batch.mask_B_T.bool()
     logits_B_T_V = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1].float()
@@ -109,8 +111,9 @@ def full_logits_loss(cfg, lm: torch.nn.Module, batch) -> torch.Tensor:
 def run_case(T: int, loss: str, path: str, shape: str, vocab: int, out: Path, chunk_tokens: int | None = None) -> dict:
     """One (T, loss, path) forward+backward in this process; writes loss, sampled gradients and memory to ``out``."""
     from pipeline.config import TrainConfig
-    from pipeline.stages.train import collate, micro_batch_loss
-    from pipeline.training import StudentLM
+    from pipeline.train.batching import collate
+    from pipeline.train.objective import micro_batch_loss
+    from pipeline.train.student import StudentLM
 
     torch.set_num_threads(int(os.environ.get("LOPD_BENCH_THREADS", torch.get_num_threads())))
     cfg = TrainConfig(student="s", shards="d", out="o", losses={loss: 1.0}, logits_chunk_tokens=chunk_tokens)
@@ -156,7 +159,7 @@ def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tu
                     if path == "full" and T > max_full_tokens:
                         continue
                     out = tmp / f"{T}-{loss}-{path}.json"
-                    subprocess.run([sys.executable, "-m", "pipeline.scale_bench", "case", str(T), loss, path, shape,
+                    subprocess.run([sys.executable, "-m", "pipeline.bench.scale", "case", str(T), loss, path, shape,
                                     str(vocab), str(out), str(chunk_tokens or 0)], check=True)
                     results[path] = (json.loads(out.read_text()), torch.load(out.with_suffix(".pt")))
                 chunked, ckpt = results["chunked"][0], results["chunked_ckpt"][0]
@@ -193,7 +196,7 @@ def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tu
             by_loss.setdefault(c["loss"], {})[c["T"]] = c[key]
         return {loss: round(v[max(v)] / v[min(v)], 3) for loss, v in by_loss.items() if len(v) > 1}
 
-    from pipeline.head import default_chunk_tokens
+    from pipeline.train.head import default_chunk_tokens
 
     return {"bench": "train-memory", "shape": shape, "vocab": vocab,
             "chunk_tokens": chunk_tokens or default_chunk_tokens(vocab),
@@ -209,15 +212,10 @@ def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: 
                  precision: str) -> dict[str, Any]:
     """Full optimiser steps of a random-init student on one device, the trainer's own step function."""
     from pipeline.config import TrainConfig
-    from pipeline.stages.train import train_step
-    from pipeline.training import (
-        DistInfo,
-        StepMeter,
-        count_flop_params,
-        detect_peak_tflops,
-        make_optimizer,
-        prepare_student,
-    )
+    from pipeline.train.distributed import DistInfo
+    from pipeline.train.loop import make_optimizer, train_step
+    from pipeline.train.metrics import StepMeter, detect_peak_tflops
+    from pipeline.train.student import count_flop_params, prepare_student
 
     dev = torch.device(device)
     cfg = TrainConfig(student="s", shards="d", out="o", losses={loss: 1.0}, batch_size=batch, precision=precision,
@@ -268,8 +266,9 @@ def _micro_batch_memory(shape: str, T: int, loss: str, device: str, vocab: int, 
     with after the all-gather) and activation checkpointing: the peak above weights and gradients is the
     activations + loss path that must fit next to a rank's shard of the model and optimiser."""
     from pipeline.config import TrainConfig
-    from pipeline.stages.train import collate, micro_batch_loss
-    from pipeline.training import StudentLM
+    from pipeline.train.batching import collate
+    from pipeline.train.objective import micro_batch_loss
+    from pipeline.train.student import StudentLM
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -310,7 +309,7 @@ def _vllm_scoring(shape: str, T: int, n: int, ks: tuple[int, ...], budgets: tupl
     from transformers import PreTrainedTokenizerFast
 
     from pipeline.config import EngineConfig
-    from pipeline.demo_world import build_tokenizer
+    from pipeline.demo.world import build_tokenizer
     from pipeline.engines.vllm_engine import VLLMEngine
 
     model_dir = tmp / f"teacher-{shape}"

@@ -1,10 +1,10 @@
 """Sample and token weights and row routing for offline OPD: pure functions over tensors.
 
-The losses (``pipeline.losses``) reduce ``sum_t w_t l_t / normalizer`` over valid tokens; the functions here
+The losses (``pipeline.train.losses``) reduce ``sum_t w_t l_t / normalizer`` over valid tokens; the functions here
 make the ``w_t`` of the weighting methods and the row masks of the per-term routing. They read only what the
 shards and their prompt statistics (``storage.prompt_stats``) hold, never the student, so the trainer computes
 them once per micro-batch, before the chunked LM head; TIP's token selection alone reads the student (its
-entropy and divergence, from a no-grad pre-pass of the head, ``pipeline.head.HeadPrepass``). docs/methods.md
+entropy and divergence, from a no-grad pre-pass of the head, ``pipeline.train.head.HeadPrepass``). docs/methods.md
 lists each method with its source.
 
 Shape key:
@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lopd.errors import LopdUserError
+from storage.errors import LopdUserError
 
 
 def paced_kernel(pass_rate_B: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:

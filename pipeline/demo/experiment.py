@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.checkpoint import run_fingerprint
 from pipeline.config import (
     DemoConfig,
     EngineConfig,
@@ -39,7 +38,7 @@ from pipeline.config import (
     TeacherSftDataConfig,
     TrainConfig,
 )
-from pipeline.demo_world import make_models
+from pipeline.demo.world import make_models
 from pipeline.engines.hf import HFEngine
 from pipeline.fingerprint import read_provenance
 from pipeline.models import encode_prompt, load_model, load_tokenizer
@@ -49,7 +48,11 @@ from pipeline.stages import registry
 from pipeline.stages.common import StageResult
 from pipeline.stages.evaluate import evaluate, markdown_table
 from pipeline.tasks import arithmetic
-from pipeline.training import read_metrics, save_hf_model, seed_everything, sft_train
+from pipeline.train.checkpoint import run_fingerprint
+from pipeline.train.distributed import seed_everything
+from pipeline.train.loop import sft_train
+from pipeline.train.metrics import read_metrics
+from pipeline.train.student import save_hf_model
 
 # --- the world ------------------------------------------------------------------------------------
 

@@ -23,8 +23,8 @@ from pipeline.config import (
     TrainConfig,
     score_tokens_per_call,
 )
-from pipeline.demo_world import make_models
-from pipeline.training import read_metrics
+from pipeline.demo.world import make_models
+from pipeline.train.metrics import read_metrics
 
 
 def _demo_models(tmp: Path) -> dict[str, Path]:
@@ -214,7 +214,7 @@ def extraction_memory_peak(k: int, rows: int = 1024, length: int = 4096, budget:
 
     budget = budget or EngineConfig().score_tokens_per_call
     logprobs_budget = logprobs_budget or EngineConfig().score_logprobs_per_call
-    code = ("import json; from pipeline.bench import _scoring_memory_worker as w; "
+    code = ("import json; from pipeline.bench.stages import _scoring_memory_worker as w; "
             f"print(json.dumps(w({k}, {rows}, {length}, {budget}, {codec!r}, {logprobs_budget})))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode != 0:
@@ -275,8 +275,8 @@ def bench_data_stall(ks: tuple[int, ...] = (20, 128), rows: int = 24, rows_per_s
 
     Per k: the stall without and with prefetch, and ``prepare_tokens_per_s`` (decode + split + collate on one
     thread, from the synchronous run's wait). One epoch of ``rows`` rows in steps of ``rows_per_step``."""
-    from pipeline.stages.train import ShardBatches
-    from pipeline.training import DistInfo
+    from pipeline.train.distributed import DistInfo
+    from pipeline.train.sources import ShardBatches
     from storage.bench import LONG_ROW_VOCAB, long_row_records, paced_consumer, truncate_k
     from storage.codecs import codec_info, encode_records
     from storage.shardset import ShardSet

@@ -1,8 +1,8 @@
 """Distillation losses for offline on-policy distillation: pure functions over tensors.
 
-Losses read the student through gathered per-token quantities (``pipeline.head.TokenStats``: log-prob of
+Losses read the student through gathered per-token quantities (``pipeline.train.head.TokenStats``: log-prob of
 the sampled token, log-probs at the teacher's top-k ids, log-mass outside them), never through B x T x V
-logits: the trainer computes them chunk by chunk (``pipeline.head.fused_head_loss``). ``gather_logprobs`` and
+logits: the trainer computes them chunk by chunk (``pipeline.train.head.fused_head_loss``). ``gather_logprobs`` and
 ``student_topk_tail_logprobs`` compute them from full logits, the reference path of the tests and benchmarks.
 
 Every loss returns ``(loss, metrics)``: a scalar to back-propagate and a dict of detached tensors
@@ -36,11 +36,11 @@ from typing import Literal
 
 import torch
 
-from pipeline.head import LOG_ZERO, token_stats
+from pipeline.train.head import LOG_ZERO, token_stats
 
 Metrics = dict[str, torch.Tensor]
 
-__all__ = ["LOG_ZERO"]  # re-exported: the floor of the student's tail log-mass (pipeline.head)
+__all__ = ["LOG_ZERO"]  # re-exported: the floor of the student's tail log-mass (pipeline.train.head)
 # Reverse KL reads a teacher bucket with no mass (a stored -inf) as this log-prob (about 1e-13):
 # KL(p_S || p_T) is infinite wherever the student puts mass the teacher does not.
 REVERSE_KL_TEACHER_FLOOR = -30.0
@@ -80,7 +80,7 @@ def student_topk_tail_logprobs(
     student_logits_B_T_V: torch.Tensor, topk_ids_B_T_K: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's log-probs at the teacher's top-k ids and its log-mass outside them, from full logits
-    (reference path; see ``pipeline.head.token_stats`` for the formulas). Returns
+    (reference path; see ``pipeline.train.head.token_stats`` for the formulas). Returns
     ``(topk_logprobs_B_T_K, tail_logprob_B_T)``."""
     stats = token_stats(student_logits_B_T_V, topk_ids_B_T_K[..., 0], topk_ids_B_T_K)
     return stats.topk_logprobs, stats.tail_logprob
@@ -110,7 +110,7 @@ def forward_kl_topk(
     ``tail_bucket=False``: both distributions are renormalised over the K ids and the tail is ignored.
 
     Args: student_topk_logprobs_B_T_K and student_tail_logprob_B_T (the student's log-probs at the
-    teacher's top-k ids and its log-mass outside them, with grad: ``pipeline.head.TokenStats``),
+    teacher's top-k ids and its log-mass outside them, with grad: ``pipeline.train.head.TokenStats``),
     teacher_topk_logprobs_B_T_K, teacher_tail_logprob_B_T (log of the teacher's mass outside the top-k;
     ignored without the tail bucket), mask_B_T, normalizer (global valid-token count), weights_B_T
     (optional per-token weights of the sum), token_clip (c: each token's divergence D_t becomes min(D_t, c), the

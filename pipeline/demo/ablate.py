@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from pipeline.checkpoint import run_fingerprint
 from pipeline.config import (
+    TOPK_LOSSES,
     ConfigError,
     EngineConfig,
     EvalConfig,
@@ -38,12 +38,12 @@ from pipeline.config import (
     load_run_config,
     set_dotted,
 )
-from pipeline.demo import DemoPlan, demo_plan, demo_world, run_demo_step
+from pipeline.demo.experiment import DemoPlan, demo_plan, demo_world, run_demo_step
 from pipeline.progress import log
 from pipeline.prompts import load_prompts
 from pipeline.stages import registry
-from pipeline.stages.train import TOPK_LOSSES
-from pipeline.training import read_metrics
+from pipeline.train.checkpoint import run_fingerprint
+from pipeline.train.metrics import read_metrics
 
 STAGES_1_3 = ("teacher_sft_data", "sft", "rollouts", "teacher_logprobs")
 

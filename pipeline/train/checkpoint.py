@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lopd.errors import LopdUserError
+from storage.errors import LopdUserError
 
 
 def run_fingerprint(payload: Any) -> str:
