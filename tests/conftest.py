@@ -157,3 +157,30 @@ def lopd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+TRAIN = """
+train:
+  losses: {{reverse_kl_topk: 1.0, lightning: 0.1}}
+  steps: {steps}
+  batch_size: 8
+  optim: {{lr: 3.0e-3}}
+  checkpoint_every: 4
+  log_every: 1
+  shuffle_buffer: 16
+eval:
+  prompts: {prompts}
+  max_new_tokens: 12
+"""
+
+
+@pytest.fixture(scope="session")
+def shards_run(tmp_path_factory, trained_models):
+    """A run directory with the four data stages done on ``trained_models`` (48 prompts) and a ``train`` / ``eval``
+    config: ``(tmp, run.yaml)``. One per session: the training and eval tests write their outputs under their own
+    names."""
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = write_run(tmp, trained_models, TRAIN.format(steps=12, prompts=tmp / "prompts.jsonl"))
+    for stage in ("teacher-sft-data", "sft", "rollouts", "teacher-logprobs"):
+        lopd(stage, "-c", str(cfg), "-q")
+    return tmp, cfg

@@ -18,10 +18,11 @@ import pyarrow as pa
 import pytest
 
 from flows import caching, stages, tasks
-from pipeline.config import load_run_config
+from pipeline.config import TrainConfig, load_run_config
 from pipeline.fingerprint import model_fingerprint
 from storage.shardset import ShardSet
 from tests.conftest import free_port, rollouts_in_parts_equal_one_process, write_prompts, write_run_config
+from tests.train.helpers import two_sources
 
 
 @pytest.fixture()
@@ -44,6 +45,15 @@ def test_stage_inputs_are_every_path_but_out(tmp_path):
     assert caching.stage_inputs(cfg) == {"student": tmp_path / "run/sft_student",
                                        "shards": tmp_path / "run/teacher_topk",
                                        "online.teacher": Path("/t"), "online.prompts": Path("/p.jsonl")}
+
+
+def test_prefect_cache_key_reads_every_listed_source(tmp_path):
+    """The stage tasks' cache key fingerprints each listed shard set (a changed source is a new key)."""
+    from flows.caching import stage_inputs
+
+    cfg = TrainConfig(student="s", shards=two_sources(tmp_path), out="o")
+    inputs = stage_inputs(cfg)
+    assert inputs["shards.0.path"] == tmp_path / "a" and inputs["shards.1.path"] == tmp_path / "b"
 
 
 def test_input_fingerprints(tmp_path, tiny_models):

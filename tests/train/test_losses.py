@@ -1,5 +1,7 @@
-"""Losses against independent float64 references, known identities, gradchecks and the
-gradient-accumulation invariance the trainer relies on. Tiny tensors only: the whole file runs in seconds."""
+"""pipeline/train/losses.py: the losses against independent float64 references, known identities, gradchecks and the
+gradient-accumulation invariance the trainer relies on; the methods' loss functions (G-OPD's reward scale and
+k3 guard, AKL, alpha-divergence, DPH-RL anchors, OPSD's per-token clip, KDRL, BAPO's bounds, Clip/KL-Cov
+selection, G-OPD's top-k target). Tiny tensors only: the whole file runs in seconds."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.train import losses as L
 from pipeline.train.head import token_stats
 from pipeline.train.losses import (
     combined_loss,
@@ -23,6 +26,7 @@ from pipeline.train.losses import (
     tvd_topk,
     valid_count,
 )
+from tests.train.helpers import K
 
 TOPK_LOSSES = {
     "forward_kl": forward_kl_topk,
@@ -506,36 +510,297 @@ def test_combined_loss():
         combined_loss({"a": a, "c": (b[0], {"loss/a": b[1]["loss/b"]})}, {"a": 1.0, "c": 1.0})
 
 
-def test_collate_places_every_record_array_at_its_target_positions():
-    """Ragged rollouts (including an empty response): each per-response array lands at targets
-    prompt_len-1 .. len-2 of its row, padding elsewhere; checked element by element."""
-    import dataclasses
+# --- G-OPD / ExOPD: the reward scale and the k3 guard in lightning_pg -------------------------------------------
 
-    from pipeline.train.batching import collate
-    from storage.synthetic import make_records
 
-    records = make_records(20, 4, num_rollouts=5, response_len=7, prompt_len=3, seed=2)
-    records = [dataclasses.replace(r, token_ids=r.token_ids[: r.prompt_len + n],
-                                   teacher_logprobs=r.teacher_logprobs[:n], behavior_logprobs=r.behavior_logprobs[:n],
-                                   topk_ids=r.topk_ids[:n], topk_logprobs=r.topk_logprobs[:n],
-                                   tail_logprob=r.tail_logprob[:n])
-               for r, n in zip(records, [7, 0, 3, 5, 1])]
-    batch = collate(records, pad_id=0)
-    B, L = batch.input_ids_B_L.shape
-    assert (B, L) == (5, 10) and batch.mask_B_T.shape == (5, 9)
-    for b, r in enumerate(records):
-        n = len(r.token_ids)
-        assert batch.input_ids_B_L[b, :n].tolist() == r.token_ids.tolist()
-        assert batch.input_ids_B_L[b, n:].eq(0).all() and batch.attention_B_L[b].sum() == n
-        for t in range(L - 1):
-            j = t - (r.prompt_len - 1)  # response position predicted at target t
-            inside = 0 <= j < n - r.prompt_len
-            assert bool(batch.mask_B_T[b, t]) == inside
-            if inside:
-                assert batch.teacher_logprobs_B_T[b, t] == r.teacher_logprobs[j]
-                assert batch.behavior_logprobs_B_T[b, t] == r.behavior_logprobs[j]
-                assert batch.topk_ids_B_T_K[b, t].tolist() == r.topk_ids[j].tolist()
-                assert torch.equal(batch.topk_logprobs_B_T_K[b, t], torch.from_numpy(r.topk_logprobs[j]))
-                assert batch.tail_logprob_B_T[b, t] == r.tail_logprob[j]
-            else:
-                assert batch.topk_logprobs_B_T_K[b, t].eq(-1e4).all() and batch.tail_logprob_B_T[b, t] == -1e4
+def _pg_case(seed=0, B=3, T=6):
+    g = torch.Generator().manual_seed(seed)
+    student = (-2 * torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+    teacher = -2 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    behavior = -2 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    mask = torch.arange(T)[None, :] < torch.tensor([6, 2, 4])[:, None]
+    return student, teacher, behavior, mask
+
+
+def test_gopd_lambda_one_is_lightning_bit_for_bit_and_the_formula_holds():
+    student, teacher, behavior, mask = _pg_case()
+    for importance in ("none", "truncated", "ppo_clip"):
+        base, _ = L.lightning_pg(student, teacher, behavior, mask, importance=importance)
+        same, _ = L.lightning_pg(student, teacher, behavior, mask, importance=importance, reward_scale=1.0)
+        assert torch.equal(base, same)
+    for lam in (0.5, 1.25, 2.0):
+        loss, metrics = L.lightning_pg(student, teacher, behavior, mask, reward_scale=lam, normalization="token")
+        (grad,) = torch.autograd.grad(loss, student)
+        n = int(mask.sum())
+        ref_loss, ref_grad = 0.0, torch.zeros_like(student)
+        for b, t in zip(*torch.nonzero(mask, as_tuple=True)):
+            lt, lth, lmu = teacher[b, t].item(), student[b, t].item(), behavior[b, t].item()
+            a = lam * (lt - lmu) - (lth - lmu)
+            ref_loss += -a * lth / n
+            ref_grad[b, t] = -a / n
+        assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_gopd_lambda_is_irrelevant_when_the_reference_is_the_teacher():
+    student, teacher, _, mask = _pg_case(seed=2)
+    results = []
+    for lam in (1.0, 1.25, 3.0):
+        loss, _ = L.lightning_pg(student, teacher, teacher, mask, reward_scale=lam)
+        results.append((loss.item(), torch.autograd.grad(loss, student)[0]))
+    for loss, grad in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-12)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-12, atol=1e-15)
+
+
+def test_k3_guard_is_zero_with_zero_gradient_at_the_rollout_policy_and_matches_its_formula():
+    student, teacher, behavior, mask = _pg_case(seed=3)
+    at_mu = behavior.clone().requires_grad_()
+    plain, _ = L.lightning_pg(at_mu, teacher, behavior, mask)
+    guarded, metrics = L.lightning_pg(at_mu, teacher, behavior, mask, k3_guard=0.3)
+    assert metrics["lightning/k3_guard"].item() == 0.0 and guarded.item() == plain.item()
+    g_plain = torch.autograd.grad(plain, at_mu)[0]
+    torch.testing.assert_close(torch.autograd.grad(guarded, at_mu)[0], g_plain, rtol=0, atol=1e-15)
+    _, metrics = L.lightning_pg(student, teacher, behavior, mask, k3_guard=0.3)
+    d = (student - behavior).detach()[mask]
+    assert metrics["lightning/k3_guard"].item() == pytest.approx(((-d).exp() - 1 + d).mean().item(), rel=1e-12)
+    assert metrics["lightning/k3_guard"].item() > 0
+
+
+# --- AKL, top-k alpha-divergence, DPH-RL anchors ------------------------------------------------------------------
+
+
+def _bucket_case(seed=0, N=6, K=4, equal=False):
+    g = torch.Generator().manual_seed(seed)
+    teacher = (2 * torch.randn(N, 12, generator=g, dtype=torch.float64)).log_softmax(-1).sort(-1, descending=True)[0]
+    student = teacher.clone() if equal else (2 * torch.randn(N, 12, generator=g, dtype=torch.float64)).log_softmax(-1)
+    t_topk, s_topk = teacher[:, :K], student[:, :K]
+    t_tail, s_tail = teacher[:, K:].logsumexp(-1), student[:, K:].logsumexp(-1)
+    mask = torch.ones(1, N, dtype=torch.bool)
+    return s_topk[None].requires_grad_(), s_tail[None], t_topk[None], t_tail[None], mask
+
+
+def _buckets(topk, tail):
+    return torch.cat([topk, tail.unsqueeze(-1)], -1).exp()
+
+
+def test_akl_against_a_loop_reference_and_zero_at_equality():
+    s_topk, s_tail, t_topk, t_tail, mask = _bucket_case()
+    for head_mass in (0.3, 0.5, 0.9):
+        loss, metrics = L.akl_topk(s_topk, s_tail, t_topk, t_tail, mask, head_mass=head_mass)
+        pt, ps = _buckets(t_topk, t_tail)[0], _buckets(s_topk, s_tail)[0].detach()
+        total, heads = 0.0, []
+        for n in range(pt.shape[0]):
+            cum, gh, gt = 0.0, 0.0, 0.0
+            for b in range(pt.shape[1]):
+                cum += pt[n, b].item()
+                if b == 0 or cum <= head_mass:
+                    gh += abs(pt[n, b] - ps[n, b]).item()
+                else:
+                    gt += abs(pt[n, b] - ps[n, b]).item()
+            fkl = sum((pt[n, b] * (pt[n, b] / ps[n, b]).log()).item() for b in range(pt.shape[1]))
+            rkl = sum((ps[n, b] * (ps[n, b] / pt[n, b]).log()).item() for b in range(pt.shape[1]))
+            total += (gh * fkl + gt * rkl) / (gh + gt)
+            heads.append(gh / (gh + gt))
+        assert loss.item() == pytest.approx(total / pt.shape[0], rel=1e-10)
+        assert metrics["akl/head_weight"].item() == pytest.approx(np.mean(heads), rel=1e-10)
+    equal = _bucket_case(equal=True)
+    loss, _ = L.akl_topk(*equal)
+    assert loss.item() == 0.0
+
+
+def test_alpha_divergence_limits_and_zero_at_equality():
+    case = _bucket_case(seed=1)
+    s_topk, s_tail, t_topk, t_tail, mask = case
+    forward, _ = L.forward_kl_topk(*case)
+    reverse, _ = L.reverse_kl_topk(*case)
+    near_one, _ = L.alpha_topk(*case, alpha=1 - 1e-7)
+    near_zero, _ = L.alpha_topk(*case, alpha=1e-7)
+    assert near_one.item() == pytest.approx(forward.item(), rel=1e-5)
+    assert near_zero.item() == pytest.approx(reverse.item(), rel=1e-5)
+    loss, _ = L.alpha_topk(*case, alpha=0.2)
+    pt, ps = _buckets(t_topk, t_tail)[0], _buckets(s_topk, s_tail)[0]
+    ref = ((1 - (pt**0.2 * ps**0.8).sum(-1)) / (0.2 * 0.8)).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    equal, _ = L.alpha_topk(*_bucket_case(equal=True), alpha=0.2)
+    assert abs(equal.item()) < 1e-14
+
+
+def test_anchor_generators_zero_at_the_rollout_policy_and_their_limits():
+    student, _, behavior, mask = _pg_case(seed=5)
+    u = (student - behavior).detach().exp()[mask]
+    refs = {"forward_kl": u - u.log() - 1, "js": u * u.log() - (u + 1) * ((u + 1) / 2).log(),
+            "alpha": (u**0.8 - 0.8 * u - 0.2) / (0.2 * -0.8)}
+    for generator, ref in refs.items():
+        loss, metrics = L.anchor_divergence(student, behavior, mask, generator=generator, alpha=0.2)
+        assert loss.item() == pytest.approx(ref.mean().item(), rel=1e-10) and loss.item() > 0
+        at_mu = behavior.clone().requires_grad_()
+        zero, _ = L.anchor_divergence(at_mu, behavior, mask, generator=generator, alpha=0.2)
+        (grad,) = torch.autograd.grad(zero, at_mu)
+        assert abs(zero.item()) < 1e-14 and torch.all(grad.abs() < 1e-14)
+    forward, _ = L.anchor_divergence(student, behavior, mask, generator="forward_kl")
+    near_one, _ = L.anchor_divergence(student, behavior, mask, generator="alpha", alpha=1 - 1e-7)
+    near_zero, _ = L.anchor_divergence(student, behavior, mask, generator="alpha", alpha=1e-7)
+    assert near_one.item() == pytest.approx(forward.item(), rel=1e-5)
+    assert near_zero.item() == pytest.approx((u * u.log() - u + 1).mean().item(), rel=1e-5)  # KL(theta || mu)
+
+
+# --- OPSD: the per-token clip of the top-k losses ------------------------------------------------------------------
+
+
+def _clip_bucket_case(seed=0, N=8):
+    g = torch.Generator().manual_seed(seed)
+    teacher = (3 * torch.randn(N, 12, generator=g, dtype=torch.float64)).log_softmax(-1).sort(-1, descending=True)[0]
+    student = (3 * torch.randn(N, 12, generator=g, dtype=torch.float64)).log_softmax(-1)
+    s_topk = student[:, :K][None].clone().requires_grad_()
+    return s_topk, student[:, K:].logsumexp(-1)[None], teacher[:, :K][None], teacher[:, K:].logsumexp(-1)[None]
+
+
+@pytest.mark.parametrize("name", ["reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk",
+                                  "alpha_topk"])
+def test_opsd_token_clip_is_min_of_each_tokens_divergence(name):
+    """min(D_t, c) against the unclipped per-token values (float64): the loss is the mean of the clipped values,
+    clipped tokens get no gradient, the others the unclipped gradient; an unreachable cap is the plain loss bit
+    for bit."""
+    s_topk, s_tail, t_topk, t_tail = _clip_bucket_case()
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    fn = getattr(L, name)
+    per_token = [fn(s_topk[:, i: i + 1], s_tail[:, i: i + 1], t_topk[:, i: i + 1], t_tail[:, i: i + 1],
+                    mask[:, :1])[0] for i in range(8)]
+    values = torch.stack([v.detach() for v in per_token])
+    c = float(values.median())
+    loss, metrics = fn(s_topk, s_tail, t_topk, t_tail, mask, token_clip=c)
+    assert loss.item() == pytest.approx(values.clamp_max(c).mean().item(), rel=1e-12)
+    assert metrics["topk/token_clip_frac"].item() == pytest.approx((values > c).double().mean().item())
+    (grad,) = torch.autograd.grad(loss, s_topk)
+    for i in range(8):
+        (ref,) = torch.autograd.grad(per_token[i] / 8, s_topk)
+        if values[i] > c:
+            assert torch.all(grad[0, i] == 0)
+        else:
+            torch.testing.assert_close(grad[0, i], ref[0, i], rtol=1e-12, atol=1e-15)
+    plain, _ = fn(s_topk, s_tail, t_topk, t_tail, mask)
+    far, _ = fn(s_topk, s_tail, t_topk, t_tail, mask, token_clip=1e30)
+    assert torch.equal(plain, far)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(plain, s_topk), torch.autograd.grad(far, s_topk),
+                                                 strict=True))
+
+
+# --- KDRL -----------------------------------------------------------------------------------------------------------
+
+
+def _kdrl_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(3, 6, generator=g, dtype=torch.float64) - 1.5).requires_grad_()
+    teacher = torch.randn(3, 6, generator=g, dtype=torch.float64) - 1.5
+    behavior = student.detach() + 0.4 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    return student, teacher, behavior, mask
+
+
+def test_kdrl_with_beta_zero_is_grpo_and_equal_rewards_leave_pure_distillation():
+    student, teacher, behavior, mask = _kdrl_case()
+    advantage = torch.tensor([1.2, -0.7, 0.3], dtype=torch.float64)[:, None].expand(3, 6)
+    failed = torch.tensor([False, True, True])[:, None].expand(3, 6)
+    grpo, metrics = L.kdrl(student, teacher, behavior, advantage, failed, mask, beta=0.0)
+    r = (student - behavior).exp()
+    ppo = -torch.minimum(r * advantage, r.clamp(0.8, 1.28) * advantage)
+    assert grpo.item() == pytest.approx(ppo[mask].mean().item(), rel=1e-12)
+    assert metrics["kdrl/failed_frac"].item() == pytest.approx(10 / 16)
+    # equal rewards in every group: Ahat = 0, only the distillation term on the failed rollouts remains
+    zero = torch.zeros(3, 6, dtype=torch.float64)
+    loss, _ = L.kdrl(student, teacher, behavior, zero, failed, mask, beta=5e-3, is_cap=2.0)
+    distill = torch.where(failed, r.detach().clamp_max(2.0) * 0.5 * (student - teacher) ** 2, 0.0)
+    ref = 5e-3 * distill[mask].sum() / mask.sum()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, student)
+    (ref_grad,) = torch.autograd.grad(ref, student)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+    assert torch.all(grad[0] == 0)  # the solved rollout gets no distillation gradient
+
+
+# --- BAPO -----------------------------------------------------------------------------------------------------------
+
+
+def test_bapo_bounds_widen_until_the_contributions_balance():
+    d = torch.float64
+    # negative tokens outweigh: c_lo rises from 0.6 past 0.62, dropping that token's negative contribution
+    ratio, adv = torch.tensor([1.0, 0.62, 0.9], dtype=d), torch.tensor([1.0, -1.0, -1.0], dtype=d)
+    low, high = L.bapo_bounds(ratio, adv)
+    assert low == pytest.approx(0.65) and high == 1.2
+    # c_lo reaches its max, then c_hi rises until the positive token at r = 1.45 counts
+    ratio, adv = torch.tensor([1.45, 0.9, 1.0], dtype=d), torch.tensor([1.0, -1.0, 0.1], dtype=d)
+    low, high = L.bapo_bounds(ratio, adv)
+    assert low == pytest.approx(0.8) and 1.45 <= high < 1.5 + 1e-9
+    # all advantages >= 0, or step 0: the bounds stay
+    assert L.bapo_bounds(ratio, adv.abs()) == (0.6, 1.2)
+    assert L.bapo_bounds(torch.tensor([1.0, 0.62], dtype=d), torch.tensor([0.1, -1.0], dtype=d), step=0.0) == (0.6, 1.2)
+    # nothing can balance: both bounds end at their max
+    assert L.bapo_bounds(torch.tensor([3.0, 1.0], dtype=d), torch.tensor([1.0, -1.0], dtype=d)) == pytest.approx(
+        (0.8, 2.0))
+
+
+def test_bapo_at_the_rollout_policy_has_the_gradient_of_importance_none():
+    student, teacher, behavior, mask = _kdrl_case(seed=3)
+    at_mu = behavior.clone().requires_grad_()
+    bapo, _ = L.lightning_pg(at_mu, teacher, behavior, mask, importance="ppo_clip", ratio_bounds=(0.7, 1.5),
+                             normalization="token")
+    plain, _ = L.lightning_pg(at_mu, teacher, behavior, mask, importance="none", normalization="token")
+    torch.testing.assert_close(torch.autograd.grad(bapo, at_mu)[0], torch.autograd.grad(plain, at_mu)[0],
+                               rtol=1e-12, atol=1e-15)
+
+
+# --- Clip-Cov / KL-Cov ----------------------------------------------------------------------------------------------
+
+
+def test_covariance_select_definitions():
+    lp = torch.tensor([-0.1, -2.0, -0.5, -3.0, -1.0], dtype=torch.float64)
+    adv = torch.tensor([2.0, -1.0, 0.5, 1.0, 0.0], dtype=torch.float64)
+    cov = (lp - lp.mean()) * (adv - adv.mean())
+    selected, got = L.covariance_select(lp, adv, mode="kl_cov", frac=0.4)
+    assert torch.allclose(got, cov, rtol=1e-14) and selected.tolist() == (cov >= cov.sort().values[-2]).tolist()
+    torch.manual_seed(0)
+    low, high = float(cov.sort().values[1]), float(cov.sort().values[-1])  # the middle three are candidates
+    selected, _ = L.covariance_select(lp, adv, mode="clip_cov", frac=0.4, cov_low=low, cov_high=high)
+    assert selected.sum() == 2 and bool(((cov > low) & (cov < high))[selected].all())
+    selected, _ = L.covariance_select(lp, adv, mode="clip_cov", frac=0.4, cov_low=1.0, cov_high=1.0)
+    assert not selected.any()
+    assert L.covariance_select(lp, adv, mode="kl_cov")[0].sum() == 1  # at least one token
+
+
+# --- G-OPD / ExOPD, top-k form ---------------------------------------------------------------------------------------
+
+
+def _bucket_dist(gen: torch.Generator, n: int, k: int) -> torch.Tensor:
+    """Log-probs over k + 1 buckets (float64), the last one the tail."""
+    return torch.log_softmax(torch.randn(n, k + 1, generator=gen, dtype=torch.float64) * 2, -1)
+
+
+def test_gopd_topk_target_identities():
+    """q ~ p_T^lam p_ref^(1 - lam) over the buckets: a distribution; lam = 1 gives p_T, lam = 0 p_ref, p_ref = p_T
+    makes lam irrelevant; and q maximises G-OPD's expected token reward sum_b p(b) [lam (lT - lref) - (lp - lref)]
+    over the bucket distributions p (its maximum is log Z, reached at p = q only)."""
+    gen = torch.Generator().manual_seed(0)
+    teacher, ref = _bucket_dist(gen, 6, K), _bucket_dist(gen, 6, K)
+
+    def q(lam, reference=ref):
+        top, tail = L.gopd_topk_target(teacher[:, :-1], teacher[:, -1], reference[:, :-1], reference[:, -1], lam)
+        return torch.cat([top, tail[:, None]], -1)
+
+    for lam in (0.5, 1.25, 2.0):
+        torch.testing.assert_close(q(lam).exp().sum(-1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(q(lam, reference=teacher), teacher, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q(1.0), teacher, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q(0.0), ref, rtol=0, atol=1e-12)
+    lam = 1.25
+    target = q(lam)
+
+    def reward(logp):
+        return (logp.exp() * (lam * (teacher - ref) - (logp - ref))).sum(-1)
+
+    log_z = torch.logsumexp(lam * teacher + (1 - lam) * ref, -1)
+    torch.testing.assert_close(reward(target), log_z, rtol=0, atol=1e-12)
+    for _ in range(20):
+        other = torch.log_softmax(target + 0.3 * torch.randn(target.shape, generator=gen, dtype=torch.float64), -1)
+        assert (reward(other) < reward(target)).all()

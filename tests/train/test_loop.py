@@ -1,5 +1,6 @@
-"""The offline OPD trainer on real tiny models and real shards: learning, kill-and-resume, torchrun DDP,
-the online baseline, eval."""
+"""pipeline/train/loop.py: train_step's accumulation invariance (weights, routing, G-OPD, KDRL), packed SFT, and
+the offline OPD trainer on real tiny models and real shards: learning, kill-and-resume, torchrun DDP / FSDP2 (one
+and two nodes), the online baseline, SFT runs, the prefetching reader."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_run_config
+from pipeline.config import TrainConfig, load_run_config
 from pipeline.models import load_model
 from pipeline.stages.registry import run_stage
 from pipeline.stages.train import run_train
@@ -25,35 +27,125 @@ from pipeline.train.batching import collate
 from pipeline.train.distributed import DistInfo
 from pipeline.train.objective import batch_loss
 from pipeline.train.sources import ShardBatches
+from pipeline.train.student import StudentLM
+from pipeline.train.weighting import RolloutTable
 from storage.codecs import decode_table
+from storage.prompt_stats import load_prompt_stats
 from storage.shardset import ShardSet
-from tests.conftest import free_port, lopd, write_run
+from tests.conftest import REPO, free_port, lopd
+from tests.train.helpers import grouped_records, prefixed_records, source_shard_set, train_cfg
 
-REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.integration
-
-TRAIN = """
-train:
-  losses: {{reverse_kl_topk: 1.0, lightning: 0.1}}
-  steps: {steps}
-  batch_size: 8
-  optim: {{lr: 3.0e-3}}
-  checkpoint_every: 4
-  log_every: 1
-  shuffle_buffer: 16
-eval:
-  prompts: {prompts}
-  max_new_tokens: 12
-"""
+# --- train_step ------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards_run(tmp_path_factory, trained_models):
-    tmp = tmp_path_factory.mktemp("train")
-    cfg = write_run(tmp, trained_models, TRAIN.format(steps=12, prompts=tmp / "prompts.jsonl"))
-    for stage in ("teacher-sft-data", "sft", "rollouts", "teacher-logprobs"):
-        lopd(stage, "-c", str(cfg), "-q")
-    return tmp, cfg
+class _ListSource:
+    """A batch source over a fixed list of records (the trainer's ``BatchSource`` protocol)."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def next_records(self, n: int, parts: int):
+        return self.records[:n]
+
+    def state_dict(self):
+        return {}
+
+
+def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_shards):
+    """``train_step`` with non-trivial weights (PACED, position, G-OPD with its guard and top-k form) and routed
+    terms: one micro-batch of 8 and 8 micro-batches of 1 give the same loss and the same update (float64, SGD with
+    lr 1, so the update is the gradient), because every normaliser and the PACED scale are the step's global
+    sums."""
+    from pipeline.models import load_model
+    from pipeline.train.distributed import DistInfo
+    from pipeline.train.loop import train_step
+    from pipeline.train.metrics import StepMeter
+
+    rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
+    records = grouped_records()[4:]  # prompts with pass rates 0.5 and 1 (the latter weigh 0 under PACED)
+    # G-OPD's top-k form reads a frozen reference (here the teacher model) for reverse_kl_topk's target
+    reference = StudentLM(load_model(tiny_models["teacher"]).double()).eval().requires_grad_(False)
+    results = []
+    for accum in (1, 8):
+        cfg = train_cfg(losses={"lightning": 1.0, "reverse_kl_topk": 0.5, "sft": 0.3},
+                   rows={"sft": "correct", "reverse_kl_topk": "unsolved"}, batch_size=8, grad_accum=accum,
+                   optim={"grad_clip": None},
+                   methods={"paced": {}, "position": {"gamma": 0.5}, "gopd": {"lam": 1.25, "k3_guard": 0.1}})
+        student = StudentLM(load_model(tiny_models["student"]).double())
+        before = [p.detach().clone() for p in student.parameters()]
+        opt = torch.optim.SGD(student.parameters(), lr=1.0)
+        metrics, _ = train_step(student, opt, cfg, _ListSource(records), 8, 0, DistInfo(), torch.device("cpu"),
+                                StepMeter(1, 1), rollouts, reference)
+        results.append((metrics, [b - p.detach() for b, p in zip(before, student.parameters())]))
+    (one, one_update), (many, many_update) = results
+    assert abs(one["loss/total"].item()) > 1e-3
+    assert one["weights/paced_kept"].item() < 1.0 < one["weights/paced_token_max"].item()
+    for key in ("loss/total", "loss/lightning", "loss/reverse_kl", "loss/sft"):
+        assert many[key].item() == pytest.approx(one[key].item(), rel=1e-10), key
+    for a, b in zip(one_update, many_update):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_kdrl_through_train_step_is_invariant_to_accumulation(tmp_path, tiny_models):
+    """``train_step`` with kdrl (and lightning): one micro-batch of 8 and 8 of 1 give the same losses and the same
+    SGD update (float64)."""
+    from pipeline.models import load_model
+    from pipeline.stages.train import rollout_table
+    from pipeline.train.loop import train_step
+    from pipeline.train.metrics import StepMeter
+
+    records = prefixed_records("q", 8)
+    shards = source_shard_set(tmp_path / "s", records)
+
+    class Source:
+        def next_records(self, n, parts):
+            return records[:n]
+
+        def state_dict(self):
+            return {}
+
+    results = []
+    for accum in (1, 8):
+        cfg = TrainConfig(student="s", shards="d", out="o", losses={"kdrl": 1.0, "lightning": 0.5}, kdrl_beta=0.1,
+                          batch_size=8, grad_accum=accum, optim={"grad_clip": None})
+        student = StudentLM(load_model(tiny_models["student"]).double())
+        before = [p.detach().clone() for p in student.parameters()]
+        opt = torch.optim.SGD(student.parameters(), lr=1.0)
+        metrics, _ = train_step(student, opt, cfg, Source(), 8, 0, DistInfo(), torch.device("cpu"), StepMeter(1, 1),
+                                rollout_table(cfg, shards, "k"))
+        results.append((metrics, [b - p.detach() for b, p in zip(before, student.parameters(), strict=True)]))
+    (one, one_update), (many, many_update) = results
+    assert abs(one["loss/kdrl"].item()) > 1e-4 and one["kdrl/distill"].item() > 0
+    for key in ("loss/total", "loss/kdrl", "loss/lightning"):
+        assert many[key].item() == pytest.approx(one[key].item(), rel=1e-10), key
+    for a, b in zip(one_update, many_update, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# --- sft_train -------------------------------------------------------------------------------------------------------
+
+
+def test_packed_sft_takes_the_same_steps_as_padded_sft(tiny_models):
+    from pipeline.config import OptimConfig
+    from pipeline.models import load_model
+    from pipeline.train.loop import sft_train
+
+    rng = np.random.default_rng(0)
+    vocab = load_model(tiny_models["student"]).config.vocab_size
+    examples = [(rng.integers(3, vocab, size=int(n)), 3) for n in rng.integers(5, 14, size=24)]
+    curves = {}
+    for packing in (False, True):
+        lm = load_model(tiny_models["student"])
+        seen = []
+        sft_train(lm, iter(examples), steps=3, batch_size=8, optim=OptimConfig(lr=1e-2), pad_id=0, log_every=1,
+                  show_progress=False, on_log=lambda step, m, seen=seen: seen.append(m), packing=packing,
+                  max_tokens_per_micro_batch=40)
+        curves[packing] = [m["loss/sft"] for m in seen]
+        assert (seen[-1]["perf/padding_frac"] == 0) == packing
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
+
+
+# --- training runs on real shards (integration) ------------------------------------------------------------------
 
 
 def _all_records(shards: Path):
@@ -65,6 +157,7 @@ def _loss_on(model_dir: Path, records, cfg) -> float:
     return batch_loss(cfg, load_model(model_dir), collate(records, pad_id=0))
 
 
+@pytest.mark.integration
 def test_offline_training_lowers_the_distillation_loss(shards_run):
     tmp, cfg = shards_run
     rc = load_run_config(cfg, [f"train.out={tmp / 'plain'}"])
@@ -84,6 +177,7 @@ def test_offline_training_lowers_the_distillation_loss(shards_run):
     assert run_stage("train", tcfg, show_progress=False).skipped
 
 
+@pytest.mark.integration
 def test_killed_training_resumes_with_identical_loss_curve(shards_run):
     tmp, cfg = shards_run
     ref_out, out = tmp / "ref", tmp / "killed"
@@ -108,6 +202,7 @@ def test_killed_training_resumes_with_identical_loss_curve(shards_run):
     assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
 
 
+@pytest.mark.integration
 def test_resume_refuses_a_changed_config(shards_run):
     tmp, cfg = shards_run
     out = tmp / "changed"
@@ -117,6 +212,7 @@ def test_resume_refuses_a_changed_config(shards_run):
     assert res.returncode == 2 and "different training run" in " ".join(res.stderr.split())
 
 
+@pytest.mark.integration
 def test_torchrun_ddp_two_processes_gloo(shards_run):
     tmp, cfg = shards_run
     out = tmp / "ddp"
@@ -141,6 +237,7 @@ def test_torchrun_ddp_two_processes_gloo(shards_run):
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
 
 
+@pytest.mark.integration
 def test_online_opd_baseline_runs_with_a_live_teacher(shards_run, trained_models):
     tmp, cfg = shards_run
     rc = load_run_config(cfg, [f"train.out={tmp / 'online'}", "train.steps=3",
@@ -152,17 +249,7 @@ def test_online_opd_baseline_runs_with_a_live_teacher(shards_run, trained_models
     assert Path(res.summary["final_model"]).exists()
 
 
-def test_eval_writes_json_and_markdown(shards_run):
-    tmp, cfg = shards_run
-    res = lopd("eval", "-c", str(cfg), "-q", "--set", f"eval.model={tmp / 'run' / 'sft_student'}",
-               "--set", "eval.samples={n: 3, temperature: 1.0, max_new_tokens: 12}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    data = json.loads((Path(out["out"]) / "eval.json").read_text())
-    assert data["greedy"]["samples"] == 48 and data["sampled"]["samples"] == 144
-    assert 0 <= data["pass@1"] <= 1 and data["pass@3"] >= data["avg@3"]
-    assert "| model |" in (Path(out["out"]) / "eval.md").read_text()
-
-
+@pytest.mark.integration
 def test_torchrun_fsdp2_two_processes_trains_and_resumes(shards_run):
     """FSDP2 (fully_shard) on 2 CPU processes: full-state checkpoints let a longer run resume from them."""
     tmp, cfg = shards_run
@@ -186,6 +273,7 @@ def test_torchrun_fsdp2_two_processes_trains_and_resumes(shards_run):
     assert load_model(out / "final").config.num_hidden_layers == 1
 
 
+@pytest.mark.integration
 def test_interrupted_sft_resumes_from_its_checkpoint_with_identical_results(shards_run, monkeypatch):
     """A crash at step 7 (after the step-4 checkpoint); the rerun resumes at step 4, skips the examples already
     seen, and ends with the uninterrupted run's loss curve and weights. A changed config refuses the checkpoint."""
@@ -226,30 +314,7 @@ def test_interrupted_sft_resumes_from_its_checkpoint_with_identical_results(shar
     assert not ckpt.exists()  # removed once the final model is written
 
 
-def test_checkpoints_beyond_keep_last_are_pruned(tmp_path):
-    from pipeline.train import checkpoint
-
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    for step in (2, 4, 6, 8):
-        model(torch.ones(1, 3)).sum().backward()
-        opt.step()
-        checkpoint.save(tmp_path, step, model=model, optimizer=opt, scheduler=sched, run_key="k",
-                        trainer={"note": step}, rank_state={"rng": checkpoint.rng_state()}, rank=0, world_size=1,
-                        keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000006", "step-000008"]
-    assert checkpoint.latest_step(tmp_path) == 8 and checkpoint.latest_step(tmp_path / "none") == 0
-    fresh = torch.nn.Linear(3, 2)
-    fresh_opt = torch.optim.AdamW(fresh.parameters())
-    resumed = checkpoint.load_latest(tmp_path, model=fresh, optimizer=fresh_opt, scheduler=sched, run_key="k", rank=0)
-    assert resumed.step == 8 and resumed.trainer["note"] == 8 and resumed.world_size == 1
-    assert torch.equal(fresh.weight, model.weight)
-    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    with pytest.raises(ValueError, match="different"):
-        checkpoint.load_latest(tmp_path, model=fresh, optimizer=fresh_opt, scheduler=sched, run_key="other", rank=0)
-
-
+@pytest.mark.integration
 def test_online_baseline_resumes_with_the_samples_of_an_uninterrupted_run(shards_run, trained_models):
     """The online sampler's position (prompt RNG, sample seeds) is checkpointed: stop after step 2, rerun, and
     the loss curve equals a run that never stopped."""
@@ -270,6 +335,7 @@ def test_online_baseline_resumes_with_the_samples_of_an_uninterrupted_run(shards
     assert curves["online_cut"] == curves["online_ref"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_torchrun_sft_two_processes_match_one_process(shards_run, fsdp):
     """SFT under torchrun (2 CPU processes, gloo): each rank takes half of every global batch and the loss is
@@ -307,6 +373,7 @@ def _same_weights(a: Path, b: Path) -> bool:
     return a_sd.keys() == b_sd.keys() and all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
 
 
+@pytest.mark.integration
 def test_prefetching_trainer_matches_the_synchronous_reader_and_resumes_exactly(shards_run):
     """Decoding ahead on a thread changes no step: a run stopped at step 3 (prefetch 3), resumed to 5 with
     the synchronous reader, then to the end with prefetch 2, has the loss curve and final weights of an
@@ -327,6 +394,7 @@ def test_prefetching_trainer_matches_the_synchronous_reader_and_resumes_exactly(
     assert all(0 <= r["perf/data_wait_frac"] < 1 for r in rows)
 
 
+@pytest.mark.integration
 def test_lightning_only_run_reads_no_topk_and_trains_as_with_it(shards_run):
     """On k > 0 shards a `lightning`-only run skips the top-k columns (its records carry [R, 0] top-k) and
     trains exactly like the same objective read with the top-k (a zero-weight top-k loss makes it read them)."""
@@ -352,6 +420,7 @@ def _torchrun_stage(stage: str, cfg: Path, stop: int, *overrides: str, nproc: in
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.integration
 def test_torchrun_fsdp2_stopped_and_resumed_run_equals_an_uninterrupted_one(shards_run):
     """FSDP2 on 2 processes: a run that ends after step 3 (sharded checkpoint at step 2) and is started again
     has the loss curve and final weights of a run that never stopped, bit for bit."""
@@ -371,6 +440,7 @@ def test_torchrun_fsdp2_stopped_and_resumed_run_equals_an_uninterrupted_one(shar
     assert _same_weights(tmp / "fsdp_ref" / "final", cut / "final")
 
 
+@pytest.mark.integration
 def test_sft_crashed_on_two_processes_resumes_on_one(shards_run):
     """SFT reads one global example stream, so a run that crashed on 2 FSDP2 processes (sharded checkpoint at
     step 4) resumes on 1 process: DCP re-shards model and optimiser, and the curve and weights match a
@@ -411,6 +481,7 @@ def one_process_on_single_record_units(shards_run) -> tuple[list[str], Path, Pat
     return overrides, dst.root, single
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("shard_size", [None, 2], ids=["fsdp2", "hsdp"])
 def test_two_node_torchrun_on_localhost_matches_one_process(shards_run, one_process_on_single_record_units,
                                                             shard_size):
