@@ -296,12 +296,14 @@ class TipConfig(Strict):
     the student's entropy and its divergence from the teacher (a no-grad pre-pass over the LM head's chunks), and
     the kept tokens weigh 1 / (the step's kept fraction). Neutral: rho = 1."""
 
-    mode: Literal["entropy", "soft_or"] = Field(
+    mode: Literal["entropy", "soft_or", "q3_only"] = Field(
         "entropy", description="entropy: sample ceil(rho N) tokens with probability ~ (H / ln V)^alpha "
-        "(D / ln 2)^gamma (the released code's mode); soft_or: keep the top ceil(rho N) by (1 - h) D, h the "
-        "min-max normalised entropy capped at its 98th percentile (a secondary source)")
+        "(D / ln 2)^gamma (the released code's mode); soft_or: keep the top ceil(rho N) by 1 - (1 - h)(1 - d), "
+        "uncertain OR confident-and-wrong, h the min-max normalised entropy capped at its 98th percentile, d the "
+        "min-max normalised divergence (a secondary source); q3_only: the top ceil(rho N) by (1 - h) D, the "
+        "paper's low-entropy, high-divergence quadrant alone")
     rho: float = Field(0.5, gt=0, le=1, description="fraction of each micro-batch's tokens kept (paper: 0.5 for "
-                       "entropy, 0.1-0.2 for soft_or)")
+                       "entropy, 0.1-0.2 for soft_or and q3_only)")
     alpha: float = Field(1.0, ge=0, description="entropy mode: exponent of the normalised entropy")
     gamma: float = Field(0.0, ge=0, description="entropy mode: exponent of the normalised divergence (0: entropy "
                          "only)")
@@ -309,26 +311,35 @@ class TipConfig(Strict):
 
 class BapoConfig(Strict):
     """BAPO adaptive clipping of ``lightning``'s PPO-clip form (docs/methods.md): the ratio bounds [c_lo, c_hi]
-    start at (low, high) and widen by ``step`` (c_lo first, then c_hi) until the positive-advantage tokens'
-    contribution is at least ``target`` times the negative ones'. Needs train.lightning.importance=ppo_clip.
-    Neutral: step = 0 with low = 1 - clip_eps_low and high = 1 + clip_eps_high (plain PPO-clip)."""
+    start at (low, high) and rise by ``step`` (c_lo up to low_max first, then c_hi up to high_max) while the
+    positive-advantage tokens' contribution is below ``target`` times the negative ones', the contributions summed
+    over the micro-batch's tokens and all ranks (the authors' released code). Needs
+    train.lightning.importance=ppo_clip. Neutral: step = 0 with low = 1 - clip_eps_low and high = 1 + clip_eps_high
+    (plain PPO-clip)."""
 
-    low: float = Field(0.6, gt=0, le=1, description="starting lower bound c_lo (paper: 0.6)")
-    low_max: float = Field(0.8, gt=0, le=1, description="c_lo is raised up to this (paper: 0.8)")
-    high: float = Field(1.2, ge=1, description="starting upper bound c_hi (paper: 1.2)")
-    high_max: float = Field(2.0, ge=1, description="c_hi is raised up to this (paper: 2.0)")
-    step: float = Field(0.05, ge=0, description="increment of a bound (paper: 0.05); 0 keeps the bounds fixed")
-    target: float = Field(1.0, gt=0, description="wanted ratio of positive to negative contributions")
+    low: float = Field(0.6, gt=0, le=1, description="starting lower bound c_lo (released config: 0.6)")
+    low_max: float = Field(0.8, gt=0, le=1, description="c_lo is raised up to this (released config: 0.8)")
+    high: float = Field(1.2, ge=1, description="starting upper bound c_hi (released config: 1.2)")
+    high_max: float = Field(2.0, ge=1, description="c_hi is raised up to this (released config: 2.0)")
+    step: float = Field(0.05, ge=0, description="increment of a bound (released config: 0.05); 0 keeps the bounds "
+                        "fixed")
+    target: float = Field(1.0, gt=0, description="wanted ratio of positive to negative contributions (released "
+                          "config: 1)")
+    balance: Literal["clamped", "surviving"] = Field(
+        "clamped", description="what a token contributes: clamped (the released code): its clipped surrogate "
+        "value, min(r, c_hi) A for A >= 0 and max(r, c_lo) |A| for A < 0, every token counted; surviving (lopd's "
+        "earlier rule, from a secondary restatement): r |A| of the tokens whose gradient survives the clip only")
 
 
 class CovConfig(Strict):
     """Clip-Cov / KL-Cov for ``lightning`` (docs/methods.md): the tokens with the highest covariance between the
-    student's log-prob and the advantage lose their gradient (clip_cov: a random frac of those with cov_low < Cov
-    < cov_high) or get a |log p_theta - log mu| penalty (kl_cov: the top frac by Cov). Neutral: kl_cov with
+    student's log-prob and the advantage lose their gradient (clip_cov: max(1, int(frac N)) drawn at random among
+    cov_low < Cov < cov_high, tokens PPO-clip already clips excluded) or get a |log p_theta - log mu| penalty
+    (kl_cov: the top max(1, int(frac N)) by Cov), the counts of the authors' (and verl's) code. Neutral: kl_cov with
     kl_coef = 0, or clip_cov with an empty range (cov_low >= cov_high)."""
 
     mode: Literal["clip_cov", "kl_cov"] = Field("clip_cov", description="drop the gradient, or add the penalty")
-    frac: float = Field(2e-4, gt=0, le=1, description="share of the tokens selected (at least 1)")
+    frac: float = Field(2e-4, gt=0, le=1, description="share of the tokens selected: max(1, int(frac N))")
     cov_low: float = Field(1.0, description="clip_cov: lower covariance bound of the candidates")
     cov_high: float = Field(5.0, description="clip_cov: upper covariance bound of the candidates")
     kl_coef: float = Field(1.0, ge=0, description="kl_cov: coefficient of |log p_theta - log mu|")

@@ -14,11 +14,12 @@ columns of every shard once (no top-k, no token ids) and writes one row per roll
 | `behavior_mean` | float32 | mean over the response of the rollout policy's log-prob of the sampled token |
 | `n_rollouts` | int32 | rollouts of this prompt in the set |
 | `pass_rate` | float32 | share of the prompt's rollouts with reward > 0 (= mean reward for 0/1); NaN if one is null |
-| `reward_mean`, `reward_std` | float32 | mean and population standard deviation of those rewards |
+| `reward_mean`, `reward_std` | float32 | mean and sample std (divided by n - 1; 0 for a lone rollout) of the rewards |
 
 It lives at ``<shards>/prompt_stats.parquet`` (the shard set's integrity checks look at ``shard-*`` files only)
-with the caller's ``key`` (a content fingerprint of the shard set) in its Parquet metadata: a file whose key
-differs, from a set that has changed since, is recomputed. Written atomically (temp file, fsync, rename), so
+with the caller's ``key`` (a content fingerprint of the shard set) and ``STATS_VERSION`` (what the columns mean) in
+its Parquet metadata: a file whose key or version differs, from a set that has changed since or from an older
+definition of the columns, is recomputed. Written atomically (temp file, fsync, rename), so
 concurrent ranks that compute it at once leave one complete file; a read-only shard directory only costs the
 recomputation on each run.
 """
@@ -37,6 +38,9 @@ from storage.shardset import ShardSet
 
 STATS_FILE = "prompt_stats.parquet"
 KV_KEY = b"lopd.prompt_stats_key"
+KV_VERSION = b"lopd.prompt_stats_version"
+# 2: reward_std is the sample standard deviation (version 1, unversioned files, held the population one)
+STATS_VERSION = b"2"
 _COLUMNS = ["prompt_id", "sample_index", "reward", "num_response_tokens", "teacher_logprobs", "behavior_logprobs"]
 
 
@@ -53,7 +57,10 @@ def compute_prompt_stats(shard_set: ShardSet) -> pa.Table:
     # NaN rewards propagate: a prompt with a null reward has no pass rate
     reward_mean = np.bincount(group_of_row, weights=reward) / n_rollouts
     deviation = reward - reward_mean[group_of_row]
-    reward_std = np.sqrt(np.bincount(group_of_row, weights=deviation**2) / n_rollouts)
+    # the sample std (Bessel's n - 1), as GRPO's group advantage in verl and TRL (torch.std); a lone rollout has no
+    # spread to measure: 0 (the methods that compare a prompt's rollouts refuse such prompts)
+    squares = np.bincount(group_of_row, weights=deviation**2)
+    reward_std = np.sqrt(squares / np.maximum(n_rollouts - 1, 1))
     correct = np.where(np.isnan(reward), np.nan, reward > 0)
     pass_rate = np.bincount(group_of_row, weights=correct) / n_rollouts
     per_prompt = {"n_rollouts": pa.array(n_rollouts[group_of_row].astype(np.int32), pa.int32()),
@@ -83,18 +90,19 @@ def _f32(x: np.ndarray) -> pa.Array:
 
 
 def load_prompt_stats(shard_set: ShardSet, key: str) -> tuple[pa.Table, str]:
-    """The set's statistics: read from ``<root>/prompt_stats.parquet`` when it was computed for ``key``, else
-    computed and written there. Returns ``(table, how)``, ``how`` one of "read", "computed" or, when the shard
-    directory is not writable (a shared read-only dataset), "computed (not stored: <reason>)"."""
+    """The set's statistics: read from ``<root>/prompt_stats.parquet`` when it was computed for ``key`` under this
+    ``STATS_VERSION``, else computed and written there. Returns ``(table, how)``, ``how`` one of "read", "computed"
+    or, when the shard directory is not writable (a shared read-only dataset), "computed (not stored: <reason>)"."""
     path = shard_set.root / STATS_FILE
     if path.exists():
         try:
             stored = pq.read_table(path)
-            if (stored.schema.metadata or {}).get(KV_KEY) == key.encode():
+            metadata = stored.schema.metadata or {}
+            if metadata.get(KV_KEY) == key.encode() and metadata.get(KV_VERSION) == STATS_VERSION:
                 return stored, "read"
         except (OSError, pa.ArrowInvalid):  # an unreadable file is recomputed like a stale one
             pass
-    table = compute_prompt_stats(shard_set).replace_schema_metadata({KV_KEY: key.encode()})
+    table = compute_prompt_stats(shard_set).replace_schema_metadata({KV_KEY: key.encode(), KV_VERSION: STATS_VERSION})
     tmp = path.with_name(f".{STATS_FILE}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp)

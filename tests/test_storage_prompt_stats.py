@@ -34,7 +34,7 @@ def test_prompt_stats_values_against_the_records(stats_shards):
         assert col["num_tokens"][i] == len(r.teacher_logprobs)
         assert col["pass_rate"][i] == pytest.approx(rewards.mean())
         assert col["reward_mean"][i] == pytest.approx(rewards.mean())
-        assert col["reward_std"][i] == pytest.approx(rewards.std(), abs=1e-7)
+        assert col["reward_std"][i] == pytest.approx(rewards.std(ddof=1), abs=1e-7)  # the sample std, as GRPO's
         assert col["teacher_mean"][i] == pytest.approx(np.mean(r.teacher_logprobs.astype(np.float64)), rel=1e-6)
         assert col["behavior_mean"][i] == pytest.approx(np.mean(r.behavior_logprobs.astype(np.float64)), rel=1e-6)
     assert sorted(set(col["pass_rate"].tolist())) == [0.25, 0.5, 1.0]

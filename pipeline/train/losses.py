@@ -498,51 +498,78 @@ def lightning_pg(
 
 
 def bapo_bounds(ratio_N: torch.Tensor, advantage_N: torch.Tensor, *, low: float = 0.6, low_max: float = 0.8,
-                high: float = 1.2, high_max: float = 2.0, step: float = 0.05, target: float = 1.0
-                ) -> tuple[float, float]:
+                high: float = 1.2, high_max: float = 2.0, step: float = 0.05, target: float = 1.0,
+                balance: Literal["clamped", "surviving"] = "clamped", eps: float = 1e-8,
+                sum_ranks: bool = True) -> tuple[float, float]:
     """BAPO's adaptive clip range (Xi et al. 2025, "BAPO: Stabilizing Off-Policy Reinforcement Learning for LLMs
-    via Balanced Policy Optimization with Adaptive Clipping"; the procedure as restated from the authors' code by a
-    secondary source): PPO-clip with bounds [c_lo, c_hi], a token's gradient surviving when
-    A_t >= 0 and r_t <= c_hi, or A_t < 0 and r_t >= c_lo. Starting from (low, high),
+    via Balanced Policy Optimization with Adaptive Clipping"; as the authors' released verl recipe,
+    ``recipe/bapo/policy_loss.py``, computes it): PPO-clip with bounds [c_lo, c_hi] on the importance ratio r_t.
+    Starting from (low, high):
 
-        while  P / N < target:   P = sum_{A>0, r<=c_hi} r A,   N = sum_{A<0, r>=c_lo} r |A|
-            c_lo += step up to low_max, then c_hi += step up to high_max (stop when both are at their max)
+        P = sum_{A_t >= 0} min(r_t, c_hi) A_t,   N = sum_{A_t < 0} max(r_t, c_lo) |A_t|      (balance "clamped")
+        while P / (N + eps) < target and c_lo < low_max:   c_lo = min(c_lo + step, low_max)
+        while P / (N + eps) < target and c_hi < high_max:  c_hi = min(c_hi + step, high_max)
 
-    raising c_lo drops more negative-advantage tokens, raising c_hi admits more positive ones, until the
-    positive contributions balance the negative. No negative contribution (N = 0) leaves the bounds; step = 0
-    fixes them. Shapes: ratio_N, advantage_N over the tokens at hand (detached). Returns (c_lo, c_hi)."""
+    each token contributing its clipped surrogate value (every token of the call counted; N = 0 is balanced), P and
+    N recomputed after each move and summed over the ranks when torch.distributed runs with more than one
+    (``sum_ranks``; every rank then takes the same bounds, as the released code's all-reduce makes them; all ranks
+    must call this equally often). The released code runs once per policy-loss call, i.e. per micro-batch and
+    reduced over the data-parallel ranks: so does the trainer. Under "clamped" a raised c_lo adds to N (a token
+    below it contributes c_lo |A_t|), so c_lo climbs to low_max whenever the start is unbalanced, and only c_hi
+    restores the balance: the released behaviour, kept as is.
+
+    ``balance="surviving"`` is lopd's earlier rule, from a secondary restatement: only the tokens whose gradient
+    survives the clip count, P = sum_{A>0, r<=c_hi} r A and N = sum_{A<0, r>=c_lo} r |A|, so raising c_lo drops
+    negative tokens. Differences kept from the released loss: no dual clip (its clip_ratio_c = 3 for A < 0) in
+    ``lightning_pg``. step = 0 fixes the bounds. Shapes: ratio_N, advantage_N over the tokens at hand (detached).
+    Returns (c_lo, c_hi)."""
+    if balance not in ("clamped", "surviving"):
+        raise ValueError(f"bapo_bounds: balance must be 'clamped' or 'surviving', got {balance!r}")
     ratio_N, advantage_N = ratio_N.detach().double(), advantage_N.detach().double()
+    distributed = (sum_ranks and torch.distributed.is_available() and torch.distributed.is_initialized()
+                   and torch.distributed.get_world_size() > 1)
 
-    def balance(lo: float, hi: float) -> float:
-        pos = torch.where((advantage_N > 0) & (ratio_N <= hi), ratio_N * advantage_N, 0.0).sum()
-        neg = torch.where((advantage_N < 0) & (ratio_N >= lo), -ratio_N * advantage_N, 0.0).sum()
-        return math.inf if neg == 0 else float(pos / neg)
-
-    eps = 1e-9  # bounds reached by repeated float steps
-    while step > 0 and balance(low, high) < target:
-        if low + step <= low_max + eps:
-            low += step
-        elif high + step <= high_max + eps:
-            high += step
+    def balanced(lo: float, hi: float) -> bool:
+        if balance == "clamped":
+            effective_N = torch.where(advantage_N >= 0, ratio_N.clamp_max(hi), ratio_N.clamp_min(lo)) * advantage_N
+            sums = torch.stack([effective_N.clamp_min(0).sum(), (-effective_N).clamp_min(0).sum()])
         else:
-            break
+            pos = torch.where((advantage_N > 0) & (ratio_N <= hi), ratio_N * advantage_N, 0.0).sum()
+            neg = torch.where((advantage_N < 0) & (ratio_N >= lo), -ratio_N * advantage_N, 0.0).sum()
+            sums = torch.stack([pos, neg])
+        if distributed:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+        pos, neg = float(sums[0]), float(sums[1])
+        return neg <= 0 or pos / (neg + eps) >= target
+
+    if step > 0:
+        done = balanced(low, high)
+        while not done and low < low_max:
+            low = min(low + step, low_max)
+            done = balanced(low, high)
+        while not done and high < high_max:
+            high = min(high + step, high_max)
+            done = balanced(low, high)
     return low, high
 
 
 def covariance_select(student_logprobs_N: torch.Tensor, advantage_N: torch.Tensor, *, mode: str,
-                      frac: float = 2e-4, cov_low: float = 1.0, cov_high: float = 5.0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      frac: float = 2e-4, cov_low: float = 1.0, cov_high: float = 5.0,
+                      eligible_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens the entropy-mechanism methods act on (Cui et al. 2025, "The Entropy Mechanism of Reinforcement
-    Learning for Reasoning Language Models"; as in the authors' code per a secondary source):
+    Learning for Reasoning Language Models"; as the authors' code, PRIME-RL/Entropy-Mechanism-of-RL, and verl's
+    ``compute_policy_loss_clip_cov`` / ``compute_policy_loss_kl_cov`` compute them):
 
         Cov_t = (log p_theta(y_t) - mean log p_theta) (A_t - mean A)          (detached, over the tokens at hand)
-        clip_cov: n = max(1, frac N) tokens drawn at random among cov_low < Cov_t < cov_high (all of them if fewer):
-                  their policy-gradient term loses its gradient
+        n = max(1, int(frac N))                                               (N > 0 tokens; none when N = 0)
+        clip_cov: n tokens drawn at random (all of them if fewer) among the ``eligible_N`` ones with
+                  cov_low < Cov_t < cov_high: their policy-gradient term loses its gradient
         kl_cov:   the top n by Cov_t: they get the penalty |log p_theta - log mu|
 
-    High-covariance tokens (confident and rewarded, or unlikely and penalised) drive the entropy collapse.
-    Clip-Cov draws from torch's default generator (saved in checkpoints). Shapes: ``[N]``; returns
-    (selected_N bool, cov_N)."""
+    ``eligible_N`` (clip_cov only; default every token): the released Clip-Cov excludes the tokens whose PPO clip
+    is already active (its ``clip_by_origin``); the caller passes the others when its loss is PPO-clipped. High-
+    covariance tokens (confident and rewarded, or unlikely and penalised) drive the entropy collapse. Clip-Cov draws
+    from torch's default generator (saved in checkpoints). Shapes: ``[N]``; returns (selected_N bool, cov_N)."""
     lp_N, adv_N = student_logprobs_N.detach().double(), advantage_N.detach().double()
     cov_N = (lp_N - lp_N.mean()) * (adv_N - adv_N.mean())
     n = max(1, int(frac * cov_N.numel()))
@@ -553,7 +580,10 @@ def covariance_select(student_logprobs_N: torch.Tensor, advantage_N: torch.Tenso
         return selected_N.index_fill_(0, torch.topk(cov_N, min(n, cov_N.numel())).indices, True), cov_N
     if mode != "clip_cov":
         raise ValueError(f"covariance_select: mode must be 'clip_cov' or 'kl_cov', got {mode!r}")
-    candidates = torch.nonzero((cov_N > cov_low) & (cov_N < cov_high)).squeeze(-1)
+    in_range_N = (cov_N > cov_low) & (cov_N < cov_high)
+    if eligible_N is not None:
+        in_range_N &= eligible_N.bool()
+    candidates = torch.nonzero(in_range_N).squeeze(-1)
     chosen = candidates[torch.randperm(candidates.numel())[:n].to(candidates.device)]
     return selected_N.index_fill_(0, chosen, True), cov_N
 
@@ -585,9 +615,11 @@ def kdrl(
               + beta m_i sg(min(r_t, is_cap)) 1/2 (log p_theta(y_t) - log p_T(y_t))^2,     m_i = [R_i <= 0]
 
     beta = 0 is GRPO (PPO-clip, token mean); equal rewards in a group give Ahat = 0 and leave the distillation
-    term alone. The paper anneals beta from 5e-3 to 1e-3 (a ``loss_schedule`` can). Log-ratios are clamped to
-    +-``LOG_RATIO_LIMIT``. Shapes: student_logprobs_B_T (grad), teacher_logprobs_B_T, behavior_logprobs_B_T,
-    advantage_B_T (each token's rollout's Ahat), failed_B_T (bool), mask_B_T.
+    term alone. std_g is the sample standard deviation of the group's rewards (n - 1 in the denominator: torch.std
+    as GRPO's advantage in verl's ``compute_grpo_outcome_advantage`` and TRL's GRPOTrainer), eps = 1e-6 (verl's),
+    both from ``storage.prompt_stats``. The paper anneals beta from 5e-3 to 1e-3 (a ``loss_schedule`` can).
+    Log-ratios are clamped to +-``LOG_RATIO_LIMIT``. Shapes: student_logprobs_B_T (grad), teacher_logprobs_B_T,
+    behavior_logprobs_B_T, advantage_B_T (each token's rollout's Ahat), failed_B_T (bool), mask_B_T.
     """
     valid_B_T = mask_B_T.bool()
     logprobs_B_T = torch.where(valid_B_T, _upcast(student_logprobs_B_T), 0.0)

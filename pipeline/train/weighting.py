@@ -92,19 +92,46 @@ def scope_weights(group_R: torch.Tensor, correct_R: torch.Tensor, teacher_mean_R
     return count[subset_R] * exp_R / total[subset_R]
 
 
-def tip_soft_or_scores(entropy_N: torch.Tensor, divergence_N: torch.Tensor, quantile: float = 0.98) -> torch.Tensor:
-    """TIP's soft-OR importance of each token (Token Importance in on-policy distillation; the formula as a
-    secondary source restates it, not checked against code):
-
-        Hc = min(H, q_quantile(H)),   h = (Hc - min Hc) / (max Hc - min Hc),   score = (1 - h) D
-
-    over the tokens at hand, with H the student's full-vocabulary entropy and D its divergence from the teacher
-    at the token. A confident (low-entropy) token far from the teacher scores highest; an uncertain one, or one
-    that agrees with the teacher, lowest. Constant entropy gives h = 0 (the score is D). Shapes: ``[N]``."""
+def _tip_entropy_scale(entropy_N: torch.Tensor, quantile: float) -> torch.Tensor:
+    """TIP's normalised entropy h in [0, 1]: Hc = min(H, q_quantile(H)), h = (Hc - min Hc) / (max Hc - min Hc);
+    0 everywhere when Hc is constant. The cap keeps a few very uncertain tokens from squashing the rest."""
     capped_N = entropy_N.clamp_max(torch.quantile(entropy_N, quantile))
-    span = capped_N.max() - capped_N.min()
-    h_N = torch.where(span > 0, (capped_N - capped_N.min()) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
-    return (1.0 - h_N) * divergence_N
+    return _min_max(capped_N)
+
+
+def _min_max(x_N: torch.Tensor) -> torch.Tensor:
+    """(x - min x) / (max x - min x) over the tokens at hand; 0 everywhere when x is constant."""
+    span = x_N.max() - x_N.min()
+    return torch.where(span > 0, (x_N - x_N.min()) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
+
+
+def tip_soft_or_scores(entropy_N: torch.Tensor, divergence_N: torch.Tensor, quantile: float = 0.98) -> torch.Tensor:
+    """TIP's soft-OR importance of each token (Xu et al. 2026, "TIP: Token Importance in On-Policy Distillation",
+    arXiv 2604.14084: informative tokens are the uncertain ones (high student entropy) OR the overconfident-and-wrong
+    ones (low entropy, high teacher-student divergence); the score as a secondary source restates it, not checked
+    against code, which releases only the entropy mode):
+
+        h = minmax(min(H, q_quantile(H))),   d = minmax(D),   score = 1 - (1 - h)(1 - d) = h + (1 - h) d
+
+    over the tokens at hand, with H the student's full-vocabulary entropy and D its divergence from the teacher at
+    the token. The second form reads as a probabilistic OR of two disjoint events: "uncertain" (h) or "confident
+    (1 - h) and wrong (d)". The most uncertain token scores 1 whatever its divergence, as does the most divergent
+    one; only a confident token that agrees with the teacher scores near 0. Constant entropy gives score d,
+    constant divergence score h. Shapes: ``[N]``. ``tip_q3_only_scores`` is the confident-and-wrong region alone."""
+    h_N = _tip_entropy_scale(entropy_N, quantile)
+    return 1.0 - (1.0 - h_N) * (1.0 - _min_max(divergence_N))
+
+
+def tip_q3_only_scores(entropy_N: torch.Tensor, divergence_N: torch.Tensor, quantile: float = 0.98) -> torch.Tensor:
+    """TIP's "Q3-only" rule (arXiv 2604.14084: the low-entropy, high-divergence quadrant alone; on DeepPlanning,
+    training on 20% of the tokens chosen so surpassed full-token OPD), as a score:
+
+        h = minmax(min(H, q_quantile(H))),   score = (1 - h) D
+
+    A confident (low-entropy) token far from the teacher scores highest; an uncertain one, or one that agrees with
+    the teacher, lowest: the most uncertain token scores 0. Constant entropy gives h = 0 (the score is D). The
+    product form is a secondary source's restatement of the rule [2nd]. Shapes: ``[N]``."""
+    return (1.0 - _tip_entropy_scale(entropy_N, quantile)) * divergence_N
 
 
 def tip_entropy_probs(entropy_N: torch.Tensor, divergence_N: torch.Tensor, vocab_size: int, alpha: float,
@@ -171,7 +198,7 @@ def source_key(label: str, prompt_id: str) -> str:
     return f"{label}/{prompt_id}"
 
 
-GROUP_ADVANTAGE_EPS = 1e-6  # GRPO's guard for groups whose rewards are all equal (std 0: advantage 0)
+GROUP_ADVANTAGE_EPS = 1e-6  # GRPO's guard (verl's epsilon) for a group whose rewards are all equal (std 0: Ahat 0)
 
 
 @dataclass
@@ -182,7 +209,8 @@ class RolloutTable:
     reward_R: np.ndarray
     pass_rate_R: np.ndarray
     row_weight_R: np.ndarray | None = None  # fixed per-rollout weights (SCOPE), None when no method sets them
-    advantage_R: np.ndarray | None = None  # group-normalised rewards (r - mean_g r) / (std_g r + 1e-6) (KDRL)
+    # group-normalised rewards (r - mean_g r) / (std_g r + 1e-6), std_g the sample std as GRPO's (KDRL)
+    advantage_R: np.ndarray | None = None
 
     @classmethod
     def from_table(cls, table: pa.Table, scope: tuple[float, int] | None = None) -> "RolloutTable":

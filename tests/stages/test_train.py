@@ -117,8 +117,8 @@ def test_prompt_statistics_across_sources_stay_per_set(tmp_path, tiny_models):
 
 
 def test_kdrl_reads_group_normalised_rewards_from_the_prompt_statistics(tmp_path):
-    """Ahat_i = (r_i - mean_g r) / (std_g r + 1e-6) per rollout from the prompt statistics; kdrl needs rewards and
-    at least 2 rollouts per prompt."""
+    """Ahat_i = (r_i - mean_g r) / (std_g r + 1e-6), std_g the sample std (torch.std, as GRPO), per rollout from the
+    prompt statistics; kdrl needs rewards and at least 2 rollouts per prompt."""
     from pipeline.stages.train import rollout_table
 
     records = prefixed_records("q", 12)
@@ -128,7 +128,7 @@ def test_kdrl_reads_group_normalised_rewards_from_the_prompt_statistics(tmp_path
     table = rollout_table(cfg, shards, "data-1")
     for r in records:
         group = [x.reward for x in records if x.prompt_id == r.prompt_id]
-        want = (r.reward - sum(group) / len(group)) / (float(torch.tensor(group).std(unbiased=False)) + 1e-6)
+        want = (r.reward - sum(group) / len(group)) / (float(torch.tensor(group).std()) + 1e-6)
         got = table.advantage_R[table.rows([(r.prompt_id, r.sample_index)])[0]]
         assert got == pytest.approx(want, rel=1e-6)
     single = source_shard_set(tmp_path / "single", [dataclasses.replace(r, sample_index=0, prompt_id=f"p{i}")

@@ -724,27 +724,64 @@ def test_kdrl_with_beta_zero_is_grpo_and_equal_rewards_leave_pure_distillation()
 
 
 def test_bapo_bounds_widen_until_the_contributions_balance():
+    """The released rule (balance "clamped": each token's clipped surrogate value, every token counted): c_lo climbs
+    to its max first, then c_hi, until P / N reaches the target; the earlier "surviving" rule (only the tokens whose
+    gradient survives the clip) stays an option. tests/train/test_paper_references.py checks the search against a
+    transcript of the authors' code."""
     d = torch.float64
-    # negative tokens outweigh: c_lo rises from 0.6 past 0.62, dropping that token's negative contribution
+    # released: P = min(1.6, c_hi), N = 1.4 (r = 1 is above every c_lo): c_lo to 0.8, then c_hi up to 1.45
+    assert L.bapo_bounds(torch.tensor([1.6, 1.0], dtype=d), torch.tensor([1.0, -1.4], dtype=d)) == pytest.approx(
+        (0.8, 1.45))
     ratio, adv = torch.tensor([1.0, 0.62, 0.9], dtype=d), torch.tensor([1.0, -1.0, -1.0], dtype=d)
-    low, high = L.bapo_bounds(ratio, adv)
+    # released: the token at r = 0.62 adds max(r, c_lo) |A| to N, more as c_lo rises; P = 1 whatever c_hi: no balance
+    assert L.bapo_bounds(ratio, adv) == pytest.approx((0.8, 2.0))
+    # surviving: c_lo rises from 0.6 past 0.62, dropping that token's negative contribution
+    low, high = L.bapo_bounds(ratio, adv, balance="surviving")
     assert low == pytest.approx(0.65) and high == 1.2
-    # c_lo reaches its max, then c_hi rises until the positive token at r = 1.45 counts
     ratio, adv = torch.tensor([1.45, 0.9, 1.0], dtype=d), torch.tensor([1.0, -1.0, 0.1], dtype=d)
-    low, high = L.bapo_bounds(ratio, adv)
+    # released: P = min(1.45, 1.2) + 0.1 = 1.3 > N = 0.9 from the start
+    assert L.bapo_bounds(ratio, adv) == (0.6, 1.2)
+    # surviving: c_lo reaches its max, then c_hi rises until the positive token at r = 1.45 counts
+    low, high = L.bapo_bounds(ratio, adv, balance="surviving")
     assert low == pytest.approx(0.8) and 1.45 <= high < 1.5 + 1e-9
     # all advantages >= 0, or step 0: the bounds stay
-    assert L.bapo_bounds(ratio, adv.abs()) == (0.6, 1.2)
-    assert L.bapo_bounds(torch.tensor([1.0, 0.62], dtype=d), torch.tensor([0.1, -1.0], dtype=d), step=0.0) == (0.6, 1.2)
-    # nothing can balance: both bounds end at their max
-    assert L.bapo_bounds(torch.tensor([3.0, 1.0], dtype=d), torch.tensor([1.0, -1.0], dtype=d)) == pytest.approx(
-        (0.8, 2.0))
+    for balance in ("clamped", "surviving"):
+        assert L.bapo_bounds(ratio, adv.abs(), balance=balance) == (0.6, 1.2)
+        assert L.bapo_bounds(torch.tensor([1.0, 0.62], dtype=d), torch.tensor([0.1, -1.0], dtype=d), step=0.0,
+                             balance=balance) == (0.6, 1.2)
+    # nothing can balance under surviving (r = 3 never counts): both bounds end at their max; released: P = c_hi
+    ratio, adv = torch.tensor([3.0, 1.0], dtype=d), torch.tensor([1.0, -1.0], dtype=d)
+    assert L.bapo_bounds(ratio, adv, balance="surviving") == pytest.approx((0.8, 2.0))
+    assert L.bapo_bounds(ratio, adv) == (0.6, 1.2)
+    with pytest.raises(ValueError, match="balance must be"):
+        L.bapo_bounds(ratio, adv, balance="all")
 
 
-def test_bapo_at_the_rollout_policy_has_the_gradient_of_importance_none():
+def test_bapo_clip_at_adapted_bounds_against_the_released_surrogate():
+    """lightning's PPO-clip at the bounds bapo_bounds adapts, away from the rollout policy (ratios on both sides
+    of the bounds), against the released surrogate written out: token mean of max(-A r, -A clip(r, c_lo, c_hi)),
+    A = lT - lth (detached). The bounds move and matter: the loss at the start bounds differs. At p_theta = mu
+    (r = 1, inside any bounds) the gradient is importance "none"'s."""
     student, teacher, behavior, mask = _kdrl_case(seed=3)
+    teacher = teacher - 1.0  # advantages mostly negative: the bounds move
+    adv = (teacher - student).detach()
+    ratio = (student - behavior).exp()
+    valid = mask.bool()
+    bounds = L.bapo_bounds(ratio[valid].detach(), adv[valid])
+    assert bounds != (0.6, 1.2)
+    got, _ = L.lightning_pg(student, teacher, behavior, mask, importance="ppo_clip", ratio_bounds=bounds,
+                            normalization="token")
+
+    def released(lo, hi):
+        return torch.maximum(-adv * ratio, -adv * ratio.clamp(lo, hi))[valid].mean()
+
+    ref = released(*bounds)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert abs(released(0.6, 1.2).item() - ref.item()) > 1e-6
+    torch.testing.assert_close(torch.autograd.grad(got, student)[0], torch.autograd.grad(ref, student)[0],
+                               rtol=1e-12, atol=1e-15)
     at_mu = behavior.clone().requires_grad_()
-    bapo, _ = L.lightning_pg(at_mu, teacher, behavior, mask, importance="ppo_clip", ratio_bounds=(0.7, 1.5),
+    bapo, _ = L.lightning_pg(at_mu, teacher, behavior, mask, importance="ppo_clip", ratio_bounds=bounds,
                              normalization="token")
     plain, _ = L.lightning_pg(at_mu, teacher, behavior, mask, importance="none", normalization="token")
     torch.testing.assert_close(torch.autograd.grad(bapo, at_mu)[0], torch.autograd.grad(plain, at_mu)[0],

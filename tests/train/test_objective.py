@@ -16,9 +16,9 @@ from pipeline.config import TOPK_LOSSES, TrainConfig
 from pipeline.train import losses as L
 from pipeline.train.batching import collate, flatten_targets
 from pipeline.train.head import token_stats
-from pipeline.train.objective import compute_losses, local_step_sums, micro_batch_loss, step_norms
+from pipeline.train.objective import compute_losses, local_step_sums, method_weights, micro_batch_loss, step_norms
 from pipeline.train.student import StudentLM
-from pipeline.train.weighting import RolloutTable, paced_kernel, route_mask
+from pipeline.train.weighting import RolloutTable, route_mask
 from storage.prompt_stats import load_prompt_stats
 from tests.train.helpers import K, grouped_records, prefixed_records, train_cfg
 
@@ -208,22 +208,29 @@ def test_routing_masks_and_routed_normalisers(tiny_models, stats_shards):
 
 
 def test_paced_rows_of_solved_prompts_get_no_gradient(stats_shards):
-    """Under alpha = beta = 1, rows whose prompt has pass rate 1 (or 0) carry weight 0: no gradient reaches their
-    tokens; the weights have mean 1 over the step's rows."""
+    """Under alpha = beta = 1, the trainer's weights (``method_weights``, as ``micro_batch_loss`` makes them) equal a
+    reference by hand, w_i = p_i (1 - p_i) / mean_rows p (1 - p) per row (mean 1 over the step's rows); rows whose
+    prompt has pass rate 1 (or 0) carry weight 0: no gradient reaches their tokens."""
+    from pipeline.train.head import TokenStats
+
     rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
     cfg = train_cfg(losses={"lightning": 1.0, "reverse_kl_topk": 1.0}, lightning={"normalization": "token"},
                methods={"paced": {}})
-    batch = collate(grouped_records(), 0, rollouts)
+    records = grouped_records()
+    batch = collate(records, 0, rollouts)
     assert sorted(set(batch.pass_rate_B.tolist())) == [0.25, 0.5, 1.0]
     tok, seq = batch.mask_B_T.sum().double(), batch.mask_B_T.any(-1).sum().double()
     norms = step_norms(cfg, tok, seq, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
-    weights = paced_kernel(batch.pass_rate_B, 1.0, 1.0) * norms.paced_scale
-    assert weights[batch.mask_B_T.any(-1)].double().mean().item() == pytest.approx(1.0, rel=1e-6)
+    weights_B_T, _ = method_weights(cfg, batch, norms.paced_scale)
+    pass_rate = {f"q{g}": [0.25, 0.5, 1.0, 0.0][g % 4] for g in range(3)}
+    kernel = [pass_rate[r.prompt_id] * (1 - pass_rate[r.prompt_id]) for r in records]
+    want = [k * len(kernel) / sum(kernel) for k in kernel]
+    for i, w in enumerate(want):
+        row = weights_B_T[i][batch.mask_B_T[i].bool()]
+        assert row.tolist() == pytest.approx([w] * len(row), rel=1e-6)
     # the gradient through the per-token stats: zero on every token of the solved prompt's rows
     stats_lp = torch.randn(int(batch.mask_B_T.sum()), dtype=torch.float64, requires_grad=True)
-    targets = flatten_targets(batch, (weights.unsqueeze(-1) * torch.ones_like(batch.mask_B_T, dtype=torch.float32)))
-    from pipeline.train.head import TokenStats
-
+    targets = flatten_targets(batch, weights_B_T)
     n = stats_lp.shape[0]
     topk = torch.randn(n, K, dtype=torch.float64).log_softmax(-1) - 0.1
     topk.requires_grad_(True)

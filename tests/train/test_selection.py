@@ -1,18 +1,18 @@
 """pipeline/train/selection.py: the head's pre-passes through the trainer. TIP token selection (rho = 1 is
-today's loss; soft-OR against full logits; entropy sampling is reproducible), BAPO's adaptive bounds, Clip-Cov and
-KL-Cov."""
+today's loss; soft-OR and Q3-only against a full-logits reference selection; entropy sampling is reproducible and
+draws what a full-logits reference draws), BAPO's adaptive bounds, Clip-Cov and KL-Cov."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.config import TrainConfig
 from pipeline.train import losses as L
 from pipeline.train.batching import collate
-from pipeline.train.head import token_stats
 from pipeline.train.objective import local_step_sums, micro_batch_loss, step_norms
 from pipeline.train.student import StudentLM
 from tests.train.helpers import prefixed_records
@@ -29,7 +29,7 @@ def _trainer_loss(student, cfg, batch, params):
 # --- TIP token selection ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["soft_or", "entropy"])
+@pytest.mark.parametrize("mode", ["soft_or", "q3_only", "entropy"])
 @pytest.mark.parametrize("losses", [{"lightning": 1.0}, {"reverse_kl_topk": 1.0}, {"reverse_kl_topk": 1.0,
                                                                                      "lightning": 0.1, "sft": 0.5}])
 def test_tip_with_rho_one_is_todays_loss_bit_for_bit(mode, losses, tiny_models):
@@ -49,30 +49,50 @@ def test_tip_with_rho_one_is_todays_loss_bit_for_bit(mode, losses, tiny_models):
     assert got[2]["weights/tip_kept"].item() == 1.0
 
 
-def test_tip_soft_or_selection_against_a_full_logits_reference(tiny_models):
-    """float64: the trainer's chunked pre-pass + loss equals the loss computed from full logits with the same
-    selection (entropy and bucket reverse KL per token, top ceil(rho N) by (1 - h) D, kept tokens weighted N / kept):
-    loss and gradients."""
+def _full_logits_tip_view(lm, batch):
+    """From full logits with plain torch (none of lopd's head code): each selected token's full-vocabulary entropy
+    and its student and teacher bucket log-probs (the teacher's top-k ids, then the tail)."""
+    mask = batch.mask_B_T.bool()
+    logp = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1][mask]
+    logp = logp.double().log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    topk = logp.gather(-1, batch.topk_ids_B_T_K[mask])
+    student_b = torch.cat([topk, torch.log1p(-topk.exp().sum(-1))[:, None]], -1)
+    teacher_b = torch.cat([batch.topk_logprobs_B_T_K[mask], batch.tail_logprob_B_T[mask][:, None]], -1).double()
+    return entropy, student_b, teacher_b
+
+
+def _tip_reference_keep(mode: str, entropy: np.ndarray, divergence: np.ndarray, rho: float) -> np.ndarray:
+    """TIP's rules written out in numpy: Hc = min(H, q98(H)), h = minmax(Hc), d = minmax(D); soft_or keeps the top
+    ceil(rho N) by 1 - (1 - h)(1 - d) (uncertain OR confident-and-wrong), q3_only by (1 - h) D."""
+    capped = np.minimum(entropy, np.quantile(entropy, 0.98))
+    h = (capped - capped.min()) / (capped.max() - capped.min())
+    d = (divergence - divergence.min()) / (divergence.max() - divergence.min())
+    score = 1 - (1 - h) * (1 - d) if mode == "soft_or" else (1 - h) * divergence
+    return np.sort(np.argsort(-score, kind="stable")[: math.ceil(rho * len(score))])
+
+
+@pytest.mark.parametrize("mode", ["soft_or", "q3_only"])
+def test_tip_score_selection_against_a_full_logits_reference(mode, tiny_models):
+    """float64: the trainer's chunked pre-pass + loss equals the loss computed from full logits over the tokens an
+    independent reference selects (entropy and bucket reverse KL per token from full logits, the score and top
+    ceil(rho N) in numpy; kept tokens weighted N / kept): loss and gradients. The soft-OR keeps the most uncertain
+    token, Q3-only does not."""
     from pipeline.models import load_model
-    from pipeline.train.weighting import tip_kept_count, tip_soft_or_scores
 
     lm = load_model(tiny_models["student"]).double()
     student, params = StudentLM(lm), list(lm.parameters())
     batch = collate(prefixed_records("q", 8), pad_id=0)
     cfg = TrainConfig(student="s", shards="d", out="o", losses={"reverse_kl_topk": 1.0}, logits_chunk_tokens=5,
-                      methods={"tip": {"mode": "soft_or", "rho": 0.3}})
+                      methods={"tip": {"mode": mode, "rho": 0.3}})
     loss, grads, metrics = _trainer_loss(student, cfg, batch, params)
 
-    mask = batch.mask_B_T.bool()
-    logits = lm(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_B_L).logits[:, :-1][mask]
-
-    stats = token_stats(logits, batch.input_ids_B_L[:, 1:][mask], batch.topk_ids_B_T_K[mask], entropy=True)
-    student_b = torch.cat([stats.topk_logprobs, stats.tail_logprob[:, None]], -1)
-    teacher_b = torch.cat([batch.topk_logprobs_B_T_K[mask], batch.tail_logprob_B_T[mask][:, None]], -1).double()
+    entropy, student_b, teacher_b = _full_logits_tip_view(lm, batch)
     kl = (student_b.exp() * (student_b - teacher_b.clamp_min(L.REVERSE_KL_TEACHER_FLOOR))).sum(-1)
     n = kl.numel()
-    keep = tip_kept_count(n, 0.3)
-    kept = torch.topk(tip_soft_or_scores(stats.entropy.detach(), kl.detach()), keep).indices
+    kept = torch.from_numpy(_tip_reference_keep(mode, entropy.detach().numpy(), kl.detach().numpy(), 0.3))
+    keep = len(kept)
+    assert (int(entropy.argmax()) in kept.tolist()) == (mode == "soft_or")
     ref = kl[kept].sum() * (n / keep) / n
     ref_grads = torch.autograd.grad(ref, params)
     # the token weights are float32 (as the other methods'), so N / kept carries float32 rounding
@@ -80,11 +100,15 @@ def test_tip_soft_or_selection_against_a_full_logits_reference(tiny_models):
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert metrics["weights/tip_kept"].item() == pytest.approx(keep / n)
+    assert metrics["tip/kept_entropy_mean"].item() == pytest.approx(entropy[kept].mean().item(), rel=1e-5)
 
 
 def test_tip_entropy_mode_samples_by_entropy_reproducibly(tiny_models):
-    """Entropy mode keeps ceil(rho N) tokens drawn without replacement with probability ~ (H / ln V)^alpha, from
-    torch's generator: the same seed gives the same selection (and loss), another seed another."""
+    """Entropy mode keeps ceil(rho N) tokens drawn without replacement with probability ~ (H / ln V)^alpha
+    (JS / ln 2)^gamma, from torch's generator: the same seed gives the same selection (and loss), another seed
+    another; and against full logits, the trainer's loss and gradients are those of the tokens torch.multinomial
+    draws from the same generator state with weights computed here (entropy and the buckets' Jensen-Shannon
+    divergence from full logits), weighted N / kept."""
     from pipeline.models import load_model
     from pipeline.train.weighting import tip_entropy_probs
 
@@ -105,6 +129,31 @@ def test_tip_entropy_mode_samples_by_entropy_reproducibly(tiny_models):
     d = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     want = (h / math.log(19)) ** 2 * (d / math.log(2)) ** 0.5
     assert torch.allclose(tip_entropy_probs(h, d, 19, 2.0, 0.5), want, rtol=1e-14)
+
+    alpha, gamma, rho = 1.5, 0.5, 0.3
+    cfg = TrainConfig(student="s", shards="d", out="o", losses={"reverse_kl_topk": 1.0}, logits_chunk_tokens=5,
+                      methods={"tip": {"rho": rho, "alpha": alpha, "gamma": gamma}})
+    torch.manual_seed(7)
+    loss, grads, metrics = _trainer_loss(student, cfg, batch, params)
+    entropy, student_b, teacher_b = _full_logits_tip_view(lm, batch)
+    p_s, p_t = student_b.exp(), teacher_b.exp()
+    mix = 0.5 * (p_s + p_t)
+
+    def kl_to_mix(p):
+        return torch.where(p > 0, p * (p.clamp_min(1e-300).log() - mix.log()), 0.0).sum(-1)
+
+    js = 0.5 * kl_to_mix(p_t) + 0.5 * kl_to_mix(p_s)
+    weights = (entropy / math.log(lm.config.vocab_size)) ** alpha * (js / math.log(2.0)) ** gamma
+    n = entropy.numel()
+    keep = math.ceil(rho * n)
+    torch.manual_seed(7)
+    kept = torch.multinomial(weights.detach(), keep, replacement=False)
+    kl = (p_s * (student_b - teacher_b.clamp_min(L.REVERSE_KL_TEACHER_FLOOR))).sum(-1)
+    ref = kl[kept].sum() * (n / keep) / n
+    assert metrics["tip/kept_entropy_mean"].item() == pytest.approx(entropy[kept].mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(ref, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 # --- BAPO ------------------------------------------------------------------------------------------------------------

@@ -87,13 +87,17 @@ def test_scope_weights_against_a_loop_reference_and_their_identities():
     torch.testing.assert_close(flat, torch.ones(9, dtype=torch.float64), rtol=0, atol=1e-10)  # tau -> inf
 
 
-def test_tip_soft_or_ranks_confident_and_wrong_first():
-    from pipeline.train.weighting import tip_keep, tip_soft_or_scores
+def test_tip_q3_only_ranks_confident_and_wrong_first():
+    """TIP's Q3-only rule (low entropy, high divergence): the confident-and-wrong token first, the uncertain ones
+    last whatever their divergence. (The soft-OR keeps the uncertain ones too: tests/train/test_paper_references.)"""
+    from pipeline.train.weighting import tip_keep, tip_q3_only_scores, tip_soft_or_scores
 
     entropy = torch.tensor([0.1, 0.1, 2.0, 2.0, 1.0], dtype=torch.float64)
     divergence = torch.tensor([3.0, 0.01, 3.0, 0.01, 1.0], dtype=torch.float64)
-    score = tip_soft_or_scores(entropy, divergence)
+    score = tip_q3_only_scores(entropy, divergence)
     assert score.argmax().item() == 0  # confident and wrong
     assert score[0] > score[1] and score[0] > score[2] and score[4] > score[3]
+    assert score[2] == score[3] == 0  # the most uncertain tokens: 0
     assert tip_keep(score, 0.4, sample=False).tolist() == [True, False, False, False, True]
-    assert tip_soft_or_scores(torch.ones(4, dtype=torch.float64), divergence[:4]).tolist() == divergence[:4].tolist()
+    assert tip_q3_only_scores(torch.ones(4, dtype=torch.float64), divergence[:4]).tolist() == divergence[:4].tolist()
+    assert tip_keep(tip_soft_or_scores(entropy, divergence), 0.4, sample=False)[2]  # the OR keeps uncertain+wrong
