@@ -252,7 +252,8 @@ class PacedConfig(Strict):
 
 class PositionConfig(Strict):
     """Position weighting, the IW-OPD form of CORD's idea: w_t = 1 + gamma (1 - P_t / S), P_t the sum of
-    |log p_T - log mu| before t in the row, S over the whole row. Neutral: gamma = 0."""
+    |log p_T - log mu| before t in the row, S over the whole row. The weights multiply every loss term; the paper
+    (and TRL's IW-OPD) weighs the sampled-token loss, ``lightning`` with a token mean. Neutral: gamma = 0."""
 
     gamma: float = Field(0.5, ge=0, description="extra weight of the first token (weights lie in [1, 1 + gamma])")
 
