@@ -226,8 +226,8 @@ def run_all(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, q
 
 @app.command("demo")
 def demo(
-    run_dir: Annotated[Path, typer.Option(help="where everything is written; a rerun reuses finished "
-                                               "stages")] = Path("runs/demo"),
+    run_dir: Annotated[Optional[Path], typer.Option(help="where everything is written (default: the config's "
+                                                         "run_dir); a rerun reuses finished stages")] = None,
     config: ConfigOpt = REPO_CONFIGS / "demo.yaml",
     set_: SetOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="print only the result JSON on stdout")] = False,
@@ -238,7 +238,9 @@ def demo(
 ) -> None:
     """The whole method on the built-in CPU world: bootstrap teachers, SFT, rollouts, shards, offline OPD
     (lopd's top-k loss), eval, plus the published Lightning OPD loss, the ablations (inconsistent teacher,
-    online OPD) and two SFT controls (continued SFT, SFT on teacher answers to the OPD prompts)."""
+    online OPD) and the SFT controls (continued SFT; the SFT curve: SFT on 1, 2, 4, 8 teacher answers per OPD
+    prompt), each row's teacher and student compute, and the break-even of the SFT curve against OPD.
+    configs/demo-long.yaml is the second world (5-digit addition)."""
     from pipeline.config import load_run_config
 
     if seed is not None:
@@ -250,7 +252,7 @@ def demo(
         if prefect:
             from flows.demo import demo_flow
 
-            result = demo_flow(config_path=str(config), run_dir=str(run_dir), overrides=list(set_ or []))
+            result = demo_flow(config_path=str(config), run_dir=str(cfg.run_dir), overrides=list(set_ or []))
             if not json_out:
                 from pipeline.demo.experiment import print_demo_table
 

@@ -122,9 +122,16 @@ class ScaleConfig(Strict):
         "fp32", description="bf16: bf16 compute with fp32 master weights, optimiser state and gradient reduction")
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer in backward (non-reentrant)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step on each rank, by count "
+                            "(gradient accumulation); or use max_tokens_per_micro_batch")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1, description="form micro-batches by padded tokens (longest x count) instead of by count; "
-        "a sequence longer than the budget runs alone")
+        "a sequence longer than the budget runs alone. Ranks that form fewer micro-batches than another split "
+        "theirs until all run the same number (the step's gradient does not change)")
+    fsdp_grad_sync: Literal["micro_batch", "step"] = Field(
+        "micro_batch", description="FSDP2: reduce-scatter the gradients after every micro-batch (sharded "
+        "gradients, the least memory) or once per step (each rank keeps unsharded gradients of the whole model "
+        "across its micro-batches: fewer collectives, more memory). DDP always reduces once per step")
     logits_chunk_tokens: int | None = Field(
         None, ge=1, description="tokens per chunk of the LM head: the largest logit block that exists at once is "
         "this x vocab (default: 2^25 logits per chunk, 220 tokens at vocab 151,936, at most 8,192)")
@@ -137,13 +144,22 @@ class ScaleConfig(Strict):
     peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one device for the MFU "
                                       "estimate (detected for known GPUs)")
     dist_timeout_minutes: float = Field(30.0, gt=0, description="timeout of collectives under torchrun")
+    deterministic: bool = Field(True, description="torch's deterministic algorithms (a rerun on the same machine "
+                                "repeats the run exactly); false lets GPU kernels choose faster non-deterministic ones")
 
     # How a run is spread over devices and measured, not what it computes: left out of run fingerprints, so a
     # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, packing, attention kernel,
     # timeout).
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
         {"fsdp", "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens", "packing",
-         "attn_implementation"})
+         "attn_implementation", "fsdp_grad_sync"})
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> "ScaleConfig":
+        if self.grad_accum > 1 and self.max_tokens_per_micro_batch is not None:
+            raise ValueError("set grad_accum (micro-batches by count) or max_tokens_per_micro_batch (by tokens), "
+                             "not both")
+        return self
 
 
 class SftConfig(ScaleConfig):
@@ -400,14 +416,12 @@ class TrainConfig(ScaleConfig):
     tail_bucket: bool = True
     steps: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1, description="sequences per optimizer step (global, over ranks and accumulation)")
-    grad_accum: int = Field(1, ge=1)
     optim: OptimConfig = OptimConfig(lr=3e-4)
     shuffle_buffer: int = Field(1024, ge=1)
     prefetch_batches: int = Field(2, ge=0, description="steps of shard data decoded, split into micro-batches and "
                                   "collated ahead on a background thread while the current step computes (0: all "
                                   "of it inside the step)")
     seed: int = 0
-    deterministic: bool = True
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int | None = Field(3, ge=1, description="keep the newest N checkpoints (null: all)")
     log_every: int = Field(10, ge=1)
@@ -435,13 +449,6 @@ class TrainConfig(ScaleConfig):
 
     # prefetching changes when data is decoded, never which: a checkpoint resumes with it on or off
     EXECUTION_ONLY: ClassVar[frozenset[str]] = ScaleConfig.EXECUTION_ONLY | {"prefetch_batches"}
-
-    @model_validator(mode="after")
-    def _one_way_to_split(self) -> "TrainConfig":
-        if self.grad_accum > 1 and self.max_tokens_per_micro_batch is not None:
-            raise ValueError("set grad_accum (micro-batches by count) or max_tokens_per_micro_batch (by tokens), "
-                             "not both")
-        return self
 
     @model_validator(mode="after")
     def _bapo_needs_ppo_clip(self) -> "TrainConfig":
@@ -531,6 +538,8 @@ class DemoConfig(Strict):
     train_prompts: int = Field(4096, ge=16)
     opd_prompts: int = Field(512, ge=16)
     test_prompts: int = Field(500, ge=16)
+    val_prompts: int = Field(200, ge=16, description="validation problems, disjoint from the train, OPD and test "
+                             "sets: the learning-rate sweep of `lopd ablate` reads them, never the test set")
     teacher: ModelShape = ModelShape()
     student: ModelShape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
     teacher_steps: int = Field(800, ge=1)
@@ -543,6 +552,15 @@ class DemoConfig(Strict):
                                        "so that its time to the top-k row's accuracy can be measured")
     pg_lr: float = Field(1e-4, gt=0, description="learning rate of the published Lightning OPD loss row (the "
                          "sampled-token policy gradient family); the top-k rows use train.optim.lr")
+    sft_lr: float = Field(3e-3, gt=0, description="learning rate of the SFT controls (SFT continued, the SFT curve), "
+                          "which train with the OPD rows' optimiser (train.optim) at this rate")
+    sft_curve: list[int] = Field([1, 2, 4, 8], min_length=1, description="the SFT control as a curve: teacher answers "
+                                 "per OPD prompt at each budget (the rollouts' samples per prompt is the budget of "
+                                 "the scoring pass); each point is SFT of the SFT student on those answers for OPD's "
+                                 "steps and batch")
+    threads: int = Field(1, ge=1, description="torch threads of every in-process stage, pinned and recorded in "
+                         "demo.json: the thread count changes float summation order, hence the results; 1 gives "
+                         "the same numbers on machines with any core count (and two seeds can run side by side)")
     seed: int = 0
 
 

@@ -38,18 +38,21 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def trained_models(tmp_path_factory, tiny_models) -> dict[str, Path]:
     """The tiny teacher after a short bootstrap on correct 2-digit solutions: a peaked, non-uniform teacher
     (a random-init teacher is near uniform, so distillation losses against it are ~0)."""
-    from pipeline.config import DemoConfig, OptimConfig
+    from pipeline.config import DemoConfig, OptimConfig, ScaleConfig
     from pipeline.demo.experiment import ground_truth_examples
     from pipeline.models import load_model, load_tokenizer
-    from pipeline.train.distributed import seed_everything
-    from pipeline.train.loop import sft_train
+    from pipeline.train.distributed import DistInfo, seed_everything
+    from pipeline.train.loop import train_in_process
+    from pipeline.train.objective import SftObjective
+    from pipeline.train.sources import ExampleBatches
     from pipeline.train.student import save_hf_model
 
     seed_everything(0)
     tok = load_tokenizer(tiny_models["teacher"])
     model = load_model(tiny_models["teacher"])
-    sft_train(model, ground_truth_examples(tok, DemoConfig(digits=2), "A", set(), seed=0), steps=60,
-              batch_size=32, optim=OptimConfig(lr=3e-3), pad_id=tok.pad_token_id, show_progress=False)
+    examples = ground_truth_examples(tok, DemoConfig(digits=2), "A", set(), seed=0)
+    train_in_process(model, ExampleBatches(examples, ScaleConfig(), 32, tok.pad_token_id, DistInfo()), SftObjective(),
+                     ScaleConfig(), OptimConfig(lr=3e-3), steps=60, log_every=20, show_progress=False)
     out = tmp_path_factory.mktemp("trained") / "teacher"
     save_hf_model(model, tok, out)
     return {"teacher": out, "student": tiny_models["student"]}

@@ -28,7 +28,8 @@ def test_default_rows_cover_every_method_and_base_loss():
 
     cfg = load_ablate_config(DEFAULT)
     run_cfg = RunConfig(run_dir=Path("/nonexistent"))
-    trains = {row: row_train_config(cfg, run_cfg, row, 0, Path("/nonexistent/ablate")) for row in cfg.rows}
+    swept = {"policy_gradient": 1e-4, "topk": 3e-4, "sft": 3e-3}  # what a sweep chose (run_lr_sweep)
+    trains = {row: row_train_config(cfg, run_cfg, row, 0, Path("/nonexistent/ablate"), swept) for row in cfg.rows}
     methods = {m for t in trains.values() for m, v in t.methods if v is not None}
     # a method that lands needs a row, or a line in not_compared saying why not
     assert methods | set(cfg.not_compared) == set(MethodsConfig.model_fields)
@@ -37,8 +38,9 @@ def test_default_rows_cover_every_method_and_base_loss():
     assert {"lightning", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "tvd_topk", "akl_topk",
             "alpha_topk"} <= losses
     assert {t.steps for t in trains.values()} == {cfg.steps}
-    # one learning rate per loss family, nothing tuned per row
+    # one learning rate per loss family (the sweep's), nothing tuned per row
     assert {(loss_family(t), t.optim.lr) for t in trains.values()} == {("policy_gradient", 1e-4), ("topk", 3e-4)}
+    assert set(cfg.lr_grid) == {"policy_gradient", "topk", "sft"} and all(len(g) >= 3 for g in cfg.lr_grid.values())
     assert trains["Lightning OPD (published loss)"].losses == {"lightning": 1.0}
     schedule = trains["PACED forward-then-reverse KL + weights"].loss_schedule
     assert [(p.until_step, p.losses) for p in schedule] == [(cfg.steps // 2, {"forward_kl_topk": 1.0})]
@@ -65,7 +67,8 @@ def test_tiny_ablation_writes_table_json_and_plot_then_reuses_rows(tmp_path):
     config = tmp_path / "ablate.yaml"
     config.write_text(yaml.safe_dump({
         "demo_config": str(REPO / "configs" / "demo.yaml"), "demo_set": TINY_WORLD, "run_dir": str(tmp_path / "demo"),
-        "seeds": [0], "steps": 3, "eval_prompts": 8, "pass_k": 4, "rows": {r: default["rows"][r] for r in rows}},
+        "seeds": [0], "steps": 3, "eval_prompts": 8, "pass_k": 4, "rows": {r: default["rows"][r] for r in rows},
+        "lr_grid": {"policy_gradient": [1e-4, 3e-4], "topk": [3e-4, 1e-3], "sft": [1e-3, 3e-3]}},
         sort_keys=False))
 
     result = json.loads(lopd("ablate", "-c", str(config), "--json", "-q").stdout)
@@ -78,8 +81,17 @@ def test_tiny_ablation_writes_table_json_and_plot_then_reuses_rows(tmp_path):
             assert all(math.isfinite(v) for v in row[metric].values()), (name, metric, row[metric])
         assert 0 <= row["accuracy"]["mean"] <= 1 and 0 <= row["pass@4"]["mean"] <= 1
         assert (row["train_seconds"]["mean"] > 0) == (name != "SFT student (start)")
-    assert result["rows"]["Lightning OPD (published loss)"]["lr"] == 1e-4
-    assert result["rows"]["PACED pass-rate weights (reverse_kl_topk)"]["lr"] == 3e-4
+    # the rates come from the sweep on the validation problems, run before the rows, one per family
+    sweep = result["lr_sweep"]
+    assert set(sweep) == {"policy_gradient", "topk", "sft"}
+    for family, grid in {"policy_gradient": [1e-4, 3e-4], "topk": [3e-4, 1e-3], "sft": [1e-3, 3e-3]}.items():
+        scores = sweep[family]["validation_accuracy"]
+        assert set(scores) == {f"{lr:g}" for lr in grid} and all(0 <= a <= 1 for a in scores.values())
+        assert scores[f"{sweep[family]['chosen']:g}"] == max(scores.values())
+    assert result["rows"]["Lightning OPD (published loss)"]["lr"] == sweep["policy_gradient"]["chosen"]
+    assert result["rows"]["PACED pass-rate weights (reverse_kl_topk)"]["lr"] == sweep["topk"]["chosen"]
+    val = json.loads(next(out.glob("lr-sweep/topk-*/eval-val/eval.json")).read_text())
+    assert val["greedy"]["prompts"] == 8  # validation problems, not the test set
     assert result["settings"]["eval_prompts"] == 8 and result["reused_cells"] == 0
     evaluated = json.loads(next(out.glob("paced-*/seed-0/eval/eval.json")).read_text())
     assert evaluated["greedy"]["prompts"] == 8 and evaluated["sampled"]["samples"] == 8 * 4

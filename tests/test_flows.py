@@ -206,6 +206,17 @@ def test_demo_flow_runs_each_step_as_a_task_and_equals_the_cli_demo(prefect_api,
     assert {"topk_opd", "lightning_published", "sft_opd_prompts"} <= set(report["accuracy"]) == set(report["labels"])
     assert [row for row, label in report["labels"].items() if "Lightning OPD" in label] == ["lightning_published"]
     assert report["budgets"]["sft_opd_prompts_teacher_answers"] == report["budgets"]["teacher_scored_rollouts"] > 0
+    # the SFT control is a curve of >= 3 teacher budgets; every row carries its teacher and student compute; the
+    # break-even against each OPD row; the machine record (threads pinned, deterministic, versions)
+    curve = report["sft_curve"]
+    assert len(curve) >= 3 and [p["teacher_answers"] for p in curve] == sorted(p["teacher_answers"] for p in curve)
+    assert all(report["compute"]["rows"][p["row"]]["teacher_decode_flops"] > 0 for p in curve)
+    for row in ("topk_opd", "lightning_published", "online_opd"):
+        cost = report["compute"]["rows"][row]
+        assert cost["teacher_prefill_flops"] > 0 and cost["teacher_decode_flops"] == 0 and cost["student_flops"] > 0
+        assert report["break_even"][row]["where"] in ("below", "within", "above")
+    assert report["machine"]["threads"] == 1 and report["machine"]["deterministic"]
+    assert {"transformers", "numpy"} <= set(report["machine"]["versions"]) and report["machine"]["cpu_capability"]
 
     again = run_demo(cfg, show_progress=False, print_table=False)
     trained = [s for s in steps if not s.startswith("eval_")]  # an eval always runs (greedy: same accuracy)

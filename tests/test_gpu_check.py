@@ -1,5 +1,6 @@
 """scripts/gpu-check.sh on tiny shapes on CPU (--cpu-smoke): the script that records the GPU figures keeps
-working between the sessions that have a GPU (training steps, micro-batch memory, vLLM scoring)."""
+working between the sessions that have a GPU (lopd train under torchrun with FSDP2, a token budget and a resume;
+training steps, micro-batch memory, the head's weight gradient, vLLM scoring)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["step_seconds"] > 0 for r in data["train"])
     assert len(data["micro_batch_8b"]) == 4 and all(r["loss_value"] > 0 for r in data["micro_batch_8b"])
     assert data["vllm"] and all(r["tokens_per_s"] > 0 for r in data["vllm"])
+    run = data["torchrun_train"]  # the users' path: torchrun, FSDP2, token budget, a DCP checkpoint resumed
+    assert run["nproc"] == 2 and run["final_model"] and [r["step"] for r in run["steps"]] == [1, 2, 3, 4]
+    assert all(r["loss/total"] > 0 and r["perf/tokens_per_s"] > 0 for r in run["steps"])
+    assert sum(r["micro/added"] for r in run["steps"]) > 0  # the ranks' micro-batch counts differed and agreed
+    assert data["head_weight_grad"]["two_step"]["seconds"] > 0 and data["head_weight_grad"]["fused"] is None
 
 
 def test_train_memory_bench_on_a_tiny_shape():

@@ -8,10 +8,14 @@ own process, so its peak memory is its own: peak RSS during the step minus RSS b
 ``max_memory_allocated`` minus memory before the step (on a GPU). Loss and gradients of the two paths are compared
 (gradients on every decoder parameter, and on 4,096 sampled rows of the LM head).
 
-``gpu_check`` (``scripts/gpu-check.sh``): bf16 + activation checkpointing on one GPU: a 1.7B-shaped student taking
-full optimiser steps (step time, tokens/s, MFU, peak memory), an 8B-shaped student's forward+backward of one
-4-sequence micro-batch (peak memory of activations + loss path), and vLLM scoring of an 8B-shaped teacher.
-``--cpu-smoke`` runs the same code on tiny shapes so that CI keeps it working.
+``gpu_check`` (``scripts/gpu-check.sh``): on one GPU, first the code path users run on an 8-GPU node: ``lopd train``
+under ``torchrun --nproc-per-node 1`` with FSDP2, bf16, activation checkpointing, variable-length rows and a token
+budget, a DCP checkpoint and a resume from it (a 1.7B-shaped student); then bf16 + activation checkpointing in one
+process: the 1.7B-shaped student taking full optimiser steps (step time, tokens/s, MFU, peak memory), an 8B-shaped
+student's forward+backward of one 4-sequence micro-batch (peak memory of activations + loss path), the head's
+weight-gradient accumulation before/after the fused addmm, and vLLM scoring of an 8B-shaped teacher in its own
+process. ``--cpu-smoke`` runs the same code on tiny shapes on CPU, the torchrun part on 2 gloo ranks (CI does).
+Model directories go to a temporary directory outside the output folder.
 """
 
 from __future__ import annotations
@@ -80,6 +84,68 @@ def synthetic_records(T: int, vocab: int, batch: int = 1, k: int = 20, prompt_le
     return records
 
 
+def ragged_records(min_len: int, max_len: int, vocab: int, n: int, k: int = 8, seed: int = 0):
+    """``n`` synthetic records whose lengths are spread over [min_len, max_len] (``synthetic_records`` of each
+    length): rows that ranks split into different numbers of micro-batches under a token budget."""
+    import dataclasses
+
+    import numpy as np
+
+    lengths = np.random.default_rng(seed).integers(min_len, max_len + 1, n)
+    return [dataclasses.replace(synthetic_records(int(T), vocab, 1, k=k, prompt_len=16, seed=seed + i)[0],
+                                prompt_id=str(i))
+            for i, T in enumerate(lengths)]
+
+
+def torchrun_train(shape: str, vocab: int, nproc: int, min_len: int, max_len: int, rows: int, batch: int,
+                   budget: int, precision: str, tmp: Path) -> dict[str, Any]:
+    """``lopd train`` under ``torchrun --nproc-per-node nproc``, FSDP2, activation checkpointing, a token budget, on
+    ragged synthetic rows: 2 steps with a DCP checkpoint, then a second launch that resumes from it to step 4. The
+    figures per step come from the run's own metrics (tokens/s, MFU, peak memory, micro-batches the ranks added to
+    agree)."""
+    import yaml
+
+    from pipeline.demo.world import build_tokenizer
+    from storage.codecs import encode_records
+    from storage.shardset import ShardSet
+
+    student = tmp / f"student-{shape}"
+    qwen3_model(shape, vocab).save_pretrained(student)
+    build_tokenizer().save_pretrained(student)
+    k = 8
+    shards = ShardSet.create(tmp / "topk", "teacher_topk", {"k": k, "vocab_size": vocab})
+    records = ragged_records(min_len, max_len, vocab, rows, k=k)
+    per_shard = max(1, rows // 4)
+    for i in range(0, rows, per_shard):
+        shards.write_shard(i // per_shard, encode_records(records[i:i + per_shard], "plain", k, vocab),
+                           row_group_size=1)
+    shards.finalize(expected_shards=-(-rows // per_shard))
+    out = tmp / "train"
+    cfg = {"run_dir": str(tmp), "train": {
+        "student": str(student), "shards": str(shards.root), "out": str(out),
+        "losses": {"reverse_kl_topk": 1.0, "lightning": 0.1}, "batch_size": batch, "fsdp": True,
+        "precision": precision, "activation_checkpointing": True, "max_tokens_per_micro_batch": budget,
+        "checkpoint_every": 2, "log_every": 1, "deterministic": False, "dist_timeout_minutes": 5}}
+    (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launches = []
+    for steps in (2, 4):
+        t0 = time.perf_counter()
+        res = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", str(nproc), "-m", "lopd.cli", "train",
+                              "-c", str(tmp / "run.yaml"), "-q", "--set", f"train.steps={steps}"],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if res.returncode != 0:
+            raise RuntimeError(f"torchrun lopd train (steps={steps}) failed:\n{res.stderr[-4000:]}")
+        launches.append(round(time.perf_counter() - t0, 1))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keep = ("step", "loss/total", "perf/tokens_per_s", "perf/mfu", "perf/peak_mem_gb", "perf/padding_frac",
+            "micro/per_rank", "micro/added", "micro/idle")
+    return {"shape": shape, "nproc": nproc, "rows_tokens": [min_len, max_len], "batch": batch, "budget": budget,
+            "precision": precision, "launch_seconds": launches, "resumed_from_step": 2,
+            "steps": [{key: m.get(key) for key in keep} for m in metrics],
+            "final_model": (out / "final" / "config.json").exists()}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -143,6 +209,51 @@ def run_case(T: int, loss: str, path: str, shape: str, vocab: int, out: Path, ch
     return result
 
 
+def bench_head_weight_grad(vocab: int = QWEN3_VOCAB, hidden: int = 4096, tokens: int = 2048,
+                           chunk_tokens: int | None = None, device: str | None = None, repeats: int = 3
+                           ) -> dict[str, Any]:
+    """The chunked head's weight-gradient accumulation (``head.accumulate_weight_grad``) over ``tokens`` tokens in
+    chunks, bf16 inputs into an fp32 V x H gradient: the two-step form (bf16 product, then an fp32 add) against the
+    fused ``addmm(out_dtype=float32)``, time and peak memory of each and the largest difference of the gradients.
+    The fused kernel exists on CUDA only: on CPU only the two-step form is measured."""
+    from pipeline.train.head import accumulate_weight_grad, default_chunk_tokens
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chunk = chunk_tokens or default_chunk_tokens(vocab)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    g_N_V = (torch.randn(tokens, vocab, device=dev, generator=gen) * 1e-3).to(torch.bfloat16)
+    h_N_H = torch.randn(tokens, hidden, device=dev, generator=gen).to(torch.bfloat16)
+    out: dict[str, Any] = {"vocab": vocab, "hidden": hidden, "tokens": tokens, "chunk_tokens": chunk,
+                           "device": str(dev)}
+    grads = {}
+    for fused in ([False, True] if dev.type == "cuda" else [False]):
+        grad_V_H = torch.zeros(vocab, hidden, dtype=torch.float32, device=dev)
+        times = []
+        for _ in range(repeats):
+            grad_V_H.zero_()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for start in range(0, tokens, chunk):
+                accumulate_weight_grad(grad_V_H, g_N_V[start:start + chunk], h_N_H[start:start + chunk], fused=fused)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        name = "fused" if fused else "two_step"
+        out[name] = {"seconds": round(min(times), 4),
+                     "peak_extra_gb": (round((torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
+                                             / 2**30, 3) if dev.type == "cuda" else None)}
+        grads[name] = grad_V_H
+    if "fused" in grads:
+        out["max_abs_diff"] = float((grads["fused"] - grads["two_step"]).abs().max())
+        out["max_abs"] = float(grads["two_step"].abs().max())
+        out["speedup"] = round(out["two_step"]["seconds"] / out["fused"]["seconds"], 2)
+    else:
+        out["fused"] = None
+    return out
+
+
 def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tuple[str, ...] = LOSSES,
                        shape: str = "bench-1024", vocab: int = QWEN3_VOCAB, max_full_tokens: int = 4096,
                        chunk_tokens: int | None = None) -> dict[str, Any]:
@@ -198,9 +309,12 @@ def bench_train_memory(lengths: tuple[int, ...] = (1024, 4096, 8192), losses: tu
 
     from pipeline.train.head import default_chunk_tokens
 
+    head_grad = (bench_head_weight_grad() if torch.cuda.is_available()
+                 else bench_head_weight_grad(vocab=vocab, hidden=256, tokens=4 * (chunk_tokens or 64),
+                                             chunk_tokens=chunk_tokens))
     return {"bench": "train-memory", "shape": shape, "vocab": vocab,
             "chunk_tokens": chunk_tokens or default_chunk_tokens(vocab),
-            "threads": torch.get_num_threads(), "cases": cases,
+            "threads": torch.get_num_threads(), "cases": cases, "head_weight_grad": head_grad,
             "chunked_peak_growth_longest_vs_shortest": growth("peak_bytes_chunked"),
             "chunked_ckpt_peak_growth_longest_vs_shortest": growth("peak_bytes_chunked_ckpt")}
 
@@ -212,9 +326,11 @@ def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: 
                  precision: str) -> dict[str, Any]:
     """Full optimiser steps of a random-init student on one device, the trainer's own step function."""
     from pipeline.config import TrainConfig
+    from pipeline.train.batching import prepare_step
     from pipeline.train.distributed import DistInfo
     from pipeline.train.loop import make_optimizer, train_step
     from pipeline.train.metrics import StepMeter, detect_peak_tflops
+    from pipeline.train.objective import OpdObjective
     from pipeline.train.student import count_flop_params, prepare_student
 
     dev = torch.device(device)
@@ -226,13 +342,7 @@ def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: 
     meter = StepMeter(count_flop_params(lm), 1, detect_peak_tflops(dev, precision))
     records = synthetic_records(T, vocab, batch)
 
-    class Fixed:  # the same records every step: this measures the step, not the data path
-        def next_records(self, n: int, parts: int):
-            return records
-
-        def state_dict(self):
-            return {}
-
+    micro_batches = prepare_step(records, cfg, 0)  # the same every step: this measures the step, not the data path
     from pipeline.progress import log
 
     times = []
@@ -240,7 +350,7 @@ def _train_steps(shape: str, T: int, loss: str, steps: int, device: str, vocab: 
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(student, opt, cfg, Fixed(), batch, 0, DistInfo(), dev, meter)
+        train_step(student, opt, OpdObjective(cfg), micro_batches, cfg, cfg.optim.grad_clip, DistInfo(), dev, meter)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -348,15 +458,25 @@ def gpu_check(out_dir: Path, cpu_smoke: bool = False, skip_vllm: bool = False) -
     if cpu_smoke:
         train_shape, big_shape, vocab, lengths, steps, batch = "tiny", "tiny", 1024, (128, 256), 2, 2
         vllm_args = dict(shape="tiny", T=128, n=4, ks=(4,), budgets=(256,))
+        torchrun_args = dict(shape="tiny", vocab=1024, nproc=2, min_len=20, max_len=128, rows=16, batch=8, budget=150,
+                             precision="fp32")
+        head_args = dict(vocab=1024, hidden=64, tokens=256, chunk_tokens=64)
     else:
         train_shape, big_shape, vocab, lengths, steps, batch = "qwen3-1.7b", "qwen3-8b", QWEN3_VOCAB, (4096, 8192), 4, 4
         vllm_args = dict(shape="qwen3-8b", T=6144, n=64, ks=(20, 128), budgets=(4096, 16384))
+        torchrun_args = dict(shape="qwen3-1.7b", vocab=QWEN3_VOCAB, nproc=1, min_len=1024, max_len=4096, rows=32,
+                             batch=8, budget=16384, precision="bf16")
+        head_args = dict(vocab=QWEN3_VOCAB, hidden=4096, tokens=2048)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if not cpu_smoke else "cpu (smoke test)",
-                              "torch": torch.__version__, "train": [], "micro_batch_8b": [], "vllm": []}
+                              "torch": torch.__version__, "torchrun_train": None, "train": [], "micro_batch_8b": [],
+                              "head_weight_grad": None, "vllm": []}
 
     def save() -> None:  # after every case, so a run cut short by its time limit still reports what it measured
         (out_dir / "gpu-check.json").write_text(json.dumps(result, indent=2))
 
+    with tempfile.TemporaryDirectory() as tmp:  # model dirs stay outside out_dir (what comes back is small)
+        result["torchrun_train"] = torchrun_train(tmp=Path(tmp), **torchrun_args)
+    save()
     for T in lengths:
         for loss in ("lightning", "reverse_kl_topk"):
             result["train"].append(_train_steps(train_shape, T, loss, steps, device, vocab, batch,
@@ -366,9 +486,14 @@ def gpu_check(out_dir: Path, cpu_smoke: bool = False, skip_vllm: bool = False) -
         for loss in ("lightning", "reverse_kl_topk"):
             result["micro_batch_8b"].append(_micro_batch_memory(big_shape, T, loss, device, vocab, 4))
             save()
-    if not skip_vllm:
-        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            result["vllm"] = _vllm_scoring(vocab=vocab, tmp=Path(tmp), cpu=cpu_smoke, **vllm_args)
+    result["head_weight_grad"] = bench_head_weight_grad(device=device, **head_args)
+    save()
+    if not skip_vllm:  # in its own process: its max_memory_allocated is vLLM's, not the trainer's above
+        with tempfile.TemporaryDirectory() as tmp:
+            args = json.dumps({**vllm_args, "vocab": vocab, "tmp": tmp, "cpu": cpu_smoke})
+            subprocess.run([sys.executable, "-m", "pipeline.bench.scale", "vllm", args, str(Path(tmp) / "vllm.json")],
+                           check=True)
+            result["vllm"] = json.loads((Path(tmp) / "vllm.json").read_text())
         save()
     return result
 
@@ -377,6 +502,12 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "case":
         T, loss, path, shape, vocab, out, chunk = argv[1:8]
         run_case(int(T), loss, path, shape, int(vocab), Path(out), int(chunk) or None)
+        return
+    if argv and argv[0] == "vllm":
+        args = json.loads(argv[1])
+        rows = _vllm_scoring(**{**args, "tmp": Path(args["tmp"]), "ks": tuple(args["ks"]),
+                                "budgets": tuple(args["budgets"])})
+        Path(argv[2]).write_text(json.dumps(rows))
         return
     import argparse
 

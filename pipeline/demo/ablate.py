@@ -9,8 +9,12 @@ and reuses its eval when the eval settings are unchanged. The world and stages 1
 rollouts, teacher shards) are the demo's (``pipeline.demo.demo_plan``), built when missing.
 
 No per-row tuning: every row trains with the demo's train settings, the ablation's step count, its seed, and the
-learning rate of its loss family (``lr``): ``policy_gradient`` for rows without a top-k loss (the published
-``lightning`` loss and the methods built on it), ``topk`` for rows with one.
+learning rate of its loss family: ``policy_gradient`` for rows without a top-k loss (the published ``lightning``
+loss and the methods built on it), ``topk`` for rows with one. The rates come from one sweep (``run_lr_sweep``), run
+before any row and recorded in the output: each family's reference run (``topk``: reverse_kl_topk; ``policy_gradient``:
+the published lightning loss; ``sft``: SFT on the teacher's answers to the OPD prompts, the demo's control) trains at
+every rate of ``lr_grid`` with seed ``sweep_seed`` and is scored by greedy accuracy on the validation problems (disjoint
+from the test set); the best rate is the family's. The same rule for every family, fixed before any row is looked at.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ from pipeline.train.checkpoint import run_fingerprint
 from pipeline.train.metrics import read_metrics
 
 STAGES_1_3 = ("teacher_sft_data", "sft", "rollouts", "teacher_logprobs")
+# each family's reference run in the learning-rate sweep
+FAMILIES = {"topk": "reverse_kl_topk", "policy_gradient": "Lightning OPD (published loss)",
+            "sft": "SFT on the teacher's answers to the OPD prompts"}
 
 
 class AblateConfig(Strict):
@@ -60,18 +67,22 @@ class AblateConfig(Strict):
     steps: int = Field(200, ge=1, description="optimiser steps of every row (the demo's OPD runs 400)")
     eval_prompts: int | None = Field(200, ge=1, description="the first N held-out prompts (null: all)")
     pass_k: int = Field(4, ge=1, description="answers sampled per prompt for pass@k (temperature 1)")
-    lr: dict[str, float] = Field(default_factory=lambda: {"policy_gradient": 1e-4, "topk": 3e-4},
-                                 description="one learning rate per loss family: policy_gradient, topk")
+    lr_grid: dict[str, list[float]] = Field(
+        default_factory=lambda: {"policy_gradient": [3e-5, 1e-4, 3e-4], "topk": [1e-4, 3e-4, 1e-3],
+                                 "sft": [3e-4, 1e-3, 3e-3]},
+        description="the learning rates the sweep tries per family (policy_gradient, topk, sft); each family's rows "
+                    "train at its best rate on the validation problems")
+    sweep_seed: int = Field(0, description="train.seed of the sweep's runs")
     rows: dict[str, list[str]] = Field(min_length=1, description="row name -> --set overrides of the train "
                                        "section; '{half_steps}' in a value becomes steps // 2")
     not_compared: dict[str, str] = Field(default_factory=dict, description="train.methods fields with no row -> "
                                          "why (listed under the table)")
 
-    @field_validator("lr")
+    @field_validator("lr_grid")
     @classmethod
-    def _families(cls, v: dict[str, float]) -> dict[str, float]:
-        if set(v) != {"policy_gradient", "topk"}:
-            raise ValueError(f"lr needs exactly the families policy_gradient and topk, got {sorted(v)}")
+    def _families(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        if set(v) != set(FAMILIES) or not all(v.values()) or min(min(g) for g in v.values()) <= 0:
+            raise ValueError(f"lr_grid needs a non-empty list of positive rates for each of {list(FAMILIES)}, got {v}")
         return v
 
     @field_validator("rows")
@@ -148,14 +159,15 @@ def row_overrides(cfg: AblateConfig, row: str) -> list[str]:
     return [o.replace("{half_steps}", str(max(cfg.steps // 2, 1))) for o in cfg.rows[row]]
 
 
-def row_train_config(cfg: AblateConfig, run_cfg: RunConfig, row: str, seed: int, root: Path) -> TrainConfig:
+def row_train_config(cfg: AblateConfig, run_cfg: RunConfig, row: str, seed: int, root: Path,
+                     lr_by_family: dict[str, float]) -> TrainConfig:
     """The train config of one row x seed: the demo's train section, the row's overrides, the ablation's steps,
-    the seed, the family's learning rate, and an output dir named after the row and a hash of its settings (a
-    changed row trains afresh instead of meeting its old checkpoints)."""
+    the seed, the family's learning rate (from the sweep), and an output dir named after the row and a hash of its
+    settings (a changed row trains afresh instead of meeting its old checkpoints)."""
     overrides = row_overrides(cfg, row)
     base = load_run_config(cfg.demo_config, [*cfg.demo_set, *overrides, f"train.steps={cfg.steps}",
                                              f"train.seed={seed}"], run_cfg.run_dir).stage("train")
-    lr = cfg.lr[loss_family(base)]
+    lr = lr_by_family[loss_family(base)]
     key = run_fingerprint({"overrides": overrides, "steps": cfg.steps, "lr": lr})[:8]
     return base.model_copy(update={"optim": base.optim.model_copy(update={"lr": lr}),
                                    "out": root / f"{_slug(row)}-{key}" / f"seed-{seed}" / "train"})
@@ -184,6 +196,44 @@ def train_seconds(train_out: Path) -> float:
                  ["perf/train_seconds"])
 
 
+def sweep_run_config(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, family: str, lr: float,
+                     root: Path) -> tuple[str, Any]:
+    """The stage and config of one sweep cell: the family's reference run at ``lr``, seed ``sweep_seed``, the
+    ablation's steps, in a directory keyed by its settings."""
+    key = run_fingerprint({"family": family, "lr": lr, "steps": cfg.steps, "seed": cfg.sweep_seed})[:8]
+    out = root / "lr-sweep" / f"{family}-{key}"
+    if family == "sft":  # the demo's SFT control: the teacher's answers to the OPD prompts, OPD's optimiser
+        base = plan.steps["sft_opd_prompts"].cfg
+        return "sft", base.model_copy(update={"steps": cfg.steps, "seed": cfg.sweep_seed, "out": out / "model",
+                                              "optim": base.optim.model_copy(update={"lr": lr})})
+    base = plan.steps["train_topk" if family == "topk" else "train_lightning_published"].cfg
+    return "train", base.model_copy(update={"steps": cfg.steps, "seed": cfg.sweep_seed, "out": out / "train",
+                                            "optim": base.optim.model_copy(update={"lr": lr})})
+
+
+def run_lr_sweep(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, root: Path, val_prompts: Path,
+                 show_progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Each family's rate: its reference run at every rate of ``lr_grid``, greedy accuracy on the validation
+    problems (``eval_prompts`` of them), the best rate chosen (ties: the smaller rate). Cells are reused like the
+    rows'."""
+    out: dict[str, dict[str, Any]] = {}
+    for family, grid in cfg.lr_grid.items():
+        if family == "sft":  # its data: the teacher's answers to the OPD prompts (the demo's step, reused when done)
+            run_demo_step(plan, "teacher_sft_data_sft_opd_prompts", show_progress)
+        scores: dict[str, float] = {}
+        for lr in sorted(grid):
+            stage, scfg = sweep_run_config(cfg, run_cfg, plan, family, lr, root)
+            log.info("ablate: learning-rate sweep, %s at %g", family, lr)
+            trained = registry.run_stage(stage, scfg, show_progress=show_progress)
+            model = scfg.out if stage == "sft" else scfg.out / "final"
+            result, _ = run_eval_once(eval_config(cfg, model, val_prompts, scfg.out.parent / "eval-val", cfg.sweep_seed,
+                                                  plan.demo.max_new_tokens), reuse=trained.skipped)
+            scores[f"{lr:g}"] = result["pass@1"]
+        best = max(sorted(grid), key=lambda lr: (scores[f"{lr:g}"], -lr))
+        out[family] = {"reference_run": FAMILIES[family], "validation_accuracy": scores, "chosen": best}
+    return out
+
+
 def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any]:
     """Every row x seed (train + eval), then the table, JSON and plot in ``<run_dir>/ablate/``."""
     started = time.perf_counter()
@@ -193,6 +243,9 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
     max_new = plan.demo.max_new_tokens
     pass_key = f"pass@{cfg.pass_k}"
     sft_dir = plan.steps["sft"].cfg.out
+    # the rates first, on the validation problems, before any row is trained or looked at
+    sweep = run_lr_sweep(cfg, run_cfg, plan, root, Path(plan.test_prompts).with_name("val.jsonl"), show_progress)
+    lr_by_family = {family: entry["chosen"] for family, entry in sweep.items()}
 
     rows: dict[str, dict[str, Any]] = {}
     # the starting point, with the same eval settings (no training)
@@ -207,13 +260,14 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
     # seed-major: an interrupted run has whole seeds of every row done, and its rerun reuses them
     cells = [(row, seed) for seed in cfg.seeds for row in cfg.rows]
     for i, (row, seed) in enumerate(cells, 1):
-        tcfg = row_train_config(cfg, run_cfg, row, seed, root)
+        tcfg = row_train_config(cfg, run_cfg, row, seed, root, lr_by_family)
         log.info("ablate [%d/%d]: %s, seed %d", i, len(cells), row, seed)
         trained = registry.run_stage("train", tcfg, show_progress=show_progress)
         ecfg = eval_config(cfg, tcfg.out / "final", plan.test_prompts, tcfg.out.parent / "eval", seed, max_new)
         result, eval_reused = run_eval_once(ecfg, reuse=trained.skipped)
         entry = rows.setdefault(row, {"overrides": row_overrides(cfg, row), "family": loss_family(tcfg),
-                                      "lr": tcfg.optim.lr, "dir": str(tcfg.out.parent.parent), "seeds": {}})
+                                      "lr": tcfg.optim.lr, "lr_from": f"sweep ({loss_family(tcfg)} family)",
+                                      "dir": str(tcfg.out.parent.parent), "seeds": {}})
         entry["seeds"][str(seed)] = {"accuracy": result["pass@1"], pass_key: result[pass_key],
                                      "train_seconds": round(train_seconds(tcfg.out), 2),
                                      "reused": trained.skipped and eval_reused}
@@ -224,9 +278,11 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
 
     n_test = len(load_prompts(plan.test_prompts))
     result = {
+        "lr_sweep": sweep,
         "rows": rows,
         "settings": {"steps": cfg.steps, "seeds": cfg.seeds, "eval_prompts": min(cfg.eval_prompts or n_test, n_test),
-                     "held_out_prompts": n_test, "pass_k": cfg.pass_k, "lr": cfg.lr,
+                     "held_out_prompts": n_test, "pass_k": cfg.pass_k, "lr": lr_by_family,
+                     "sweep_seed": cfg.sweep_seed,
                      "demo_train_steps": plan.steps["train_topk"].cfg.steps,
                      "batch_size": plan.steps["train_topk"].cfg.batch_size, "demo_config": str(cfg.demo_config),
                      "demo_set": cfg.demo_set},
@@ -262,9 +318,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"{st['batch_size']} rollouts per row (the demo's OPD runs {st['demo_train_steps']}); seeds "
         f"{', '.join(map(str, st['seeds']))} (the train seed); greedy accuracy and {pass_key} ({st['pass_k']} "
         f"answers sampled at temperature 1) on the first {st['eval_prompts']} of {st['held_out_prompts']} held-out "
-        f"prompts; learning rate per loss family: policy gradient {st['lr']['policy_gradient']:g}, top-k "
-        f"{st['lr']['topk']:g}. Each cell: mean [min, max] over the seeds. Wall time {result['wall_seconds']:.0f} s "
+        f"prompts; learning rate per loss family from the sweep below: policy gradient "
+        f"{st['lr']['policy_gradient']:g}, top-k {st['lr']['topk']:g} (SFT {st['lr']['sft']:g}, the demo's "
+        f"controls). Each cell: mean [min, max] over the seeds. Wall time {result['wall_seconds']:.0f} s "
         f"({result['reused_cells']} row x seed runs reused).",
+        "",
+        "Learning-rate sweep (before any row; one rule for every family): each family's reference run, seed "
+        f"{st['sweep_seed']}, {st['steps']} steps, greedy accuracy on {st['eval_prompts']} validation problems "
+        "(disjoint from the test set); the best rate is the family's.",
+        "",
+        *[f"- {family} ({e['reference_run']}): validation accuracy "
+          + ", ".join(f"{acc:.3f} at lr {lr}" for lr, acc in e["validation_accuracy"].items())
+          + f"; chosen **{e['chosen']:g}**" for family, e in result["lr_sweep"].items()],
         "",
         *[f"Not compared: `{m}`: {why}" for m, why in result["not_compared"].items()],
         "",

@@ -19,6 +19,7 @@ calls them in order for the CLI, and the ``lightning-opd`` flow calls each as a 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,10 +35,13 @@ from pipeline.config import (
     LightningLossConfig,
     OnlineConfig,
     RunConfig,
+    ScaleConfig,
     SftConfig,
     TeacherSftDataConfig,
     TrainConfig,
 )
+from pipeline.demo import compute
+from pipeline.demo.compute import Cost
 from pipeline.demo.world import make_models
 from pipeline.engines.hf import HFEngine
 from pipeline.fingerprint import read_provenance
@@ -47,21 +51,26 @@ from pipeline.prompts import PromptRecord, load_prompts, write_prompts_jsonl
 from pipeline.stages import registry
 from pipeline.stages.common import StageResult
 from pipeline.stages.evaluate import evaluate, markdown_table
+from pipeline.stages.train import run_online_train, run_train
 from pipeline.tasks import arithmetic
 from pipeline.train.checkpoint import run_fingerprint
-from pipeline.train.distributed import seed_everything
-from pipeline.train.loop import sft_train
+from pipeline.train.distributed import DistInfo, seed_everything
+from pipeline.train.loop import train_in_process
 from pipeline.train.metrics import read_metrics
-from pipeline.train.student import save_hf_model
+from pipeline.train.objective import SftObjective
+from pipeline.train.sources import ExampleBatches
+from pipeline.train.student import count_flop_params, save_hf_model
 
 # --- the world ------------------------------------------------------------------------------------
 
 
 def write_demo_prompts(out: Path, demo: DemoConfig) -> dict[str, Path]:
-    """train (teacher SFT data), opd (rollouts) and test prompts: three disjoint sets of problems."""
+    """train (teacher SFT data), opd (rollouts), test and val (the learning-rate sweep) prompts: four disjoint sets of
+    problems."""
     out = Path(out)
-    paths = {name: out / f"{name}.jsonl" for name in ("train", "opd", "test")}
-    spec = {k: getattr(demo, k) for k in ("digits", "train_prompts", "opd_prompts", "test_prompts", "seed")}
+    paths = {name: out / f"{name}.jsonl" for name in ("train", "opd", "test", "val")}
+    spec = {k: getattr(demo, k) for k in ("digits", "train_prompts", "opd_prompts", "test_prompts", "val_prompts",
+                                          "seed")}
     spec_file = out / "spec.json"
     if all(p.exists() for p in paths.values()) and spec_file.exists() and json.loads(spec_file.read_text()) == spec:
         return paths
@@ -71,7 +80,9 @@ def write_demo_prompts(out: Path, demo: DemoConfig) -> dict[str, Path]:
                                      prefix="train-")
     used |= {(p.a, p.b) for p in train}
     opd = arithmetic.make_problems(demo.opd_prompts, demo.digits, seed=demo.seed + 303, exclude=used, prefix="opd-")
-    for name, problems in (("train", train), ("opd", opd), ("test", test)):
+    used |= {(p.a, p.b) for p in opd}
+    val = arithmetic.make_problems(demo.val_prompts, demo.digits, seed=demo.seed + 404, exclude=used, prefix="val-")
+    for name, problems in (("train", train), ("opd", opd), ("test", test), ("val", val)):
         write_prompts_jsonl([PromptRecord(p.id, p.prompt, p.answer) for p in problems], paths[name])
     spec_file.write_text(json.dumps(spec))
     return paths
@@ -106,9 +117,11 @@ def bootstrap_teacher(init_dir: Path, out: Path, style: str, demo: DemoConfig, t
     model = load_model(init_dir)
     exclude = {(int(p.prompt.split("+")[0]), int(p.prompt.split("+")[1].rstrip("="))) for p in test_prompts}
     t0 = time.perf_counter()
-    sft_train(model, ground_truth_examples(tokenizer, demo, style, exclude, demo.seed + ord(style)),
-              steps=demo.teacher_steps, batch_size=demo.teacher_batch_size, optim=demo.teacher_optim,
-              pad_id=tokenizer.pad_token_id, description=f"bootstrap teacher {style}", show_progress=show_progress)
+    scale = ScaleConfig()  # one process, fp32, one micro-batch per step
+    examples = ground_truth_examples(tokenizer, demo, style, exclude, demo.seed + ord(style))
+    source = ExampleBatches(examples, scale, demo.teacher_batch_size, tokenizer.pad_token_id, DistInfo())
+    train_in_process(model, source, SftObjective(), scale, demo.teacher_optim, steps=demo.teacher_steps, log_every=20,
+                     description=f"bootstrap teacher {style}", show_progress=show_progress, loss_key="loss/sft")
     seconds = time.perf_counter() - t0
     acc = evaluate(HFEngine(str(init_dir), EngineConfig(batch_size=512), model=model), tokenizer, test_prompts,
                    checker="arithmetic", max_new_tokens=demo.max_new_tokens)["pass@1"]
@@ -213,6 +226,7 @@ class DemoPlan:
     steps: dict[str, DemoStep]
     evals: dict[str, str]  # row of the accuracy table -> its eval step
     labels: dict[str, str]  # row -> what it is, for tables and plots
+    sft_curve: dict[str, int]  # row of the SFT curve -> teacher answers per OPD prompt
 
 
 def published_lightning_config(train_cfg: TrainConfig, lr: float, out: Path) -> TrainConfig:
@@ -236,10 +250,32 @@ def loss_label(cfg: TrainConfig) -> str:
     return f"lopd top-k{tail} ({terms})"
 
 
+def pin_machine(demo: DemoConfig) -> dict[str, Any]:
+    """Pin what changes the demo's float results on a CPU and record it: torch threads (``demo.threads``),
+    deterministic algorithms in every stage of this process; returns the record for demo.json (threads, torch and
+    its CPU kernel level, the CPU, library versions). Results still differ across CPUs whose kernels differ (the
+    capability and the CPU model say which; docs/demo.md)."""
+    import platform
+    from importlib.metadata import version
+
+    torch.set_num_threads(demo.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = ([line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+               if line.startswith("model name")] if cpuinfo.exists() else [])
+    cpu = models[0] if models else platform.processor()
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "versions": {name: version(name) for name in ("transformers", "numpy", "pyarrow", "tokenizers")}}
+
+
 def demo_world(cfg: RunConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Step 1: prompt files, models and the two bootstrapped teachers (A and B), reused when complete."""
+    """Step 1: the machine pinned and recorded (``pin_machine``), prompt files, models and the two bootstrapped
+    teachers (A and B), reused when complete."""
     t0 = time.perf_counter()
-    world = ensure_world(cfg, ("A", "B"), show_progress)
+    machine = pin_machine(cfg.demo())
+    world = {**ensure_world(cfg, ("A", "B"), show_progress), "machine": machine}
     world["seconds"] = round(time.perf_counter() - t0, 2)
     _keep_timing(Path(cfg.run_dir), "world", world["seconds"])
     return world
@@ -265,16 +301,22 @@ def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
                           use_chat_template=roll_cfg.use_chat_template)
     train_online = train_cfg.model_copy(update={"online": online, "out": ablations / "train_online",
                                                 "steps": int(train_cfg.steps * demo.online_steps_factor)})
-    # (c) control: SFT continued on the teacher's data for the same number of steps
+    # (c) control: SFT continued on the teacher's data for OPD's steps and batch, with OPD's optimiser at the SFT
+    # family's rate (demo.sft_lr): the controls differ from the OPD rows in their data and loss, nothing else
     control = sft_cfg.model_copy(update={"student": sft_cfg.out, "out": ablations / "sft_continued",
-                                         "steps": train_cfg.steps, "batch_size": train_cfg.batch_size})
-    # (e) control: the teacher answers the OPD prompts (n answers each, n = the rollouts' samples per prompt: as
-    # many teacher calls as the scoring pass), the SFT student learns them for OPD's steps and batch
+                                         "steps": train_cfg.steps, "batch_size": train_cfg.batch_size,
+                                         "optim": train_cfg.optim.model_copy(update={"lr": demo.sft_lr})})
+    # (e) the SFT curve: the teacher answers the OPD prompts n times each for each n of demo.sft_curve, and the SFT
+    # student learns those answers for OPD's steps and batch. The point with n = the rollouts' samples per prompt
+    # (row sft_opd_prompts) makes as many teacher calls as the scoring pass; each costs a decode, not a prefill.
     tsd_cfg: TeacherSftDataConfig = cfg.stage("teacher_sft_data")
-    tsd_opd = tsd_cfg.model_copy(update={
-        "prompts": roll_cfg.prompts, "limit": roll_cfg.limit, "out": ablations / "teacher_sft_data_opd_prompts",
-        "sampling": tsd_cfg.sampling.model_copy(update={"n": roll_cfg.sampling.n})})
-    sft_opd = control.model_copy(update={"data": tsd_opd.out, "out": ablations / "sft_opd_prompts"})
+    curve: dict[str, tuple[int, TeacherSftDataConfig, SftConfig]] = {}
+    for n in demo.sft_curve:
+        row = "sft_opd_prompts" if n == roll_cfg.sampling.n else f"sft_opd_prompts_x{n}"
+        tsd_n = tsd_cfg.model_copy(update={
+            "prompts": roll_cfg.prompts, "limit": roll_cfg.limit, "out": ablations / f"teacher_sft_data_{row}",
+            "sampling": tsd_cfg.sampling.model_copy(update={"n": n})})
+        curve[row] = (n, tsd_n, control.model_copy(update={"data": tsd_n.out, "out": ablations / row}))
     steps = {
         "teacher_sft_data": DemoStep("teacher_sft_data", tsd_cfg), "sft": DemoStep("sft", sft_cfg),
         "rollouts": DemoStep("rollouts", roll_cfg), "teacher_logprobs": DemoStep("teacher_logprobs", tl_cfg),
@@ -284,29 +326,30 @@ def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
         "train_inconsistent": DemoStep("train", train_b),
         "train_online": DemoStep("train", train_online),
         "sft_continued": DemoStep("sft", control),
-        "teacher_sft_data_opd_prompts": DemoStep("teacher_sft_data", tsd_opd),
-        "sft_opd_prompts": DemoStep("sft", sft_opd),
+        **{step: DemoStep(stage, c) for row, (_, tsd_n, sft_n) in curve.items()
+           for step, stage, c in ((f"teacher_sft_data_{row}", "teacher_sft_data", tsd_n), (row, "sft", sft_n))},
     }
     # eval everything on the full held-out set
     models = {"teacher": world["teachers"]["A"]["dir"], "teacher_B": world["teachers"]["B"]["dir"],
               "sft": sft_cfg.out, "topk_opd": train_cfg.out / "final",
               "lightning_published": train_pub.out / "final",
               "inconsistent_teacher": train_b.out / "final", "online_opd": train_online.out / "final",
-              "sft_continued": control.out, "sft_opd_prompts": sft_opd.out}
+              "sft_continued": control.out, **{row: sft_n.out for row, (_, _, sft_n) in curve.items()}}
     topk = loss_label(train_cfg)
     labels = {"teacher": "teacher A", "teacher_B": "teacher B (other style)", "sft": "SFT student",
               "topk_opd": f"{topk}, offline", "lightning_published": loss_label(train_pub) + ", offline",
               "inconsistent_teacher": f"{topk}, shards scored by teacher B (inconsistent teacher)",
               "online_opd": f"online OPD, {topk}, live teacher",
               "sft_continued": "SFT continued on the teacher's SFT answers (control)",
-              "sft_opd_prompts": "SFT on teacher answers to the OPD prompts (control)"}
+              **{row: f"SFT on teacher answers to the OPD prompts, {n} per prompt (control)"
+                 for row, (n, _, _) in curve.items()}}
     for name, model_dir in models.items():
         steps[f"eval_{name}"] = DemoStep("eval", EvalConfig(
             model=model_dir, prompts=world["prompts"]["test"], out=Path(cfg.run_dir) / "eval" / name,
             max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512)))
     return DemoPlan(run_dir=Path(cfg.run_dir), demo=demo, probe_model=sft_cfg.out,
                     test_prompts=world["prompts"]["test"], steps=steps, evals={m: f"eval_{m}" for m in models},
-                    labels=labels)
+                    labels=labels, sft_curve={row: n for row, (n, _, _) in curve.items()})
 
 
 def run_demo_step(plan: DemoPlan, name: str, show_progress: bool = True) -> StageResult:
@@ -315,8 +358,6 @@ def run_demo_step(plan: DemoPlan, name: str, show_progress: bool = True) -> Stag
     step = plan.steps[name]
     t0 = time.perf_counter()
     if step.stage == "train":
-        from pipeline.stages.train import run_online_train, run_train
-
         probe_prompts = load_prompts(plan.test_prompts)[: plan.demo.probe_prompts]
         probe = accuracy_probe(plan.probe_model, probe_prompts, plan.demo.max_new_tokens)
         train = run_train if step.cfg.online is None else run_online_train
@@ -336,6 +377,65 @@ def _keep_timing(run_dir: Path, name: str, seconds: float) -> None:
     timings = json.loads(path.read_text()) if path.exists() else {}
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**timings, name: seconds}, indent=2))
+
+
+def demo_costs(plan: DemoPlan, world: dict[str, Any], timings: dict[str, float]) -> tuple[Cost, dict[str, Cost]]:
+    """What every row cost beyond the shared start, and the shared start (the teacher's SFT answers and the SFT
+    student), in FLOPs and seconds (``compute``): the offline rows pay the rollouts and one scoring pass (shared by
+    the rows that read the same shards, counted in each), online OPD its sampling and scoring every step, the SFT
+    curve the teacher's answers. Seconds are each stage's own when it ran (probes excluded)."""
+    steps = plan.steps
+    p_teacher = count_flop_params(load_model(world["teachers"]["A"]["dir"]))
+    p_student = count_flop_params(load_model(steps["sft"].cfg.student))
+
+    def sft_train(step: str) -> Cost:
+        out = steps[step].cfg.out
+        return compute.training_cost(out.with_name(out.name + "_logs") / "metrics.jsonl", p_student)
+
+    def opd_train(step: str) -> Cost:
+        return compute.training_cost(steps[step].cfg.out / "metrics.jsonl", p_student)
+
+    roll_out, topk_out = steps["rollouts"].cfg.out, steps["teacher_logprobs"].cfg.out
+    precompute = (compute.rollouts_cost(roll_out, p_student, timings.get("rollouts", 0.0))
+                  + compute.scoring_cost(topk_out, p_teacher, timings.get("teacher_logprobs", 0.0)))
+    shared = (compute.answers_cost(steps["teacher_sft_data"].cfg.out, p_teacher, timings.get("teacher_sft_data", 0.0))
+              + sft_train("sft"))
+    costs = {"topk_opd": precompute + opd_train("train_topk"),
+             "lightning_published": precompute + opd_train("train_lightning_published"),
+             "inconsistent_teacher": (compute.rollouts_cost(roll_out, p_student, timings.get("rollouts", 0.0))
+                                      + compute.scoring_cost(steps["teacher_logprobs_B"].cfg.out, p_teacher,
+                                                             timings.get("teacher_logprobs_B", 0.0))
+                                      + opd_train("train_inconsistent")),
+             "online_opd": compute.online_cost(steps["train_online"].cfg.out / "metrics.jsonl", p_teacher, p_student),
+             "sft_continued": sft_train("sft_continued")}
+    for row in plan.sft_curve:
+        step = f"teacher_sft_data_{row}"
+        costs[row] = compute.answers_cost(steps[step].cfg.out, p_teacher, timings.get(step, 0.0)) + sft_train(row)
+    return shared, costs
+
+
+def plot_teacher_compute(curve: list[tuple[float, float]], points: dict[str, tuple[float, float]], out: Path) -> Path:
+    """Accuracy against the teacher's FLOPs beyond the shared start: the SFT curve and the OPD rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs, ys = zip(*sorted(curve))
+    ax.plot(xs, ys, marker="o", label="SFT on teacher answers to the OPD prompts (1, 2, 4, 8 per prompt)")
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y], s=60, marker="*", label=label, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("teacher FLOPs beyond the shared start (answers: decode; OPD: one scoring prefill)")
+    ax.set_ylabel("greedy accuracy (held-out)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageResult],
@@ -367,7 +467,14 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
     t_on = time_to_accuracy(online_curve, target) if target is not None else None
     online_total = online_curve[-1][1]
     labels = plan.labels
+    shared, costs = demo_costs(plan, world, timings)
+    accuracy = {row: evals[row]["pass@1"] for row in plan.evals}
+    curve = [(costs[row].teacher_flops, accuracy[row]) for row in plan.sft_curve]
+    opd_rows = ("topk_opd", "lightning_published", "online_opd")
     plots = {
+        "accuracy_vs_teacher_compute": str(plot_teacher_compute(
+            curve, {labels[row]: (costs[row].teacher_flops, accuracy[row]) for row in opd_rows},
+            run_dir / "demo_teacher_compute.png")),
         "accuracy_vs_time": str(plot_demo({
             labels["topk_opd"]: (offline_curve, precompute),
             labels["lightning_published"]: (published_curve, precompute),
@@ -378,8 +485,18 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
         "online_training_curves": str(train_online.out / "curves.png"),
     }
     result = {
-        "accuracy": {row: evals[row]["pass@1"] for row in plan.evals},
+        "accuracy": accuracy,
         "labels": labels,
+        "compute": {"shared_start": shared.to_dict(), "rows": {row: c.to_dict() for row, c in costs.items()}},
+        "sft_curve": [{"row": row, "answers_per_prompt": n,
+                       "teacher_answers": _rows(results[f"teacher_sft_data_{row}"]),
+                       "teacher_flops": costs[row].to_dict()["teacher_flops"],
+                       "teacher_seconds": costs[row].to_dict()["teacher_seconds"], "accuracy": accuracy[row]}
+                      for row, n in plan.sft_curve.items()],
+        # the teacher FLOPs at which the SFT curve reaches each OPD row's accuracy, beside what that row's teacher used
+        "break_even": {row: {**compute.break_even(curve, accuracy[row]), "accuracy": accuracy[row],
+                             "opd_teacher_flops": costs[row].to_dict()["teacher_flops"]} for row in opd_rows},
+        "machine": world["machine"],
         "time_to_accuracy": {
             "target_probe_accuracy": target,  # times rounded: the sum of floats prints as 11.722000000000001
             "offline_seconds": None if t_off is None else round(t_off, 2),
@@ -396,7 +513,7 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
         "budgets": {"offline_steps": train_cfg.steps, "online_steps": train_online.steps,
                     "sft_continued_steps": control.steps, "batch_size": train_cfg.batch_size,
                     "topk_lr": train_cfg.optim.lr, "lightning_published_lr": train_pub.optim.lr,
-                    "sft_opd_prompts_teacher_answers": _rows(results["teacher_sft_data_opd_prompts"]),
+                    "sft_opd_prompts_teacher_answers": _rows(results["teacher_sft_data_sft_opd_prompts"]),
                     "teacher_scored_rollouts": _rows(results["rollouts"])},
         "wall_seconds": {**wall, "total": round(time.perf_counter() - started, 2)},
         "reused_stages": reused,
@@ -431,8 +548,38 @@ def _rows(result: StageResult) -> int | None:
     return result.summary.get("kept", result.summary.get("rows"))
 
 
+def compute_table(result: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """Rows of (label, accuracy, teacher FLOPs, teacher s, student FLOPs, student s) for every row, its cost
+    beyond the shared start (teacher answers for SFT, the SFT student): the table of the demo and its README."""
+    rows = []
+    for row, acc in result["accuracy"].items():
+        c = result["compute"]["rows"].get(row)
+        cost = ((f"{c['teacher_flops']:.2e}", f"{c['teacher_seconds']:.1f}", f"{c['student_flops']:.2e}",
+                 f"{c['student_seconds']:.1f}") if c else ("-", "-", "-", "-"))
+        rows.append((result["labels"].get(row, row), f"{acc:.3f}", *cost))
+    return rows
+
+
+def break_even_lines(result: dict[str, Any]) -> list[str]:
+    """The break-even of the SFT curve against each OPD row, in words."""
+    out = []
+    largest = max(point["teacher_flops"] for point in result["sft_curve"])
+    for row, b in result["break_even"].items():
+        sft = {"below": f"already matched at the curve's smallest budget ({b['teacher_flops']:.2e} teacher FLOPs)",
+               "within": f"matched at {b['teacher_flops'] or 0:.2e} teacher FLOPs",
+               "above": f"not reached within the budgets measured (up to {largest:.2e} teacher FLOPs)"}[b["where"]]
+        out.append(f"{result['labels'][row]}: {b['accuracy']:.3f} with {b['opd_teacher_flops']:.2e} teacher FLOPs; "
+                   f"by SFT on teacher answers: {sft}")
+    return out
+
+
 def _markdown(result: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:
-    lines = ["# lopd demo", "", markdown_table(evals), "", "## Time to the top-k row's final probe accuracy", "",
+    lines = ["# lopd demo", "", markdown_table(evals), "",
+             "## Compute beyond the shared start (teacher answers for SFT + the SFT student)", "",
+             "| row | accuracy | teacher FLOPs | teacher s | student FLOPs | student s |", "|---|---|---|---|---|---|",
+             *[f"| {' | '.join(r)} |" for r in compute_table(result)], "",
+             "## Break-even of the SFT curve", "", *[f"- {line}" for line in break_even_lines(result)], "",
+             "## Time to the top-k row's final probe accuracy", "",
              "```json", json.dumps(result["time_to_accuracy"], indent=2), "```", "",
              "## Wall seconds per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in result["wall_seconds"].items()]
@@ -443,16 +590,19 @@ def print_demo_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="lopd demo: greedy accuracy on held-out problems")
+    table = Table(title="lopd demo: greedy accuracy on held-out problems, compute beyond the shared SFT start")
     table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    for name, acc in result["accuracy"].items():
-        table.add_row(result["labels"].get(name, name), f"{acc:.3f}")
+    for column in ("accuracy", "teacher FLOPs", "teacher s", "student FLOPs", "student s"):
+        table.add_column(column, justify="right")
+    for row in compute_table(result):
+        table.add_row(*row)
     console = Console()
     console.print(table)
+    for line in break_even_lines(result):
+        console.print(line)
     tta = result["time_to_accuracy"]
     console.print(f"time to the top-k row's final probe accuracy {tta['target_probe_accuracy']}: offline "
                   f"{tta['offline_seconds']} s (incl. {tta['offline_precompute_seconds']} s rollouts+scoring), "
                   f"online {tta['online_seconds']} s -> speed-up {tta['speedup'] or tta['speedup_lower_bound']}")
     console.print(f"total {result['wall_seconds']['total']} s; reused: {', '.join(result['reused_stages']) or 'none'}")
-    console.print(f"results: {result['run_dir']}/demo.json, demo.md, demo_accuracy.png")
+    console.print(f"results: {result['run_dir']}/demo.json, demo.md, demo_accuracy.png, demo_teacher_compute.png")

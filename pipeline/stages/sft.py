@@ -20,8 +20,10 @@ from pipeline.stages.common import StageResult, require_model_dir, require_shard
 from pipeline.train import checkpoint
 from pipeline.train.batching import Example
 from pipeline.train.distributed import seed_everything, setup_distributed
-from pipeline.train.loop import sft_train
+from pipeline.train.loop import CheckpointPlan, check_launch, run_loop, start_run
 from pipeline.train.metrics import MetricsWriter, plot_metrics
+from pipeline.train.objective import SftObjective
+from pipeline.train.sources import ExampleBatches
 from pipeline.train.student import load_student, prepare_student, save_trained_model
 from storage.errors import LopdUserError
 from storage.shardset import ShardSet
@@ -58,8 +60,8 @@ def iter_shard_examples(shardset: ShardSet, seed: int, max_seq_len: int | None =
 
 
 # Settings that do not change what a run computes: paths, logging and checkpoint cadence, how it is launched.
-_NOT_IN_RUN_KEY = ({"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints"}
-                   | SftConfig.EXECUTION_ONLY)
+_NOT_IN_RUN_KEY = ({"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
+                    "deterministic"} | SftConfig.EXECUTION_ONLY)
 
 
 def sft_identity(cfg: SftConfig, teacher_fp: str | None, base_fp: str, data_manifest: dict) -> dict:
@@ -83,28 +85,29 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
         log.info("sft: %s is complete (same data, base model and config); nothing to do", cfg.out)
         return StageResult("sft", cfg.out, skipped=True, summary={"sft_teacher_fingerprint": teacher_fp})
     info = setup_distributed(cfg.dist_timeout_minutes)
-    if cfg.batch_size % info.world_size:
-        raise LopdUserError(f"sft.batch_size={cfg.batch_size} must be a multiple of the world size {info.world_size}")
-    seed_everything(cfg.seed)
+    check_launch(cfg, info, field="sft")
+    if cfg.batch_size % (info.world_size * cfg.grad_accum):
+        raise LopdUserError(f"sft.batch_size={cfg.batch_size} must be a multiple of grad_accum × world size "
+                            f"= {cfg.grad_accum} × {info.world_size}")
+    seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = load_tokenizer(cfg.student)
     lm = load_student(cfg.student, info, fsdp=cfg.fsdp, attn_implementation=cfg.attn_implementation)
     model = prepare_student(lm, info, fsdp=cfg.fsdp, precision=cfg.precision,
                             activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
     logs = cfg.out.with_name(cfg.out.name + "_logs")
-    ckpt_root = logs / "ckpt"
-    metrics = MetricsWriter(logs / "metrics.jsonl", enabled=info.is_main, resume_step=checkpoint.latest_step(ckpt_root))
+    # the SFT stream's position is global (steps x batch size): its checkpoints resume under another world size
+    ckpt = CheckpointPlan(logs / "ckpt", cfg.checkpoint_every, cfg.keep_checkpoints, run_key, at_end=False)
+    run = start_run(model, info, cfg, cfg.optim, cfg.steps, ckpt, what="SFT")
+    metrics = MetricsWriter(logs / "metrics.jsonl", enabled=info.is_main, resume_step=run.start_step)
+    source = ExampleBatches(iter_shard_examples(data, cfg.seed, cfg.max_seq_len, cfg.overlong), cfg, cfg.batch_size,
+                            tokenizer.pad_token_id, info, start_step=run.start_step)
     with timed() as t:
-        last = sft_train(model, iter_shard_examples(data, cfg.seed, cfg.max_seq_len, cfg.overlong), steps=cfg.steps,
-                         batch_size=cfg.batch_size, optim=cfg.optim, pad_id=tokenizer.pad_token_id, metrics=metrics,
-                         log_every=cfg.log_every, show_progress=show_progress, ckpt_root=ckpt_root,
-                         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                         run_key=run_key, info=info, fsdp=cfg.fsdp, precision=cfg.precision,
-                         max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
-                         logits_chunk_tokens=cfg.logits_chunk_tokens, peak_tflops=cfg.peak_tflops,
-                         packing=cfg.packing)
-    save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, cfg.out, provenance)
+        last, _ = run_loop(run, SftObjective(cfg.logits_chunk_tokens, cfg.packing), source, cfg, steps=cfg.steps,
+                           grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, metrics=metrics, ckpt=ckpt,
+                           description="sft", show_progress=show_progress, loss_key="loss/sft")
+    save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, cfg.out, provenance, cfg.precision)
     if info.is_main:
-        checkpoint.prune_all(ckpt_root)  # the final model dir is the durable result
+        checkpoint.prune_all(ckpt.root)  # the final model dir is the durable result
         plot_metrics(metrics.path, metrics.path.with_name("sft_curves.png"), ["loss/sft", "optim/lr"], "SFT")
     if info.world_size > 1:
         torch.distributed.barrier()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +10,15 @@ import torch
 from pipeline.config import TOPK_LOSSES, MethodsConfig, TrainConfig
 from pipeline.fingerprint import check_shard_teacher, model_fingerprint, read_provenance, shard_data_fingerprint
 from pipeline.models import load_tokenizer
-from pipeline.progress import log, progress_bar
+from pipeline.progress import log
 from pipeline.stages.common import StageResult, require_model_dir, require_shard_set
 from pipeline.train import checkpoint
-from pipeline.train.distributed import device_for, seed_everything, setup_distributed
-from pipeline.train.loop import EvalHook, make_optimizer, make_scheduler, train_step
-from pipeline.train.metrics import MetricsWriter, StepMeter, detect_peak_tflops, plot_metrics
-from pipeline.train.objective import gopd_reference_needed, gopd_reference_path
-from pipeline.train.sources import BatchSource, MixedShardBatches, OnlineBatches, ShardBatches
+from pipeline.train.distributed import seed_everything, setup_distributed
+from pipeline.train.loop import CheckpointPlan, EvalHook, check_launch, run_loop, start_run
+from pipeline.train.metrics import MetricsWriter, plot_metrics
+from pipeline.train.objective import OpdObjective, gopd_reference_needed, gopd_reference_path
+from pipeline.train.sources import BatchSource, MixedShardBatches, OnlineBatches, ShardBatches, StepBatches
 from pipeline.train.student import (
-    count_flop_params,
     load_student,
     prepare_reference,
     prepare_student,
@@ -43,6 +41,12 @@ _OFF_BY_DEFAULT = {"loss_schedule": [], "rows": {}, "methods": MethodsConfig().m
                    "akl_head_mass": 0.5, "alpha_divergence": 0.2, "kdrl_beta": 5e-3, "kdrl_is_cap": 2.0,
                    "weight_norm": "count"}
 
+
+# Bumped when a method's objective changes under unchanged settings (2: TIP's soft-OR an OR, BAPO's released
+# balance, KDRL's sample std, Clip-Cov's exclusion of clipped tokens).
+METHOD_DEFINITIONS = 2
+
+
 def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: str | None) -> str:
     """The run's identity: content fingerprints of the start model and the data (shards, or the online
     teacher and prompts), and the optimisation settings. Paths are provenance only: a moved run resumes."""
@@ -58,7 +62,13 @@ def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: 
     if cfg.online is not None:
         settings["online"] = {k: v for k, v in cfg.online.model_dump(mode="json").items()
                               if k not in ("teacher", "prompts")}
+    m = cfg.methods
+    if any(x is not None for x in (m.tip, m.bapo, m.cov)) or "kdrl" in cfg.all_losses():
+        # their definitions changed to the papers' released rules (docs/methods.md): an older checkpoint of the same
+        # settings trained another objective and must not be resumed
+        settings["method_definitions"] = METHOD_DEFINITIONS
     return checkpoint.run_fingerprint({"settings": settings, "student": student_fingerprint, "data": data_fingerprint})
+
 
 def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook | None = None,
               eval_every: int | None = None, stop_after: int | None = None) -> StageResult:
@@ -103,6 +113,7 @@ def run_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook 
     return _train(cfg, "offline", data_fingerprint, metas, provenance, show_progress, eval_hook, eval_every,
                   stop_after, rollouts=rollouts)
 
+
 def check_sources_agree(cfg: TrainConfig, sets: dict[str, ShardSet], need_topk: bool) -> None:
     """Several shard sets can share a step only if their records collate and their ids index one vocabulary: the
     same vocabulary size (each set's extraction checked its teacher's vocabulary against its rollouts' student),
@@ -115,6 +126,7 @@ def check_sources_agree(cfg: TrainConfig, sets: dict[str, ShardSet], need_topk: 
     if need_topk and len(set(ks.values())) > 1:
         raise LopdUserError(f"train.shards: the top-k losses need one k over the sources, got {ks}; extract them "
                             "with the same teacher_logprobs.k or train with the `lightning` loss")
+
 
 def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> RolloutTable | None:
     """The shard set's prompt statistics when a method or a routing reads them (computed once, stored beside
@@ -134,6 +146,7 @@ def rollout_table(cfg: TrainConfig, shards: ShardSet, data_fingerprint: str) -> 
     scope = cfg.methods.scope
     return RolloutTable.from_table(table, None if scope is None else (scope.tau, scope.student_ppl_sign))
 
+
 def mixed_rollout_table(cfg: TrainConfig, sets: dict[str, ShardSet]) -> RolloutTable | None:
     """Several shard sets' prompt statistics (``rollout_table`` of each, computed and stored beside it, refused
     naming its directory) as one table keyed as ``MixedShardBatches`` tags its records: a prompt's group is never
@@ -142,6 +155,7 @@ def mixed_rollout_table(cfg: TrainConfig, sets: dict[str, ShardSet]) -> RolloutT
         return None
     return RolloutTable.merge({label: rollout_table(cfg, shards, shard_data_fingerprint(shards.manifest))
                                for label, shards in sets.items()})
+
 
 def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: EvalHook | None = None,
                      eval_every: int | None = None, stop_after: int | None = None) -> StageResult:
@@ -160,11 +174,12 @@ def run_online_train(cfg: TrainConfig, show_progress: bool = True, eval_hook: Ev
                   {"opd_teacher_fingerprint": None, "teacher_mismatch_allowed": None}, show_progress, eval_hook,
                   eval_every, stop_after)
 
+
 def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict[str, dict[str, Any]],
            teacher_provenance: dict[str, Any], show_progress: bool, eval_hook: EvalHook | None,
            eval_every: int | None, stop_after: int | None, rollouts: RolloutTable | None = None) -> StageResult:
     out = Path(cfg.out)
-    ckpt_root, final_dir = out / "ckpt", out / "final"
+    final_dir = out / "final"
     if gopd_reference_needed(cfg):
         require_model_dir(gopd_reference_path(cfg), field="train.methods.gopd.reference")
     student_fp = model_fingerprint(cfg.student)
@@ -179,102 +194,61 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
             log.warning("train: shards %s were sampled from student %s but training starts from %s; the rollouts "
                         "are then off-policy for this student", label, meta.get("student_fingerprint"), student_fp)
 
-    # --- set-up and resume
     info = setup_distributed(cfg.dist_timeout_minutes)
-    device = device_for(info)
+    check_launch(cfg, info, field="train", online=mode == "online", eval_hook=bool(eval_hook and eval_every))
     local = cfg.batch_size // info.world_size
-    micro = local // cfg.grad_accum
-    if micro < 1 or micro * cfg.grad_accum * info.world_size != cfg.batch_size:
+    if local // cfg.grad_accum < 1 or local * info.world_size != cfg.batch_size or local % cfg.grad_accum:
         raise LopdUserError(f"train.batch_size={cfg.batch_size} must be a multiple of grad_accum × world size "
-                         f"= {cfg.grad_accum} × {info.world_size}")
+                            f"= {cfg.grad_accum} × {info.world_size}")
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = load_tokenizer(cfg.student)
-    lm = load_student(cfg.student, info, fsdp=cfg.fsdp, attn_implementation=cfg.attn_implementation)
-    model = prepare_student(lm, info, fsdp=cfg.fsdp, precision=cfg.precision,
+    model = prepare_student(load_student(cfg.student, info, fsdp=cfg.fsdp, attn_implementation=cfg.attn_implementation),
+                            info, fsdp=cfg.fsdp, precision=cfg.precision,
                             activation_checkpointing=cfg.activation_checkpointing, fsdp_shard_size=cfg.fsdp_shard_size)
-    model.train()
     reference = None
     if gopd_reference_needed(cfg):
         reference = prepare_reference(gopd_reference_path(cfg), info, fsdp=cfg.fsdp, precision=cfg.precision,
                                       attn_implementation=cfg.attn_implementation)
         log.info("train: G-OPD reference policy (frozen) %s", gopd_reference_path(cfg))
-    opt = make_optimizer(model, cfg.optim)
-    sched = make_scheduler(opt, cfg.optim, cfg.steps)
-    meter = StepMeter(count_flop_params(unwrap(model)), info.world_size,
-                      cfg.peak_tflops or detect_peak_tflops(device, cfg.precision))
-    resumed = checkpoint.load_latest(ckpt_root, model=model, optimizer=opt, scheduler=sched, run_key=run_key,
-                                     rank=info.rank, what="training")
-    start_step, rank_state = 0, None
-    if resumed is not None:
-        if resumed.world_size != info.world_size:
-            # each rank's stream position is saved; another world size would see other sequences
-            raise LopdUserError(f"{ckpt_root}: checkpoint was written by {resumed.world_size} process(es), this run "
-                                f"has {info.world_size}; resume with --nproc-per-node {resumed.world_size} or use a "
-                                "new train.out")
-        start_step, rank_state = resumed.step, resumed.rank_state
-        checkpoint.set_rng_state(rank_state["rng"])
-        meter.load_state_dict(resumed.trainer["meter"])
-        log.info("train: resuming from %s at step %d", ckpt_root / f"step-{start_step:06d}", start_step)
-
+    ckpt = CheckpointPlan(out / "ckpt", cfg.checkpoint_every, cfg.keep_checkpoints, run_key)
+    run = start_run(model, info, cfg, cfg.optim, cfg.steps, ckpt, what="training")
+    if run.resumed_world_size not in (None, info.world_size):
+        # each rank's stream position is saved; another world size would see other sequences
+        raise LopdUserError(f"{ckpt.root}: checkpoint was written by {run.resumed_world_size} process(es), this run "
+                            f"has {info.world_size}; resume with --nproc-per-node {run.resumed_world_size} or use a "
+                            "new train.out")
+    saved = run.rank_state["source"] if run.rank_state else None
     source: BatchSource
-    if mode == "offline":
-        saved = rank_state["source"] if rank_state else None
-        if len(cfg.sources()) > 1:
-            source = MixedShardBatches(cfg, info, micro, saved, tokenizer.pad_token_id, rollouts)
-        else:
-            source = ShardBatches(cfg, info, micro, ReaderState.from_dict(saved["reader"])
-                                  if saved and saved["reader"] else None, tokenizer.pad_token_id, rollouts)
-    else:
+    if mode == "online":
         source = OnlineBatches(cfg.online, unwrap(model), cfg.student, cfg.online.k, cfg.seed, rank=info.rank)
-        if rank_state:
-            source.load_state_dict(rank_state["source"])
+        if saved:
+            source.load_state_dict(saved)
+    elif len(cfg.sources()) > 1:
+        source = MixedShardBatches(cfg, info, local // cfg.grad_accum, saved, tokenizer.pad_token_id, rollouts)
+    else:
+        source = ShardBatches(cfg, info, local // cfg.grad_accum,
+                              ReaderState.from_dict(saved["reader"]) if saved and saved["reader"] else None,
+                              tokenizer.pad_token_id, rollouts)
 
-    # --- the loop: step, logging, checkpointing
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step)
-    pad_id = tokenizer.pad_token_id
-    last: dict[str, Any] = {}
-    if eval_hook and start_step == 0 and eval_every and info.is_main:
-        metrics.write({"step": 0, "perf/train_seconds": 0.0, **eval_hook(unwrap(model))})
-    with contextlib.closing(source), progress_bar(not (show_progress and info.is_main)) as bar:
-        task = bar.add_task(f"train ({mode} OPD)", total=cfg.steps, completed=start_step, rate="")
-        for step in range(start_step + 1, cfg.steps + 1):
-            step_cfg = cfg.model_copy(update={"losses": cfg.losses_at(step)}) if cfg.loss_schedule else cfg
-            parts, grad_norm = train_step(model, opt, step_cfg, source, local, pad_id, info, device, meter, rollouts,
-                                          reference)
-            sched.step()
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                last = {"step": step, **{k: round(float(v), 6) for k, v in parts.items()},
-                        "optim/lr": sched.get_last_lr()[0], "optim/grad_norm": grad_norm,
-                        "progress/tokens": meter.tokens, "perf/train_seconds": round(meter.seconds, 3),
-                        **meter.metrics(device)}
-                if isinstance(source, MixedShardBatches):
-                    last.update(source.metrics(info))
-                if isinstance(source, OnlineBatches):
-                    last.update({"perf/sample_seconds": round(source.sample_seconds, 3),
-                                 "perf/score_seconds": round(source.score_seconds, 3)})
-                if eval_hook and eval_every and step % eval_every == 0 and info.is_main:
-                    last.update(eval_hook(unwrap(model)))
-                    model.train()
-                metrics.write(last)
-                bar.update(task, rate=f"loss {last.get('loss/total', float('nan')):.4f}")
-            bar.update(task, advance=1)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint.save(ckpt_root, step, model=model, optimizer=opt, scheduler=sched, run_key=run_key,
-                                trainer={"meter": meter.state_dict()},
-                                rank_state={"rng": checkpoint.rng_state(), "source": source.state_dict()},
-                                rank=info.rank, world_size=info.world_size, keep_last=cfg.keep_checkpoints)
-            if stop_after is not None and step >= stop_after:
-                return StageResult("train", out, summary={"stopped_at": step})
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=info.is_main, resume_step=run.start_step)
+    last, step = run_loop(run, OpdObjective(cfg, rollouts, reference),
+                          StepBatches(source, cfg, local, tokenizer.pad_token_id, rollouts), cfg, steps=cfg.steps,
+                          grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, metrics=metrics, ckpt=ckpt,
+                          description=f"train ({mode} OPD)", show_progress=show_progress, eval_hook=eval_hook,
+                          eval_every=eval_every, stop_after=stop_after)
+    if step < cfg.steps:
+        return StageResult("train", out, summary={"stopped_at": step})
 
     provenance = {**read_provenance(cfg.student), "stage": "train", "train_run_key": run_key, "steps": cfg.steps,
                   **teacher_provenance, "online": mode == "online"}
-    save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, final_dir, provenance)
+    save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, final_dir, provenance, cfg.precision)
     if info.is_main:
         # titled by the losses, so a top-k run is never read as the published Lightning loss
         plot_metrics(out / "metrics.jsonl", out / "curves.png",
                      title=f"{mode} OPD: {' + '.join(name for name, w in cfg.losses.items() if w)}")
     if info.world_size > 1:
         torch.distributed.barrier()
+    meter = run.meter
     log.info("train: %d steps, %.1fs of training, %d tokens -> %s", cfg.steps, meter.seconds, meter.tokens, final_dir)
     return StageResult("train", out, wall_seconds=meter.seconds,
                        summary={"final_model": str(final_dir), "train_seconds": meter.seconds, "last": last})

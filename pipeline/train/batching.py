@@ -8,12 +8,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import ScaleConfig
 from pipeline.train import losses as L
 from pipeline.train.weighting import RolloutTable
 from storage.records import TeacherRecord
 
 Example = tuple[np.ndarray, int]  # (token_ids, prompt_len)
+
 
 def pad_batch(sequences: list[list[int]] | list[np.ndarray], prompt_lens: list[int], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -31,6 +32,7 @@ def pad_batch(sequences: list[list[int]] | list[np.ndarray], prompt_lens: list[i
     return (torch.from_numpy(input_ids_B_L), torch.from_numpy(attention_B_L.astype(np.int64)),
             torch.from_numpy(response_mask_B_L))
 
+
 def pack_padded(input_ids_B_L: torch.Tensor, attention_B_L: torch.Tensor, select_B_T: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A right-padded micro-batch as one padding-free row: ``input_ids_1_S`` (S = real tokens), ``position_ids_1_S``
@@ -46,11 +48,13 @@ def pack_padded(input_ids_B_L: torch.Tensor, attention_B_L: torch.Tensor, select
     select_1_T = select_B_L[keep_B_L][None, :-1]
     return input_ids_1_S, position_ids_1_S, select_1_T
 
+
 def split_by_token_budget(lengths: list[int], budget: int | None, parts: int = 1,
                           packed: bool = False) -> list[list[int]]:
     """Indices of the sequences grouped into micro-batches.
 
-    Without a ``budget``: ``parts`` equal consecutive groups (gradient accumulation by count). With one:
+    Without a ``budget``: ``parts`` consecutive groups whose sizes differ by at most one (gradient accumulation by
+    count; a short step, e.g. the last of an epoch, loses no sequence and forms no empty group). With one:
     sequences sorted longest first, grouped greedily so that a micro-batch's size stays within ``budget``
     tokens: its padded size (its longest sequence x its count), or with ``packed`` its real tokens (the sum of
     its lengths); a sequence longer than the budget goes alone. The step's loss does not depend on the
@@ -58,8 +62,7 @@ def split_by_token_budget(lengths: list[int], budget: int | None, parts: int = 1
     """
     n = len(lengths)
     if budget is None:
-        size = n // parts
-        return [list(range(i * size, (i + 1) * size)) for i in range(parts)]
+        return [chunk.tolist() for chunk in np.array_split(np.arange(n), min(parts, n)) if len(chunk)]
     order = sorted(range(n), key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
     if packed:  # first fit: each sequence joins the first micro-batch it fits in
@@ -79,6 +82,7 @@ def split_by_token_budget(lengths: list[int], budget: int | None, parts: int = 1
             groups.append([i])
     return groups
 
+
 @dataclass
 class Batch:
     """Tensors for one micro-batch; the ``_B_T`` tensors are aligned with the shifted targets."""
@@ -86,11 +90,12 @@ class Batch:
     input_ids_B_L: torch.Tensor
     attention_B_L: torch.Tensor
     mask_B_T: torch.Tensor
-    teacher_logprobs_B_T: torch.Tensor
-    behavior_logprobs_B_T: torch.Tensor
-    topk_ids_B_T_K: torch.Tensor
-    topk_logprobs_B_T_K: torch.Tensor
-    tail_logprob_B_T: torch.Tensor
+    # the teacher's side (OPD; None in an SFT micro-batch, which trains on its tokens alone)
+    teacher_logprobs_B_T: torch.Tensor | None = None
+    behavior_logprobs_B_T: torch.Tensor | None = None
+    topk_ids_B_T_K: torch.Tensor | None = None
+    topk_logprobs_B_T_K: torch.Tensor | None = None
+    tail_logprob_B_T: torch.Tensor | None = None
     reward_B: torch.Tensor | None = None  # each rollout's reward, NaN where the shard holds none
     pass_rate_B: torch.Tensor | None = None  # its prompt's pass rate (only with prompt statistics)
     row_weight_B: torch.Tensor | None = None  # fixed per-rollout method weights (SCOPE) from the statistics
@@ -104,6 +109,7 @@ class Batch:
         """The same tensors in page-locked host memory: their copy to the GPU (``to(device, non_blocking=True)``)
         is then a DMA that does not wait for the host."""
         return Batch(*(None if (v := getattr(self, f)) is None else v.pin_memory() for f in self.__dataclass_fields__))
+
 
 def collate(records: list[TeacherRecord], pad_id: int, rollouts: RolloutTable | None = None) -> Batch:
     """Right-pad token ids; scatter each record's per-response-position arrays to target positions
@@ -131,6 +137,7 @@ def collate(records: list[TeacherRecord], pad_id: int, rollouts: RolloutTable | 
         *_row_stats(records, rollouts),
     )
 
+
 def _row_stats(records: list[TeacherRecord], rollouts: RolloutTable | None
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(pass_rate_B, row_weight_B, advantage_B) of these records from the prompt statistics (None without)."""
@@ -140,6 +147,7 @@ def _row_stats(records: list[TeacherRecord], rollouts: RolloutTable | None
     row_weight = None if rollouts.row_weight_R is None else torch.from_numpy(rollouts.row_weight_R[rows])
     advantage = None if rollouts.advantage_R is None else torch.from_numpy(rollouts.advantage_R[rows])
     return torch.from_numpy(rollouts.pass_rate_R[rows]), row_weight, advantage
+
 
 @dataclass
 class TokenTargets:
@@ -169,6 +177,7 @@ class TokenTargets:
         return TokenTargets(*(None if (v := getattr(self, f.name)) is None else v[start:end].unsqueeze(0)
                               for f in fields(self)))
 
+
 def flatten_targets(batch: Batch, weights_B_T: torch.Tensor | None = None) -> TokenTargets:
     select_B_T = batch.mask_B_T.bool()
 
@@ -181,7 +190,8 @@ def flatten_targets(batch: Batch, weights_B_T: torch.Tensor | None = None) -> To
                         None if weights_B_T is None else weights_B_T[select_B_T],
                         per_token(batch.reward_B), per_token(batch.pass_rate_B), per_token(batch.advantage_B))
 
-def prepare_step(records: list[TeacherRecord], cfg: TrainConfig, pad_id: int,
+
+def prepare_step(records: list[TeacherRecord], cfg: ScaleConfig, pad_id: int,
                  rollouts: RolloutTable | None = None, device_index: int = 0) -> list[Batch]:
     """One step's records as ``train_step`` computes them: micro-batches by count (``grad_accum``) or by the token
     budget (``split_by_token_budget``, packed or padded), each collated and, where CUDA is available, pinned. The
@@ -189,10 +199,67 @@ def prepare_step(records: list[TeacherRecord], cfg: TrainConfig, pad_id: int,
     the others (``step_micro_batches``)."""
     groups = split_by_token_budget([len(r.token_ids) for r in records], cfg.max_tokens_per_micro_batch,
                                    cfg.grad_accum, packed=cfg.packing)
-    batches = [collate([records[i] for i in g], pad_id, rollouts) for g in groups]
+    return pin([collate([records[i] for i in g], pad_id, rollouts) for g in groups], device_index)
+
+
+def prepare_examples(examples: list[Example], cfg: ScaleConfig, pad_id: int) -> list[Batch]:
+    """One SFT step's ``(token_ids, prompt_len)`` examples as micro-batches, grouped as ``prepare_step`` groups
+    records: the tokens and the response mask only (next-token loss on the response)."""
+    groups = split_by_token_budget([len(e[0]) for e in examples], cfg.max_tokens_per_micro_batch, cfg.grad_accum,
+                                   packed=cfg.packing)
+    return [Batch(*pad_batch([examples[i][0] for i in g], [examples[i][1] for i in g], pad_id)) for g in groups]
+
+
+def pin(batches: list[Batch], device_index: int) -> list[Batch]:
+    """``batches`` in page-locked memory where CUDA is available (unchanged elsewhere)."""
     if not torch.cuda.is_available():
         return batches
     # the current device is per thread: set it (as DataLoader's pin-memory thread does) so that pinning on the
     # prefetch thread uses this rank's GPU context instead of creating one on GPU 0
     torch.cuda.set_device(device_index)
     return [b.pin_memory() for b in batches]
+
+
+def take_rows(batch: Batch, rows: list[int]) -> Batch:
+    """The micro-batch of ``batch``'s rows ``rows``, trimmed to their longest sequence: what ``collate`` (or
+    ``pad_batch``) makes of those rows alone."""
+    index = torch.as_tensor(rows, dtype=torch.long)
+    width = int(batch.attention_B_L[index].sum(-1).max())
+    out = []
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if value is None:
+            out.append(None)
+            continue
+        value = value[index]
+        if f.name.endswith("_B_L"):
+            value = value[:, :width]
+        elif "_B_T" in f.name:
+            value = value[:, :width - 1]
+        out.append(value)
+    return Batch(*out)
+
+
+def balance_micro_batches(batches: list[Batch], target: int) -> tuple[list[Batch], int]:
+    """Exactly ``target`` micro-batches from a rank's ``batches`` (``target`` >= their number: the most any rank of
+    the step formed), so that every rank runs the same forwards and backwards (FSDP2 all-gathers per forward, DDP
+    reduces in the last backward: a rank with fewer would leave the others waiting; verl's
+    ``rearrange_micro_batches(same_micro_num_in_dp=True)`` solves the same problem).
+
+    The micro-batch with the most rows is split in two halves (the first takes the extra row) until there are
+    ``target``; halves of a micro-batch within the token budget are within it. When every micro-batch is one row,
+    the rest are idle: copies of the last row that the trainer runs with its loss multiplied by 0 (the collectives
+    happen, the gradient and the metrics are untouched). Returns the micro-batches, the idle ones last, and how
+    many are idle. The step's gradient does not change: every micro-batch divides by the step's global counts."""
+    batches = list(batches)
+    while len(batches) < target:
+        sizes = [b.input_ids_B_L.shape[0] for b in batches]
+        i = max(range(len(batches)), key=lambda j: (sizes[j], -j))
+        if sizes[i] < 2:
+            break
+        half = (sizes[i] + 1) // 2
+        batches[i:i + 1] = [take_rows(batches[i], list(range(half))),
+                            take_rows(batches[i], list(range(half, sizes[i])))]
+    idle = target - len(batches)
+    last = batches[-1]
+    return batches + [take_rows(last, [last.input_ids_B_L.shape[0] - 1]) for _ in range(idle)], idle

@@ -32,8 +32,10 @@ class MetricsWriter:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
 
 def plot_metrics(metrics_path: Path, out_png: Path, keys: list[str] | None = None, title: str = "") -> Path | None:
     """One PNG with a panel per metric (loss parts, KL estimate, accuracy...) against the step."""
@@ -72,6 +74,7 @@ def plot_metrics(metrics_path: Path, out_png: Path, keys: list[str] | None = Non
 _PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                      "B200": 2250.0, "GB200": 2500.0}
 
+
 def detect_peak_tflops(device: torch.device, precision: str) -> float | None:
     """Peak dense TFLOP/s of this rank's GPU (None on CPU or an unknown GPU: give ``peak_tflops``)."""
     if device.type != "cuda":
@@ -82,12 +85,14 @@ def detect_peak_tflops(device: torch.device, precision: str) -> float | None:
             return tflops if precision == "bf16" else tflops / 2
     return None
 
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this rank: allocated GPU memory, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
 
 @dataclass
 class StepMeter:

@@ -14,7 +14,7 @@ from pipeline.train.batching import Batch, TokenTargets, flatten_targets
 from pipeline.train.head import Metrics, TokenStats
 from pipeline.train.selection import BapoBounds, CovSelection, Prepasses, TipSelection
 from pipeline.train.student import StudentLM, unwrap
-from pipeline.train.weighting import mean_one, paced_kernel, position_weights, route_mask, tip_kept_count
+from pipeline.train.weighting import RolloutTable, mean_one, paced_kernel, position_weights, route_mask, tip_kept_count
 
 
 @dataclass
@@ -30,9 +30,11 @@ class StepNorms:
     paced_scale: torch.Tensor | None = None
     tip_scale: torch.Tensor | None = None
 
+
 def _routes(cfg: TrainConfig) -> list[str]:
     """The row routes other than "all" that the step's loss terms use, in a fixed order."""
     return sorted({cfg.route(name) for name, w in cfg.losses.items() if w != 0} - {"all"})
+
 
 def local_step_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]:
     """This rank's share of the sums behind ``StepNorms`` beyond the plain counts: routed tokens and sequences
@@ -56,11 +58,13 @@ def local_step_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]
         sums += local_weight_sums(cfg, micro_batches)
     return sums
 
+
 def weight_sum_norm(cfg: TrainConfig) -> bool:
     """Whether the terms are normalised by the step's sums of the weights (``weight_norm: sum`` with a weighting
     method on) rather than by its counts."""
     m = cfg.methods
     return cfg.weight_norm == "sum" and any(x is not None for x in (m.paced, m.scope, m.position))
+
 
 def local_weight_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[float]:
     """``weight_norm: sum``: this rank's sums of the weighting methods' per-token weights w_t (PACED unscaled: its
@@ -81,6 +85,7 @@ def local_weight_sums(cfg: TrainConfig, micro_batches: list[Batch]) -> list[floa
             sums[2 * i] += float(routed_B_T.sum())
             sums[2 * i + 1] += float((routed_B_T.sum(-1) / b.mask_B_T.sum(-1).clamp_min(1)).sum())
     return sums
+
 
 def step_norms(cfg: TrainConfig, token: torch.Tensor, seq: torch.Tensor, sums: torch.Tensor) -> StepNorms:
     """``StepNorms`` from the global counts and the all-reduced ``local_step_sums``."""
@@ -103,6 +108,7 @@ def step_norms(cfg: TrainConfig, token: torch.Tensor, seq: torch.Tensor, sums: t
                   for i, route in enumerate(routes)}
         paced_scale = None if paced_scale is None else torch.ones_like(paced_scale)
     return StepNorms(token, seq, routed, paced_scale, tip_scale)
+
 
 def method_weights(cfg: TrainConfig, batch: Batch, paced_scale: torch.Tensor | None
                    ) -> tuple[torch.Tensor | None, Metrics]:
@@ -128,6 +134,7 @@ def method_weights(cfg: TrainConfig, batch: Batch, paced_scale: torch.Tensor | N
         stats[f"weights/{name}_token_max"] = torch.where(valid_B_T, w_B_T, 0.0).max()
         stats[f"weights/{name}_kept"] = L._masked_mean((w_B_T > 0).float(), valid_B_T)
     return weights_B_T, stats
+
 
 def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor,
                    token_normalizer: torch.Tensor, seq_normalizer: torch.Tensor,
@@ -193,6 +200,7 @@ def compute_losses(cfg: TrainConfig, stats: TokenStats, targets: TokenTargets, m
     loss, metrics = L.combined_loss(terms, {name: cfg.losses[name] for name in terms})
     return loss, {**metrics, **routed_frac, **diagnostics(stats, targets, mask_B_T)}
 
+
 def diagnostics(stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor) -> Metrics:
     """Per-token diagnostics, means over the valid tokens (run inside the chunked head's loss callback):
 
@@ -216,14 +224,17 @@ def diagnostics(stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor
         out["weights/token_max"] = torch.where(valid_B_T, targets.weights_N, 0.0).max()
     return out
 
+
 def gopd_reference_needed(cfg: TrainConfig) -> bool:
     """Whether the run needs G-OPD's frozen reference model: lam != 1 with a top-k loss in some step."""
     g = cfg.methods.gopd
     return g is not None and g.lam != 1.0 and bool(cfg.all_losses() & TOPK_LOSSES)
 
+
 def gopd_reference_path(cfg: TrainConfig) -> Path:
     """G-OPD's reference model dir: ``methods.gopd.reference``, by default the student training starts from."""
     return cfg.methods.gopd.reference or cfg.student
+
 
 def gopd_topk_targets(reference: torch.nn.Module, cfg: TrainConfig, batch: Batch, targets: TokenTargets) -> Metrics:
     """G-OPD's top-k form: the reference model's log-probs at the teacher's top-k ids and tail (a no-grad forward
@@ -241,6 +252,7 @@ def gopd_topk_targets(reference: torch.nn.Module, cfg: TrainConfig, batch: Batch
     teacher = torch.cat([teacher_N_K, teacher_tail_N[:, None]], -1).double()
     kl_N = (q.exp() * (q - teacher)).sum(-1)
     return {"gopd/kl_q_teacher": kl_N.mean() if kl_N.numel() else kl_N.new_zeros(())}
+
 
 def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, token_normalizer: torch.Tensor,
                      seq_normalizer: torch.Tensor, norms: StepNorms | None = None,
@@ -285,6 +297,7 @@ def micro_batch_loss(model: torch.nn.Module, cfg: TrainConfig, batch: Batch, tok
                           prepass=Prepasses(prepasses, targets) if prepasses else None)
     return loss, {**metrics, **weight_stats, **{k: v for p in prepasses for k, v in p.stats.items()}}
 
+
 def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
     """The step loss of one whole batch under ``lm`` (a Hugging Face model), normalised by its own counts."""
     mask_B_T = batch.mask_B_T.bool()
@@ -293,3 +306,55 @@ def batch_loss(cfg: TrainConfig, lm: torch.nn.Module, batch: Batch) -> float:
     norms = step_norms(cfg, token_norm, seq_norm, torch.tensor(local_step_sums(cfg, [batch]), dtype=torch.float64))
     loss, _ = micro_batch_loss(StudentLM(lm), cfg, batch, norms.token, norms.seq, norms)
     return float(loss.detach())
+
+
+class SftObjective:
+    """Next-token cross-entropy on the response tokens (the ``sft`` stage, the demo's teacher bootstrap and its
+    SFT controls): every micro-batch divides by the step's global count of response tokens, so any world size,
+    micro-batching and packing take the same optimiser steps."""
+
+    def __init__(self, chunk_tokens: int | None = None, packing: bool = False):
+        self.chunk_tokens, self.packing = chunk_tokens, packing
+
+    def at_step(self, step: int) -> "SftObjective":
+        return self
+
+    def local_sums(self, micro_batches: list[Batch]) -> list[float]:
+        return []
+
+    def step_norms(self, token: torch.Tensor, seq: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        return token
+
+    def loss(self, model: torch.nn.Module, batch: Batch, token_norm: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        def chunk(stats: TokenStats, start: int, end: int) -> tuple[torch.Tensor, Metrics]:
+            valid_1_n = torch.ones(1, end - start, dtype=torch.bool, device=stats.target_logprobs.device)
+            return L.sft_cross_entropy(stats.target_logprobs[None], valid_1_n, normalizer=token_norm)
+
+        return model(batch.input_ids_B_L, batch.attention_B_L, batch.mask_B_T.bool(), chunk,
+                     chunk_tokens=self.chunk_tokens, pack=self.packing)
+
+
+class OpdObjective:
+    """The configured OPD loss terms and methods (``micro_batch_loss``) with their step normalisers
+    (``local_step_sums`` / ``step_norms``); ``rollouts``: the prompt statistics, when a method reads them;
+    ``reference``: G-OPD's frozen reference model, when its top-k form is on. ``at_step`` applies the loss
+    schedule."""
+
+    def __init__(self, cfg: TrainConfig, rollouts: RolloutTable | None = None,
+                 reference: torch.nn.Module | None = None):
+        self.cfg, self.rollouts, self.reference = cfg, rollouts, reference
+
+    def at_step(self, step: int) -> "OpdObjective":
+        if not self.cfg.loss_schedule:
+            return self
+        return OpdObjective(self.cfg.model_copy(update={"losses": self.cfg.losses_at(step)}), self.rollouts,
+                            self.reference)
+
+    def local_sums(self, micro_batches: list[Batch]) -> list[float]:
+        return local_step_sums(self.cfg, micro_batches)
+
+    def step_norms(self, token: torch.Tensor, seq: torch.Tensor, sums: torch.Tensor) -> StepNorms:
+        return step_norms(self.cfg, token, seq, sums)
+
+    def loss(self, model: torch.nn.Module, batch: Batch, norms: StepNorms) -> tuple[torch.Tensor, Metrics]:
+        return micro_batch_loss(model, self.cfg, batch, norms.token, norms.seq, norms, self.reference)

@@ -13,9 +13,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline.config import TOPK_LOSSES, OnlineConfig, TrainConfig
+from pipeline.config import TOPK_LOSSES, EngineConfig, OnlineConfig, ScaleConfig, TrainConfig
+from pipeline.engines.hf import HFEngine
 from pipeline.models import encode_prompt, load_tokenizer
-from pipeline.train.batching import Batch, prepare_step
+from pipeline.prompts import load_prompts
+from pipeline.train.batching import Batch, Example, prepare_examples, prepare_step
 from pipeline.train.distributed import DistInfo, all_reduce_sum
 from pipeline.train.weighting import RolloutTable, source_key
 from storage.errors import LopdUserError
@@ -30,10 +32,6 @@ class OnlineBatches:
 
     def __init__(self, online: OnlineConfig, student: torch.nn.Module, student_dir: Path, k: int, seed: int,
                  rank: int = 0):
-        from pipeline.config import EngineConfig
-        from pipeline.engines.hf import HFEngine
-        from pipeline.prompts import load_prompts
-
         self.cfg = online
         self.tokenizer = load_tokenizer(student_dir)
         self.student_engine = HFEngine(str(student_dir), EngineConfig(batch_size=512), model=student)
@@ -94,6 +92,7 @@ class OnlineBatches:
                               reward=None)
                 for (i, j, g), seq, start, sc in zip(meta, seqs, starts, scored)][:n_sequences]
 
+
 class BatchSource(Protocol):
     """Where a rank's records come from: the shard reader (offline) or the live sampler (online). A source that
     prepares its steps itself (the shard sources given ``pad_id``: split and collated ahead, on the prefetch
@@ -109,6 +108,7 @@ class BatchSource(Protocol):
     def close(self) -> None:
         """Stop background decoding and free engines; the run calls it when it ends, on error too."""
 
+
 def step_micro_batches(source: BatchSource, cfg: TrainConfig, n: int, pad_id: int,
                        rollouts: RolloutTable | None = None) -> list[Batch]:
     """The next step's ``n`` records of this rank as micro-batches: as the source prepared them (then the wait is
@@ -117,6 +117,60 @@ def step_micro_batches(source: BatchSource, cfg: TrainConfig, n: int, pad_id: in
         return source.next_micro_batches(n, cfg.grad_accum)  # type: ignore[attr-defined]
     return prepare_step(source.next_records(n, cfg.grad_accum), cfg, pad_id, rollouts,
                         torch.cuda.current_device() if torch.cuda.is_available() else 0)
+
+
+class StepBatches:
+    """What the loop reads of an OPD source: each step's ``n`` records of this rank as micro-batches
+    (``step_micro_batches``), the source's state for checkpoints and its metrics at log steps (the mixed sources'
+    draw counts, a collective: every rank calls it; the online baseline's sampling and scoring time)."""
+
+    def __init__(self, source: BatchSource, cfg: TrainConfig, n: int, pad_id: int,
+                 rollouts: RolloutTable | None = None):
+        self.source, self.cfg, self.n, self.pad_id, self.rollouts = source, cfg, n, pad_id, rollouts
+
+    def next_step(self) -> list[Batch]:
+        return step_micro_batches(self.source, self.cfg, self.n, self.pad_id, self.rollouts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def metrics(self, info: DistInfo) -> dict[str, float]:
+        if isinstance(self.source, MixedShardBatches):
+            return self.source.metrics(info)
+        if isinstance(self.source, OnlineBatches):
+            return {"perf/sample_seconds": round(self.source.sample_seconds, 3),
+                    "perf/score_seconds": round(self.source.score_seconds, 3)}
+        return {}
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class ExampleBatches:
+    """The SFT source: every rank reads the same deterministic stream of ``(token_ids, prompt_len)`` examples,
+    takes every world_size-th example of each global batch of ``batch_size`` and forms its micro-batches
+    (``prepare_examples``: by count or token budget, packed or padded). The position is global (steps x batch
+    size), so a checkpoint resumes under another world size: ``start_step`` skips what was consumed."""
+
+    def __init__(self, examples: Iterator[Example], cfg: ScaleConfig, batch_size: int, pad_id: int, info: DistInfo,
+                 start_step: int = 0):
+        self.examples, self.cfg, self.batch_size, self.pad_id, self.info = examples, cfg, batch_size, pad_id, info
+        for _ in range(start_step * batch_size):
+            next(examples)
+
+    def next_step(self) -> list[Batch]:
+        batch = [next(self.examples) for _ in range(self.batch_size)][self.info.rank :: self.info.world_size]
+        return prepare_examples(batch, self.cfg, self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def metrics(self, info: DistInfo) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
 
 class _StepStream:
     """What the shard sources share: their stream of ``(records, state)`` steps, each prepared for ``train_step``
@@ -144,6 +198,7 @@ class _StepStream:
 
     def close(self) -> None:
         self.steps.close()  # ends the prefetch thread, if any
+
 
 class ShardBatches(_StepStream):
     """The offline source: this rank's slice of the shuffled, resumable shard stream, one step (``grad_accum``
@@ -183,6 +238,7 @@ class ShardBatches(_StepStream):
     def state_dict(self) -> dict[str, Any]:
         return {"reader": self.position.to_dict() if self.position is not None else None}
 
+
 def mixed_draws(weights: list[float], counts: list[int], n: int) -> list[int]:
     """The sources of the next ``n`` records of a weighted mix, given the records drawn from each so far.
 
@@ -200,6 +256,7 @@ def mixed_draws(weights: list[float], counts: list[int], n: int) -> list[int]:
         counts[s] += 1
         out.append(s)
     return out
+
 
 class MixedShardBatches(_StepStream):
     """The offline source over several shard sets (``train.shards`` as a list, e.g. one teacher per domain): each

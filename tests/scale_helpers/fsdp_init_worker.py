@@ -23,7 +23,16 @@ def main(model_dir: str, out: str) -> None:
     out_dir = Path(out)
     lm = load_student(model_dir, info, fsdp=True)
     started_on_meta = all(p.is_meta for p in lm.parameters())
+    loaded = list(lm.parameters())
     student = prepare_student(lm, info, fsdp=True)
+    # what this rank holds on its device after start-up: its shards (DTensor local tensors) and the buffers
+    local_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in student.parameters())
+    full_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    student_storages = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr()
+                        for p in student.parameters()}
+    # rank 0's loaded copy stays a plain CPU model: it is sent from, never sharded in place or moved to the device
+    loaded_untouched = all(not p.is_meta and type(p) is torch.nn.Parameter and p.device.type == "cpu"
+                           and p.untyped_storage().data_ptr() not in student_storages for p in loaded)
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     buffers = {name: b.detach().cpu().clone() for name, b in student.named_buffers()}
 
@@ -41,7 +50,8 @@ def main(model_dir: str, out: str) -> None:
                             for state in opt.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())
     torch.save({"full": full, "buffers": buffers}, out_dir / f"rank-{info.rank}.pt")
     (out_dir / f"rank-{info.rank}.json").write_text(json.dumps({
-        "started_on_meta": started_on_meta, "loss": float(loss.detach()), "local_optim_numel": local_optim_numel,
+        "started_on_meta": started_on_meta, "local_param_bytes": local_bytes, "full_param_bytes": full_bytes,
+        "loaded_untouched": loaded_untouched, "loss": float(loss.detach()), "local_optim_numel": local_optim_numel,
         "full_optim_numel": 2 * sum(p.numel() for p in student.parameters()), "ckpt": str(step_dir)}))
     leave_distributed()
 

@@ -14,7 +14,7 @@ import sys
 from pipeline.config import load_run_config
 from pipeline.stages.registry import run_stage
 from pipeline.stages.train import run_train
-from pipeline.train import distributed, loop
+from pipeline.train import distributed, losses
 
 
 def main(stage: str, run_yaml: str, stop: int, overrides: list[str]) -> None:
@@ -31,7 +31,7 @@ def run(stage: str, run_yaml: str, stop: int, overrides: list[str]) -> None:
         run_train(cfg, show_progress=False, stop_after=stop or None)
         return
     if stop:  # one micro-batch and one head chunk per step on the tiny models: the n-th loss call is step n
-        real_loss, calls = loop.sft_cross_entropy, [0]
+        real_loss, calls = losses.sft_cross_entropy, [0]
 
         def crash_at_step(*args, **kwargs):
             calls[0] += 1
@@ -39,7 +39,7 @@ def run(stage: str, run_yaml: str, stop: int, overrides: list[str]) -> None:
                 raise SystemExit(f"simulated crash in step {stop}")
             return real_loss(*args, **kwargs)
 
-        loop.sft_cross_entropy = crash_at_step
+        losses.sft_cross_entropy = crash_at_step
     run_stage(stage, cfg, show_progress=False)
 
 

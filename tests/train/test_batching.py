@@ -9,9 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.train.batching import collate, split_by_token_budget
+from pipeline.train.batching import balance_micro_batches, collate, split_by_token_budget, take_rows
 from pipeline.train.objective import micro_batch_loss
 from pipeline.train.student import StudentLM
+from storage.synthetic import make_records
 from tests.train.helpers import named_loss_cfg, ragged_records
 
 
@@ -131,3 +132,64 @@ def test_packed_micro_batches_give_the_same_update_as_padded_ones(tiny_models, n
             assert all(sum(lengths[i] for i in g) <= budget for g in groups)
             assert 1 < len(groups) <= len(split_by_token_budget(lengths, budget))
         _assert_same_step(padded, _accumulated_step(tiny_models["student"], packed_cfg, records, groups))
+
+
+# --- ranks agree on their micro-batches (balance_micro_batches) -----------------------------------------------------
+
+
+def test_count_split_of_a_short_step_drops_no_sequence_and_forms_no_empty_group():
+    """The last step of an epoch is short: by count, its n sequences form min(parts, n) groups, sizes within one,
+    every sequence exactly once (an empty group used to reach collate([]) and crash)."""
+    for n, parts in [(7, 2), (3, 4), (1, 4), (9, 4), (8, 4)]:
+        groups = split_by_token_budget([5] * n, None, parts)
+        assert len(groups) == min(parts, n) and all(groups)
+        assert sorted(i for g in groups for i in g) == list(range(n))
+        assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def _ragged_records(n: int, seed: int = 0):
+    recs = make_records(64, 4, num_rollouts=n, response_len=12, prompt_len=3, seed=seed)
+    out = []
+    for i, r in enumerate(recs):
+        m = 2 + (7 * i) % 11
+        out.append(dataclasses.replace(
+            r, token_ids=r.token_ids[: r.prompt_len + m], teacher_logprobs=r.teacher_logprobs[:m],
+            behavior_logprobs=r.behavior_logprobs[:m], topk_ids=r.topk_ids[:m], topk_logprobs=r.topk_logprobs[:m],
+            tail_logprob=r.tail_logprob[:m], reward=float(i % 2)))
+    return out
+
+
+def _same_batch(a, b) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(vars(a).values(), vars(b).values()))
+
+
+def test_take_rows_is_the_collation_of_those_rows_alone():
+    records = _ragged_records(6)
+    batch = collate(records, pad_id=0)
+    for rows in ([0], [2, 5], [1, 3, 4], list(range(6))):
+        assert _same_batch(take_rows(batch, rows), collate([records[i] for i in rows], pad_id=0))
+
+
+def test_balance_splits_the_largest_micro_batch_until_the_ranks_agree():
+    """A rank that formed fewer micro-batches splits its largest ones (each half the collation of its rows, so within
+    the token budget) until it has as many as the others; every row stays exactly once."""
+    records = _ragged_records(7)
+    budget = 40
+    groups = split_by_token_budget([len(r.token_ids) for r in records], budget)
+    batches = [collate([records[i] for i in g], pad_id=0) for g in groups]
+    target = len(batches) + 3
+    balanced, idle = balance_micro_batches(batches, target)
+    assert len(balanced) == target and idle == 0
+    assert all(b.input_ids_B_L.numel() <= budget for b in balanced)
+    rows = sorted(tuple(r[a.bool()].tolist()) for b in balanced for r, a in zip(b.input_ids_B_L, b.attention_B_L))
+    assert rows == sorted(tuple(r.token_ids.tolist()) for r in records)
+
+
+def test_balance_adds_idle_micro_batches_when_every_one_is_a_single_row():
+    records = _ragged_records(2)
+    batches = [collate([r], pad_id=0) for r in records]
+    balanced, idle = balance_micro_batches(batches, 5)
+    assert len(balanced) == 5 and idle == 3
+    assert all(_same_batch(b, batches[-1]) for b in balanced[2:])  # copies of the last row: run with loss x 0
+    assert balanced[:2] == batches

@@ -30,6 +30,7 @@ from pipeline.train.sources import ShardBatches
 from pipeline.train.student import StudentLM
 from pipeline.train.weighting import RolloutTable
 from storage.codecs import decode_table
+from storage.errors import LopdUserError
 from storage.prompt_stats import load_prompt_stats
 from storage.shardset import ShardSet
 from tests.conftest import REPO, free_port, lopd
@@ -38,28 +39,17 @@ from tests.train.helpers import grouped_records, prefixed_records, source_shard_
 # --- train_step ------------------------------------------------------------------------------------------------------
 
 
-class _ListSource:
-    """A batch source over a fixed list of records (the trainer's ``BatchSource`` protocol)."""
-
-    def __init__(self, records):
-        self.records = records
-
-    def next_records(self, n: int, parts: int):
-        return self.records[:n]
-
-    def state_dict(self):
-        return {}
-
-
 def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_shards):
     """``train_step`` with non-trivial weights (PACED, position, G-OPD with its guard and top-k form) and routed
     terms: one micro-batch of 8 and 8 micro-batches of 1 give the same loss and the same update (float64, SGD with
     lr 1, so the update is the gradient), because every normaliser and the PACED scale are the step's global
     sums."""
     from pipeline.models import load_model
+    from pipeline.train.batching import prepare_step
     from pipeline.train.distributed import DistInfo
     from pipeline.train.loop import train_step
     from pipeline.train.metrics import StepMeter
+    from pipeline.train.objective import OpdObjective
 
     rollouts = RolloutTable.from_table(load_prompt_stats(stats_shards, "k")[0])
     records = grouped_records()[4:]  # prompts with pass rates 0.5 and 1 (the latter weigh 0 under PACED)
@@ -74,8 +64,9 @@ def test_accumulation_invariance_with_weights_and_routing(tiny_models, stats_sha
         student = StudentLM(load_model(tiny_models["student"]).double())
         before = [p.detach().clone() for p in student.parameters()]
         opt = torch.optim.SGD(student.parameters(), lr=1.0)
-        metrics, _ = train_step(student, opt, cfg, _ListSource(records), 8, 0, DistInfo(), torch.device("cpu"),
-                                StepMeter(1, 1), rollouts, reference)
+        metrics, _ = train_step(student, opt, OpdObjective(cfg, rollouts, reference),
+                                prepare_step(records[:8], cfg, 0, rollouts), cfg, cfg.optim.grad_clip, DistInfo(),
+                                torch.device("cpu"), StepMeter(1, 1))
         results.append((metrics, [b - p.detach() for b, p in zip(before, student.parameters())]))
     (one, one_update), (many, many_update) = results
     assert abs(one["loss/total"].item()) > 1e-3
@@ -91,19 +82,13 @@ def test_kdrl_through_train_step_is_invariant_to_accumulation(tmp_path, tiny_mod
     SGD update (float64)."""
     from pipeline.models import load_model
     from pipeline.stages.train import rollout_table
+    from pipeline.train.batching import prepare_step
     from pipeline.train.loop import train_step
     from pipeline.train.metrics import StepMeter
+    from pipeline.train.objective import OpdObjective
 
     records = prefixed_records("q", 8)
     shards = source_shard_set(tmp_path / "s", records)
-
-    class Source:
-        def next_records(self, n, parts):
-            return records[:n]
-
-        def state_dict(self):
-            return {}
-
     results = []
     for accum in (1, 8):
         cfg = TrainConfig(student="s", shards="d", out="o", losses={"kdrl": 1.0, "lightning": 0.5}, kdrl_beta=0.1,
@@ -111,8 +96,9 @@ def test_kdrl_through_train_step_is_invariant_to_accumulation(tmp_path, tiny_mod
         student = StudentLM(load_model(tiny_models["student"]).double())
         before = [p.detach().clone() for p in student.parameters()]
         opt = torch.optim.SGD(student.parameters(), lr=1.0)
-        metrics, _ = train_step(student, opt, cfg, Source(), 8, 0, DistInfo(), torch.device("cpu"), StepMeter(1, 1),
-                                rollout_table(cfg, shards, "k"))
+        rollouts = rollout_table(cfg, shards, "k")
+        metrics, _ = train_step(student, opt, OpdObjective(cfg, rollouts), prepare_step(records[:8], cfg, 0, rollouts),
+                                cfg, cfg.optim.grad_clip, DistInfo(), torch.device("cpu"), StepMeter(1, 1))
         results.append((metrics, [b - p.detach() for b, p in zip(before, student.parameters(), strict=True)]))
     (one, one_update), (many, many_update) = results
     assert abs(one["loss/kdrl"].item()) > 1e-4 and one["kdrl/distill"].item() > 0
@@ -122,13 +108,15 @@ def test_kdrl_through_train_step_is_invariant_to_accumulation(tmp_path, tiny_mod
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-# --- sft_train -------------------------------------------------------------------------------------------------------
+# --- SFT through the loop --------------------------------------------------------------------------------------------
 
 
 def test_packed_sft_takes_the_same_steps_as_padded_sft(tiny_models):
-    from pipeline.config import OptimConfig
+    from pipeline.config import OptimConfig, ScaleConfig
     from pipeline.models import load_model
-    from pipeline.train.loop import sft_train
+    from pipeline.train.loop import train_in_process
+    from pipeline.train.objective import SftObjective
+    from pipeline.train.sources import ExampleBatches
 
     rng = np.random.default_rng(0)
     vocab = load_model(tiny_models["student"]).config.vocab_size
@@ -137,9 +125,10 @@ def test_packed_sft_takes_the_same_steps_as_padded_sft(tiny_models):
     for packing in (False, True):
         lm = load_model(tiny_models["student"])
         seen = []
-        sft_train(lm, iter(examples), steps=3, batch_size=8, optim=OptimConfig(lr=1e-2), pad_id=0, log_every=1,
-                  show_progress=False, on_log=lambda step, m, seen=seen: seen.append(m), packing=packing,
-                  max_tokens_per_micro_batch=40)
+        scale = ScaleConfig(packing=packing, max_tokens_per_micro_batch=40)
+        train_in_process(lm, ExampleBatches(iter(examples), scale, 8, 0, DistInfo()), SftObjective(packing=packing),
+                         scale, OptimConfig(lr=1e-2), steps=3, log_every=1, show_progress=False,
+                         on_log=lambda step, m, seen=seen: seen.append(m))
         curves[packing] = [m["loss/sft"] for m in seen]
         assert (seen[-1]["perf/padding_frac"] == 0) == packing
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
@@ -277,7 +266,7 @@ def test_torchrun_fsdp2_two_processes_trains_and_resumes(shards_run):
 def test_interrupted_sft_resumes_from_its_checkpoint_with_identical_results(shards_run, monkeypatch):
     """A crash at step 7 (after the step-4 checkpoint); the rerun resumes at step 4, skips the examples already
     seen, and ends with the uninterrupted run's loss curve and weights. A changed config refuses the checkpoint."""
-    import pipeline.train.loop as training
+    import pipeline.train.losses as training
 
     tmp, cfg = shards_run
     overrides = ["sft.steps=10", "sft.checkpoint_every=4", "sft.log_every=1", "sft.batch_size=4"]
@@ -519,4 +508,133 @@ def test_two_node_torchrun_on_localhost_matches_one_process(shards_run, one_proc
     assert [r["loss/total"] for r in got] == pytest.approx([r["loss/total"] for r in ref], rel=1e-5)
     assert len(list((out / "ckpt" / "step-000003").glob("rank-*.pt"))) == 4
     a_sd, b_sd = load_model(single / "final").state_dict(), load_model(out / "final").state_dict()
+    assert all(torch.allclose(a_sd[k], b_sd[k], atol=1e-5) for k in a_sd)
+
+
+# --- the multi-rank step: micro-batches agreed, gradients reduced once per step, launches refused ---------------------
+
+
+def test_ddp_reduces_the_gradient_once_per_step_whatever_the_accumulation(tiny_models):
+    """Under DDP every micro-batch but the last runs under no_sync: the gradient buckets are all-reduced once per
+    step, so 4 micro-batches cost the communication of 1 (a comm hook counts the reductions)."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline.config import ScaleConfig
+    from pipeline.train.batching import prepare_examples
+    from pipeline.train.loop import make_optimizer, train_step
+    from pipeline.train.metrics import StepMeter
+    from pipeline.train.objective import SftObjective
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        info = DistInfo(0, 1, 0, launched=True)
+        model = DistributedDataParallel(StudentLM(load_model(tiny_models["student"])))
+        reductions = []
+
+        def counting_hook(state, bucket):
+            reductions.append(bucket.index())
+            return default_hooks.allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting_hook)
+        opt = make_optimizer(model, TrainConfig(student="s", shards="d", out="o").optim)
+        examples = [(np.arange(3, 3 + n) % 20, 2) for n in (6, 9, 7, 8, 5, 6, 9, 8)]
+        per_step = {}
+        for parts in (1, 4):
+            cfg = ScaleConfig(grad_accum=parts)
+            reductions.clear()
+            train_step(model, opt, SftObjective(), prepare_examples(examples, cfg, 0), cfg, 1.0, info,
+                       torch.device("cpu"), StepMeter(1, 1))
+            per_step[parts] = len(reductions)
+        assert per_step[1] >= 1 and per_step[4] == per_step[1]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_with_online_opd_or_an_eval_hook_is_refused_before_any_work():
+    from pipeline.config import ScaleConfig
+    from pipeline.train.loop import check_launch
+
+    two_ranks = DistInfo(0, 2, 0, launched=True)
+    for kwargs, what in [({"online": True}, "online OPD"), ({"eval_hook": True}, "evaluation hook")]:
+        with pytest.raises(LopdUserError, match=f"train.fsdp=true on 2 ranks: .*{what}.*set train.fsdp=false"):
+            check_launch(ScaleConfig(fsdp=True), two_ranks, field="train", **kwargs)
+        check_launch(ScaleConfig(fsdp=False), two_ranks, field="train", **kwargs)  # DDP runs them
+        check_launch(ScaleConfig(fsdp=True), DistInfo(), field="train", **kwargs)  # one plain process too
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_token_budget_with_unequal_micro_batch_counts_on_two_ranks_matches_one_process(
+        shards_run, one_process_on_single_record_units, fsdp):
+    """2 gloo ranks, ragged rows (8-19 tokens) and a 30-token budget: a rank with more long rows forms more
+    micro-batches than the other; the ranks agree on a number (splitting or idling, ``micro/added``) instead of
+    hanging, and the loss curve and weights equal one process's on the same global batches (rel 1e-5 on the loss,
+    atol 1e-5 on the weights: the grouping only reorders sums)."""
+    tmp, cfg = shards_run
+    overrides, _, _ = one_process_on_single_record_units
+    budget = [*overrides, "--set", "train.max_tokens_per_micro_batch=30", "--set", "train.log_every=1"]
+    single = tmp / "budget_single_process"
+    if not (single / "final").exists():
+        lopd("train", "-c", str(cfg), "-q", "--set", f"train.out={single}", *budget)
+    out = tmp / f"budget_two_ranks_{'fsdp2' if fsdp else 'ddp'}"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "lopd.cli",
+                          "train", "-c", str(cfg), "-q", "--set", f"train.out={out}", "--set",
+                          f"train.fsdp={str(fsdp).lower()}", "--set", "train.dist_timeout_minutes=2", *budget],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["micro/added"] for r in got) > 0  # the ranks' natural counts differed
+    assert [r["progress/tokens"] for r in got] == [r["progress/tokens"] for r in ref]
+    assert [r["loss/total"] for r in got] == pytest.approx([r["loss/total"] for r in ref], rel=1e-5)
+    a_sd, b_sd = load_model(single / "final").state_dict(), load_model(out / "final").state_dict()
+    assert all(torch.allclose(a_sd[k], b_sd[k], atol=1e-5) for k in a_sd)
+
+
+def ragged_sft_data(src_root: Path, dst_root: Path) -> Path:
+    """The run's SFT answers with their ends cut at varied lengths (9-19 tokens), so that under a token budget
+    the two ranks' halves of a global batch form different numbers of micro-batches."""
+    import pyarrow as pa
+
+    src = ShardSet.open(src_root)
+    dst = ShardSet.create(dst_root, "samples", src.metadata)
+    for i in src.complete_indices():
+        table = src.read_shard(i)
+        ids, plens, lps = (table.column(c).to_pylist() for c in ("token_ids", "prompt_len", "behavior_logprobs"))
+        keep = [max(p + 2, len(x) - (7 * j) % 11) for j, (x, p) in enumerate(zip(ids, plens))]
+        for name, values in (("token_ids", [x[:k] for x, k in zip(ids, keep)]),
+                             ("behavior_logprobs", [lp[:k - p] for lp, k, p in zip(lps, keep, plens)])):
+            field = table.schema.field(name)
+            table = table.set_column(table.schema.get_field_index(name), field, pa.array(values, field.type))
+        dst.write_shard(i, table)
+    dst.finalize(expected_shards=len(src.complete_indices()))
+    return dst.root
+
+
+@pytest.mark.integration
+def test_fsdp2_sft_with_a_token_budget_on_two_ranks_matches_one_process(shards_run):
+    """SFT, FSDP2 on 2 gloo ranks, ragged answers and a token budget under which the ranks' halves of a global batch
+    form different numbers of micro-batches: no hang, and the loss curve and weights equal one process's."""
+    tmp, cfg = shards_run
+    data = ragged_sft_data(tmp / "run" / "teacher_sft_data", tmp / "sft_data_ragged")
+    common = ["--set", f"sft.data={data}", "--set", "sft.steps=4", "--set", "sft.batch_size=8",
+              "--set", "sft.log_every=1", "--set", "sft.max_tokens_per_micro_batch=30"]
+    single, multi = tmp / "sft_budget_single", tmp / "sft_budget_fsdp2"
+    lopd("sft", "-c", str(cfg), "-q", "--set", f"sft.out={single}", *common)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "lopd.cli",
+                          "sft", "-c", str(cfg), "-q", "--set", f"sft.out={multi}", "--set", "sft.fsdp=true",
+                          "--set", "sft.dist_timeout_minutes=2", *common],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = [json.loads(x) for x in (tmp / f"{single.name}_logs" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (tmp / f"{multi.name}_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["micro/added"] for r in got) > 0
+    assert [r["loss/sft"] for r in got] == pytest.approx([r["loss/sft"] for r in ref], rel=1e-5)
+    a_sd, b_sd = load_model(single).state_dict(), load_model(multi).state_dict()
     assert all(torch.allclose(a_sd[k], b_sd[k], atol=1e-5) for k in a_sd)

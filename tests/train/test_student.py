@@ -123,7 +123,8 @@ def test_attention_kernel_is_configurable_and_packing_matches_under_eager(tiny_m
 
 def test_fsdp2_ranks_but_0_start_on_meta_and_hold_only_their_shards(tiny_models, tmp_path):
     """torchrun, 2 CPU processes, FSDP2: rank 1 builds the student on the meta device and receives its shards
-    and buffers from rank 0, so both ranks end with exactly the weights on disk; after a step, each rank's
+    and buffers from rank 0 (whose loaded copy stays on the host: rank 0 shards a meta skeleton too), so both ranks
+    end with exactly the weights on disk and hold only their shards; after a step, each rank's
     optimiser state and its DCP checkpoint file hold only its half (nothing is gathered to rank 0)."""
 
     from pipeline.models import load_model
@@ -136,6 +137,10 @@ def test_fsdp2_ranks_but_0_start_on_meta_and_hold_only_their_shards(tiny_models,
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["started_on_meta"] for r in ranks] == [False, True]
+    # after start-up each rank, rank 0 included, holds its half of the parameters (its shards) and nothing more;
+    # rank 0's loaded copy stayed a plain host model that sent the shards (it was never sharded in place or moved)
+    assert [r["local_param_bytes"] for r in ranks] == pytest.approx([ranks[0]["full_param_bytes"] / 2] * 2, rel=0.05)
+    assert ranks[0]["loaded_untouched"]
     reference = load_model(tiny_models["student"])
     expected = {f"lm.{k}": v for k, v in reference.state_dict().items()}
     expected_buffers = {f"lm.{k}": v for k, v in reference.named_buffers()}

@@ -1,0 +1,60 @@
+"""pipeline/demo/compute.py: the demo's compute accounting (FLOPs by kind, token counts read from real shard sets)
+and the break-even of the SFT curve, against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from pipeline.demo.compute import (
+    Cost,
+    answers_cost,
+    break_even,
+    rollouts_cost,
+    scoring_cost,
+    sequence_tokens,
+)
+from storage.shardset import ShardSet
+
+
+def _samples(root, rows):
+    """A samples shard set of (token_ids, prompt_len) rows, two shards."""
+    s = ShardSet.create(root, "samples", {"role": "test"})
+    half = len(rows) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        s.write_shard(i, pa.table({"token_ids": pa.array([r[0] for r in part], pa.list_(pa.int32())),
+                                   "prompt_len": pa.array([r[1] for r in part], pa.int32())}))
+    s.finalize(expected_shards=2)
+    return s.root
+
+
+def test_token_counts_and_flops_by_kind(tmp_path):
+    root = _samples(tmp_path / "s", [([1] * 10, 4), ([1] * 7, 3), ([1] * 12, 5), ([1] * 5, 5)])
+    assert sequence_tokens(root) == (4 + 3 + 5 + 5, 6 + 4 + 7 + 0)
+    p = 1000
+    answers = answers_cost(root, p, seconds=2.5)  # the teacher: prompts prefilled, answers decoded
+    assert (answers.teacher_prefill_flops, answers.teacher_decode_flops) == (2 * p * 17, 2 * p * 17)
+    assert answers.teacher_seconds == 2.5 and answers.student_flops == 0
+    roll = rollouts_cost(root, 10, seconds=1.0)  # the student samples: the same split on its side
+    assert (roll.student_prefill_flops, roll.student_decode_flops, roll.teacher_flops) == (2 * 10 * 17, 2 * 10 * 17, 0)
+    score = scoring_cost(root, p, seconds=0.5)  # scoring: one prefill over every token, no decode
+    assert score.teacher_prefill_flops == 2 * p * 34 and score.teacher_decode_flops == 0
+    total = roll + score
+    assert total.teacher_flops == 2 * p * 34 and total.student_flops == 2 * 10 * 34
+    assert total.teacher_seconds == 0.5 and total.student_seconds == 1.0
+    assert Cost(student_train_flops=6.0).to_dict()["student_flops"] == 6.0
+
+
+def test_break_even_interpolates_in_log_flops_and_says_where():
+    curve = [(1e9, 0.5), (1e10, 0.7), (1e11, 0.9)]
+    # 0.8 lies halfway from 0.7 to 0.9: halfway in log10 between 1e10 and 1e11
+    got = break_even(curve, 0.8)
+    assert got["where"] == "within" and got["teacher_flops"] == pytest.approx(10 ** 10.5, rel=1e-3)
+    assert break_even(curve, 0.6)["teacher_flops"] == pytest.approx(10 ** 9.5, rel=1e-3)
+    assert break_even(curve, 0.4) == {"teacher_flops": 1e9, "where": "below"}
+    assert break_even(curve, 0.95) == {"teacher_flops": None, "where": "above"}
+    # a curve that dips: the first budget that reaches the target counts
+    dip = [(1e9, 0.5), (1e10, 0.85), (1e11, 0.8), (1e12, 0.95)]
+    assert math.log10(break_even(dip, 0.8)["teacher_flops"]) == pytest.approx(9 + 0.3 / 0.35, rel=1e-3)
