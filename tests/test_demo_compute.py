@@ -58,3 +58,18 @@ def test_break_even_interpolates_in_log_flops_and_says_where():
     # a curve that dips: the first budget that reaches the target counts
     dip = [(1e9, 0.5), (1e10, 0.85), (1e11, 0.8), (1e12, 0.95)]
     assert math.log10(break_even(dip, 0.8)["teacher_flops"]) == pytest.approx(9 + 0.3 / 0.35, rel=1e-3)
+
+
+def test_break_even_lines_read_every_case():
+    """The demo's sentences for each break-even case (a budget beyond the curve has no FLOPs to print)."""
+    from pipeline.demo.experiment import break_even_lines
+
+    result = {"labels": {"a": "row a", "b": "row b", "c": "row c"},
+              "sft_curve": [{"teacher_flops": 1e9}, {"teacher_flops": 4e9}],
+              "break_even": {"a": {"teacher_flops": None, "where": "above", "accuracy": 0.9, "opd_teacher_flops": 2e9},
+                             "b": {"teacher_flops": 1e9, "where": "below", "accuracy": 0.5, "opd_teacher_flops": 2e9},
+                             "c": {"teacher_flops": 3e9, "where": "within", "accuracy": 0.7,
+                                   "opd_teacher_flops": 2e9}}}
+    a, b, c = break_even_lines(result)
+    assert a.startswith("row a: 0.900 with 2.00e+09 teacher FLOPs") and "up to 4.00e+09" in a
+    assert "smallest budget (1.00e+09" in b and "matched at 3.00e+09 teacher FLOPs" in c

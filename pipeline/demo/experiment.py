@@ -565,9 +565,12 @@ def break_even_lines(result: dict[str, Any]) -> list[str]:
     out = []
     largest = max(point["teacher_flops"] for point in result["sft_curve"])
     for row, b in result["break_even"].items():
-        sft = {"below": f"already matched at the curve's smallest budget ({b['teacher_flops']:.2e} teacher FLOPs)",
-               "within": f"matched at {b['teacher_flops'] or 0:.2e} teacher FLOPs",
-               "above": f"not reached within the budgets measured (up to {largest:.2e} teacher FLOPs)"}[b["where"]]
+        if b["where"] == "above":
+            sft = f"not reached within the budgets measured (up to {largest:.2e} teacher FLOPs)"
+        elif b["where"] == "below":
+            sft = f"already matched at the curve's smallest budget ({b['teacher_flops']:.2e} teacher FLOPs)"
+        else:
+            sft = f"matched at {b['teacher_flops']:.2e} teacher FLOPs"
         out.append(f"{result['labels'][row]}: {b['accuracy']:.3f} with {b['opd_teacher_flops']:.2e} teacher FLOPs; "
                    f"by SFT on teacher answers: {sft}")
     return out
