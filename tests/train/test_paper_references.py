@@ -318,7 +318,8 @@ def test_iw_opd_ablation_row_is_trls_sampled_token_loss(tiny_lm):
 
     ablate = load_ablate_config(REPO / "configs" / "ablate.yaml")
     row = row_train_config(ablate, RunConfig(run_dir=Path("/nonexistent")),
-                           "position weights, IW-OPD's form (lightning, token mean)", 0, Path("/nonexistent/a"))
+                           "position weights, IW-OPD's form (lightning, token mean)", 0, Path("/nonexistent/a"),
+                           {"policy_gradient": 1e-4, "topk": 1e-4, "sft": 3e-4})  # what a sweep chose
     assert row.losses == {"lightning": 1.0} and row.lightning.normalization == "token"
     assert row.lightning.importance == "none" and row.methods.position is not None
     assert "position weights, lopd's top-k extension (reverse_kl_topk)" in ablate.rows  # the earlier row stays
