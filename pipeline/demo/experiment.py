@@ -395,16 +395,15 @@ def demo_costs(plan: DemoPlan, world: dict[str, Any], timings: dict[str, float])
     def opd_train(step: str) -> Cost:
         return compute.training_cost(steps[step].cfg.out / "metrics.jsonl", p_student)
 
-    roll_out, topk_out = steps["rollouts"].cfg.out, steps["teacher_logprobs"].cfg.out
-    precompute = (compute.rollouts_cost(roll_out, p_student, timings.get("rollouts", 0.0))
-                  + compute.scoring_cost(topk_out, p_teacher, timings.get("teacher_logprobs", 0.0)))
+    rollouts = compute.rollouts_cost(steps["rollouts"].cfg.out, p_student, timings.get("rollouts", 0.0))
+    precompute = rollouts + compute.scoring_cost(steps["teacher_logprobs"].cfg.out, p_teacher,
+                                                 timings.get("teacher_logprobs", 0.0))
     shared = (compute.answers_cost(steps["teacher_sft_data"].cfg.out, p_teacher, timings.get("teacher_sft_data", 0.0))
               + sft_train("sft"))
     costs = {"topk_opd": precompute + opd_train("train_topk"),
              "lightning_published": precompute + opd_train("train_lightning_published"),
-             "inconsistent_teacher": (compute.rollouts_cost(roll_out, p_student, timings.get("rollouts", 0.0))
-                                      + compute.scoring_cost(steps["teacher_logprobs_B"].cfg.out, p_teacher,
-                                                             timings.get("teacher_logprobs_B", 0.0))
+             "inconsistent_teacher": (rollouts + compute.scoring_cost(steps["teacher_logprobs_B"].cfg.out, p_teacher,
+                                                                      timings.get("teacher_logprobs_B", 0.0))
                                       + opd_train("train_inconsistent")),
              "online_opd": compute.online_cost(steps["train_online"].cfg.out / "metrics.jsonl", p_teacher, p_student),
              "sft_continued": sft_train("sft_continued")}

@@ -21,7 +21,6 @@ def test_collate_places_every_record_array_at_its_target_positions():
     prompt_len-1 .. len-2 of its row, padding elsewhere; checked element by element."""
 
     from pipeline.train.batching import collate
-    from storage.synthetic import make_records
 
     records = make_records(20, 4, num_rollouts=5, response_len=7, prompt_len=3, seed=2)
     records = [dataclasses.replace(r, token_ids=r.token_ids[: r.prompt_len + n],
@@ -147,16 +146,9 @@ def test_count_split_of_a_short_step_drops_no_sequence_and_forms_no_empty_group(
         assert max(map(len, groups)) - min(map(len, groups)) <= 1
 
 
-def _ragged_records(n: int, seed: int = 0):
-    recs = make_records(64, 4, num_rollouts=n, response_len=12, prompt_len=3, seed=seed)
-    out = []
-    for i, r in enumerate(recs):
-        m = 2 + (7 * i) % 11
-        out.append(dataclasses.replace(
-            r, token_ids=r.token_ids[: r.prompt_len + m], teacher_logprobs=r.teacher_logprobs[:m],
-            behavior_logprobs=r.behavior_logprobs[:m], topk_ids=r.topk_ids[:m], topk_logprobs=r.topk_logprobs[:m],
-            tail_logprob=r.tail_logprob[:m], reward=float(i % 2)))
-    return out
+def _ragged_records(n: int):
+    """``ragged_records`` with a reward on every row (collate's NaN for a missing reward never equals itself)."""
+    return [dataclasses.replace(r, reward=float(i % 2)) for i, r in enumerate(ragged_records(64, n))]
 
 
 def _same_batch(a, b) -> bool:
