@@ -561,6 +561,10 @@ class DemoConfig(Strict):
     threads: int = Field(1, ge=1, description="torch threads of every in-process stage, pinned and recorded in "
                          "demo.json: the thread count changes float summation order, hence the results; 1 gives "
                          "the same numbers on machines with any core count (and two seeds can run side by side)")
+    workers: int = Field(2, ge=1, description="processes that run independent demo steps side by side (the two "
+                         "teachers; the OPD rows, controls and evals once their inputs exist), each with "
+                         "demo.threads threads; the results do not depend on it, the wall time does. 1: every "
+                         "step in this process, in order")
     seed: int = 0
 
 

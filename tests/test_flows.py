@@ -196,7 +196,7 @@ def test_demo_flow_runs_each_step_as_a_task_and_equals_the_cli_demo(prefect_api,
     world = {"prompts": {"test": run_dir / "world/prompts/test.jsonl"},
              "teachers": {s: {"dir": run_dir / f"world/teacher_{s}"} for s in "AB"}}
     steps = list(demo_plan(cfg, world).steps)
-    assert steps[:5] == ["teacher_sft_data", "sft", "rollouts", "teacher_logprobs", "train_topk"]
+    assert steps[:6] == ["teacher_sft_data", "sft", "rollouts", "train_online", "teacher_logprobs", "train_topk"]
     assert task_names == ["world", *steps, "report", "publish_report", "publish_plots"]
     assert artifacts["lopd-report"] == (run_dir / "demo.md").read_text()
     assert "demo_accuracy.png" in artifacts["plots"]
@@ -223,6 +223,19 @@ def test_demo_flow_runs_each_step_as_a_task_and_equals_the_cli_demo(prefect_api,
     assert again["reused_stages"] == ["bootstrap_teacher_A", "bootstrap_teacher_B", *trained]
     assert again["accuracy"] == report["accuracy"]
     assert again["time_to_accuracy"] == report["time_to_accuracy"]  # the compute seconds of the first run, kept
+
+    # two worker processes (teachers side by side, then every step once its inputs exist): the same models, byte
+    # for byte, as the flow's one-at-a-time run
+    run_dir2 = tmp_path / "demo_workers"
+    parallel = run_demo(load_run_config(DEMO_CONFIG, [*TINY_DEMO, "demo.workers=2"], run_dir2), show_progress=False,
+                        print_table=False)
+    assert report["machine"]["workers"] == 1 and parallel["machine"]["workers"] == 2
+    assert parallel["reused_stages"] == [] and list(parallel["wall_seconds"])[3:-1] == steps
+    assert parallel["accuracy"] == report["accuracy"]
+    weights = sorted(p.relative_to(run_dir) for p in run_dir.rglob("model.safetensors") if "ckpt" not in p.parts)
+    assert len(weights) == 2 + 2 + 1 + 4 + 1 + 4  # inits, teachers, SFT, OPD rows, SFT continued, the SFT curve
+    for rel in weights:
+        assert (run_dir2 / rel).read_bytes() == (run_dir / rel).read_bytes(), rel
 
 
 @pytest.mark.parametrize("runner", ["threads", pytest.param("dask", marks=pytest.mark.integration)])

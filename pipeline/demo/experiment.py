@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Executor, Future
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -42,6 +44,7 @@ from pipeline.config import (
 )
 from pipeline.demo import compute
 from pipeline.demo.compute import Cost
+from pipeline.demo.schedule import process_pool, run_steps
 from pipeline.demo.world import make_models
 from pipeline.engines.hf import HFEngine
 from pipeline.fingerprint import read_provenance
@@ -131,15 +134,23 @@ def bootstrap_teacher(init_dir: Path, out: Path, style: str, demo: DemoConfig, t
     return {"dir": out, "accuracy": acc, "seconds": seconds, "skipped": False}
 
 
-def ensure_world(cfg: RunConfig, styles: tuple[str, ...] = ("A", "B"), show_progress: bool = True) -> dict[str, Any]:
+def ensure_world(cfg: RunConfig, styles: tuple[str, ...] = ("A", "B"), show_progress: bool = True,
+                 pool: Executor | None = None) -> dict[str, Any]:
+    """The demo world's prompts, initial models and bootstrapped teachers (trained on ``pool``'s workers when
+    given), each reused when complete."""
     demo = cfg.demo()
     world = Path(cfg.run_dir) / "world"
     prompts = write_demo_prompts(world / "prompts", demo)
     if not (world / "models" / "student_init" / "config.json").exists():
         make_models(world / "models", demo.teacher, demo.student, seed=demo.seed)
     test = load_prompts(prompts["test"])
-    teachers = {s: bootstrap_teacher(world / "models" / "teacher_init", world / f"teacher_{s}", s, demo, test,
-                                     show_progress) for s in styles}
+    args = {s: (world / "models" / "teacher_init", world / f"teacher_{s}", s, demo, test) for s in styles}
+    if pool is None:
+        teachers = {s: bootstrap_teacher(*a, show_progress=show_progress) for s, a in args.items()}
+    else:
+        log.info("bootstrap: training teachers %s side by side", ", ".join(styles))
+        futures = {s: pool.submit(bootstrap_teacher, *a, show_progress=False) for s, a in args.items()}
+        teachers = {s: f.result() for s, f in futures.items()}
     return {"prompts": prompts, "teachers": teachers, "student_init": world / "models" / "student_init"}
 
 
@@ -208,10 +219,12 @@ def plot_demo(curves: dict[str, tuple[Curve, float]], out: Path) -> Path:
 
 @dataclass(frozen=True)
 class DemoStep:
-    """One stage run of the demo: a registry stage and its config (train runs also record the accuracy probe)."""
+    """One stage run of the demo: a registry stage, its config (train runs also record the accuracy probe) and the
+    steps whose output it reads (``needs``: what lets independent steps run side by side)."""
 
     stage: str
     cfg: Any
+    needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -270,12 +283,12 @@ def pin_machine(demo: DemoConfig) -> dict[str, Any]:
             "versions": {name: version(name) for name in ("transformers", "numpy", "pyarrow", "tokenizers")}}
 
 
-def demo_world(cfg: RunConfig, show_progress: bool = True) -> dict[str, Any]:
+def demo_world(cfg: RunConfig, show_progress: bool = True, pool: Executor | None = None) -> dict[str, Any]:
     """Step 1: the machine pinned and recorded (``pin_machine``), prompt files, models and the two bootstrapped
-    teachers (A and B), reused when complete."""
+    teachers (A and B, side by side on ``pool``'s workers when given), reused when complete."""
     t0 = time.perf_counter()
-    machine = pin_machine(cfg.demo())
-    world = {**ensure_world(cfg, ("A", "B"), show_progress), "machine": machine}
+    machine = {**pin_machine(cfg.demo()), "workers": cfg.demo().workers if pool is not None else 1}
+    world = {**ensure_world(cfg, ("A", "B"), show_progress, pool), "machine": machine}
     world["seconds"] = round(time.perf_counter() - t0, 2)
     _keep_timing(Path(cfg.run_dir), "world", world["seconds"])
     return world
@@ -317,17 +330,22 @@ def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
             "prompts": roll_cfg.prompts, "limit": roll_cfg.limit, "out": ablations / f"teacher_sft_data_{row}",
             "sampling": tsd_cfg.sampling.model_copy(update={"n": n})})
         curve[row] = (n, tsd_n, control.model_copy(update={"data": tsd_n.out, "out": ablations / row}))
+    # listed in a valid sequential order that is also the priority with several workers: online OPD (the longest
+    # step) starts as soon as the SFT student exists
     steps = {
-        "teacher_sft_data": DemoStep("teacher_sft_data", tsd_cfg), "sft": DemoStep("sft", sft_cfg),
-        "rollouts": DemoStep("rollouts", roll_cfg), "teacher_logprobs": DemoStep("teacher_logprobs", tl_cfg),
-        "train_topk": DemoStep("train", train_cfg),
-        "train_lightning_published": DemoStep("train", train_pub),
-        "teacher_logprobs_B": DemoStep("teacher_logprobs", tl_b),
-        "train_inconsistent": DemoStep("train", train_b),
-        "train_online": DemoStep("train", train_online),
-        "sft_continued": DemoStep("sft", control),
-        **{step: DemoStep(stage, c) for row, (_, tsd_n, sft_n) in curve.items()
-           for step, stage, c in ((f"teacher_sft_data_{row}", "teacher_sft_data", tsd_n), (row, "sft", sft_n))},
+        "teacher_sft_data": DemoStep("teacher_sft_data", tsd_cfg),
+        "sft": DemoStep("sft", sft_cfg, ("teacher_sft_data",)),
+        "rollouts": DemoStep("rollouts", roll_cfg, ("sft",)),
+        "train_online": DemoStep("train", train_online, ("sft",)),
+        "teacher_logprobs": DemoStep("teacher_logprobs", tl_cfg, ("rollouts",)),
+        "train_topk": DemoStep("train", train_cfg, ("teacher_logprobs",)),
+        "train_lightning_published": DemoStep("train", train_pub, ("teacher_logprobs",)),
+        "teacher_logprobs_B": DemoStep("teacher_logprobs", tl_b, ("rollouts",)),
+        "train_inconsistent": DemoStep("train", train_b, ("teacher_logprobs_B",)),
+        "sft_continued": DemoStep("sft", control, ("sft",)),
+        **{step: DemoStep(stage, c, needs) for row, (_, tsd_n, sft_n) in curve.items()
+           for step, stage, c, needs in ((f"teacher_sft_data_{row}", "teacher_sft_data", tsd_n, ()),
+                                         (row, "sft", sft_n, ("sft", f"teacher_sft_data_{row}")))},
     }
     # eval everything on the full held-out set
     models = {"teacher": world["teachers"]["A"]["dir"], "teacher_B": world["teachers"]["B"]["dir"],
@@ -343,18 +361,22 @@ def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
               "sft_continued": "SFT continued on the teacher's SFT answers (control)",
               **{row: f"SFT on teacher answers to the OPD prompts, {n} per prompt (control)"
                  for row, (n, _, _) in curve.items()}}
+    made_by = {"teacher": (), "teacher_B": (), "sft": ("sft",), "topk_opd": ("train_topk",),
+               "lightning_published": ("train_lightning_published",), "inconsistent_teacher": ("train_inconsistent",),
+               "online_opd": ("train_online",), "sft_continued": ("sft_continued",), **{row: (row,) for row in curve}}
     for name, model_dir in models.items():
         steps[f"eval_{name}"] = DemoStep("eval", EvalConfig(
             model=model_dir, prompts=world["prompts"]["test"], out=Path(cfg.run_dir) / "eval" / name,
-            max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512)))
+            max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512)), made_by[name])
     return DemoPlan(run_dir=Path(cfg.run_dir), demo=demo, probe_model=sft_cfg.out,
                     test_prompts=world["prompts"]["test"], steps=steps, evals={m: f"eval_{m}" for m in models},
                     labels=labels, sft_curve={row: n for row, (n, _, _) in curve.items()})
 
 
-def run_demo_step(plan: DemoPlan, name: str, show_progress: bool = True) -> StageResult:
+def run_demo_step(plan: DemoPlan, name: str, show_progress: bool = True, keep_timing: bool = True) -> StageResult:
     """One step of the plan; the result's ``wall_seconds`` is the step's, kept in demo_timings.json when the
-    stage really ran (not when it found its output complete)."""
+    stage really ran (not when it found its output complete; ``keep_timing=False``: the caller keeps it, as the
+    main process does for its workers)."""
     step = plan.steps[name]
     t0 = time.perf_counter()
     if step.stage == "train":
@@ -365,9 +387,38 @@ def run_demo_step(plan: DemoPlan, name: str, show_progress: bool = True) -> Stag
     else:
         result = registry.run_stage(step.stage, step.cfg, show_progress and step.stage != "eval")
     result = replace(result, wall_seconds=round(time.perf_counter() - t0, 2))
-    if not result.skipped:
+    if keep_timing and not result.skipped:
         _keep_timing(plan.run_dir, name, result.wall_seconds)
     return result
+
+
+def _step_in_worker(plan: DemoPlan, name: str) -> StageResult:
+    return run_demo_step(plan, name, show_progress=False, keep_timing=False)
+
+
+def _pin_worker(demo: DemoConfig) -> None:
+    pin_machine(demo)
+
+
+def run_plan(plan: DemoPlan, pool: Executor | None, show_progress: bool = True) -> dict[str, StageResult]:
+    """Every step of the plan once its inputs exist: in order in this process, or ``demo.workers`` at a time on
+    ``pool``'s processes (same results: every step pins its threads and seeds itself)."""
+    total, done = len(plan.steps), [0]
+
+    def submit(ex: Executor, name: str) -> Future[StageResult]:
+        log.info("demo: %s started", name)
+        return ex.submit(_step_in_worker, plan, name)
+
+    def on_done(name: str, result: StageResult) -> None:
+        done[0] += 1
+        if pool is not None:
+            if not result.skipped:
+                _keep_timing(plan.run_dir, name, result.wall_seconds)
+            log.info("demo: %s %s in %.1fs (%d/%d steps)", name, "reused" if result.skipped else "done",
+                     result.wall_seconds, done[0], total)
+
+    return run_steps({name: step.needs for name, step in plan.steps.items()}, submit,
+                     lambda name: run_demo_step(plan, name, show_progress), pool, plan.demo.workers, on_done)
 
 
 def _keep_timing(run_dir: Path, name: str, seconds: float) -> None:
@@ -533,9 +584,11 @@ def run_demo(cfg: RunConfig, show_progress: bool = True, print_table: bool = Tru
     """``lopd demo``: the world, every step of the plan in order, the report (flows.stages.lightning_opd runs
     the same steps as Prefect tasks)."""
     started = time.perf_counter()
-    world = demo_world(cfg, show_progress)
-    plan = demo_plan(cfg, world)
-    results = {name: run_demo_step(plan, name, show_progress) for name in plan.steps}
+    demo = cfg.demo()
+    with process_pool(demo.workers, _pin_worker, (demo,)) if demo.workers > 1 else nullcontext() as pool:
+        world = demo_world(cfg, show_progress, pool)
+        plan = demo_plan(cfg, world)
+        results = run_plan(plan, pool, show_progress)
     result = demo_report(plan, world, results, started)
     if print_table:
         print_demo_table(result)
