@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -105,3 +106,12 @@ def test_tiny_ablation_writes_table_json_and_plot_then_reuses_rows(tmp_path):
     again = json.loads(lopd("ablate", "-c", str(config), "--json", "-q").stdout)
     assert again["reused_cells"] == 1 + len(rows)  # the start row's eval and every trained row x seed
     assert {n: r["accuracy"] for n, r in again["rows"].items()} == {n: r["accuracy"] for n, r in result["rows"].items()}
+
+    # the cells ran on 2 worker processes (the default); one after the other in this process, from a copy of the same
+    # world and stages 1-3, they give the same sweep and the same rows
+    shutil.copytree(tmp_path / "demo", tmp_path / "demo1", ignore=shutil.ignore_patterns("ablate"))
+    serial = json.loads(lopd("ablate", "-c", str(config), "--json", "-q", "--set", "workers=1",
+                             "--run-dir", str(tmp_path / "demo1")).stdout)
+    assert serial["lr_sweep"] == result["lr_sweep"] and serial["reused_cells"] == 0
+    assert ({n: (r["accuracy"], r["pass@4"]) for n, r in serial["rows"].items()}
+            == {n: (r["accuracy"], r["pass@4"]) for n, r in result["rows"].items()})

@@ -73,3 +73,22 @@ def test_break_even_lines_read_every_case():
     a, b, c = break_even_lines(result)
     assert a.startswith("row a: 0.900 with 2.00e+09 teacher FLOPs") and "up to 4.00e+09" in a
     assert "smallest budget (1.00e+09" in b and "matched at 3.00e+09 teacher FLOPs" in c
+
+
+def test_time_to_target_speedup_bound_and_a_target_the_start_already_meets():
+    """Offline vs online seconds to the offline row's final probe accuracy, hand-computed: a speed-up when online
+    gets there, a lower bound when it never does, and none when the SFT student's step-0 probe already reads it."""
+    from pipeline.demo.experiment import time_to_target
+
+    offline = [(0, 0.0, 0.80), (25, 5.0, 0.88), (50, 10.0, 0.90)]
+    online = [(0, 0.0, 0.80), (25, 20.0, 0.85), (50, 40.0, 0.91)]
+    t = time_to_target(offline, online, precompute_seconds=2.0)
+    assert t["target_probe_accuracy"] == 0.90 and t["offline_seconds"] == 12.0 and t["online_seconds"] == 40.0
+    assert t["speedup"] == round(40 / 12, 2) and t["speedup_lower_bound"] is None and not t["target_met_at_start"]
+
+    never = time_to_target(offline, online[:2], precompute_seconds=2.0)
+    assert never["online_seconds"] is None and never["speedup"] is None and never["speedup_lower_bound"] == 1.67
+
+    at_start = time_to_target([(0, 0.0, 0.99), (50, 10.0, 0.99)], [(0, 0.0, 0.99), (50, 40.0, 0.995)], 2.0)
+    assert at_start["target_met_at_start"] and at_start["online_seconds"] == 0.0
+    assert at_start["speedup"] is None and at_start["speedup_lower_bound"] is None

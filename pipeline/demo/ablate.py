@@ -23,6 +23,8 @@ import json
 import math
 import re
 import time
+from concurrent.futures import Executor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ from pipeline.config import (
     load_run_config,
     set_dotted,
 )
-from pipeline.demo.experiment import DemoPlan, demo_plan, demo_world, run_demo_step
+from pipeline.demo.experiment import DemoPlan, demo_plan, demo_world, pin_worker, run_demo_step
+from pipeline.demo.schedule import process_pool, run_steps
 from pipeline.progress import log
 from pipeline.prompts import load_prompts
 from pipeline.stages import registry
@@ -68,11 +71,13 @@ class AblateConfig(Strict):
     eval_prompts: int | None = Field(200, ge=1, description="the first N held-out prompts (null: all)")
     pass_k: int = Field(4, ge=1, description="answers sampled per prompt for pass@k (temperature 1)")
     lr_grid: dict[str, list[float]] = Field(
-        default_factory=lambda: {"policy_gradient": [3e-5, 1e-4, 3e-4], "topk": [1e-4, 3e-4, 1e-3],
-                                 "sft": [3e-4, 1e-3, 3e-3]},
+        default_factory=lambda: {"policy_gradient": [3e-5, 1e-4, 3e-4], "topk": [3e-5, 1e-4, 3e-4, 1e-3],
+                                 "sft": [1e-4, 3e-4, 1e-3, 3e-3]},
         description="the learning rates the sweep tries per family (policy_gradient, topk, sft); each family's rows "
                     "train at its best rate on the validation problems")
     sweep_seed: int = Field(0, description="train.seed of the sweep's runs")
+    workers: int = Field(2, ge=1, description="processes that train and score cells side by side (each with the "
+                         "demo's demo.threads threads); the results do not depend on it. 1: one after the other here")
     rows: dict[str, list[str]] = Field(min_length=1, description="row name -> --set overrides of the train "
                                        "section; '{half_steps}' in a value becomes steps // 2")
     not_compared: dict[str, str] = Field(default_factory=dict, description="train.methods fields with no row -> "
@@ -145,9 +150,10 @@ def demo_run_config(cfg: AblateConfig) -> RunConfig:
     return load_run_config(cfg.demo_config, cfg.demo_set, cfg.run_dir)
 
 
-def ensure_demo_shards(run_cfg: RunConfig, show_progress: bool = True) -> DemoPlan:
-    """The demo world and its stages 1-3, each reused when complete; returns the demo's plan."""
-    world = demo_world(run_cfg, show_progress)
+def ensure_demo_shards(run_cfg: RunConfig, show_progress: bool = True, pool: Executor | None = None) -> DemoPlan:
+    """The demo world (its teachers on ``pool``'s workers when given) and its stages 1-3, each reused when
+    complete; returns the demo's plan."""
+    world = demo_world(run_cfg, show_progress, pool)
     plan = demo_plan(run_cfg, world)
     for name in STAGES_1_3:
         run_demo_step(plan, name, show_progress)
@@ -190,6 +196,30 @@ def run_eval_once(ecfg: EvalConfig, reuse: bool) -> tuple[dict[str, Any], bool]:
     return json.loads((ecfg.out / "eval.json").read_text()), False
 
 
+def train_and_eval(stage: str, tcfg: Any, ecfg: EvalConfig, show_progress: bool = False
+                   ) -> tuple[dict[str, Any], bool, bool]:
+    """One cell: train (``stage``: train or sft; resumes or finds it complete) then score it (reused when the model
+    did not change). Returns (eval result, training was reused, eval was reused). Runs in a worker process too."""
+    trained = registry.run_stage(stage, tcfg, show_progress=show_progress)
+    result, eval_reused = run_eval_once(ecfg, reuse=trained.skipped)
+    return result, trained.skipped, eval_reused
+
+
+def run_cells(cells: dict[str, tuple[str, Any, EvalConfig]], pool: Executor | None, workers: int,
+              show_progress: bool) -> dict[str, tuple[dict[str, Any], bool, bool]]:
+    """Independent cells (name -> stage, train config, eval config), here in order or ``workers`` at a time on
+    ``pool``."""
+    total, done = len(cells), [0]
+
+    def on_done(name: str, _: Any) -> None:
+        done[0] += 1
+        log.info("ablate [%d/%d]: %s", done[0], total, name)
+
+    return run_steps({name: () for name in cells},
+                     lambda ex, name: ex.submit(train_and_eval, *cells[name]),
+                     lambda name: train_and_eval(*cells[name], show_progress=show_progress), pool, workers, on_done)
+
+
 def train_seconds(train_out: Path) -> float:
     """Training seconds of a finished run (its last metrics record; excludes checkpoint writes and evals)."""
     return float([r for r in read_metrics(train_out / "metrics.jsonl") if "perf/train_seconds" in r][-1]
@@ -212,23 +242,23 @@ def sweep_run_config(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, fami
 
 
 def run_lr_sweep(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, root: Path, val_prompts: Path,
-                 show_progress: bool = True) -> dict[str, dict[str, Any]]:
+                 show_progress: bool = True, pool: Executor | None = None) -> dict[str, dict[str, Any]]:
     """Each family's rate: its reference run at every rate of ``lr_grid``, greedy accuracy on the validation
     problems (``eval_prompts`` of them), the best rate chosen (ties: the smaller rate). Cells are reused like the
-    rows'."""
-    out: dict[str, dict[str, Any]] = {}
+    rows'; with ``pool`` they run ``cfg.workers`` at a time."""
+    if "sft" in cfg.lr_grid:  # its data: the teacher's answers to the OPD prompts (the demo's step, reused when done)
+        run_demo_step(plan, "teacher_sft_data_sft_opd_prompts", show_progress)
+    cells: dict[str, tuple[str, Any, EvalConfig]] = {}
     for family, grid in cfg.lr_grid.items():
-        if family == "sft":  # its data: the teacher's answers to the OPD prompts (the demo's step, reused when done)
-            run_demo_step(plan, "teacher_sft_data_sft_opd_prompts", show_progress)
-        scores: dict[str, float] = {}
         for lr in sorted(grid):
             stage, scfg = sweep_run_config(cfg, run_cfg, plan, family, lr, root)
-            log.info("ablate: learning-rate sweep, %s at %g", family, lr)
-            trained = registry.run_stage(stage, scfg, show_progress=show_progress)
             model = scfg.out if stage == "sft" else scfg.out / "final"
-            result, _ = run_eval_once(eval_config(cfg, model, val_prompts, scfg.out.parent / "eval-val", cfg.sweep_seed,
-                                                  plan.demo.max_new_tokens), reuse=trained.skipped)
-            scores[f"{lr:g}"] = result["pass@1"]
+            cells[f"learning-rate sweep, {family} at {lr:g}"] = (stage, scfg, eval_config(
+                cfg, model, val_prompts, scfg.out.parent / "eval-val", cfg.sweep_seed, plan.demo.max_new_tokens))
+    results = run_cells(cells, pool, cfg.workers, show_progress)
+    out: dict[str, dict[str, Any]] = {}
+    for family, grid in cfg.lr_grid.items():
+        scores = {f"{lr:g}": results[f"learning-rate sweep, {family} at {lr:g}"][0]["pass@1"] for lr in sorted(grid)}
         best = max(sorted(grid), key=lambda lr: (scores[f"{lr:g}"], -lr))
         out[family] = {"reference_run": FAMILIES[family], "validation_accuracy": scores, "chosen": best}
     return out
@@ -238,13 +268,21 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
     """Every row x seed (train + eval), then the table, JSON and plot in ``<run_dir>/ablate/``."""
     started = time.perf_counter()
     run_cfg = demo_run_config(cfg)
-    plan = ensure_demo_shards(run_cfg, show_progress)
+    demo = run_cfg.demo()
+    with process_pool(cfg.workers, pin_worker, (demo,)) if cfg.workers > 1 else nullcontext() as pool:
+        plan = ensure_demo_shards(run_cfg, show_progress, pool)
+        return _run_ablation(cfg, run_cfg, plan, pool, show_progress, started)
+
+
+def _run_ablation(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, pool: Executor | None, show_progress: bool,
+                  started: float) -> dict[str, Any]:
     root = Path(run_cfg.run_dir) / "ablate"
     max_new = plan.demo.max_new_tokens
     pass_key = f"pass@{cfg.pass_k}"
     sft_dir = plan.steps["sft"].cfg.out
     # the rates first, on the validation problems, before any row is trained or looked at
-    sweep = run_lr_sweep(cfg, run_cfg, plan, root, Path(plan.test_prompts).with_name("val.jsonl"), show_progress)
+    sweep = run_lr_sweep(cfg, run_cfg, plan, root, Path(plan.test_prompts).with_name("val.jsonl"), show_progress,
+                         pool)
     lr_by_family = {family: entry["chosen"] for family, entry in sweep.items()}
 
     rows: dict[str, dict[str, Any]] = {}
@@ -258,19 +296,20 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
     rows["SFT student (start)"] = {"overrides": [], "family": None, "lr": None, "seeds": start}
 
     # seed-major: an interrupted run has whole seeds of every row done, and its rerun reuses them
-    cells = [(row, seed) for seed in cfg.seeds for row in cfg.rows]
-    for i, (row, seed) in enumerate(cells, 1):
-        tcfg = row_train_config(cfg, run_cfg, row, seed, root, lr_by_family)
-        log.info("ablate [%d/%d]: %s, seed %d", i, len(cells), row, seed)
-        trained = registry.run_stage("train", tcfg, show_progress=show_progress)
-        ecfg = eval_config(cfg, tcfg.out / "final", plan.test_prompts, tcfg.out.parent / "eval", seed, max_new)
-        result, eval_reused = run_eval_once(ecfg, reuse=trained.skipped)
+    configs = {(row, seed): row_train_config(cfg, run_cfg, row, seed, root, lr_by_family)
+               for seed in cfg.seeds for row in cfg.rows}
+    cells = {f"{row}, seed {seed}": ("train", tcfg, eval_config(cfg, tcfg.out / "final", plan.test_prompts,
+                                                                 tcfg.out.parent / "eval", seed, max_new))
+             for (row, seed), tcfg in configs.items()}
+    results = run_cells(cells, pool, cfg.workers, show_progress)
+    for (row, seed), tcfg in configs.items():
+        result, trained_reused, eval_reused = results[f"{row}, seed {seed}"]
         entry = rows.setdefault(row, {"overrides": row_overrides(cfg, row), "family": loss_family(tcfg),
                                       "lr": tcfg.optim.lr, "lr_from": f"sweep ({loss_family(tcfg)} family)",
                                       "dir": str(tcfg.out.parent.parent), "seeds": {}})
         entry["seeds"][str(seed)] = {"accuracy": result["pass@1"], pass_key: result[pass_key],
                                      "train_seconds": round(train_seconds(tcfg.out), 2),
-                                     "reused": trained.skipped and eval_reused}
+                                     "reused": trained_reused and eval_reused}
     for entry in rows.values():
         per_seed = list(entry["seeds"].values())
         for metric in ("accuracy", pass_key, "train_seconds"):
