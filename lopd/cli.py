@@ -240,6 +240,7 @@ def demo(
     (lopd's top-k loss), eval, plus the published Lightning OPD loss, the ablations (inconsistent teacher,
     online OPD) and the SFT controls (continued SFT; the SFT curve: SFT on 1, 2, 4, 8 teacher answers per OPD
     prompt), each row's teacher and student compute, and the break-even of the SFT curve against OPD.
+    Independent steps run side by side on demo.workers processes (default 2; the same numbers with 1).
     configs/demo-long.yaml is the second world (5-digit addition)."""
     from pipeline.config import load_run_config
 
