@@ -44,7 +44,7 @@ from pipeline.config import (
     load_run_config,
     set_dotted,
 )
-from pipeline.demo.experiment import DemoPlan, demo_plan, demo_world, pin_worker, run_demo_step
+from pipeline.demo.experiment import DemoPlan, demo_plan, demo_world, pin_machine, run_demo_step
 from pipeline.demo.schedule import process_pool, run_steps
 from pipeline.progress import log
 from pipeline.prompts import load_prompts
@@ -241,6 +241,10 @@ def sweep_run_config(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, fami
                                             "optim": base.optim.model_copy(update={"lr": lr})})
 
 
+def _sweep_cell(family: str, lr: float) -> str:
+    return f"learning-rate sweep, {family} at {lr:g}"
+
+
 def run_lr_sweep(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, root: Path, val_prompts: Path,
                  show_progress: bool = True, pool: Executor | None = None) -> dict[str, dict[str, Any]]:
     """Each family's rate: its reference run at every rate of ``lr_grid``, greedy accuracy on the validation
@@ -253,12 +257,12 @@ def run_lr_sweep(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, root: Pa
         for lr in sorted(grid):
             stage, scfg = sweep_run_config(cfg, run_cfg, plan, family, lr, root)
             model = scfg.out if stage == "sft" else scfg.out / "final"
-            cells[f"learning-rate sweep, {family} at {lr:g}"] = (stage, scfg, eval_config(
+            cells[_sweep_cell(family, lr)] = (stage, scfg, eval_config(
                 cfg, model, val_prompts, scfg.out.parent / "eval-val", cfg.sweep_seed, plan.demo.max_new_tokens))
     results = run_cells(cells, pool, cfg.workers, show_progress)
     out: dict[str, dict[str, Any]] = {}
     for family, grid in cfg.lr_grid.items():
-        scores = {f"{lr:g}": results[f"learning-rate sweep, {family} at {lr:g}"][0]["pass@1"] for lr in sorted(grid)}
+        scores = {f"{lr:g}": results[_sweep_cell(family, lr)][0]["pass@1"] for lr in sorted(grid)}
         best = max(sorted(grid), key=lambda lr: (scores[f"{lr:g}"], -lr))
         out[family] = {"reference_run": FAMILIES[family], "validation_accuracy": scores, "chosen": best}
     return out
@@ -269,7 +273,7 @@ def run_ablation(cfg: AblateConfig, show_progress: bool = True) -> dict[str, Any
     started = time.perf_counter()
     run_cfg = demo_run_config(cfg)
     demo = run_cfg.demo()
-    with process_pool(cfg.workers, pin_worker, (demo,)) if cfg.workers > 1 else nullcontext() as pool:
+    with process_pool(cfg.workers, pin_machine, (demo,)) if cfg.workers > 1 else nullcontext() as pool:
         plan = ensure_demo_shards(run_cfg, show_progress, pool)
         return _run_ablation(cfg, run_cfg, plan, pool, show_progress, started)
 

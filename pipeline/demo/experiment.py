@@ -370,11 +370,14 @@ def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
                                          (row, "sft", sft_n, ("sft", f"teacher_sft_data_{row}")))},
     }
     # eval everything on the full held-out set
-    models = {"teacher": world["teachers"]["A"]["dir"], "teacher_B": world["teachers"]["B"]["dir"],
-              "sft": sft_cfg.out, "topk_opd": train_cfg.out / "final",
-              "lightning_published": train_pub.out / "final",
-              "inconsistent_teacher": train_b.out / "final", "online_opd": train_online.out / "final",
-              "sft_continued": control.out, **{row: sft_n.out for row, (_, _, sft_n) in curve.items()}}
+    # every row of the table -> the step that writes its model (the teachers come with the world)
+    made_by = {"sft": "sft", "topk_opd": "train_topk", "lightning_published": "train_lightning_published",
+               "inconsistent_teacher": "train_inconsistent", "online_opd": "train_online",
+               "sft_continued": "sft_continued", **{row: row for row in curve}}
+    models: dict[str, tuple[Path, tuple[str, ...]]] = {
+        "teacher": (world["teachers"]["A"]["dir"], ()), "teacher_B": (world["teachers"]["B"]["dir"], ()),
+        **{row: (steps[step].cfg.out / "final" if steps[step].stage == "train" else steps[step].cfg.out, (step,))
+           for row, step in made_by.items()}}
     topk = loss_label(train_cfg)
     labels = {"teacher": "teacher A", "teacher_B": "teacher B (other style)", "sft": "SFT student",
               "topk_opd": f"{topk}, offline", "lightning_published": loss_label(train_pub) + ", offline",
@@ -383,13 +386,10 @@ def demo_plan(cfg: RunConfig, world: dict[str, Any]) -> DemoPlan:
               "sft_continued": "SFT continued on the teacher's SFT answers (control)",
               **{row: f"SFT on teacher answers to the OPD prompts, {n} per prompt (control)"
                  for row, (n, _, _) in curve.items()}}
-    made_by = {"teacher": (), "teacher_B": (), "sft": ("sft",), "topk_opd": ("train_topk",),
-               "lightning_published": ("train_lightning_published",), "inconsistent_teacher": ("train_inconsistent",),
-               "online_opd": ("train_online",), "sft_continued": ("sft_continued",), **{row: (row,) for row in curve}}
-    for name, model_dir in models.items():
+    for name, (model_dir, needs) in models.items():
         steps[f"eval_{name}"] = DemoStep("eval", EvalConfig(
             model=model_dir, prompts=world["prompts"]["test"], out=Path(cfg.run_dir) / "eval" / name,
-            max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512)), made_by[name])
+            max_new_tokens=demo.max_new_tokens, engine=EngineConfig(batch_size=512)), needs)
     return DemoPlan(run_dir=Path(cfg.run_dir), demo=demo, probe_model=sft_cfg.out,
                     test_prompts=world["prompts"]["test"], steps=steps, evals={m: f"eval_{m}" for m in models},
                     labels=labels, sft_curve={row: n for row, (n, _, _) in curve.items()})
@@ -416,11 +416,6 @@ def run_demo_step(plan: DemoPlan, name: str, show_progress: bool = True, keep_ti
 
 def _step_in_worker(plan: DemoPlan, name: str) -> StageResult:
     return run_demo_step(plan, name, show_progress=False, keep_timing=False)
-
-
-def pin_worker(demo: DemoConfig) -> None:
-    """A worker process's start: the same threads and deterministic algorithms as the main process."""
-    pin_machine(demo)
 
 
 def run_plan(plan: DemoPlan, pool: Executor | None, show_progress: bool = True) -> dict[str, StageResult]:
@@ -596,7 +591,7 @@ def run_demo(cfg: RunConfig, show_progress: bool = True, print_table: bool = Tru
     the same steps as Prefect tasks)."""
     started = time.perf_counter()
     demo = cfg.demo()
-    with process_pool(demo.workers, pin_worker, (demo,)) if demo.workers > 1 else nullcontext() as pool:
+    with process_pool(demo.workers, pin_machine, (demo,)) if demo.workers > 1 else nullcontext() as pool:
         world = demo_world(cfg, show_progress, pool)
         plan = demo_plan(cfg, world)
         results = run_plan(plan, pool, show_progress)
