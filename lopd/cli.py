@@ -28,7 +28,9 @@ app = typer.Typer(
 shards_app = typer.Typer(help="Inspect and verify teacher/rollout shard directories.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print one JSON object (speed and size; never run as tests).",
                         no_args_is_help=True)
+config_app = typer.Typer(help="Show the resolved run config.", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
+app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True)
@@ -209,19 +211,40 @@ def eval_(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, qui
 
 
 @app.command("run")
-def run_all(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
+def run_all(
+    config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print which stages would run, resume or be skipped "
+                                                            "as complete, and why; run nothing")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False,
+) -> None:
     """All stages in order without Prefect (each skips work that is already complete)."""
     from pipeline.config import STAGES, load_run_config
     from pipeline.stages import registry
 
     def go() -> None:
         cfg = load_run_config(config, set_, run_dir)
+        if dry_run:
+            from pipeline.stages.plan import plan_run, plan_table, plans_json
+
+            plans = plan_run(cfg)
+            print(json.dumps(plans_json(plans)) if json_out else plan_table(plans), end="\n" if json_out else "")
+            return
         for name in STAGES:
             if name in cfg.sections:
                 print(json.dumps(registry.run_stage(name, cfg.stage(name), show_progress=not quiet).to_dict(),
                                  default=str))
 
     _run(go)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+    """Print the resolved run config: every section of the file validated, with the defaults, the conventional
+    paths and every --set filled in (YAML; `lopd <stage> -c` reads it back unchanged)."""
+    from pipeline.config import load_run_config
+    from pipeline.stages.plan import dump_yaml, resolved_run_config
+
+    _run(lambda: print(dump_yaml(resolved_run_config(load_run_config(config, set_, run_dir))), end=""))
 
 
 @app.command("demo")

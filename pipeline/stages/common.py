@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+import yaml
+from pydantic import BaseModel
 
 from storage.errors import MissingInputError
 from storage.shardset import ShardSet, ShardSetError, ShardSetNotFoundError
@@ -88,3 +92,35 @@ def timed() -> Iterator[dict[str, float]]:
 
 def chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def stage_config_path(name: str, cfg: BaseModel) -> Path:
+    """Where a stage records the config it ran with: ``config.yaml`` in its output directory; for ``sft``, whose
+    output is the exported model directory, in ``<out>_logs`` beside its metrics; ``config.part-I.yaml`` for one
+    part of a stage whose shards are split over workers (``num_parts`` > 1)."""
+    out = Path(cfg.out)  # type: ignore[attr-defined]
+    if name == "sft":
+        return out.with_name(out.name + "_logs") / "config.yaml"
+    parts = getattr(cfg, "num_parts", 1)
+    return out / (f"config.part-{cfg.part}.yaml" if parts > 1 else "config.yaml")  # type: ignore[attr-defined]
+
+
+def write_stage_config(name: str, cfg: BaseModel) -> Path:
+    """Write the resolved config a stage ran with (defaults, file and every ``--set``; paths resolved) beside its
+    output, atomically. ``lopd run --dry-run`` compares it with the current config."""
+    path = stage_config_path(name, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# The resolved `{name}` section this stage last completed with (defaults and --set filled in).\n"
+              f"# Rerun it: lopd {name.replace('_', '-')} -c {path.name} --run-dir RUN_DIR\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(header + yaml.safe_dump({name: cfg.model_dump(mode="json")}, sort_keys=False, width=120))
+    tmp.replace(path)
+    return path
+
+
+def read_stage_config(name: str, cfg: BaseModel) -> dict[str, Any] | None:
+    """The stage section recorded beside ``cfg``'s output by ``write_stage_config`` (None when there is none)."""
+    path = stage_config_path(name, cfg)
+    if not path.is_file():
+        return None
+    return (yaml.safe_load(path.read_text()) or {}).get(name)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable
 
-from pipeline.stages.common import StageResult
+from pipeline.stages.common import StageResult, write_stage_config
 
 # Imported on use, so that e.g. `lopd rollouts` does not load the trainer.
 STAGE_FUNCTIONS: dict[str, str] = {
@@ -32,9 +33,16 @@ def online_train_config(cfg: Any) -> Any:
 
 
 def run_stage(name: str, cfg: Any, show_progress: bool = True, online: bool = False) -> StageResult:
-    """Run stage ``name``; ``online=True`` (train only) runs the online OPD baseline instead of offline OPD."""
+    """Run stage ``name``; ``online=True`` (train only) runs the online OPD baseline instead of offline OPD. A
+    stage that completes records the resolved config it ran with beside its output (``common.write_stage_config``;
+    the main process only, under torchrun)."""
     if name == "train" and online:
         from pipeline.stages.train import run_online_train
 
-        return run_online_train(online_train_config(cfg), show_progress=show_progress)
-    return stage_function(name)(cfg, show_progress=show_progress)
+        cfg = online_train_config(cfg)
+        result = run_online_train(cfg, show_progress=show_progress)
+    else:
+        result = stage_function(name)(cfg, show_progress=show_progress)
+    if int(os.environ.get("RANK", "0")) == 0 and "stopped_at" not in result.summary:
+        write_stage_config(name, cfg)
+    return result
