@@ -146,13 +146,16 @@ class ScaleConfig(Strict):
     dist_timeout_minutes: float = Field(30.0, gt=0, description="timeout of collectives under torchrun")
     deterministic: bool = Field(True, description="torch's deterministic algorithms (a rerun on the same machine "
                                 "repeats the run exactly); false lets GPU kernels choose faster non-deterministic ones")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="a step whose gradient norm is inf / NaN is skipped on every rank (weights and "
+        "optimiser state untouched); this many skips in a row stop the run with an error")
 
     # How a run is spread over devices and measured, not what it computes: left out of run fingerprints, so a
     # checkpoint resumes under another launch (FSDP or DDP, shard size, head chunk size, packing, attention kernel,
     # timeout).
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
         {"fsdp", "fsdp_shard_size", "dist_timeout_minutes", "peak_tflops", "logits_chunk_tokens", "packing",
-         "attn_implementation", "fsdp_grad_sync"})
+         "attn_implementation", "fsdp_grad_sync", "max_nonfinite_steps"})
 
     @model_validator(mode="after")
     def _one_way_to_split(self) -> "ScaleConfig":
@@ -160,6 +163,42 @@ class ScaleConfig(Strict):
             raise ValueError("set grad_accum (micro-batches by count) or max_tokens_per_micro_batch (by tokens), "
                              "not both")
         return self
+
+
+class AccuracyConfig(Strict):
+    """What an accuracy measurement decodes and reports: greedy pass@1 and/or n samples per problem with avg@n,
+    pass@k and maj@k (pipeline/eval_metrics.py). Shared by ``eval`` and the evaluation during training."""
+
+    checker: str = Field("arithmetic", description="task checker that grades an answer (and extracts it for maj@k)")
+    greedy: bool = Field(True, description="decode one greedy answer per problem: pass@1 (greedy)")
+    samples: SamplingConfig | None = Field(
+        None, description="also sample n answers per problem: avg@n, pass@k and maj@k for each k in `ks`")
+    ks: list[int] | None = Field(None, description="the k of pass@k and maj@k, each <= samples.n (default: 1, 2, 4, "
+                                 "... below n, and n)")
+    max_new_tokens: int = Field(64, ge=1, description="answer budget of greedy decoding")
+    use_chat_template: bool = True
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+
+    @model_validator(mode="after")
+    def _something_to_measure(self) -> "AccuracyConfig":
+        if not self.greedy and self.samples is None:
+            raise ValueError("greedy=false needs samples (n answers per problem): nothing would be evaluated")
+        if self.ks is not None:
+            if self.samples is None:
+                raise ValueError("ks needs samples (n answers per problem)")
+            bad = [k for k in self.ks if not 1 <= k <= self.samples.n]
+            if bad or not self.ks:
+                raise ValueError(f"ks must be non-empty with each k in 1..samples.n={self.samples.n}, got {self.ks}")
+        return self
+
+
+class TrainingEvalConfig(AccuracyConfig):
+    """Accuracy of the model being trained, every ``every`` steps and before the first (main rank; its time is not
+    training time), logged with the step's metrics as ``eval/<metric>``."""
+
+    prompts: Path = Field(description="held-out prompts with answers (JSONL / Parquet)")
+    every: int = Field(ge=1, description="steps between evaluations; a multiple of log_every")
+    batch_size: int = Field(256, ge=1, description="sequences per generate call")
 
 
 class SftConfig(ScaleConfig):
@@ -177,6 +216,8 @@ class SftConfig(ScaleConfig):
     max_seq_len: int | None = Field(None, ge=2, description="longest SFT example (prompt + answer) in tokens")
     overlong: Literal["error", "truncate"] = Field(
         "error", description="an example longer than max_seq_len: stop with an error naming it, or cut its answer")
+    eval: TrainingEvalConfig | None = Field(
+        None, description="evaluate the model every eval.every steps during training (accuracy against step)")
 
 
 class RolloutsConfig(ShardParts):
@@ -208,6 +249,9 @@ class TeacherLogprobsConfig(ShardParts):
     prompts: Path | None = Field(None, description="prompts file; needed only for privileged_context")
     max_seq_len: int | None = Field(None, ge=2)
     overlong: Literal["truncate", "skip"] = "truncate"
+    max_response_tokens: int | None = Field(
+        None, ge=1, description="score only each response's first N tokens (a cap on the response alone, applied "
+        "before max_seq_len, which bounds prompt + response); null: no cap")
 
     @model_validator(mode="after")
     def _grid_needs_compact(self) -> "TeacherLogprobsConfig":
@@ -446,6 +490,8 @@ class TrainConfig(ScaleConfig):
                              "(paper: 5e-3 annealed to 1e-3)")
     kdrl_is_cap: float = Field(2.0, gt=0, description="kdrl: cap of the detached importance ratio on the "
                                "distillation term")
+    eval: TrainingEvalConfig | None = Field(
+        None, description="evaluate the model every eval.every steps during training (accuracy against step)")
 
     # prefetching changes when data is decoded, never which: a checkpoint resumes with it on or off
     EXECUTION_ONLY: ClassVar[frozenset[str]] = ScaleConfig.EXECUTION_ONLY | {"prefetch_batches"}
@@ -520,21 +566,20 @@ class TrainConfig(ScaleConfig):
                 or any(self.route(name) != "all" for name in used))
 
 
-class EvalConfig(Strict):
+class EvalConfig(AccuracyConfig):
     model: Path
     prompts: Path
     out: Path
     engine: EngineConfig = EngineConfig()
-    checker: str = "arithmetic"
-    greedy: bool = True
-    samples: SamplingConfig | None = Field(None, description="also sample n answers per prompt for avg@n / pass@n")
-    max_new_tokens: int = Field(64, ge=1)
-    use_chat_template: bool = True
-    limit: int | None = Field(None, ge=1)
 
 
 class DemoConfig(Strict):
     digits: int = Field(3, ge=1, le=8)
+    format: Literal["steps", "guess"] = Field("steps", description="the answer format (pipeline/tasks/arithmetic.py): "
+                                              "steps then |answer, or guess: a direct guess of the result, then the "
+                                              "steps and |answer")
+    wrong_guesses: float = Field(0.3, ge=0, lt=1, description="format guess: the fraction of the teachers' training "
+                                 "solutions whose guess is wrong (no loss on it; the final answer from the steps)")
     train_prompts: int = Field(4096, ge=16)
     opd_prompts: int = Field(512, ge=16)
     test_prompts: int = Field(500, ge=16)

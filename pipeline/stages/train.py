@@ -12,6 +12,7 @@ from pipeline.fingerprint import check_shard_teacher, model_fingerprint, read_pr
 from pipeline.models import load_tokenizer
 from pipeline.progress import log
 from pipeline.stages.common import StageResult, require_model_dir, require_shard_set
+from pipeline.stages.evaluate import training_evaluation
 from pipeline.train import checkpoint
 from pipeline.train.distributed import seed_everything, setup_distributed
 from pipeline.train.loop import CheckpointPlan, EvalHook, check_launch, run_loop, start_run
@@ -33,7 +34,8 @@ from storage.shardset import ShardSet, file_sha256
 
 # Settings that do not change what a run computes (outputs, cadence, how it is spread over devices, the chunk
 # size of the LM head, timeouts); everything else must match for a checkpoint to be resumed.
-_NOT_IN_RUN_KEY = ({"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "online"}
+_NOT_IN_RUN_KEY = ({"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "online",
+                    "eval"}
                    | TrainConfig.EXECUTION_ONLY)
 
 # Method settings whose default (off) is left out of the run key; when set they are part of it.
@@ -63,6 +65,11 @@ def train_run_key(cfg: TrainConfig, student_fingerprint: str, data_fingerprint: 
         settings["online"] = {k: v for k, v in cfg.online.model_dump(mode="json").items()
                               if k not in ("teacher", "prompts")}
     m = cfg.methods
+    if any(x is not None for x in (m.tip, m.bapo, m.cov)):
+        # they select or bound tokens per micro-batch, so the grouping is part of what they compute: grad_accum and
+        # max_tokens_per_micro_batch are in the key already, the world size is checked on resume, and packing (how
+        # the token budget counts) joins them here (docs/methods.md, "Statistics global to the step")
+        settings["grouping"] = {"packing": cfg.packing}
     if any(x is not None for x in (m.tip, m.bapo, m.cov)) or "kdrl" in cfg.all_losses():
         # their definitions changed to the papers' released rules (docs/methods.md): an older checkpoint of the same
         # settings trained another objective and must not be resumed
@@ -194,6 +201,8 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
             log.warning("train: shards %s were sampled from student %s but training starts from %s; the rollouts "
                         "are then off-policy for this student", label, meta.get("student_fingerprint"), student_fp)
 
+    if eval_hook is None:
+        eval_hook, eval_every = training_evaluation(cfg, "train")
     info = setup_distributed(cfg.dist_timeout_minutes)
     check_launch(cfg, info, field="train", online=mode == "online", eval_hook=bool(eval_hook and eval_every))
     local = cfg.batch_size // info.world_size

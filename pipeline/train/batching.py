@@ -3,6 +3,7 @@ arrays and their flattening to the selected tokens the loss reads."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -248,9 +249,11 @@ def balance_micro_batches(batches: list[Batch], target: int) -> tuple[list[Batch
 
     The micro-batch with the most rows is split in two halves (the first takes the extra row) until there are
     ``target``; halves of a micro-batch within the token budget are within it. When every micro-batch is one row,
-    the rest are idle: copies of the last row that the trainer runs with its loss multiplied by 0 (the collectives
-    happen, the gradient and the metrics are untouched). Returns the micro-batches, the idle ones last, and how
-    many are idle. The step's gradient does not change: every micro-batch divides by the step's global counts."""
+    the rest are idle: copies of the last row with no target token (``mask_B_T`` all false). The trainer runs them
+    like any micro-batch, so every collective happens (the forward's all-gathers, the gradient reduction, BAPO's
+    all-reduced sums), and they contribute nothing: a zero loss, zero gradients, zero sums, no metrics. Returns
+    the micro-batches, the idle ones last, and how many are idle. The step's gradient does not change: every
+    micro-batch divides by the step's global counts."""
     batches = list(batches)
     while len(batches) < target:
         sizes = [b.input_ids_B_L.shape[0] for b in batches]
@@ -262,4 +265,10 @@ def balance_micro_batches(batches: list[Batch], target: int) -> tuple[list[Batch
                             take_rows(batches[i], list(range(half, sizes[i])))]
     idle = target - len(batches)
     last = batches[-1]
-    return batches + [take_rows(last, [last.input_ids_B_L.shape[0] - 1]) for _ in range(idle)], idle
+    return batches + [idle_copy(take_rows(last, [last.input_ids_B_L.shape[0] - 1])) for _ in range(idle)], idle
+
+
+def idle_copy(batch: Batch) -> Batch:
+    """``batch`` with no target token: the same forward (the same shapes, so the same collectives), nothing to
+    learn from."""
+    return dataclasses.replace(batch, mask_B_T=torch.zeros_like(batch.mask_B_T))

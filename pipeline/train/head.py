@@ -158,19 +158,41 @@ def chunked_token_stats(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, targ
 
 
 def merge_chunk_metrics(parts: list[tuple[int, Metrics]]) -> Metrics:
-    """Combine per-chunk metrics: ``loss/*`` are shares of one loss (summed), ``*_max`` take the max, every other
-    key is a mean over the chunk's tokens (weighted by the chunk's token count)."""
+    """Combine per-chunk (or per-micro-batch) metrics: ``loss/*`` are shares of one loss (summed), ``*_max`` take
+    the max, every other key is a mean over the parts' tokens (weighted by each part's token count). Every key of
+    any part is kept; a part with no tokens adds its loss share (0) but no statistic (its means and maxima are of
+    nothing), and a key seen only in parts without tokens reads 0."""
     total = sum(n for n, _ in parts)
     merged: Metrics = {}
-    for key in parts[0][1] if parts else ():
-        values = [(n, m[key].detach().float()) for n, m in parts]
+    for key in dict.fromkeys(k for _, m in parts for k in m):
+        values = [(n, m[key].detach().float()) for n, m in parts if key in m]
         if key.startswith("loss/"):
             merged[key] = torch.stack([v for _, v in values]).sum()
+            continue
+        counted = [(n, v) for n, v in values if n > 0]
+        if not counted:
+            merged[key] = torch.zeros_like(values[0][1])
         elif key.endswith("_max"):
-            merged[key] = torch.stack([v for _, v in values]).max()
+            merged[key] = torch.stack([v for _, v in counted]).max()
         else:
-            merged[key] = sum(n * v for n, v in values) / max(total, 1)
+            merged[key] = sum(n * v for n, v in counted) / total
     return merged
+
+
+_FUSED_ADDMM: dict[str, bool] = {}  # device type -> whether this torch's addmm takes out_dtype there
+
+
+def fused_addmm_supported(device: torch.device) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` runs on ``device`` with bf16 inputs (torch 2.11 and 2.13
+    on CUDA: yes; the older releases pyproject admits: no keyword): probed once per device type on a 1 x 1 product."""
+    if device.type not in _FUSED_ADDMM:
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        try:
+            torch.addmm(torch.zeros(1, 1, device=device), one, one, out_dtype=torch.float32)
+            _FUSED_ADDMM[device.type] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FUSED_ADDMM[device.type] = False
+    return _FUSED_ADDMM[device.type]
 
 
 def accumulate_weight_grad(grad_weight_V_H: torch.Tensor, g_n_V: torch.Tensor, h_n_H: torch.Tensor, *,
@@ -180,10 +202,11 @@ def accumulate_weight_grad(grad_weight_V_H: torch.Tensor, g_n_V: torch.Tensor, h
     With bf16 inputs the product must not be formed in bf16 and then added: that writes a V x H bf16 temporary and
     an fp32 copy of it per chunk (about 12 GB of memory traffic per 220-token chunk at vocab 151,936, hidden 4,096).
     ``fused`` (CUDA): one ``addmm`` that reads bf16 and accumulates into the fp32 gradient (``out_dtype``, as
-    Liger-Kernel's fused linear cross entropy does). The CPU has no such kernel: the two-step form there."""
+    Liger-Kernel's fused linear cross entropy does) where this torch has it (``fused_addmm_supported``); the CPU has
+    no such kernel: the two-step form there."""
     if g_n_V.dtype == grad_weight_V_H.dtype:
         grad_weight_V_H.addmm_(g_n_V.T, h_n_H)
-    elif fused:
+    elif fused and fused_addmm_supported(grad_weight_V_H.device):
         torch.addmm(grad_weight_V_H, g_n_V.T, h_n_H, out_dtype=grad_weight_V_H.dtype, out=grad_weight_V_H)
     else:
         grad_weight_V_H += (g_n_V.T @ h_n_H).to(grad_weight_V_H.dtype)
@@ -215,7 +238,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                     hidden_N_H, target_ids_N = hidden_N_H.detach()[keep_n], target_ids_N[keep_n]
                     topk_ids_N_K = None if topk_ids_N_K is None else topk_ids_N_K[keep_n]
                     grad_rows_N = keep_n
-            for start in range(0, hidden_N_H.shape[0], chunk_tokens):
+            # no token (an empty response, an idle copy): one empty chunk, so the loss runs and returns its metric
+            # keys (every rank then reduces the same keys) with a zero loss and zero gradients
+            for start in range(0, max(hidden_N_H.shape[0], 1), chunk_tokens):
                 end = min(hidden_N_H.shape[0], start + chunk_tokens)
                 h_n_H = hidden_N_H[start:end].detach().to(mm_dtype)
                 with torch.enable_grad():

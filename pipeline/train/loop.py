@@ -72,14 +72,16 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+    """Linear warm-up, then constant or cosine decay to 10% of the peak. ``factor(i)`` is the rate of the (i + 1)-th
+    optimiser step: the first step uses 1 / warmup_steps of the peak, the last warm-up step the peak, and the
+    run's last step (i = total_steps - 1) exactly the 10% floor."""
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - 1 - cfg.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -111,10 +113,14 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, objective: Ob
                micro_batches: list[Batch], cfg: ScaleConfig, grad_clip: float | None, info: DistInfo,
                device: torch.device, meter: StepMeter) -> tuple[Metrics, float]:
     """One optimiser step on this rank's ``micro_batches``: the ranks agree on their number, each micro-batch's
-    loss is divided by the step's global normalisers (so any world size and micro-batching take the same step),
-    gradients are accumulated (reduced once per step under DDP), clipped and applied. Returns the step's metrics
-    (``loss/*`` summed over ranks; ``micro/*``: the micro-batches per rank and how many the ranks added to agree)
-    and the gradient norm before clipping."""
+    loss is divided by the step's global normalisers (so any world size and micro-batching take the same step,
+    except for the methods that select or bound tokens per micro-batch: TIP, BAPO, Clip-Cov / KL-Cov, see
+    docs/methods.md), gradients are accumulated (reduced once per step under DDP), clipped and applied. A micro-batch
+    without target tokens (an empty response, an idle copy) runs like any other with zero contribution. A gradient
+    norm that is not finite (inf / NaN in some loss or gradient) skips the update on every rank alike (the norm is a
+    global reduction): weights and optimiser state stay as they were. Returns the step's metrics (``loss/*`` summed
+    over ranks; ``micro/*``: the micro-batches per rank, how many the ranks added to agree and how many are idle;
+    ``optim/skipped``: 1 when the update was skipped) and the gradient norm before clipping."""
     formed = len(micro_batches)
     micro_batches, idle = agree_on_micro_batches(micro_batches, info)
     real = micro_batches[:len(micro_batches) - idle]
@@ -127,28 +133,33 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, objective: Ob
     opt.zero_grad(set_to_none=True)
     parts: list[tuple[int, Metrics]] = []
     for i, mb in enumerate(micro_batches):
-        is_idle = i >= len(real)
-        tokens = int(mb.mask_B_T.sum())  # on the host copy: no device sync
-        if not is_idle:
+        tokens = int(mb.mask_B_T.sum())  # on the host copy: no device sync (0 for an idle copy)
+        if i < len(real):
             meter.count_positions(mb.attention_B_L, cfg.packing)
         mb = mb.to(device, non_blocking=True)  # asynchronous from pinned memory (prepare_step on CUDA)
         with gradient_sync(model, i == len(micro_batches) - 1, cfg.fsdp_grad_sync), \
                 autocast_context(cfg.precision, device, fsdp_sharded):
             loss, mb_metrics = objective.loss(model, mb, norms)
             # DDP/FSDP average gradients over ranks; the loss is already divided by the global count. An idle
-            # micro-batch takes part in the collectives with a zero gradient.
-            (loss * (0.0 if is_idle else info.world_size)).backward()
-        if not is_idle:
-            parts.append((tokens, mb_metrics))
+            # micro-batch has no target token: a zero loss and gradient, through the same collectives.
+            (loss * info.world_size).backward()
+        parts.append((tokens, mb_metrics))  # without tokens: its keys (the ranks reduce the same), no statistic
     merged = {**merge_chunk_metrics(parts), "micro/per_rank": torch.tensor(float(len(micro_batches))),
               "micro/added": counts[3].float(), "micro/idle": counts[4].float()}
     losses = [k for k in merged if k.startswith("loss/")]  # each rank holds its share of the step loss
     if losses and info.world_size > 1:
         summed = all_reduce_sum(torch.stack([merged[k].double().cpu() for k in losses]), info)
         merged.update(dict(zip(losses, summed)))
-    grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)) if grad_clip
-                 else float("nan"))
-    opt.step()
+    # the global norm (DDP's gradients are already reduced; FSDP2's norm reduces over the shards); without a clip
+    # it is still measured, to catch a non-finite gradient before it reaches the weights and the optimiser state
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
+    skipped = not math.isfinite(grad_norm)
+    if skipped:
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step()
+    merged["optim/skipped"] = torch.tensor(float(skipped))
+    meter.skipped_steps += int(skipped)
     meter.tokens += int(counts[0])
     meter.model_tokens += int(counts[2])
     return merged, grad_norm
@@ -193,7 +204,8 @@ def start_run(model: torch.nn.Module, info: DistInfo, cfg: ScaleConfig, optim: O
     opt = make_optimizer(model, optim)
     sched = make_scheduler(opt, optim, steps)
     meter = StepMeter(count_flop_params(unwrap(model)), info.world_size,
-                      cfg.peak_tflops or detect_peak_tflops(device, cfg.precision))
+                      cfg.peak_tflops or detect_peak_tflops(device, cfg.precision),
+                      head_params=unwrap(model).get_output_embeddings().weight.numel())
     run = Run(info, device, model, opt, sched, meter)
     resumed = (checkpoint.load_latest(ckpt.root, model=model, optimizer=opt, scheduler=sched, run_key=ckpt.run_key,
                                       rank=info.rank, what=what) if ckpt is not None else None)
@@ -239,19 +251,32 @@ def run_loop(run: Run, objective: Objective, source: StepSource, cfg: ScaleConfi
     if eval_hook and eval_every and run.start_step == 0 and info.is_main and metrics is not None:
         metrics.write({"step": 0, "perf/train_seconds": 0.0, **eval_hook(unwrap(model))})
         model.train()
+    consecutive_skips = 0
     with contextlib.closing(source), progress_bar(not (show_progress and info.is_main)) as bar:
         task = bar.add_task(description, total=steps, completed=run.start_step, rate="")
         for step in range(run.start_step + 1, steps + 1):
             t0 = time.perf_counter()
             micro_batches = source.next_step()  # the shard sources prepared it ahead: the wait is on their queue
             meter.data_seconds += time.perf_counter() - t0
+            lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses (logged below)
             parts, grad_norm = train_step(model, run.optimizer, objective.at_step(step), micro_batches, cfg,
                                           grad_clip, info, device, meter)
+            consecutive_skips = consecutive_skips + 1 if parts["optim/skipped"] else 0
+            if consecutive_skips:
+                log.warning("%s step %d: gradient norm %s, update skipped on every rank (%d in a row)", description,
+                            step, grad_norm, consecutive_skips)
+            if consecutive_skips >= cfg.max_nonfinite_steps:
+                raise LopdUserError(
+                    f"{description}: {consecutive_skips} steps in a row (to step {step}) had a non-finite gradient "
+                    "norm (inf / NaN) and were skipped; the weights and optimiser state are those of the last good "
+                    "step (its checkpoint resumes). Lower the learning rate, check the data of these steps (a "
+                    "teacher log-prob of -inf, an overlong row), or run with precision fp32; max_nonfinite_steps "
+                    "sets how many skips in a row are tolerated")
             run.scheduler.step()
             meter.seconds += time.perf_counter() - t0
             if step % log_every == 0 or step == steps:
                 last = {"step": step, **{k: round(float(v), 6) for k, v in parts.items()},
-                        "optim/lr": run.scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
+                        "optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped_steps": meter.skipped_steps,
                         "progress/tokens": meter.tokens, "progress/model_tokens": meter.model_tokens,
                         "perf/train_seconds": round(meter.seconds, 3),
                         **meter.metrics(device), **source.metrics(info)}

@@ -20,7 +20,9 @@ Shape key:
 Normalisation: a loss is a sum over valid tokens (or sequences) divided by ``normalizer``, the
 GLOBAL count over all gradient-accumulation micro-batches and ranks of the step (see
 ``valid_count``). Left as None it is this call's own count, which is right only when one call
-makes the whole step. Either way it is clamped to at least 1, so a fully masked batch gives 0.
+makes the whole step (then clamped to at least 1, so a fully masked batch gives 0). A given normaliser is used
+as it is, only kept above the dtype's smallest normal number: it may be a sum of weights below 1
+(``weight_norm: sum``), and a zero count comes only with a zero sum, which stays 0.
 ``weights_B_T`` (optional) are per-token weights of that sum: sum_t w_t l_t / normalizer. The
 "sequence" normalisation is the weight 1 / (valid tokens of the row) (``reduction_weights``);
 a caller that sees only part of each row (a chunk) passes the whole rows' weights.
@@ -489,7 +491,7 @@ def lightning_pg(
                                                       valid_B_T),
         "lightning/reverse_kl_estimate": _masked_mean(-raw_advantage_B_T, valid_B_T),
         "is/ratio_mean": _masked_mean(ratio_detached_B_T, valid_B_T),
-        "is/ratio_max": torch.where(valid_B_T, ratio_detached_B_T, 0.0).max(),
+        "is/ratio_max": _masked_max(ratio_detached_B_T, valid_B_T),
         "is/clip_frac": _masked_mean(clipped_B_T.to(detached_B_T.dtype), valid_B_T),
     }
     if k3_guard:
@@ -751,8 +753,10 @@ def _reduce(per_token_B_T: torch.Tensor, valid_B_T: torch.Tensor, normalization:
     """sum_t w_t l_t over valid tokens / normalizer, with w = ``reduction_weights(valid, normalization)``
     unless given (token: a plain sum; sequence: a token-mean per row, summed over rows)."""
     if normalizer is None:
-        normalizer = valid_count(valid_B_T, normalization)
-    normalizer = torch.as_tensor(normalizer, dtype=per_token_B_T.dtype, device=per_token_B_T.device).clamp_min(1)
+        normalizer = valid_count(valid_B_T, normalization).clamp_min(1)
+    # not clamped at 1: a weight sum may be below it (``weight_norm: sum``); counts arrive clamped by their callers
+    normalizer = torch.as_tensor(normalizer, dtype=per_token_B_T.dtype, device=per_token_B_T.device).clamp_min(
+        torch.finfo(per_token_B_T.dtype).tiny)
     if weights_B_T is None:
         weights_B_T = reduction_weights(valid_B_T, normalization, per_token_B_T.dtype)
     per_token_B_T = torch.where(valid_B_T, per_token_B_T * weights_B_T.to(per_token_B_T.dtype), 0.0)
@@ -762,3 +766,9 @@ def _reduce(per_token_B_T: torch.Tensor, valid_B_T: torch.Tensor, normalization:
 def _masked_mean(x_B_T: torch.Tensor, valid_B_T: torch.Tensor) -> torch.Tensor:
     x_B_T = x_B_T.detach()
     return torch.where(valid_B_T, x_B_T, 0.0).sum() / valid_B_T.sum().clamp_min(1)
+
+
+def _masked_max(x_B_T: torch.Tensor, valid_B_T: torch.Tensor) -> torch.Tensor:
+    """The largest valid value, 0 where there is none (an empty chunk, a fully masked micro-batch)."""
+    x_B_T = torch.where(valid_B_T, x_B_T.detach(), 0.0)
+    return x_B_T.max() if x_B_T.numel() else x_B_T.new_zeros(())

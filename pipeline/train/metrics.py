@@ -108,9 +108,12 @@ class StepMeter:
     slots: int = 0  # this rank's B x L positions
     seconds: float = 0.0  # wall time of steps, data wait included
     data_seconds: float = 0.0
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite gradient norm)
+    head_params: int = 0  # the LM head's parameters (within flop_params): they run on the response tokens only
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("tokens", "model_tokens", "padded", "slots", "seconds", "data_seconds")}
+        return {k: getattr(self, k) for k in ("tokens", "model_tokens", "padded", "slots", "seconds", "data_seconds",
+                                              "skipped_steps")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
@@ -130,6 +133,7 @@ class StepMeter:
                "perf/data_wait_frac": round(self.data_seconds / seconds, 4),
                "perf/peak_mem_gb": round(peak_memory_gb(device), 3)}
         if self.peak_tflops:
-            flops = 6.0 * self.flop_params * self.model_tokens
+            # the decoder runs on every attended token, the chunked LM head only on the response tokens
+            flops = 6.0 * ((self.flop_params - self.head_params) * self.model_tokens + self.head_params * self.tokens)
             out["perf/mfu"] = round(flops / seconds / (self.peak_tflops * 1e12 * self.world_size), 4)
         return out

@@ -131,7 +131,7 @@ def method_weights(cfg: TrainConfig, batch: Batch, paced_scale: torch.Tensor | N
     for name, w_B_T in parts.items():
         weights_B_T = w_B_T if weights_B_T is None else weights_B_T * w_B_T
         stats[f"weights/{name}_mean"] = L._masked_mean(w_B_T, valid_B_T)
-        stats[f"weights/{name}_token_max"] = torch.where(valid_B_T, w_B_T, 0.0).max()
+        stats[f"weights/{name}_token_max"] = L._masked_max(w_B_T, valid_B_T)
         stats[f"weights/{name}_kept"] = L._masked_mean((w_B_T > 0).float(), valid_B_T)
     return weights_B_T, stats
 
@@ -221,7 +221,7 @@ def diagnostics(stats: TokenStats, targets: TokenTargets, mask_B_T: torch.Tensor
             out["diag/top1_agree"] = L._masked_mean(agree_B_T, valid_B_T)
     if targets.weights_N is not None:
         out["weights/mean"] = L._masked_mean(targets.weights_N, valid_B_T)
-        out["weights/token_max"] = torch.where(valid_B_T, targets.weights_N, 0.0).max()
+        out["weights/token_max"] = L._masked_max(targets.weights_N, valid_B_T)
     return out
 
 

@@ -52,7 +52,9 @@ class BapoBounds:
     and ``advantage_clip`` included), then ``done`` adapts [c_lo, c_hi] (``pipeline.train.losses.bapo_bounds``)
     before the loss pass. Per micro-batch, the contributions summed over the ranks: as the authors' released code
     (its policy loss runs per micro-batch, all-reduced over the data-parallel ranks); every rank runs the same number
-    of micro-batches per step. Cost: one more chunk x vocab matmul per token, no gradient."""
+    of micro-batches per step, an idle copy (no target token) adding zero to the sums. The bounds therefore depend
+    on how the step is grouped (docs/methods.md, "Statistics global to the step"). Cost: one more chunk x vocab
+    matmul per token, no gradient."""
 
     entropy = False
 
@@ -173,6 +175,10 @@ class TipSelection:
 
     def done(self) -> torch.Tensor | None:
         tip = self.tip
+        if self.entropy_N.numel() == 0:  # a micro-batch without tokens (an empty response, an idle copy)
+            zero = self.entropy_N.new_zeros((), dtype=torch.float32)
+            self.stats = {"weights/tip_kept": zero, "tip/entropy_mean": zero, "tip/kept_entropy_mean": zero}
+            return None
         if tip.mode in ("soft_or", "q3_only"):
             score = tip_soft_or_scores if tip.mode == "soft_or" else tip_q3_only_scores
             kept_N = tip_keep(score(self.entropy_N, self.divergence_N), tip.rho, sample=False)

@@ -183,5 +183,9 @@ def test_balance_adds_idle_micro_batches_when_every_one_is_a_single_row():
     batches = [collate([r], pad_id=0) for r in records]
     balanced, idle = balance_micro_batches(batches, 5)
     assert len(balanced) == 5 and idle == 3
-    assert all(_same_batch(b, batches[-1]) for b in balanced[2:])  # copies of the last row: run with loss x 0
+    # copies of the last row without target tokens: the same forward, nothing to learn from
+    last = batches[-1]
+    for b in balanced[2:]:
+        assert not b.mask_B_T.any() and last.mask_B_T.any()
+        assert _same_batch(dataclasses.replace(b, mask_B_T=last.mask_B_T), last)
     assert balanced[:2] == batches
