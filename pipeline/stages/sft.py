@@ -17,6 +17,7 @@ from pipeline.fingerprint import model_fingerprint, read_provenance, shard_data_
 from pipeline.models import load_tokenizer
 from pipeline.progress import log
 from pipeline.stages.common import StageResult, require_model_dir, require_shard_set, timed
+from pipeline.stages.evaluate import training_evaluation
 from pipeline.train import checkpoint
 from pipeline.train.batching import Example
 from pipeline.train.distributed import seed_everything, setup_distributed
@@ -61,7 +62,7 @@ def iter_shard_examples(shardset: ShardSet, seed: int, max_seq_len: int | None =
 
 # Settings that do not change what a run computes: paths, logging and checkpoint cadence, how it is launched.
 _NOT_IN_RUN_KEY = ({"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
-                    "deterministic"} | SftConfig.EXECUTION_ONLY)
+                    "deterministic", "eval"} | SftConfig.EXECUTION_ONLY)
 
 
 def sft_identity(cfg: SftConfig, teacher_fp: str | None, base_fp: str, data_manifest: dict) -> dict:
@@ -84,8 +85,9 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
     if done and done.get("sft_run_key") == run_key:
         log.info("sft: %s is complete (same data, base model and config); nothing to do", cfg.out)
         return StageResult("sft", cfg.out, skipped=True, summary={"sft_teacher_fingerprint": teacher_fp})
+    eval_hook, eval_every = training_evaluation(cfg, "sft")
     info = setup_distributed(cfg.dist_timeout_minutes)
-    check_launch(cfg, info, field="sft")
+    check_launch(cfg, info, field="sft", eval_hook=eval_hook is not None)
     if cfg.batch_size % (info.world_size * cfg.grad_accum):
         raise LopdUserError(f"sft.batch_size={cfg.batch_size} must be a multiple of grad_accum × world size "
                             f"= {cfg.grad_accum} × {info.world_size}")
@@ -104,7 +106,8 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
     with timed() as t:
         last, _ = run_loop(run, SftObjective(cfg.logits_chunk_tokens, cfg.packing), source, cfg, steps=cfg.steps,
                            grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, metrics=metrics, ckpt=ckpt,
-                           description="sft", show_progress=show_progress, loss_key="loss/sft")
+                           description="sft", show_progress=show_progress, loss_key="loss/sft",
+                           eval_hook=eval_hook, eval_every=eval_every)
     save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, cfg.out, provenance, cfg.precision)
     if info.is_main:
         checkpoint.prune_all(ckpt.root)  # the final model dir is the durable result
