@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
-# The trainer and the extraction at the recipe's scale on one GPU, in one command (meant to finish in under 8 minutes
-# on an H100/H200-class GPU): random-init Qwen3-shaped models.
-#   - the users' code path: `lopd train` under `torchrun --nproc-per-node 1` with FSDP2, bf16, activation
-#     checkpointing, ragged rows (1,024-4,096 tokens) and a token budget, a DCP checkpoint at step 2 and a second
-#     launch that resumes from it to step 4 (1.7B-shaped student): tokens/s, MFU, peak memory per step;
-#   - a 1.7B-shaped student, full optimiser steps at T=4096 and 8192 (lightning, reverse_kl_topk): step time,
-#     tokens/s, MFU, max_memory_allocated;
-#   - an 8B-shaped student, forward+backward of one 4-sequence micro-batch: activations + loss path (<= 40 GB);
-#   - the LM head's weight-gradient accumulation, two-step bf16 product vs fused addmm(out_dtype=fp32);
-#   - vLLM scoring of an 8B-shaped teacher, 64 x 6,144 tokens, k = 20 and 128, two token budgets (own process).
-# Writes $OUT/gpu-check.json (or --out DIR); model dirs go to $TMPDIR. `--cpu-smoke` runs the same code on tiny
-# shapes on CPU, the torchrun part on 2 gloo ranks (CI does).
+# lopd's scale figures on one lent GPU, one part per command (each meant to finish well under 8 minutes on an H100;
+# the arithmetic behind each estimate is in pipeline/bench/gpu_check.py and docs/benchmarks.md):
+#   bash scripts/gpu-check.sh --part train    # lopd train under torchrun (FSDP2, token budget, DCP resume); 1.7B steps
+#   bash scripts/gpu-check.sh --part head     # 8B micro-batch memory; the head's weight gradient, two-step vs fused
+#   bash scripts/gpu-check.sh --part score    # vLLM scoring of an 8B-shaped teacher (needs vLLM)
+#   bash scripts/gpu-check.sh --part parity   # VLLMEngine vs HFEngine, V2 model runner on and off (needs vLLM)
+#   bash scripts/gpu-check.sh --cpu-smoke     # every part on tiny shapes on CPU (CI)
+# Each part writes $OUT/gpu-check-<part>.json (or --out DIR) after every case; model dirs and checkpoints go to
+# $TMPDIR, after a free-space check. Without the project's .venv (a bare device image), the packages the image lacks
+# are installed offline from the wheelhouse scripts/device-wheels.sh builds (LOPD_WHEELS, default .device-wheels)
+# into a directory on PYTHONPATH (LOPD_DEVICE_SITE, default $TMPDIR/lopd-device-site).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export HF_HUB_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-exec "$PY" -m pipeline.bench.scale "$@"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# import name -> distribution, for every package the check imports beyond torch, transformers and numpy
+missing=$("$PY" - <<'EOF'
+import importlib.util
+need = {"pydantic": "pydantic>=2.7", "pyarrow": "pyarrow>=17", "yaml": "pyyaml", "typer": "typer>=0.12",
+        "rich": "rich>=13"}
+print(" ".join(dist for mod, dist in need.items() if importlib.util.find_spec(mod) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+  WHEELS=${LOPD_WHEELS:-.device-wheels}
+  SITE=${LOPD_DEVICE_SITE:-${TMPDIR:-/tmp}/lopd-device-site}
+  if [ ! -d "$WHEELS" ]; then
+    echo "gpu-check: this Python lacks $missing and there is no wheelhouse at $WHEELS (bash scripts/device-wheels.sh)" >&2
+    exit 2
+  fi
+  echo "gpu-check: installing $missing from $WHEELS into $SITE (offline)" >&2
+  # shellcheck disable=SC2086
+  "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" --target "$SITE" --upgrade $missing
+  export PYTHONPATH="$SITE:$PYTHONPATH"
+fi
+exec "$PY" -m pipeline.bench.gpu_check "$@"
