@@ -25,7 +25,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-shards_app = typer.Typer(help="Inspect and verify teacher/rollout shard directories.", no_args_is_help=True)
+shards_app = typer.Typer(help="Inspect, show, export and verify teacher/rollout shard directories.",
+                         no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print one JSON object (speed and size; never run as tests).",
                         no_args_is_help=True)
 config_app = typer.Typer(help="Show the resolved run config.", no_args_is_help=True)
@@ -336,6 +337,52 @@ def shards_inspect(path: Path) -> None:
     from storage.inspect import inspect_shards
 
     _run(lambda: print(json.dumps(inspect_shards(path), indent=2, default=str)))
+
+
+@shards_app.command("show")
+def shards_show(
+    path: Path,
+    rows: Annotated[int, typer.Option("--rows", "-n", help="rollouts to show")] = 2,
+    positions: Annotated[int, typer.Option(help="response positions shown per rollout")] = 32,
+    top: Annotated[int, typer.Option(help="teacher top-k entries shown per position")] = 5,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="model dir whose tokenizer decodes the ids (default: "
+                                                          "the one recorded in the shards' provenance)")] = None,
+) -> None:
+    """A few rollouts as text: per position the sampled token, its teacher and student probabilities and the
+    teacher's top-k tokens with their probabilities."""
+    from pipeline.shards_view import rollout_views, shard_tokenizer
+
+    def go() -> None:
+        out = Console(width=max(Console().width, 140))
+        for view in rollout_views(path, shard_tokenizer(path, tokenizer), rows=rows, positions=positions, top=top):
+            out.print(view)
+
+    _run(go)
+
+
+@shards_app.command("export")
+def shards_export(
+    path: Path,
+    readable: Annotated[Path, typer.Option("--readable", help="directory for the plain Parquet files (one per "
+                                                            "shard; list columns any Parquet reader understands)")],
+    text: Annotated[bool, typer.Option("--text/--no-text", help="add the token text columns (tokens, "
+                                                                "topk_tokens) decoded with the tokenizer")] = True,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="model dir whose tokenizer decodes the ids (default: "
+                                                          "the one recorded in the shards' provenance)")] = None,
+) -> None:
+    """Write a shard set as plain Parquet that polars, duckdb, pandas and HF datasets read without lopd: token ids,
+    log-probs and the teacher's top-k as list columns (decoded, not codec bytes), plus the token text."""
+    from storage.inspect import export_readable
+
+    def go() -> None:
+        decorate = None
+        if text:
+            from pipeline.shards_view import shard_tokenizer, with_token_text
+
+            decorate = with_token_text(shard_tokenizer(path, tokenizer))
+        print(json.dumps(export_readable(path, readable, decorate), indent=2))
+
+    _run(go)
 
 
 @shards_app.command("verify")

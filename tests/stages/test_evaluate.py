@@ -4,6 +4,9 @@ during `lopd sft` / `lopd train` (`sft.eval`, `train.eval`)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from pipeline.eval_metrics import summarise
 from pipeline.stages.evaluate import training_evaluation
 from pipeline.train.metrics import read_metrics
 from storage.errors import LopdUserError
-from tests.conftest import lopd
+from tests.conftest import REPO, free_port, lopd
 
 pytestmark = pytest.mark.integration
 
@@ -92,3 +95,19 @@ def test_training_eval_must_fall_on_logged_steps(shards_run):
     sft = load_run_config(cfg, ["sft.log_every=2", f"sft.eval={{prompts: {tmp / 'prompts.jsonl'}, every: 3}}"])
     with pytest.raises(LopdUserError, match="sft.eval.every=3 must be a multiple of sft.log_every=2"):
         training_evaluation(sft.stage("sft"), "sft")
+
+
+def test_train_eval_under_ddp_logs_accuracy_once_at_the_eval_steps(shards_run, tmp_path):
+    """Two gloo ranks (DDP): rank 0 evaluates while the other waits at the next step's collectives."""
+    tmp, cfg = shards_run
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "lopd.cli",
+                          "train", "-c", str(cfg), "-q", "--set", f"train.out={tmp_path / 'ddp'}", "--set",
+                          "train.steps=4", "--set",
+                          f"train.eval={{prompts: {tmp / 'prompts.jsonl'}, every: 2, limit: 8, max_new_tokens: 12}}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval/pass@1" in r] == [0, 2, 4]
