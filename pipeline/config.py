@@ -165,6 +165,9 @@ class ScaleConfig(Strict):
         return self
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
 class AccuracyConfig(Strict):
     """What an accuracy measurement decodes and reports: greedy pass@1 and/or n samples per problem with avg@n,
     pass@k and maj@k (pipeline/eval_metrics.py). Shared by ``eval`` and the evaluation during training."""
@@ -218,6 +221,11 @@ class SftConfig(ScaleConfig):
         "error", description="an example longer than max_seq_len: stop with an error naming it, or cut its answer")
     eval: TrainingEvalConfig | None = Field(
         None, description="evaluate the model every eval.every steps during training (accuracy against step)")
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="experiment trackers that get every metrics record and the resolved config "
+        "as hyperparameters (main rank): tensorboard, wandb, mlflow, trackio; local / offline unless their "
+        "environment names a server (pipeline/tracking.py)")
+    run_name: str | None = Field(None, description="the run's name in the trackers (default: the out directory's)")
 
 
 class RolloutsConfig(ShardParts):
@@ -492,6 +500,11 @@ class TrainConfig(ScaleConfig):
                                "distillation term")
     eval: TrainingEvalConfig | None = Field(
         None, description="evaluate the model every eval.every steps during training (accuracy against step)")
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="experiment trackers that get every metrics record and the resolved config "
+        "as hyperparameters (main rank): tensorboard, wandb, mlflow, trackio; local / offline unless their "
+        "environment names a server (pipeline/tracking.py)")
+    run_name: str | None = Field(None, description="the run's name in the trackers (default: the out directory's)")
 
     # prefetching changes when data is decoded, never which: a checkpoint resumes with it on or off
     EXECUTION_ONLY: ClassVar[frozenset[str]] = ScaleConfig.EXECUTION_ONLY | {"prefetch_batches"}
@@ -571,6 +584,10 @@ class EvalConfig(AccuracyConfig):
     prompts: Path
     out: Path
     engine: EngineConfig = EngineConfig()
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="experiment trackers that get the results (at step 0) and the resolved "
+        "config as hyperparameters: tensorboard, wandb, mlflow, trackio (pipeline/tracking.py)")
+    run_name: str | None = Field(None, description="the run's name in the trackers (default: the out directory's)")
 
 
 class DemoConfig(Strict):

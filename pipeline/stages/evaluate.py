@@ -29,6 +29,7 @@ from pipeline.prompts import PromptFileError, PromptRecord, load_prompts
 from pipeline.stages.common import StageResult, require_model_dir, timed
 from pipeline.tasks import arithmetic
 from pipeline.tasks.checkers import get_checker
+from pipeline.tracking import check_installed, open_trackers
 from storage.errors import LopdUserError
 
 
@@ -124,6 +125,7 @@ def load_eval_prompts(path: Path, limit: int | None, field: str) -> list[PromptR
 
 def run_eval(cfg: EvalConfig, show_progress: bool = True) -> StageResult:
     require_model_dir(cfg.model, field="eval.model", made_by="lopd train")
+    check_installed(cfg.report_to, "eval")
     prompts = load_eval_prompts(cfg.prompts, cfg.limit, "eval.prompts")
     tokenizer = load_tokenizer(cfg.model)
     engine = make_engine(str(cfg.model), cfg.engine)
@@ -139,6 +141,9 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> StageResult:
                 f.write(json.dumps({"decoding": mode, **row}) + "\n")
     (cfg.out / "eval.json").write_text(json.dumps(result, indent=2))
     (cfg.out / "eval.md").write_text(markdown_table({Path(cfg.model).name: result}))
+    with open_trackers(cfg.report_to, cfg.out, cfg.run_name or cfg.out.name, cfg.model_dump(mode="json"),
+                       field="eval") as trackers:
+        trackers.log({"step": 0, **{f"eval/{k}": v for k, v in result.items() if "@" in k}})
     log.info("eval: %s %s", cfg.model, ", ".join(f"{k} {v:.3f}" for k, v in result.items() if "@" in k))
     return StageResult("eval", cfg.out, wall_seconds=t["seconds"],
                        summary={k: v for k, v in result.items() if "@" in k})

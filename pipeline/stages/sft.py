@@ -18,6 +18,7 @@ from pipeline.models import load_tokenizer
 from pipeline.progress import log
 from pipeline.stages.common import StageResult, require_model_dir, require_shard_set, timed
 from pipeline.stages.evaluate import training_evaluation
+from pipeline.tracking import check_installed, open_trackers
 from pipeline.train import checkpoint
 from pipeline.train.batching import Example
 from pipeline.train.distributed import seed_everything, setup_distributed
@@ -62,7 +63,7 @@ def iter_shard_examples(shardset: ShardSet, seed: int, max_seq_len: int | None =
 
 # Settings that do not change what a run computes: paths, logging and checkpoint cadence, how it is launched.
 _NOT_IN_RUN_KEY = ({"out", "student", "data", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
-                    "deterministic", "eval"} | SftConfig.EXECUTION_ONLY)
+                    "deterministic", "eval", "report_to", "run_name"} | SftConfig.EXECUTION_ONLY)
 
 
 def sft_identity(cfg: SftConfig, teacher_fp: str | None, base_fp: str, data_manifest: dict) -> dict:
@@ -86,6 +87,7 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
         log.info("sft: %s is complete (same data, base model and config); nothing to do", cfg.out)
         return StageResult("sft", cfg.out, skipped=True, summary={"sft_teacher_fingerprint": teacher_fp})
     eval_hook, eval_every = training_evaluation(cfg, "sft")
+    check_installed(cfg.report_to, "sft")
     info = setup_distributed(cfg.dist_timeout_minutes)
     check_launch(cfg, info, field="sft", eval_hook=eval_hook is not None)
     if cfg.batch_size % (info.world_size * cfg.grad_accum):
@@ -100,10 +102,12 @@ def run_sft(cfg: SftConfig, show_progress: bool = True) -> StageResult:
     # the SFT stream's position is global (steps x batch size): its checkpoints resume under another world size
     ckpt = CheckpointPlan(logs / "ckpt", cfg.checkpoint_every, cfg.keep_checkpoints, run_key, at_end=False)
     run = start_run(model, info, cfg, cfg.optim, cfg.steps, ckpt, what="SFT")
-    metrics = MetricsWriter(logs / "metrics.jsonl", enabled=info.is_main, resume_step=run.start_step)
+    tracker = open_trackers(cfg.report_to if info.is_main else [], logs, cfg.run_name or cfg.out.name,
+                            cfg.model_dump(mode="json"), field="sft", resume_step=run.start_step)
+    metrics = MetricsWriter(logs / "metrics.jsonl", enabled=info.is_main, resume_step=run.start_step, tracker=tracker)
     source = ExampleBatches(iter_shard_examples(data, cfg.seed, cfg.max_seq_len, cfg.overlong), cfg, cfg.batch_size,
                             tokenizer.pad_token_id, info, start_step=run.start_step)
-    with timed() as t:
+    with timed() as t, tracker:
         last, _ = run_loop(run, SftObjective(cfg.logits_chunk_tokens, cfg.packing), source, cfg, steps=cfg.steps,
                            grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, metrics=metrics, ckpt=ckpt,
                            description="sft", show_progress=show_progress, loss_key="loss/sft",

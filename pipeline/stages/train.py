@@ -14,6 +14,7 @@ from pipeline.models import load_tokenizer
 from pipeline.progress import log
 from pipeline.stages.common import StageResult, require_model_dir, require_shard_set
 from pipeline.stages.evaluate import training_evaluation
+from pipeline.tracking import check_installed, open_trackers
 from pipeline.train import checkpoint
 from pipeline.train.distributed import seed_everything, setup_distributed
 from pipeline.train.loop import CheckpointPlan, EvalHook, check_launch, run_loop, start_run
@@ -36,7 +37,7 @@ from storage.shardset import ShardSet, file_sha256
 # Settings that do not change what a run computes (outputs, cadence, how it is spread over devices, the chunk
 # size of the LM head, timeouts); everything else must match for a checkpoint to be resumed.
 _NOT_IN_RUN_KEY = ({"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "online",
-                    "eval"}
+                    "eval", "report_to", "run_name"}
                    | TrainConfig.EXECUTION_ONLY)
 
 # Method settings whose default (off) is left out of the run key; when set they are part of it.
@@ -204,6 +205,7 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
 
     if eval_hook is None:
         eval_hook, eval_every = training_evaluation(cfg, "train")
+    check_installed(cfg.report_to, "train")
     info = setup_distributed(cfg.dist_timeout_minutes)
     check_launch(cfg, info, field="train", online=mode == "online", eval_hook=bool(eval_hook and eval_every))
     local = cfg.batch_size // info.world_size
@@ -240,12 +242,15 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
                               ReaderState.from_dict(saved["reader"]) if saved and saved["reader"] else None,
                               tokenizer.pad_token_id, rollouts)
 
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=info.is_main, resume_step=run.start_step)
-    last, step = run_loop(run, OpdObjective(cfg, rollouts, reference),
-                          StepBatches(source, cfg, local, tokenizer.pad_token_id, rollouts), cfg, steps=cfg.steps,
-                          grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, metrics=metrics, ckpt=ckpt,
-                          description=f"train ({mode} OPD)", show_progress=show_progress, eval_hook=eval_hook,
-                          eval_every=eval_every, stop_after=stop_after)
+    with open_trackers(cfg.report_to if info.is_main else [], out, cfg.run_name or out.name,
+                       cfg.model_dump(mode="json"), field="train", resume_step=run.start_step) as tracker:
+        metrics = MetricsWriter(out / "metrics.jsonl", enabled=info.is_main, resume_step=run.start_step,
+                                tracker=tracker)
+        last, step = run_loop(run, OpdObjective(cfg, rollouts, reference),
+                              StepBatches(source, cfg, local, tokenizer.pad_token_id, rollouts), cfg, steps=cfg.steps,
+                              grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, metrics=metrics, ckpt=ckpt,
+                              description=f"train ({mode} OPD)", show_progress=show_progress, eval_hook=eval_hook,
+                              eval_every=eval_every, stop_after=stop_after)
     if step < cfg.steps:
         return StageResult("train", out, summary={"stopped_at": step})
 

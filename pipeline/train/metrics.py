@@ -15,11 +15,13 @@ import torch
 
 class MetricsWriter:
     """Appends one JSON object per step to ``metrics.jsonl`` (main rank only). On resume it truncates
-    lines past the checkpoint step, so the file always tells one consistent history."""
+    lines past the checkpoint step, so the file always tells one consistent history. ``tracker`` (the run's
+    ``pipeline.tracking.Trackers``, main rank) gets every record written."""
 
-    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0, tracker: Any | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.tracker = tracker
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
@@ -31,6 +33,8 @@ class MetricsWriter:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
