@@ -154,7 +154,7 @@ def test_loss_schedule_phases_and_run_key():
     settings = {k: v for k, v in plain.model_dump(mode="json").items()
                 if k not in {"out", "student", "shards", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
                              "online", "loss_schedule", "rows", "methods", "akl_head_mass", "alpha_divergence",
-                             "kdrl_beta", "kdrl_is_cap", "weight_norm"}
+                             "kdrl_beta", "kdrl_is_cap", "weight_norm", "eval", "report_to", "run_name"}
                 | TrainConfig.EXECUTION_ONLY}
     assert train_run_key(plain, "m", "d") == checkpoint.run_fingerprint({"settings": settings, "student": "m",
                                                                          "data": "d"})
