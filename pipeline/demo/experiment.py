@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from concurrent.futures import Executor, Future
 from contextlib import nullcontext
@@ -93,16 +94,26 @@ def write_demo_prompts(out: Path, demo: DemoConfig) -> dict[str, Path]:
 
 def ground_truth_examples(tokenizer: Any, demo: DemoConfig, style: str, exclude: set[tuple[int, int]],
                           seed: int) -> Iterator[tuple[np.ndarray, int]]:
-    """Endless fresh problems (never a test problem) with their correct solution in ``style``."""
+    """Endless fresh problems (never a test problem) with their correct solution in ``style`` and ``demo.format``.
+    In the guess format a ``demo.wrong_guesses`` fraction of them starts with a wrong guess
+    (``arithmetic.wrong_guess``) that carries no loss (it counts as prompt: the loss starts after its ``|``), and
+    the steps and final answer stay right: the teacher learns to take the answer from the steps, whatever the
+    guess."""
     rng = np.random.default_rng(seed)
+    wrong_rng = random.Random(seed + 1)
     lo, hi = 10 ** (demo.digits - 1), 10**demo.digits
     while True:
         a, b = int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
         if (a, b) in exclude:
             continue
         prompt = encode_prompt(tokenizer, f"{a}+{b}=")
-        response = tokenizer(arithmetic.solution(a, b, demo.digits, style), add_special_tokens=False)["input_ids"]
-        yield np.asarray(prompt + response + [tokenizer.eos_token_id], dtype=np.int64), len(prompt)
+        guess = None
+        if demo.format == "guess" and rng.random() < demo.wrong_guesses:
+            guess = arithmetic.wrong_guess(a + b, wrong_rng)
+        text = arithmetic.solution(a, b, demo.digits, style, demo.format, guess)
+        response = tokenizer(text, add_special_tokens=False)["input_ids"]
+        no_loss = 0 if guess is None else len(str(guess)) + 1
+        yield np.asarray(prompt + response + [tokenizer.eos_token_id], dtype=np.int64), len(prompt) + no_loss
 
 
 def bootstrap_teacher(init_dir: Path, out: Path, style: str, demo: DemoConfig, test_prompts: list[PromptRecord],
@@ -110,7 +121,8 @@ def bootstrap_teacher(init_dir: Path, out: Path, style: str, demo: DemoConfig, t
     """Demo only: train a teacher from scratch on correct solutions; real use brings an existing teacher."""
     spec = {"style": style, "steps": demo.teacher_steps, "batch": demo.teacher_batch_size,
             "optim": demo.teacher_optim.model_dump(), "shape": demo.teacher.model_dump(), "seed": demo.seed,
-            "digits": demo.digits}
+            "digits": demo.digits, **({"format": "guess", "wrong_guesses": demo.wrong_guesses}
+                                      if demo.format == "guess" else {})}
     done = read_provenance(out)
     if done.get("bootstrap_hash") == run_fingerprint(spec):
         log.info("bootstrap: teacher %s already trained (accuracy %.3f); reusing %s", style, done["accuracy"], out)
@@ -220,17 +232,25 @@ def plot_demo(curves: dict[str, tuple[Curve, float]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, (pts, offset) in curves.items():
-        ax1.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=name)
-        ax2.plot([offset + p[1] for p in pts], [p[2] for p in pts], marker=".", label=name)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    # curves that coincide stay visible: each its own line style and hollow marker, drawn thinner the later it comes
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v")]
+    for i, (name, (pts, offset)) in enumerate(curves.items()):
+        line, marker = styles[i % len(styles)]
+        kw = {"linestyle": line, "marker": marker, "markersize": 6 - i, "markerfacecolor": "none",
+              "linewidth": 2.2 - 0.4 * i, "label": name}
+        ax1.plot([p[0] for p in pts], [p[2] for p in pts], **kw)
+        ax2.plot([offset + p[1] for p in pts], [p[2] for p in pts], **kw)
     ax1.set_xlabel("optimizer step")
     ax2.set_xlabel("compute seconds (offline includes its one-time rollouts + scoring)")
     for ax in (ax1, ax2):
         ax.set_ylabel("greedy accuracy (probe set)")
+        ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    # the legend below the axes, off the curves and the tick labels
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.045 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -489,19 +509,28 @@ def plot_teacher_compute(curve: list[tuple[float, float]], points: dict[str, tup
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5.2))
     xs, ys = zip(*sorted(curve))
-    ax.plot(xs, ys, marker="o", label="SFT on teacher answers to the OPD prompts (1, 2, 4, 8 per prompt)")
-    for label, (x, y) in points.items():
-        ax.scatter([x], [y], s=60, marker="*", label=label, zorder=3)
+    # the SFT curve's points hollow and large, the OPD rows filled or hollow in other shapes and sizes, drawn on
+    # top: a row at the same FLOPs and accuracy as a curve point (the scoring pass costs what 4 answers per prompt
+    # cost) or as another row still shows
+    ax.plot(xs, ys, marker="o", markersize=12, markerfacecolor="none", markeredgewidth=1.5, zorder=2,
+            label="SFT on teacher answers to the OPD prompts (1, 2, 4, 8 per prompt)")
+    shapes = [("*", 150, True), ("D", 110, False), ("^", 70, True), ("s", 90, False)]
+    for i, (label, (x, y)) in enumerate(points.items()):
+        marker, size, filled = shapes[i % len(shapes)]
+        color = f"C{i + 1}"
+        ax.scatter([x], [y], s=size, marker=marker, label=label, zorder=5 - 0.1 * i, linewidths=1.5,
+                   facecolors=color if filled else "none", edgecolors=color)
     ax.set_xscale("log")
     ax.set_xlabel("teacher FLOPs beyond the shared start (answers: decode; OPD: one scoring prefill)")
     ax.set_ylabel("greedy accuracy (held-out)")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(-0.03, 1.05)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    # the legend below the axes, off the data and the tick labels
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -561,6 +590,7 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
         "break_even": {row: {**compute.break_even(curve, accuracy[row]), "accuracy": accuracy[row],
                              "opd_teacher_flops": costs[row].to_dict()["teacher_flops"]} for row in opd_rows},
         "machine": world["machine"],
+        **({"guess_check": guess_check(plan, world)} if plan.demo.format == "guess" else {}),
         "time_to_accuracy": time_to_target(offline_curve, online_curve, precompute),
         "probe_accuracy_at_equal_steps": {
             name: _at_step(curve, train_cfg.steps) for name, curve in (
@@ -581,6 +611,41 @@ def demo_report(plan: DemoPlan, world: dict[str, Any], results: dict[str, StageR
     (run_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     (run_dir / "demo.md").write_text(_markdown(result, {labels[row]: r for row, r in evals.items()}))
     return result
+
+
+def guess_check(plan: DemoPlan, world: dict[str, Any]) -> dict[str, Any]:
+    """The guess world's diagnostic (``pipeline.demo.diagnose``): how often the SFT student's rollouts (the states
+    the offline rows learn from) and every row's greedy answers on the test problems have a wrong guess, the
+    accuracy when it is wrong, and whether the final answer then copies the guess or reads the steps."""
+    from pipeline.demo.diagnose import greedy_guess_stats, rollout_guess_stats
+
+    test = load_prompts(plan.test_prompts)
+    rows = {row: greedy_guess_stats(Path(plan.steps[step].cfg.model), test, plan.demo.max_new_tokens)
+            for row, step in plan.evals.items() if row != "teacher_B"}
+    rollouts = rollout_guess_stats(plan.steps["rollouts"].cfg.out, load_prompts(world["prompts"]["opd"]),
+                                   load_tokenizer(plan.probe_model))
+    return {"sft_rollouts": rollouts, "rollout_temperature": plan.steps["rollouts"].cfg.sampling.temperature,
+            "greedy": rows}
+
+
+def guess_check_lines(result: dict[str, Any]) -> list[str]:
+    """The guess diagnostic in words, one line per row (empty outside the guess world)."""
+    check = result.get("guess_check")
+    if not check:
+        return []
+
+    def fmt(d: dict[str, Any]) -> str:
+        def pct(key: str) -> str:
+            return "-" if d[key] is None else f"{d[key]:.3f}"
+
+        return (f"guess wrong {pct('guess_wrong')} ({d['counts']['guess_wrong']} of {d['responses']}); accuracy when "
+                f"wrong {pct('accuracy_guess_wrong')}, when right {pct('accuracy_guess_right')}; a wrong guess copied "
+                f"{pct('copies_wrong_guess')}, steps read {pct('reads_steps')}")
+
+    lines = [f"SFT student's rollouts (temperature {check['rollout_temperature']}): "
+             + fmt(check["sft_rollouts"])]
+    lines += [f"{result['labels'].get(row, row)}, greedy: {fmt(d)}" for row, d in check["greedy"].items()]
+    return lines
 
 
 # --- the demo ------------------------------------------------------------------------------------------
@@ -640,6 +705,8 @@ def _markdown(result: dict[str, Any], evals: dict[str, dict[str, Any]]) -> str:
              "| row | accuracy | teacher FLOPs | teacher s | student FLOPs | student s |", "|---|---|---|---|---|---|",
              *[f"| {' | '.join(r)} |" for r in compute_table(result)], "",
              "## Break-even of the SFT curve", "", *[f"- {line}" for line in break_even_lines(result)], "",
+             *(["## Guess, then check: does the final answer read the steps?", "",
+                *[f"- {line}" for line in guess_check_lines(result)], ""] if "guess_check" in result else []),
              "## Time to the top-k row's final probe accuracy", "",
              "```json", json.dumps(result["time_to_accuracy"], indent=2), "```", "",
              "## Wall seconds per step", "", "| step | seconds |", "|---|---|"]
@@ -660,6 +727,8 @@ def print_demo_table(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     for line in break_even_lines(result):
+        console.print(line)
+    for line in guess_check_lines(result):
         console.print(line)
     tta = result["time_to_accuracy"]
     if tta["target_met_at_start"]:
