@@ -223,8 +223,9 @@ def torchrun_train(report: Report, tmp: Path, shape: str, vocab: int, nproc: int
                               str(nproc), "-m", "lopd.cli", "train", "-c", str(tmp / "run.yaml"), "-q", "--set",
                               f"train.steps={steps}"],
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if res.returncode != 0:
-            raise RuntimeError(f"torchrun lopd train (steps={steps}) failed:\n{res.stderr[-4000:]}")
+        if res.returncode != 0:  # rank 0's own lines first: torchrun's summary at the end names no cause
+            rank0 = "\n".join(line for line in res.stderr.splitlines() if line.startswith("[rank0]"))
+            raise RuntimeError(f"torchrun lopd train (steps={steps}) failed:\n{rank0[-4000:]}\n{res.stderr[-1500:]}")
         result["launch_seconds"].append(round(time.perf_counter() - t0, 1))
         report.data["cases"]["torchrun_train"] = result  # launch 1's figures survive a stop during launch 2
         report.save()
