@@ -207,7 +207,8 @@ def train(
 
 @app.command("eval")
 def eval_(config: ConfigOpt, set_: SetOpt = None, run_dir: RunDirOpt = None, quiet: QuietOpt = False) -> None:
-    """Held-out accuracy: greedy pass@1, and avg@n / pass@n when eval.samples is set; writes JSON + Markdown."""
+    """Held-out accuracy: greedy pass@1 (eval.greedy), and with eval.samples (n answers per problem) avg@n, the
+    unbiased pass@k and maj@k for each k in eval.ks; writes eval.json, eval.md and eval_problems.jsonl."""
     _stage("eval", config, set_, run_dir, quiet)
 
 

@@ -69,8 +69,8 @@ def with_token_text(tokenizer: Any) -> Callable[[pa.Table], pa.Table]:
 
 
 def _shown(s: str) -> str:
-    """A token's text with its whitespace visible."""
-    return repr(s)[1:-1] if s.strip() != s or not s else s
+    """A token's text with its whitespace visible: spaces as ␣, control characters escaped, '' for nothing."""
+    return repr(s)[1:-1].replace(" ", "␣") if s else "''"
 
 
 def rollout_views(path: Path, tokenizer: Any, rows: int = 2, positions: int = 32, top: int = 5) -> list[Group]:

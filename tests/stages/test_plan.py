@@ -9,8 +9,8 @@ import shutil
 import pytest
 import yaml
 
-from pipeline.config import load_run_config
-from pipeline.stages.plan import changed_fields, resolved_run_config
+from pipeline.config import ConfigError, load_run_config
+from pipeline.stages.plan import changed_fields, plan_run, plans_json, resolved_run_config
 from storage.shardset import sidecar_name
 from tests.conftest import lopd, write_run_config
 
@@ -35,10 +35,10 @@ def test_config_show_prints_the_resolved_config_and_reads_back_unchanged(tmp_pat
     assert resolved_run_config(load_run_config(tmp_path / "shown.yaml")) == data
 
 
-def test_config_show_names_a_bad_field(tmp_path):
+def test_the_resolved_config_names_a_bad_field(tmp_path):
     cfg = write_run_config(tmp_path, {"train": {"student": "s"}})
-    res = lopd("config", "show", "-c", str(cfg), "--set", "train.stepz=3", check=False)
-    assert res.returncode == 2 and "train.stepz: unknown field" in res.stderr
+    with pytest.raises(ConfigError, match="train.stepz: unknown field"):
+        resolved_run_config(load_run_config(cfg, ["train.stepz=3"]))
 
 
 def test_changed_fields_names_each_leaf():
@@ -68,19 +68,22 @@ def test_every_stage_records_its_resolved_config(shards_run):
 
 
 def _plan(cfg, *sets):
-    args = [a for s in sets for a in ("--set", s)]
-    return {p["stage"]: p for p in json.loads(lopd("run", "--dry-run", "--json", "-c", str(cfg), *args).stdout)}
+    return {p["stage"]: p for p in plans_json(plan_run(load_run_config(cfg, list(sets))))}
 
 
 @pytest.mark.integration
 def test_dry_run_reports_complete_resumed_changed_and_missing_stages(shards_run, tmp_path):
     tmp, cfg = shards_run
     fresh = f"train.out={tmp_path / 'train'}"
-    plan = _plan(cfg, fresh, f"eval.model={tmp_path / 'train/final'}")
+    sets = ("--set", fresh, "--set", f"eval.model={tmp_path / 'train/final'}")
+    plan = {p["stage"]: p for p in json.loads(lopd("run", "--dry-run", "--json", "-c", str(cfg), *sets).stdout)}
     assert {n: p["status"] for n, p in plan.items()} == {
         "teacher_sft_data": "complete", "sft": "complete", "rollouts": "complete", "teacher_logprobs": "complete",
         "train": "run", "eval": "run"}
     assert plan["train"]["detail"] == "no output yet" and plan["eval"]["detail"].startswith("after train")
+    table = lopd("run", "--dry-run", "-c", str(cfg), *sets).stdout.splitlines()
+    assert table[0].split() == ["stage", "status", "detail"]
+    assert table[5].split()[:2] == ["train", "run"] and len(table) == 7
 
     # a setting that changes the SFT run: sft retrains, and everything that reads its model runs after it
     plan = _plan(cfg, fresh, "sft.steps=5")
