@@ -60,13 +60,18 @@ def check_tokenizers(teacher_dir: Path, student_dir: str | Path) -> None:
 
 
 def score_table_rows(engine: Engine, rows: list[dict[str, Any]], k: int, teacher_prefix: dict[str, list[int]] | None,
-                     max_seq_len: int | None, overlong: str) -> tuple[list[TeacherRecord], dict[str, int]]:
+                     max_seq_len: int | None, overlong: str, max_response_tokens: int | None = None
+                     ) -> tuple[list[TeacherRecord], dict[str, int]]:
     """Score one shard of rollout rows. ``teacher_prefix`` maps prompt id -> the teacher's own prompt ids
-    (privileged context); the stored record keeps the student's token ids."""
-    stats = {"truncated": 0, "skipped": 0}
+    (privileged context); the stored record keeps the student's token ids. A response longer than
+    ``max_response_tokens`` keeps its first that many tokens (``response_capped``), before ``max_seq_len``."""
+    stats = {"truncated": 0, "skipped": 0, "response_capped": 0}
     keep, seqs, starts = [], [], []
     for row in rows:
         ids, plen = list(row["token_ids"]), row["prompt_len"]
+        if max_response_tokens is not None and len(ids) - plen > max_response_tokens:
+            ids = ids[: plen + max_response_tokens]
+            stats["response_capped"] += 1
         prefix = teacher_prefix[row["prompt_id"]] if teacher_prefix else ids[:plen]
         if max_seq_len and len(prefix) + len(ids) - plen > max_seq_len:
             if overlong == "skip" or len(prefix) >= max_seq_len:
@@ -125,6 +130,7 @@ def run_teacher_logprobs(cfg: TeacherLogprobsConfig, show_progress: bool = True)
         "scoring_temperature": 1.0, "privileged_context": cfg.privileged_context,
         "max_seq_len": cfg.max_seq_len, "overlong": cfg.overlong, "engine_dtype": cfg.engine.dtype,
         # only when set, so the metadata (and resume identity) of every other shard set is what it was
+        **({"max_response_tokens": cfg.max_response_tokens} if cfg.max_response_tokens is not None else {}),
         **({"self_distillation": True} if relation == "self_distillation" else {}),
         "provenance": {"teacher_dir": str(cfg.teacher.resolve()), "rollouts": str(cfg.rollouts.resolve())},
     }
@@ -166,7 +172,7 @@ def _score_shards(engine: Engine, cfg: TeacherLogprobsConfig, rollouts: ShardSet
     shard. A worker holds the rollouts shard as Arrow, the sub-batch being scored, the one being encoded and
     written, and at most one row group of encoded rows: its memory does not grow with the shard.
     """
-    totals = {"sequences": 0, "tokens": 0, "truncated": 0, "skipped": 0}
+    totals = {"sequences": 0, "tokens": 0, "truncated": 0, "skipped": 0, "response_capped": 0}
     with timed() as t, progress_bar(not show_progress) as bar, WriteBehind(out) as writer:
         task = bar.add_task("teacher-logprobs", total=len(todo), rate="")
         for i in todo:
@@ -176,12 +182,14 @@ def _score_shards(engine: Engine, cfg: TeacherLogprobsConfig, rollouts: ShardSet
             subs = token_batches(lengths, score_tokens_per_call(cfg.engine, cfg.k)) or [slice(0, 0)]
             for j, sub in enumerate(subs):
                 rows = table.slice(sub.start, sub.stop - sub.start).to_pylist()  # Python objects per sub-batch only
-                records, stats = score_table_rows(engine, rows, cfg.k, prefixes, cfg.max_seq_len, cfg.overlong)
+                records, stats = score_table_rows(engine, rows, cfg.k, prefixes, cfg.max_seq_len, cfg.overlong,
+                                                  cfg.max_response_tokens)
                 writer.submit(i, partial(encode, records), last=j == len(subs) - 1)
                 totals["sequences"] += len(records)
                 totals["tokens"] += sum(len(r.teacher_logprobs) for r in records)
                 totals["truncated"] += stats["truncated"]
                 totals["skipped"] += stats["skipped"]
+                totals["response_capped"] += stats["response_capped"]
             rate = totals["tokens"] / max(time.perf_counter() - t["start"], 1e-9)
             bar.update(task, advance=1, rate=f"{rate:,.0f} tok/s")
     return totals, t["seconds"]
