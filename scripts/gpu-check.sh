@@ -33,7 +33,7 @@ if [ -n "$missing" ]; then
   fi
   echo "gpu-check: installing $missing from $WHEELS into $SITE (offline)" >&2
   # shellcheck disable=SC2086
-  "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" --target "$SITE" --upgrade $missing
+  "$PY" -m pip install --quiet --no-warn-conflicts --no-index --find-links "$WHEELS" --target "$SITE" --upgrade $missing
   export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
 exec "$PY" -m pipeline.bench.gpu_check "$@"
