@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,14 +129,22 @@ def _rank_worker(rank: int, port: int, scenario: str, args: dict, out: str) -> N
                                                DistributedDataParallel)
             result = {"metrics": {k: float(v) for k, v in metrics.items()}, "grad_norm": grad_norm, "update": update}
         torch.save(result, f"{out}.{rank}")
+        dist.barrier()  # neither rank leaves (rank 0 hosts the store) while the other still talks to it
     finally:
         dist.destroy_process_group()
 
 
 def _two_ranks(tmp_path: Path, scenario: str, **args) -> list[dict]:
+    """Run ``scenario`` on 2 spawned gloo ranks; each saves its result. A rank that hangs fails the test."""
     out = str(tmp_path / scenario)
-    mp.start_processes(_rank_worker, args=(free_port(), scenario, args, out), nprocs=2, join=True,
-                       start_method="spawn")
+    context = mp.start_processes(_rank_worker, args=(free_port(), scenario, args, out), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{scenario}: the 2 ranks did not finish in 300 s")
     return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
 
 
