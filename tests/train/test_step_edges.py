@@ -173,6 +173,26 @@ def test_two_ranks_with_an_empty_micro_batch_and_idle_copies_match_one_process(t
 
 
 @pytest.mark.integration
+def test_sft_on_two_ranks_with_an_empty_micro_batch_matches_one_process(tmp_path, tiny_models):
+    """SFT on 2 ranks: rank 0 holds [8 tokens] and [an empty response], rank 1 [6 tokens] and adds an idle copy.
+    No hang, ``loss/sft`` summed over the ranks, and the step equals one process's on the three examples."""
+    examples = [(np.arange(3, 13) % 19, 2), (np.arange(3, 6) % 19, 3), (np.arange(4, 12) % 19, 2)]
+    cfg = ScaleConfig()
+    ranks = [[prepare_examples([examples[0]], cfg, 0)[0], prepare_examples([examples[1]], cfg, 0)[0]],
+             [prepare_examples([examples[2]], cfg, 0)[0]]]
+    got = _two_ranks(tmp_path, "sft", model=tiny_models["student"], objective=SftObjective(), micro_batches=ranks,
+                     cfg=cfg)
+    one = _step(tiny_models["student"], SftObjective(), prepare_examples(examples, ScaleConfig(grad_accum=3), 0),
+                ScaleConfig(grad_accum=3))
+    assert [r["metrics"]["micro/idle"] for r in got] == [1, 1]  # summed over the ranks: rank 1's copy
+    for rank in got:
+        assert rank["metrics"]["loss/sft"] == pytest.approx(float(one[0]["loss/sft"]), rel=1e-6)
+        assert rank["grad_norm"] == pytest.approx(one[1], rel=1e-9)
+        for x, y in zip(rank["update"], one[2]):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.integration
 def test_bapo_with_idle_copies_on_two_ranks_equals_one_process(tmp_path, tiny_models, stats_shards):
     """BAPO adapts its clip bounds per micro-batch index, summed over the ranks. Rank 0 holds [a, b] and two idle
     copies, rank 1 holds [c, d, e, f]: micro-batches 3 and 4 must take the bounds of e and f alone, so the step equals
