@@ -88,7 +88,16 @@ class ShardParts(Strict):
         return shard_index % self.num_parts == self.part
 
 
-class TeacherSftDataConfig(ShardParts):
+class PromptSource(Strict):
+    """Where a stage's prompts come from beyond the path (pipeline/prompts.py): column names, a dataset's split."""
+
+    prompt_fields: dict[Literal["id", "prompt", "answer", "privileged_context", "messages"], str] = Field(
+        default_factory=dict, description="lopd's prompt fields -> the prompts file's or dataset's column names, e.g. "
+        "{prompt: question, answer: solution}")
+    prompt_split: str = Field("train", description="the split of a prompts directory read with `datasets`")
+
+
+class TeacherSftDataConfig(ShardParts, PromptSource):
     prompts: Path
     teacher: Path
     out: Path
@@ -165,10 +174,15 @@ class ScaleConfig(Strict):
         return self
 
 
-Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+class Tracked(Strict):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers that get every metrics record (eval: the results, at "
+        "step 0) and the resolved config as hyperparameters, main rank; local / offline unless their environment "
+        "names a server (pipeline/tracking.py)")
+    run_name: str | None = Field(None, description="the run's name in the trackers (default: the out directory's)")
 
 
-class AccuracyConfig(Strict):
+class AccuracyConfig(PromptSource):
     """What an accuracy measurement decodes and reports: greedy pass@1 and/or n samples per problem with avg@n,
     pass@k and maj@k (pipeline/eval_metrics.py). Shared by ``eval`` and the evaluation during training."""
 
@@ -186,12 +200,9 @@ class AccuracyConfig(Strict):
     def _something_to_measure(self) -> "AccuracyConfig":
         if not self.greedy and self.samples is None:
             raise ValueError("greedy=false needs samples (n answers per problem): nothing would be evaluated")
-        if self.ks is not None:
-            if self.samples is None:
-                raise ValueError("ks needs samples (n answers per problem)")
-            bad = [k for k in self.ks if not 1 <= k <= self.samples.n]
-            if bad or not self.ks:
-                raise ValueError(f"ks must be non-empty with each k in 1..samples.n={self.samples.n}, got {self.ks}")
+        n = self.samples.n if self.samples else None
+        if self.ks is not None and (n is None or not self.ks or not all(1 <= k <= n for k in self.ks)):
+            raise ValueError(f"ks needs samples, non-empty with each k in 1..samples.n={n}, got {self.ks}")
         return self
 
 
@@ -204,7 +215,7 @@ class TrainingEvalConfig(AccuracyConfig):
     batch_size: int = Field(256, ge=1, description="sequences per generate call")
 
 
-class SftConfig(ScaleConfig):
+class SftConfig(ScaleConfig, Tracked):
     student: Path = Field(description="initial student model dir")
     data: Path = Field(description="teacher SFT samples (a ShardSet dir)")
     out: Path
@@ -221,14 +232,9 @@ class SftConfig(ScaleConfig):
         "error", description="an example longer than max_seq_len: stop with an error naming it, or cut its answer")
     eval: TrainingEvalConfig | None = Field(
         None, description="evaluate the model every eval.every steps during training (accuracy against step)")
-    report_to: list[Tracker] = Field(
-        default_factory=list, description="experiment trackers that get every metrics record and the resolved config "
-        "as hyperparameters (main rank): tensorboard, wandb, mlflow, trackio; local / offline unless their "
-        "environment names a server (pipeline/tracking.py)")
-    run_name: str | None = Field(None, description="the run's name in the trackers (default: the out directory's)")
 
 
-class RolloutsConfig(ShardParts):
+class RolloutsConfig(ShardParts, PromptSource):
     prompts: Path
     student: Path
     out: Path
@@ -456,7 +462,7 @@ class ShardSource(Strict):
         return self.name or self.path.name
 
 
-class TrainConfig(ScaleConfig):
+class TrainConfig(ScaleConfig, Tracked):
     student: Path = Field(description="model dir training starts from (the SFT student)")
     shards: Path | list[ShardSource] = Field(
         description="teacher top-k shards (ShardSet dir), or several as a list of {path, weight, name} mixed by "
@@ -500,11 +506,6 @@ class TrainConfig(ScaleConfig):
                                "distillation term")
     eval: TrainingEvalConfig | None = Field(
         None, description="evaluate the model every eval.every steps during training (accuracy against step)")
-    report_to: list[Tracker] = Field(
-        default_factory=list, description="experiment trackers that get every metrics record and the resolved config "
-        "as hyperparameters (main rank): tensorboard, wandb, mlflow, trackio; local / offline unless their "
-        "environment names a server (pipeline/tracking.py)")
-    run_name: str | None = Field(None, description="the run's name in the trackers (default: the out directory's)")
 
     # prefetching changes when data is decoded, never which: a checkpoint resumes with it on or off
     EXECUTION_ONLY: ClassVar[frozenset[str]] = ScaleConfig.EXECUTION_ONLY | {"prefetch_batches"}
@@ -579,15 +580,11 @@ class TrainConfig(ScaleConfig):
                 or any(self.route(name) != "all" for name in used))
 
 
-class EvalConfig(AccuracyConfig):
+class EvalConfig(AccuracyConfig, Tracked):
     model: Path
     prompts: Path
     out: Path
     engine: EngineConfig = EngineConfig()
-    report_to: list[Tracker] = Field(
-        default_factory=list, description="experiment trackers that get the results (at step 0) and the resolved "
-        "config as hyperparameters: tensorboard, wandb, mlflow, trackio (pipeline/tracking.py)")
-    run_name: str | None = Field(None, description="the run's name in the trackers (default: the out directory's)")
 
 
 class DemoConfig(Strict):

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from storage.errors import LopdUserError
+
 # from_pretrained switches process-wide init contexts (meta device); two threads loading at once (e.g. stage
 # parts on Prefect's thread-pool task runner) break each other, so loads are serialised.
 _LOAD_LOCK = threading.Lock()
@@ -46,11 +48,20 @@ def model_skeleton(path: str | Path, attn_implementation: str | None = None) -> 
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, use_chat_template: bool = True) -> list[int]:
-    """Token ids of a prompt, rendered by the tokenizer's own chat template when it has one."""
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, use_chat_template: bool = True,
+                  messages: tuple[tuple[str, str], ...] | None = None) -> list[int]:
+    """Token ids of a prompt, rendered by the tokenizer's own chat template when it has one. ``messages`` (a prompt
+    record's chat turns, ``(role, content)``) are rendered instead of ``text``, with the chat template only."""
+    if messages is not None:
+        if not (use_chat_template and tokenizer.chat_template):
+            why = "use_chat_template is false" if not use_chat_template else "this tokenizer has none"
+            raise LopdUserError(f"prompts with chat messages need the tokenizer's chat template ({why}); give plain "
+                                "prompts, or a tokenizer with a chat template")
+        turns = [{"role": role, "content": content} for role, content in messages]
+    else:
+        turns = [{"role": "user", "content": text}]
     if use_chat_template and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

@@ -54,7 +54,7 @@ def score_answers(engine: Engine, tokenizer: Any, prompts: list[PromptRecord], c
     for each k in ``ks`` (default ``default_ks(n)``)."""
     checker = get_checker(checker_name)
     extract = ANSWER_EXTRACTORS.get(checker_name)
-    ids = [encode_prompt(tokenizer, p.prompt, use_chat_template) for p in prompts]
+    ids = [encode_prompt(tokenizer, p.prompt, use_chat_template, p.messages) for p in prompts]
     gens = engine.generate(ids, sampling)
     correct: list[list[bool]] = []
     votes: list[list[Hashable | None]] = []
@@ -112,9 +112,10 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_eval_prompts(path: Path, limit: int | None, field: str) -> list[PromptRecord]:
+def load_eval_prompts(cfg: EvalConfig | TrainingEvalConfig, field: str) -> list[PromptRecord]:
     """The prompts of an evaluation, each with its answer (refused naming the first without one)."""
-    prompts = load_prompts(path, limit)
+    path = cfg.prompts
+    prompts = load_prompts(path, cfg.limit, cfg.prompt_fields, cfg.prompt_split)
     missing = [p.id for p in prompts if p.answer is None]
     if missing:
         raise PromptFileError(f"{field}: {path}: evaluation needs an 'answer' for every prompt; missing for id "
@@ -126,7 +127,7 @@ def load_eval_prompts(path: Path, limit: int | None, field: str) -> list[PromptR
 def run_eval(cfg: EvalConfig, show_progress: bool = True) -> StageResult:
     require_model_dir(cfg.model, field="eval.model", made_by="lopd train")
     check_installed(cfg.report_to, "eval")
-    prompts = load_eval_prompts(cfg.prompts, cfg.limit, "eval.prompts")
+    prompts = load_eval_prompts(cfg, "eval.prompts")
     tokenizer = load_tokenizer(cfg.model)
     engine = make_engine(str(cfg.model), cfg.engine)
     with timed() as t:
@@ -154,7 +155,7 @@ def evaluation_hook(cfg: TrainingEvalConfig, model_dir: Path,
     """The trainers' eval hook for ``cfg`` (``train.eval`` / ``sft.eval``): the in-memory model answers the held-out
     prompts with the hf engine; returns ``eval/<metric>`` (``eval/pass@1``, ``eval/avg@n``, ...). The prompts are
     read, and refused, before training starts."""
-    prompts = load_eval_prompts(cfg.prompts, cfg.limit, f"{field}.prompts")
+    prompts = load_eval_prompts(cfg, f"{field}.prompts")
     get_checker(cfg.checker)
     tokenizer = load_tokenizer(model_dir)
 

@@ -99,6 +99,12 @@ def _shard_settings(name: str, dump: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def _known_to(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``current`` without the top-level fields a recorded config predates (a field added to lopd later means, at
+    its default, what lopd did before it)."""
+    return {k: v for k, v in current.items() if k in recorded}
+
+
 def _shard_status(name: str, cfg: Any) -> tuple[str, str]:
     if not (Path(cfg.out) / "manifest.json").is_file():
         return "run", "no output yet"
@@ -114,7 +120,8 @@ def _shard_status(name: str, cfg: Any) -> tuple[str, str]:
                            f"to mix them; {fix}")
     recorded = read_stage_config(name, cfg)
     if recorded is not None:
-        changes = changed_fields(_shard_settings(name, recorded), _shard_settings(name, cfg.model_dump(mode="json")))
+        changes = changed_fields(_shard_settings(name, recorded),
+                                 _known_to(recorded, _shard_settings(name, cfg.model_dump(mode="json"))))
         if changes:
             return "blocked", (f"the shards there were written with other settings ({'; '.join(changes)}): the "
                                f"stage refuses to mix them; {fix}")

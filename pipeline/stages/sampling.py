@@ -11,16 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EngineConfig, RolloutsConfig, SamplingConfig, ShardParts, TeacherSftDataConfig
+from pipeline.config import (
+    EngineConfig,
+    PromptSource,
+    RolloutsConfig,
+    SamplingConfig,
+    ShardParts,
+    TeacherSftDataConfig,
+)
 from pipeline.engines import make_engine
 from pipeline.fingerprint import model_fingerprint, read_provenance, tokenizer_fingerprint
 from pipeline.models import encode_prompt, load_tokenizer
 from pipeline.progress import log, progress_bar
-from pipeline.prompts import PromptRecord, load_prompts
+from pipeline.prompts import PromptRecord, load_prompts, prompts_fingerprint
 from pipeline.samples import SampleRow, rows_to_table
 from pipeline.stages.common import StageResult, chunks, require_model_dir, shard_seed, timed
 from pipeline.tasks.checkers import get_checker
-from storage.shardset import ShardSet, file_sha256
+from storage.shardset import ShardSet
 
 
 def _sample_to_shards(
@@ -44,7 +51,7 @@ def _sample_to_shards(
         task = bar.add_task(stage, total=len(todo), rate="")
         for i in todo:
             batch = [prompts[j] for j in pieces[i]]
-            prompt_ids = [encode_prompt(tokenizer, p.prompt, use_chat_template) for p in batch]
+            prompt_ids = [encode_prompt(tokenizer, p.prompt, use_chat_template, p.messages) for p in batch]
             gens = engine.generate(prompt_ids, sampling.model_copy(update={"seed": shard_seed(sampling.seed, i)}))
             rows = []
             for p, ids, samples in zip(batch, prompt_ids, gens):
@@ -87,18 +94,27 @@ def _provenance(model_dir: Path, prompts: Path) -> dict[str, str]:
     return {"model_dir": str(Path(model_dir).resolve()), "prompts_file": str(Path(prompts).resolve())}
 
 
+def _prompt_source(cfg: PromptSource) -> dict[str, Any]:
+    """How the prompts were read, when not a plain file's own columns (only then: older shard sets keep their
+    identity)."""
+    if not cfg.prompt_fields and not Path(cfg.prompts).is_dir():  # type: ignore[attr-defined]
+        return {}
+    return {"prompt_fields": cfg.prompt_fields, "prompt_split": cfg.prompt_split}
+
+
 def run_teacher_sft_data(cfg: TeacherSftDataConfig, show_progress: bool = True) -> StageResult:
     """Stage 1: the teacher answers the training prompts; output stamped with the teacher fingerprint."""
     require_model_dir(cfg.teacher, field="teacher_sft_data.teacher")
-    prompts = load_prompts(cfg.prompts, cfg.limit)
+    prompts = load_prompts(cfg.prompts, cfg.limit, cfg.prompt_fields, cfg.prompt_split)
     teacher_fp = model_fingerprint(cfg.teacher)
     metadata = {
         "role": "teacher_sft_data", "teacher_fingerprint": teacher_fp, "model_fingerprint": teacher_fp,
         "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher),
         "sampling": cfg.sampling.model_dump(), "engine": cfg.engine.name, "checker": cfg.checker,
         "keep_only_correct": cfg.keep_only_correct, "use_chat_template": cfg.use_chat_template,
-        "prompts_per_shard": cfg.prompts_per_shard, "prompts_sha256": file_sha256(cfg.prompts)[:16], "limit": cfg.limit,
-        "provenance": _provenance(cfg.teacher, cfg.prompts),
+        "prompts_per_shard": cfg.prompts_per_shard, "prompts_sha256": prompts_fingerprint(cfg.prompts)[:16],
+        "limit": cfg.limit,
+        "provenance": _provenance(cfg.teacher, cfg.prompts), **_prompt_source(cfg),
     }
     return _sample_to_shards(
         stage="teacher-sft-data", model_dir=cfg.teacher, prompts=prompts, out=cfg.out, metadata=metadata,
@@ -111,7 +127,7 @@ def run_teacher_sft_data(cfg: TeacherSftDataConfig, show_progress: bool = True) 
 def run_rollouts(cfg: RolloutsConfig, show_progress: bool = True) -> StageResult:
     """Stage 2: the SFT student samples n rollouts per prompt, once (behaviour log-probs kept)."""
     require_model_dir(cfg.student, field="rollouts.student", made_by="lopd sft")
-    prompts = load_prompts(cfg.prompts, cfg.limit)
+    prompts = load_prompts(cfg.prompts, cfg.limit, cfg.prompt_fields, cfg.prompt_split)
     provenance = read_provenance(cfg.student)
     student_fp = model_fingerprint(cfg.student)
     metadata = {
@@ -120,8 +136,8 @@ def run_rollouts(cfg: RolloutsConfig, show_progress: bool = True) -> StageResult
         "tokenizer_fingerprint": tokenizer_fingerprint(cfg.student),
         "sampling": cfg.sampling.model_dump(), "engine": cfg.engine.name, "checker": cfg.checker,
         "use_chat_template": cfg.use_chat_template, "prompts_per_shard": cfg.prompts_per_shard,
-        "prompts_sha256": file_sha256(cfg.prompts)[:16], "limit": cfg.limit,
-        "provenance": _provenance(cfg.student, cfg.prompts),
+        "prompts_sha256": prompts_fingerprint(cfg.prompts)[:16], "limit": cfg.limit,
+        "provenance": _provenance(cfg.student, cfg.prompts), **_prompt_source(cfg),
     }
     if metadata["sft_teacher_fingerprint"] is None:
         log.warning("rollouts: %s has no lopd provenance; teacher consistency cannot be checked later", cfg.student)
