@@ -122,3 +122,31 @@ def test_rollout_guess_stats_read_the_stored_rollouts(tmp_path, tiny_models):
     stats = rollout_guess_stats(tmp_path / "rollouts", prompts, tok)
     assert stats["responses"] == 3 and stats["counts"] == {"guess_wrong": 2, "correct_guess_wrong": 1}
     assert stats["copies_wrong_guess"] == 0.5 and stats["reads_steps"] == 0.5  # p0 reads its steps, p1 copies
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_guess_world_demo_reports_the_guess_check(tmp_path):
+    """A tiny guess-world demo: demo.json and demo.md carry the diagnostic for the SFT rollouts and every row."""
+    import json
+    from pathlib import Path
+
+    from pipeline.config import load_run_config
+    from pipeline.demo.experiment import guess_check_lines, run_demo
+    from tests.test_flows import TINY_DEMO
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo-guess.yaml"
+    cfg = load_run_config(config, [*TINY_DEMO, "demo.workers=1", "demo.max_new_tokens=16",
+                                   "teacher_sft_data.sampling.max_new_tokens=16",
+                                   "rollouts.sampling.max_new_tokens=16", "eval.max_new_tokens=16"], tmp_path / "demo")
+    assert cfg.demo().format == "guess"
+    result = run_demo(cfg, show_progress=False, print_table=False)
+    check = json.loads((tmp_path / "demo" / "demo.json").read_text())["guess_check"]
+    assert check["sft_rollouts"]["responses"] == 16  # 16 OPD prompts x 1 sample
+    assert set(check["greedy"]) == set(result["accuracy"]) - {"teacher_B"}
+    for row, stats in check["greedy"].items():
+        assert stats["responses"] == 16
+        assert stats["accuracy"] == pytest.approx(result["accuracy"][row], abs=1e-4)  # the same greedy answers
+    lines = guess_check_lines(result)
+    assert len(lines) == 1 + len(check["greedy"]) and lines[0].startswith("SFT student's rollouts")
+    assert "## Guess, then check" in (tmp_path / "demo" / "demo.md").read_text()
