@@ -14,6 +14,7 @@ import pytest
 from pipeline.config import ConfigError, load_run_config
 from pipeline.eval_metrics import summarise
 from pipeline.stages.evaluate import training_evaluation
+from pipeline.stages.sft import sft_identity
 from pipeline.train.metrics import read_metrics
 from storage.errors import LopdUserError
 from tests.conftest import REPO, free_port, lopd
@@ -85,9 +86,9 @@ def test_train_and_sft_log_accuracy_at_the_eval_steps(shards_run, tmp_path):
     assert [r["step"] for r in rows if "eval/maj@3" in r] == [0, 4]
     assert all({"eval/avg@3", "eval/pass@1", "eval/pass@2", "eval/pass@3", "eval/maj@1"} <= set(r)
                for r in rows if "eval/maj@3" in r)
-    # the evaluation is not part of the run: the same SFT without it is complete already
-    assert json.loads(lopd("sft", "-c", str(cfg), "-q", "--set", f"sft.out={tmp_path / 'sft'}",
-                           "--set", "sft.log_every=2").stdout.splitlines()[-1])["skipped"]
+    # the evaluation is not part of the run: the same SFT without it has the same identity (it would be skipped)
+    with_eval = load_run_config(cfg, [f"sft.eval={{prompts: {prompts}, every: 4}}"]).stage("sft")
+    assert sft_identity(with_eval, "t", "m", {}) == sft_identity(load_run_config(cfg).stage("sft"), "t", "m", {})
 
 
 def test_training_eval_must_fall_on_logged_steps(shards_run):
