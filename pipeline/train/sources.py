@@ -37,7 +37,8 @@ class OnlineBatches:
         self.student_engine = HFEngine(str(student_dir), EngineConfig(batch_size=512), model=student)
         self.teacher_engine = HFEngine(str(online.teacher), EngineConfig(batch_size=512))
         self.prompts = load_prompts(online.prompts)
-        self.prompt_ids = [encode_prompt(self.tokenizer, p.prompt, online.use_chat_template) for p in self.prompts]
+        self.prompt_ids = [encode_prompt(self.tokenizer, p.prompt, online.use_chat_template, p.messages)
+                           for p in self.prompts]
         self.k = k
         self.rng = random.Random(seed + 1_000_003 * rank)  # each data-parallel rank draws its own prompts
         self.sample_seed = online.sampling.seed + 1_000_003 * rank
