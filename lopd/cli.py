@@ -30,8 +30,10 @@ shards_app = typer.Typer(help="Inspect, show, export and verify teacher/rollout 
 bench_app = typer.Typer(help="Benchmarks that print one JSON object (speed and size; never run as tests).",
                         no_args_is_help=True)
 config_app = typer.Typer(help="Show the resolved run config.", no_args_is_help=True)
+prompts_app = typer.Typer(help="Prompt files from benchmark sets.", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
 app.add_typer(config_app, name="config")
+app.add_typer(prompts_app, name="prompts")
 app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True)
@@ -330,6 +332,30 @@ def serve(
     from flows.deployments import serve_all
 
     serve_all(name=name, limit=limit)
+
+
+@prompts_app.command("preset")
+def prompts_preset(
+    name: Annotated[str, typer.Argument(help="aime24, aime25, math500 or gsm8k")],
+    source: Annotated[Path, typer.Option("--from", help="the set's local copy in its hub layout: a save_to_disk or "
+                                         "data-files directory, or a .jsonl / .parquet file")],
+    out: Annotated[Path, typer.Option(help="prompts file to write (JSONL)")],
+    split: Annotated[Optional[str], typer.Option(help="split of a datasets directory (default: the set's own)")] = None,
+    instruction: Annotated[Optional[str], typer.Option(help="appended to each problem (default: the \\boxed{} "
+                                                            "request; '' for none)")] = None,
+) -> None:
+    """A benchmark (AIME24/25, MATH-500, GSM8K) as a lopd prompts file (id, prompt, answer) for `lopd eval` with
+    `checker: math`; answers normalised for the checker (docs: pipeline/presets.py)."""
+    from pipeline.presets import INSTRUCTION, PRESETS, write_preset
+    from storage.errors import LopdUserError
+
+    def go() -> None:
+        if name not in PRESETS:
+            raise LopdUserError(f"unknown preset {name!r}; one of {', '.join(PRESETS)}")
+        rows = write_preset(name, source, out, split, INSTRUCTION if instruction is None else instruction)
+        print(json.dumps({"preset": name, "rows": rows, "out": str(out)}))
+
+    _run(go)
 
 
 @shards_app.command("inspect")

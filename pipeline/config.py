@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.hub import ModelPath
 from pipeline.shapes import ModelShape
 from storage.errors import LopdUserError
 
@@ -99,7 +100,7 @@ class PromptSource(Strict):
 
 class TeacherSftDataConfig(ShardParts, PromptSource):
     prompts: Path
-    teacher: Path
+    teacher: ModelPath
     out: Path
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
@@ -216,7 +217,7 @@ class TrainingEvalConfig(AccuracyConfig):
 
 
 class SftConfig(ScaleConfig, Tracked):
-    student: Path = Field(description="initial student model dir")
+    student: ModelPath = Field(description="initial student model dir (or a hub id in the local HF cache)")
     data: Path = Field(description="teacher SFT samples (a ShardSet dir)")
     out: Path
     steps: int = Field(300, ge=1)
@@ -236,7 +237,7 @@ class SftConfig(ScaleConfig, Tracked):
 
 class RolloutsConfig(ShardParts, PromptSource):
     prompts: Path
-    student: Path
+    student: ModelPath
     out: Path
     sampling: SamplingConfig = SamplingConfig(n=4)
     engine: EngineConfig = EngineConfig()
@@ -248,7 +249,7 @@ class RolloutsConfig(ShardParts, PromptSource):
 
 class TeacherLogprobsConfig(ShardParts):
     rollouts: Path
-    teacher: Path
+    teacher: ModelPath
     out: Path
     k: int = Field(8, ge=0, description="top-k teacher log-probs stored per position; 0 stores only the sampled "
                    "token's teacher log-prob (Lightning-only shards: smaller, cheaper to extract, no top-k losses)")
@@ -341,7 +342,7 @@ class GopdConfig(Strict):
     lam: float = Field(1.25, gt=0, description="reward scale lambda; > 1 extrapolates past the teacher (ExOPD)")
     k3_guard: float = Field(0.0, ge=0, description="coefficient of a k3 estimate of KL(p_theta || mu) on the "
                             "sampled tokens added to the loss (0 = off)")
-    reference: Path | None = Field(
+    reference: ModelPath | None = Field(
         None, description="top-k losses: model dir of the frozen reference policy p_ref; null = train.student "
         "(the rollout policy mu when training starts from the SFT student that sampled the shards). Loaded "
         "only when lam != 1 and a top-k loss is on")
@@ -440,7 +441,7 @@ class MethodsConfig(Strict):
 class OnlineConfig(Strict):
     """Online OPD baseline: each step the student samples and the teacher scores live."""
 
-    teacher: Path
+    teacher: ModelPath
     prompts: Path
     sampling: SamplingConfig = SamplingConfig(n=4)
     k: int = Field(8, ge=1)
@@ -463,7 +464,7 @@ class ShardSource(Strict):
 
 
 class TrainConfig(ScaleConfig, Tracked):
-    student: Path = Field(description="model dir training starts from (the SFT student)")
+    student: ModelPath = Field(description="model dir training starts from (the SFT student)")
     shards: Path | list[ShardSource] = Field(
         description="teacher top-k shards (ShardSet dir), or several as a list of {path, weight, name} mixed by "
         "weight (one teacher per domain, say)")
@@ -581,7 +582,7 @@ class TrainConfig(ScaleConfig, Tracked):
 
 
 class EvalConfig(AccuracyConfig, Tracked):
-    model: Path
+    model: ModelPath
     prompts: Path
     out: Path
     engine: EngineConfig = EngineConfig()

@@ -87,8 +87,8 @@ def _validate(row: object, where: str, fields: dict[str, str] | None = None) -> 
     return PromptRecord(str(row["id"]), row["prompt"], row.get("answer"), row.get("privileged_context"), messages)
 
 
-def _dataset_rows(path: Path, split: str, fields: dict[str, str] | None) -> list[dict]:
-    """The rows of split ``split`` of a ``datasets`` directory (saved with ``save_to_disk``, or data files)."""
+def _load_dataset(path: Path, split: str):  # -> datasets.Dataset
+    """Split ``split`` of a ``datasets`` directory (saved with ``save_to_disk``, or data files)."""
     try:
         import datasets
     except ImportError:
@@ -106,6 +106,12 @@ def _dataset_rows(path: Path, split: str, fields: dict[str, str] | None) -> list
         if split not in data:
             raise PromptFileError(f"{path}: the dataset has splits {sorted(data)}, not {split!r}; set prompt_split")
         data = data[split]
+    return data
+
+
+def _dataset_rows(path: Path, split: str, fields: dict[str, str] | None) -> list[dict]:
+    """The rows of split ``split`` of a ``datasets`` directory, after checking it has the columns lopd reads."""
+    data = _load_dataset(path, split)
     columns = data.column_names
     col = {name: (fields or {}).get(name, name) for name in FIELDS}
     missing = [col["id"]] * (col["id"] not in columns)
@@ -151,6 +157,30 @@ def _jsonl_rows(path: Path) -> list[tuple[int, object]]:
     return rows
 
 
+def read_rows(path: str | Path, split: str = "train") -> list[tuple[str, object]]:
+    """Every row of a JSONL / Parquet file or a ``datasets`` directory as stored (no mapping, no checks), each with
+    where it is (the file, split, line or row) for messages: what benchmark presets (``pipeline.presets``) read."""
+    path = Path(path)
+    if not path.exists():
+        raise PromptFileError(f"{path}: not found; check the path")
+    if path.is_dir():
+        return [(f"{path} (split {split}): row {i}", row) for i, row in enumerate(_load_dataset(path, split).to_list())]
+    if path.suffix == ".parquet":
+        return [(f"{path}: row {i}", row) for i, row in enumerate(_parquet_rows(path))]
+    if path.suffix in (".jsonl", ".json"):
+        return [(f"{path}: line {lineno}", row) for lineno, row in _jsonl_rows(path)]
+    raise PromptFileError(f"{path}: unsupported format '{path.suffix}'; use .jsonl or .parquet (or a datasets "
+                          "directory)")
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise PromptFileError(f"{path}: not a readable Parquet file ({e}); write it with pyarrow/pandas/polars or "
+                              "use .jsonl") from None
+
+
 def load_prompts(path: str | Path, limit: int | None = None, fields: dict[str, str] | None = None,
                  split: str = "train") -> list[PromptRecord]:
     """Load and validate every row (all rows are checked before anything is returned). ``fields``: lopd's field ->
@@ -163,12 +193,7 @@ def load_prompts(path: str | Path, limit: int | None = None, fields: dict[str, s
         for i, row in enumerate(_dataset_rows(path, split, fields)):
             records.append(_validate(row, f"{path} (split {split}): row {i}", fields))
     elif path.suffix == ".parquet":
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            raise PromptFileError(f"{path}: not a readable Parquet file ({e}); write it with pyarrow/pandas/polars or "
-                                  "use .jsonl") from None
-        for i, row in enumerate(rows):
+        for i, row in enumerate(_parquet_rows(path)):
             records.append(_validate(row, f"{path}: row {i}", fields))
     elif path.suffix in (".jsonl", ".json"):
         for lineno, row in _jsonl_rows(path):

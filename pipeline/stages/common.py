@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import yaml
 from pydantic import BaseModel
 
+from pipeline.hub import not_cached_hint
 from storage.errors import MissingInputError
 from storage.shardset import ShardSet, ShardSetError, ShardSetNotFoundError
 
@@ -42,7 +43,8 @@ def require_model_dir(path: Path, *, field: str, made_by: str | None = None) -> 
     path = Path(path)
     fix = _source(field, made_by, "a Hugging Face model directory (config.json, *.safetensors, tokenizer files)")
     if not path.exists():
-        raise MissingInputError(f"{field}: {path} does not exist; {fix}")
+        why = not_cached_hint(path) or "does not exist"  # a hub id: config validation found it in no local cache
+        raise MissingInputError(f"{field}: {path} {why}; {fix}")
     if not path.is_dir():
         raise MissingInputError(f"{field}: {path} is a file, not a model directory; {fix}")
     lacks = [name for name, ok in (
