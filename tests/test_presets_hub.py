@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.presets import INSTRUCTION, preset_records
+from pipeline.presets import INSTRUCTION, preset_records, write_preset
 from pipeline.prompts import PromptFileError, load_prompts
 from tests.conftest import lopd, write_run_config
 
@@ -78,6 +78,12 @@ def test_presets_read_each_layout_and_normalise_answers(tmp_path):
     pq.write_table(pa.Table.from_pylist(GSM8K[:1]), gsm8k / "main" / "train-00000-of-00001.parquet")
     assert _answers(preset_records("gsm8k", gsm8k)) == [("gsm8k-0", "46"), ("gsm8k-1", "2000")]
     assert len(preset_records("gsm8k", gsm8k, split="train")) == 1
+
+    for name, source in (("aime24", tmp_path / "aime24.parquet"), ("aime25", tmp_path / "oc.jsonl"),
+                         ("math500", math500), ("gsm8k", gsm8k)):  # written files load as lopd prompts
+        assert write_preset(name, source, tmp_path / f"{name}.out.jsonl") == len(load_prompts(
+            tmp_path / f"{name}.out.jsonl"))
+        assert load_prompts(tmp_path / f"{name}.out.jsonl") == preset_records(name, source)
 
     with pytest.raises(PromptFileError, match=r"line 1: column 'answer': GSM8K's answer column has no '#### <number>'"):
         preset_records("gsm8k", _jsonl(tmp_path / "g.jsonl", [{"question": "1+1=", "answer": "2"}]))
