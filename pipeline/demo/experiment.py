@@ -237,8 +237,8 @@ def plot_demo(curves: dict[str, tuple[Curve, float]], out: Path) -> Path:
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v")]
     for i, (name, (pts, offset)) in enumerate(curves.items()):
         line, marker = styles[i % len(styles)]
-        kw = {"linestyle": line, "marker": marker, "markersize": 6 - i, "markerfacecolor": "none",
-              "linewidth": 2.2 - 0.4 * i, "label": name}
+        kw = {"linestyle": line, "marker": marker, "markersize": max(7 - i, 3), "markerfacecolor": "none",
+              "linewidth": max(2.2 - 0.4 * i, 0.8), "label": name}
         ax1.plot([p[0] for p in pts], [p[2] for p in pts], **kw)
         ax2.plot([offset + p[1] for p in pts], [p[2] for p in pts], **kw)
     ax1.set_xlabel("optimizer step")
@@ -523,6 +523,7 @@ def plot_teacher_compute(curve: list[tuple[float, float]], points: dict[str, tup
         ax.scatter([x], [y], s=size, marker=marker, label=label, zorder=5 - 0.1 * i, linewidths=1.5,
                    facecolors=color if filled else "none", edgecolors=color)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels (2x10^10, 3x10^10...) collide
     ax.set_xlabel("teacher FLOPs beyond the shared start (answers: decode; OPD: one scoring prefill)")
     ax.set_ylabel("greedy accuracy (held-out)")
     ax.set_ylim(-0.03, 1.05)
