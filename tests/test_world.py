@@ -135,7 +135,7 @@ def test_guess_world_demo_reports_the_guess_check(tmp_path):
     from pipeline.demo.experiment import guess_check_lines, run_demo
     from tests.test_flows import TINY_DEMO
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "demo-guess.yaml"
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     cfg = load_run_config(config, [*TINY_DEMO, "demo.workers=1", "demo.max_new_tokens=16",
                                    "teacher_sft_data.sampling.max_new_tokens=16",
                                    "rollouts.sampling.max_new_tokens=16", "eval.max_new_tokens=16"], tmp_path / "demo")
