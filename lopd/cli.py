@@ -268,7 +268,9 @@ def demo(
     online OPD) and the SFT controls (continued SFT; the SFT curve: SFT on 1, 2, 4, 8 teacher answers per OPD
     prompt), each row's teacher and student compute, and the break-even of the SFT curve against OPD.
     Independent steps run side by side on demo.workers processes (default 2; the same numbers with 1).
-    configs/demo-long.yaml is the second world (5-digit addition)."""
+    The default world is 2-digit addition with a direct guess before the steps (the student's wrong guesses are
+    states the teacher's answers rarely show); configs/demo-steps.yaml (3-digit) and configs/demo-long.yaml (5-digit)
+    are the earlier step-by-step worlds."""
     from pipeline.config import load_run_config
 
     if seed is not None:
