@@ -168,7 +168,7 @@ def test_preset_prompts_through_lopd_eval_on_a_model_by_hub_id(tmp_path, monkeyp
     merged = tmp_path / "benchmarks.jsonl"
     parts = [("aime24", AIME24), ("aime25", AIME25), ("math500", MATH500), ("gsm8k", GSM8K)]
     for name, rows in parts:
-        write_preset(name, _jsonl(tmp_path / f"{name}-copy.jsonl", rows), tmp_path / f"{name}.jsonl")
+        write_preset(name, _jsonl(tmp_path / f"{name}-copy.jsonl", rows), tmp_path / f"{name}.jsonl", instruction="")
     merged.write_text("".join((tmp_path / f"{name}.jsonl").read_text() for name, _ in parts))
     ids = [p.id for p in load_prompts(merged)]
     assert len(ids) == len(set(ids)) == 8
