@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.prompts import PromptFileError, PromptRecord, read_rows, write_prompts_jsonl
+from pipeline.prompts import PromptFileError, PromptRecord, read_rows, require_unique_ids, write_prompts_jsonl
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -93,12 +93,7 @@ def preset_records(name: str, source: str | Path, split: str | None = None,
         prompt = str(row[problem_col]).strip() + (f"\n\n{instruction}" if instruction else "")
         records.append(PromptRecord(id=str(row[id_col]) if id_col else f"{name}-{i}", prompt=prompt,
                                     answer=preset.answer(row["answer"], f"{where}: column 'answer'")))
-    if not records:
-        raise PromptFileError(f"{source}: no rows")
-    ids = [r.id for r in records]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise PromptFileError(f"{source}: duplicate id {dup!r}")
+    require_unique_ids(records, source, "no rows")
     return records
 
 

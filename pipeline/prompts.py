@@ -201,13 +201,18 @@ def load_prompts(path: str | Path, limit: int | None = None, fields: dict[str, s
     else:
         raise PromptFileError(f"{path}: unsupported prompts format '{path.suffix}'; use .jsonl or .parquet (or a "
                               "datasets directory)")
+    require_unique_ids(records, path, "no prompts in file")
+    return records[:limit] if limit else records
+
+
+def require_unique_ids(records: list[PromptRecord], where: str | Path, empty: str) -> None:
+    """Refuse an empty set of prompt records (``empty`` says what is missing) or one that repeats an id."""
     if not records:
-        raise PromptFileError(f"{path}: no prompts in file")
+        raise PromptFileError(f"{where}: {empty}")
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise PromptFileError(f"{path}: duplicate id '{dup}'; ids must be unique")
-    return records[:limit] if limit else records
+        raise PromptFileError(f"{where}: duplicate id '{dup}'; ids must be unique")
 
 
 def write_prompts_jsonl(records: list[PromptRecord], path: Path) -> None:
