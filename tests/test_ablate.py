@@ -59,6 +59,27 @@ def test_spread_is_mean_sample_std_min_max():
     assert equal["min"] <= equal["mean"] <= equal["max"]
 
 
+def test_separation_is_mean_difference_and_whether_seed_ranges_overlap():
+    from pipeline.demo.ablate import separation
+
+    ref = [0.50, 0.55, 0.60]
+    assert separation([0.61, 0.70, 0.65], ref) == {"diff": pytest.approx(0.6533333 - 0.55), "verdict": "above"}
+    assert separation([0.40, 0.45, 0.49], ref) == {"diff": pytest.approx(0.44666666 - 0.55), "verdict": "below"}
+    # one seed inside the reference's range: not beyond the spread, whatever the means
+    assert separation([0.60, 0.90, 0.95], ref)["verdict"] == "within"
+    assert separation(ref, ref) == {"diff": 0.0, "verdict": "within"}
+
+
+def test_reference_row_must_be_a_row(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.demo.ablate import load_ablate_config
+
+    cfg = load_ablate_config(DEFAULT)
+    assert cfg.reference_row in cfg.rows
+    with pytest.raises(ConfigError, match="reference_row 'no such row' is not one of the rows"):
+        load_ablate_config(DEFAULT, ["reference_row=no such row"])
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_tiny_ablation_writes_table_json_and_plot_then_reuses_rows(tmp_path):
@@ -69,6 +90,7 @@ def test_tiny_ablation_writes_table_json_and_plot_then_reuses_rows(tmp_path):
     config.write_text(yaml.safe_dump({
         "demo_config": str(REPO / "configs" / "demo.yaml"), "demo_set": TINY_WORLD, "run_dir": str(tmp_path / "demo"),
         "seeds": [0], "steps": 3, "eval_prompts": 8, "pass_k": 4, "rows": {r: default["rows"][r] for r in rows},
+        "reference_row": rows[1],
         "lr_grid": {"policy_gradient": [1e-4, 3e-4], "topk": [3e-4, 1e-3], "sft": [1e-3, 3e-3]}},
         sort_keys=False))
 
@@ -101,6 +123,12 @@ def test_tiny_ablation_writes_table_json_and_plot_then_reuses_rows(tmp_path):
     assert "3 optimiser steps" in table and "first 8 of 16 held-out prompts" in table
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines[1:]] == list(result["rows"])
+    ref_acc = result["rows"][rows[1]]["accuracy"]["mean"]
+    for name, row in result["rows"].items():  # every other row against the reference, the start row included
+        assert ("vs_reference" in row) == (name != rows[1])
+        if name != rows[1]:
+            assert row["vs_reference"]["diff"] == pytest.approx(row["accuracy"]["mean"] - ref_acc)
+    assert f"| {rows[1]} | " in table and "(reference)" in table
     assert (out / "ablate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = json.loads(lopd("ablate", "-c", str(config), "--json", "-q").stdout)

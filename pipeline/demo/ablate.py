@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import (
     TOPK_LOSSES,
@@ -82,6 +82,8 @@ class AblateConfig(Strict):
                                        "section; '{half_steps}' in a value becomes steps // 2")
     not_compared: dict[str, str] = Field(default_factory=dict, description="train.methods fields with no row -> "
                                          "why (listed under the table)")
+    reference_row: str | None = Field(None, description="the row every other row is compared with (mean difference "
+                                      "and whether the seed ranges separate); null: none")
 
     @field_validator("lr_grid")
     @classmethod
@@ -89,6 +91,13 @@ class AblateConfig(Strict):
         if set(v) != set(FAMILIES) or not all(v.values()) or min(min(g) for g in v.values()) <= 0:
             raise ValueError(f"lr_grid needs a non-empty list of positive rates for each of {list(FAMILIES)}, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _reference_is_a_row(self) -> AblateConfig:
+        if self.reference_row is not None and self.reference_row not in self.rows:
+            raise ValueError(f"reference_row {self.reference_row!r} is not one of the rows; name a row exactly as "
+                             "under rows:, or null for no comparison")
+        return self
 
     @field_validator("rows")
     @classmethod
@@ -132,6 +141,15 @@ def spread(values: list[float]) -> dict[str, float]:
     mean = min(max(sum(values) / n, min(values)), max(values))  # equal values can sum to a hair past them
     std = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else 0.0
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def separation(values: list[float], reference: list[float]) -> dict[str, Any]:
+    """A row against the reference row over the same seeds: ``diff`` = mean(values) - mean(reference), and
+    ``verdict`` ``above`` (min(values) > max(reference)), ``below`` (max(values) < min(reference)) or ``within``
+    (the seed ranges overlap: the difference is not beyond the seed spread)."""
+    diff = sum(values) / len(values) - sum(reference) / len(reference)
+    verdict = "above" if min(values) > max(reference) else "below" if max(values) < min(reference) else "within"
+    return {"diff": diff, "verdict": verdict}
 
 
 def loss_family(cfg: TrainConfig) -> str:
@@ -319,13 +337,20 @@ def _run_ablation(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, pool: E
         for metric in ("accuracy", pass_key, "train_seconds"):
             entry[metric] = spread([s[metric] for s in per_seed])
 
+    ref = cfg.reference_row
+    if ref is not None:
+        ref_acc = [s["accuracy"] for s in rows[ref]["seeds"].values()]
+        for name, entry in rows.items():
+            if name != ref:
+                entry["vs_reference"] = separation([s["accuracy"] for s in entry["seeds"].values()], ref_acc)
+
     n_test = len(load_prompts(plan.test_prompts))
     result = {
         "lr_sweep": sweep,
         "rows": rows,
         "settings": {"steps": cfg.steps, "seeds": cfg.seeds, "eval_prompts": min(cfg.eval_prompts or n_test, n_test),
                      "held_out_prompts": n_test, "pass_k": cfg.pass_k, "lr": lr_by_family,
-                     "sweep_seed": cfg.sweep_seed,
+                     "sweep_seed": cfg.sweep_seed, "reference_row": ref,
                      "demo_train_steps": plan.steps["train_topk"].cfg.steps,
                      "batch_size": plan.steps["train_topk"].cfg.batch_size, "demo_config": str(cfg.demo_config),
                      "demo_set": cfg.demo_set},
@@ -346,13 +371,25 @@ def _run_ablation(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, pool: E
 # --- the report -------------------------------------------------------------------------------------------------
 
 
-def _cell(s: dict[str, float], fmt: str) -> str:
-    return f"{s['mean']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
+def _cell(s: dict[str, float], fmt: str, std: bool = False) -> str:
+    sd = f" ± {s['std']:{fmt}}" if std else ""
+    return f"{s['mean']:{fmt}}{sd} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
+
+
+def _vs_cell(e: dict[str, Any], is_reference: bool) -> str:
+    if is_reference:
+        return "(reference)"
+    if "vs_reference" not in e:
+        return "-"
+    v = e["vs_reference"]
+    return f"{v['diff']:+.3f}, {v['verdict']}"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The table: one line per row, mean [min, max] over the seeds."""
+    """The table: one line per row, mean ± std [min, max] over the seeds, and the difference from the reference
+    row with whether the seed ranges separate."""
     st = result["settings"]
+    ref = st.get("reference_row")
     pass_key = f"pass@{st['pass_k']}"
     lines = [
         "# lopd ablate",
@@ -363,7 +400,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"answers sampled at temperature 1) on the first {st['eval_prompts']} of {st['held_out_prompts']} held-out "
         f"prompts; learning rate per loss family from the sweep below: policy gradient "
         f"{st['lr']['policy_gradient']:g}, top-k {st['lr']['topk']:g} (SFT {st['lr']['sft']:g}, the demo's "
-        f"controls). Each cell: mean [min, max] over the seeds. Wall time {result['wall_seconds']:.0f} s "
+        f"controls). Each cell: mean [min, max] over the seeds (accuracy: mean ± std [min, max]). "
+        + (f"vs reference: the row's mean accuracy minus that of `{ref}`; above / below when the two rows' seed "
+           "ranges do not overlap, within when they do. " if ref else "")
+        + f"Wall time {result['wall_seconds']:.0f} s "
         f"({result['reused_cells']} row x seed runs reused).",
         "",
         "Learning-rate sweep (before any row; one rule for every family): each family's reference run, seed "
@@ -376,14 +416,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *[f"Not compared: `{m}`: {why}" for m, why in result["not_compared"].items()],
         "",
-        f"| row | train settings | lr | greedy accuracy | {pass_key} | training seconds |",
-        "|---|---|---|---|---|---|",
+        f"| row | train settings | lr | greedy accuracy | vs reference | {pass_key} | training seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, e in result["rows"].items():
         settings = "; ".join(o.removeprefix("train.") for o in e["overrides"]) or "-"
         lr = f"{e['lr']:g}" if e["lr"] is not None else "-"
-        lines.append(f"| {name} | `{settings}` | {lr} | {_cell(e['accuracy'], '.3f')} | "
-                     f"{_cell(e[pass_key], '.3f')} | {_cell(e['train_seconds'], '.1f')} |")
+        lines.append(f"| {name} | `{settings}` | {lr} | {_cell(e['accuracy'], '.3f', std=True)} | "
+                     f"{_vs_cell(e, name == ref)} | {_cell(e[pass_key], '.3f')} | {_cell(e['train_seconds'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 

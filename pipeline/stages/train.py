@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -257,9 +256,7 @@ def _train(cfg: TrainConfig, mode: str, data_fingerprint: str, shard_metas: dict
     provenance = {**read_provenance(cfg.student), "stage": "train", "train_run_key": run_key, "steps": cfg.steps,
                   **teacher_provenance, "online": mode == "online"}
     save_trained_model(model, cfg.fsdp, info, cfg.student, tokenizer, final_dir, provenance, cfg.precision)
-    if info.is_main and importlib.util.find_spec("matplotlib") is None:  # e.g. a bare GPU image (scripts/gpu-check.sh)
-        log.warning("train: matplotlib is not installed: no curves.png (metrics.jsonl holds every figure)")
-    elif info.is_main:
+    if info.is_main:  # plot_metrics skips the PNG where matplotlib is missing (a bare GPU image)
         # titled by the losses, so a top-k run is never read as the published Lightning loss
         plot_metrics(out / "metrics.jsonl", out / "curves.png",
                      title=f"{mode} OPD: {' + '.join(name for name, w in cfg.losses.items() if w)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import resource
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.progress import log
 
 
 class MetricsWriter:
@@ -42,7 +45,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(metrics_path: Path, out_png: Path, keys: list[str] | None = None, title: str = "") -> Path | None:
-    """One PNG with a panel per metric (loss parts, KL estimate, accuracy...) against the step."""
+    """One PNG with a panel per metric (loss parts, KL estimate, accuracy...) against the step. None (with a
+    warning) where matplotlib is missing, e.g. a bare GPU image: metrics.jsonl holds every figure anyway."""
+    if importlib.util.find_spec("matplotlib") is None:
+        log.warning("matplotlib is not installed: no %s (%s holds every figure)", out_png.name, metrics_path)
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

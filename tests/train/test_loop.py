@@ -638,3 +638,21 @@ def test_fsdp2_sft_with_a_token_budget_on_two_ranks_matches_one_process(shards_r
     assert [r["loss/sft"] for r in got] == pytest.approx([r["loss/sft"] for r in ref], rel=1e-5)
     a_sd, b_sd = load_model(single).state_dict(), load_model(multi).state_dict()
     assert all(torch.allclose(a_sd[k], b_sd[k], atol=1e-5) for k in a_sd)
+
+
+def test_plot_metrics_draws_the_curves_and_skips_them_without_matplotlib(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    from pipeline.train.metrics import MetricsWriter, plot_metrics
+
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        writer.write({"step": step, "loss/sft": 1.0 / step, "optim/lr": 1e-3})
+    png = plot_metrics(writer.path, tmp_path / "curves.png", ["loss/sft", "optim/lr"], "SFT")
+    assert png == tmp_path / "curves.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert plot_metrics(writer.path, tmp_path / "bare.png", ["loss/sft"]) is None
+    assert not (tmp_path / "bare.png").exists()
+    assert "matplotlib is not installed: no bare.png" in caplog.text
