@@ -121,6 +121,7 @@ def test_tiny_ablation_writes_table_json_and_plot_then_reuses_rows(tmp_path):
 
     table = (out / "ablate.md").read_text()
     assert "3 optimiser steps" in table and "first 8 of 16 held-out prompts" in table
+    assert "greedy accuracy on 8 validation problems" in table and result["settings"]["validation_prompts"] == 8
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines[1:]] == list(result["rows"])
     ref_acc = result["rows"][rows[1]]["accuracy"]["mean"]

@@ -303,7 +303,8 @@ def _run_ablation(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, pool: E
     pass_key = f"pass@{cfg.pass_k}"
     sft_dir = plan.steps["sft"].cfg.out
     # the rates first, on the validation problems, before any row is trained or looked at
-    sweep = run_lr_sweep(cfg, run_cfg, plan, root, Path(plan.test_prompts).with_name("val.jsonl"), show_progress,
+    val_prompts = Path(plan.test_prompts).with_name("val.jsonl")
+    sweep = run_lr_sweep(cfg, run_cfg, plan, root, val_prompts, show_progress,
                          pool)
     lr_by_family = {family: entry["chosen"] for family, entry in sweep.items()}
 
@@ -345,10 +346,12 @@ def _run_ablation(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, pool: E
                 entry["vs_reference"] = separation([s["accuracy"] for s in entry["seeds"].values()], ref_acc)
 
     n_test = len(load_prompts(plan.test_prompts))
+    n_val = len(load_prompts(val_prompts))
     result = {
         "lr_sweep": sweep,
         "rows": rows,
         "settings": {"steps": cfg.steps, "seeds": cfg.seeds, "eval_prompts": min(cfg.eval_prompts or n_test, n_test),
+                     "validation_prompts": min(cfg.eval_prompts or n_val, n_val),
                      "held_out_prompts": n_test, "pass_k": cfg.pass_k, "lr": lr_by_family,
                      "sweep_seed": cfg.sweep_seed, "reference_row": ref,
                      "demo_train_steps": plan.steps["train_topk"].cfg.steps,
@@ -407,7 +410,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"({result['reused_cells']} row x seed runs reused).",
         "",
         "Learning-rate sweep (before any row; one rule for every family): each family's reference run, seed "
-        f"{st['sweep_seed']}, {st['steps']} steps, greedy accuracy on {st['eval_prompts']} validation problems "
+        f"{st['sweep_seed']}, {st['steps']} steps, greedy accuracy on {st['validation_prompts']} validation problems "
         "(disjoint from the test set); the best rate is the family's.",
         "",
         *[f"- {family} ({e['reference_run']}): validation accuracy "
