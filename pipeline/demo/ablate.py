@@ -439,19 +439,23 @@ def plot_ablation(result: dict[str, Any], out: Path) -> Path:
 
     pass_key = f"pass@{result['settings']['pass_k']}"
     names = list(result["rows"])
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(names) + 1.8))
     for j, (metric, label) in enumerate((("accuracy", "greedy accuracy"), (pass_key, pass_key))):
         stats = [result["rows"][n][metric] for n in names]
         ys = [i + (j - 0.5) * 0.38 for i in range(len(names))]
         means = [s["mean"] for s in stats]
         err = [[s["mean"] - s["min"] for s in stats], [s["max"] - s["mean"] for s in stats]]  # spread keeps min <= mean
         ax.barh(ys, means, height=0.36, xerr=err, capsize=2, label=label)
+    ref = result["settings"].get("reference_row")
+    if ref in result["rows"]:  # the line every "vs reference" reads against
+        ax.axvline(result["rows"][ref]["accuracy"]["mean"], color="black", linestyle="--", linewidth=1,
+                   label="reference row's greedy accuracy")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel(f"held-out accuracy (mean over seeds {result['settings']['seeds']}; whiskers: min-max)")
+    ax.set_xlabel(f"held-out accuracy\n(mean over seeds {result['settings']['seeds']}; whiskers: min-max)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)  # above the bars, never on them
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)  # above the bars, never on them
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
