@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import TipConfig, TrainConfig
+from pipeline.config import TrainConfig
+from pipeline.methods_config import TipConfig
 from pipeline.train import losses as L
 from pipeline.train.batching import TokenTargets
 from pipeline.train.head import Metrics, TokenStats
