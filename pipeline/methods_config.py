@@ -1,5 +1,6 @@
 """The configs of the optional offline-OPD methods (``train.methods``; docs/methods.md), and ``Strict``, the base of
-every lopd config: unknown fields are errors. ``pipeline.config`` imports them all from here."""
+every lopd config: unknown fields are errors. ``pipeline.config`` builds its configs on ``Strict`` and
+``MethodsConfig`` from here."""
 
 from __future__ import annotations
 

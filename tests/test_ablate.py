@@ -60,17 +60,18 @@ def test_spread_is_mean_sample_std_min_max():
 
 
 def test_separation_is_mean_difference_and_whether_seed_ranges_overlap():
-    from pipeline.demo.ablate import separation
+    from pipeline.demo.ablate import separation, spread
 
-    ref = [0.50, 0.55, 0.60]
-    assert separation([0.61, 0.70, 0.65], ref) == {"diff": pytest.approx(0.6533333 - 0.55), "verdict": "above"}
-    assert separation([0.40, 0.45, 0.49], ref) == {"diff": pytest.approx(0.44666666 - 0.55), "verdict": "below"}
+    ref = spread([0.50, 0.55, 0.60])
+    assert separation(spread([0.61, 0.70, 0.65]), ref) == {"diff": pytest.approx(0.6533333 - 0.55), "verdict": "above"}
+    assert separation(spread([0.40, 0.45, 0.49]), ref) == {"diff": pytest.approx(0.44666666 - 0.55),
+                                                          "verdict": "below"}
     # one seed inside the reference's range: not beyond the spread, whatever the means
-    assert separation([0.60, 0.90, 0.95], ref)["verdict"] == "within"
+    assert separation(spread([0.60, 0.90, 0.95]), ref)["verdict"] == "within"
     assert separation(ref, ref) == {"diff": 0.0, "verdict": "within"}
 
 
-def test_reference_row_must_be_a_row(tmp_path):
+def test_reference_row_must_be_a_row():
     from pipeline.config import ConfigError
     from pipeline.demo.ablate import load_ablate_config
 

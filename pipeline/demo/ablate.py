@@ -143,13 +143,13 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
 
 
-def separation(values: list[float], reference: list[float]) -> dict[str, Any]:
-    """A row against the reference row over the same seeds: ``diff`` = mean(values) - mean(reference), and
-    ``verdict`` ``above`` (min(values) > max(reference)), ``below`` (max(values) < min(reference)) or ``within``
-    (the seed ranges overlap: the difference is not beyond the seed spread)."""
-    diff = sum(values) / len(values) - sum(reference) / len(reference)
-    verdict = "above" if min(values) > max(reference) else "below" if max(values) < min(reference) else "within"
-    return {"diff": diff, "verdict": verdict}
+def separation(row: dict[str, float], reference: dict[str, float]) -> dict[str, Any]:
+    """A row against the reference row, both as ``spread`` gives them over the same seeds: ``diff`` = the row's
+    mean - the reference's, and ``verdict`` ``above`` (row min > reference max), ``below`` (row max < reference
+    min) or ``within`` (the seed ranges overlap: the difference is not beyond the seed spread)."""
+    verdict = ("above" if row["min"] > reference["max"] else "below" if row["max"] < reference["min"]
+               else "within")
+    return {"diff": row["mean"] - reference["mean"], "verdict": verdict}
 
 
 def loss_family(cfg: TrainConfig) -> str:
@@ -304,8 +304,7 @@ def _run_ablation(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, pool: E
     sft_dir = plan.steps["sft"].cfg.out
     # the rates first, on the validation problems, before any row is trained or looked at
     val_prompts = Path(plan.test_prompts).with_name("val.jsonl")
-    sweep = run_lr_sweep(cfg, run_cfg, plan, root, val_prompts, show_progress,
-                         pool)
+    sweep = run_lr_sweep(cfg, run_cfg, plan, root, val_prompts, show_progress, pool)
     lr_by_family = {family: entry["chosen"] for family, entry in sweep.items()}
 
     rows: dict[str, dict[str, Any]] = {}
@@ -340,10 +339,9 @@ def _run_ablation(cfg: AblateConfig, run_cfg: RunConfig, plan: DemoPlan, pool: E
 
     ref = cfg.reference_row
     if ref is not None:
-        ref_acc = [s["accuracy"] for s in rows[ref]["seeds"].values()]
         for name, entry in rows.items():
             if name != ref:
-                entry["vs_reference"] = separation([s["accuracy"] for s in entry["seeds"].values()], ref_acc)
+                entry["vs_reference"] = separation(entry["accuracy"], rows[ref]["accuracy"])
 
     n_test = len(load_prompts(plan.test_prompts))
     n_val = len(load_prompts(val_prompts))
